@@ -1,0 +1,328 @@
+"""safetensors checkpoints: read the header, recognise the layout, check it against a config.
+
+Nothing here reads tensor data or imports torch; loading lives in ``gptcli.weights``.
+
+Two layouts are recognised by tensor names:
+- ``huggingface``: GPT-2 as OpenAI released it and transformers saves it (``wte``, ``h.N.attn.c_attn``,
+  ...), with or without a ``transformer.`` prefix. Its attention and MLP weights are Conv1D,
+  stored (in, out), the transpose of ``nn.Linear``.
+- ``gptcli``: this project's own ``state_dict`` names (``tok_emb``, ``trf_blocks.N.att.W_qkv``, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from gptcli.config import GPTConfig
+from gptcli.errors import UserError
+
+HF = "huggingface"
+GPTCLI = "gptcli"
+HF_PREFIX = "transformer."
+# Causal-mask buffers some GPT-2 exports carry; they are not weights.
+HF_IGNORED = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+
+DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors' name: F32, BF16, F16, ...
+    shape: tuple[int, ...]
+    offsets: tuple[int, int]  # byte range inside the data section
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets[1] - self.offsets[0]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "bytes": self.nbytes}
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_offset: int  # where tensor data starts in the file
+    file_size: int
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The .safetensors file for a file or a folder that holds ``model.safetensors``. Refuses pickles."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / "model.safetensors"
+        if candidate.is_file():
+            return candidate
+        pickles = [p.name for p in path.glob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt"}]
+        if pickles:
+            raise UserError(
+                f"{path}: holds {pickles[0]} but no model.safetensors; pickled checkpoints are refused because "
+                "loading them runs arbitrary code. Convert it to safetensors first"
+            )
+        raise UserError(f"{path}: no model.safetensors in this folder")
+    if path.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"}:
+        raise UserError(
+            f"{path}: pickled checkpoints are refused because loading them runs arbitrary code; use a .safetensors file"
+        )
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    return path
+
+
+def read_header(path: str | Path) -> Header:
+    """Parse a safetensors header (8-byte little-endian length, then JSON) without touching tensor data."""
+    path = checkpoint_file(path)
+    try:
+        with open(path, "rb") as f:
+            size = path.stat().st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise UserError(f"{path}: not a safetensors file (only {len(prefix)} bytes)")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise UserError(f"{path}: not a safetensors file, or truncated (header length {n} > file size {size})")
+            raw = f.read(n)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+        if not isinstance(obj, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path}: not a safetensors file (header is not valid JSON: {exc})") from None
+    metadata = obj.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorInfo] = {}
+    data_size = size - 8 - n
+    for name, entry in obj.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: corrupt safetensors header: bad entry for tensor {name!r}") from None
+        info = TensorInfo(name, dtype, shape, (int(start), int(end)))
+        if dtype not in DTYPE_BYTES or info.nbytes != info.numel * DTYPE_BYTES[dtype] or start < 0:
+            raise UserError(f"{path}: corrupt safetensors header: tensor {name!r} ({dtype}, {list(shape)}) "
+                            f"has {info.nbytes} bytes")
+        if end > data_size:
+            raise UserError(f"{path}: truncated file: tensor {name!r} ends at byte {end} of a "
+                            f"{data_size}-byte data section")
+        tensors[name] = info
+    return Header(path=path, tensors=tensors, metadata=dict(metadata), data_offset=8 + n, file_size=size)
+
+
+def detect_layout(names: Iterable[str]) -> str:
+    names = list(names)
+    bare = {n[len(HF_PREFIX):] if n.startswith(HF_PREFIX) else n for n in names}
+    if "wte.weight" in bare or any(n.startswith("h.") for n in bare):
+        return HF
+    if "tok_emb.weight" in bare or any(n.startswith("trf_blocks.") for n in bare):
+        return GPTCLI
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    raise UserError(f"unrecognised checkpoint layout (tensors: {shown or 'none'}); "
+                    "expected GPT-2's Hugging Face names (wte, h.N...) or gptcli's (tok_emb, trf_blocks.N...)")
+
+
+def hf_prefix(names: Iterable[str]) -> str:
+    """'transformer.' when the Hugging Face names carry it (GPT2LMHeadModel), else ''."""
+    return HF_PREFIX if any(n.startswith(HF_PREFIX) for n in names) else ""
+
+
+def expected_tensors(cfg: GPTConfig, layout: str) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes (as stored) that a checkpoint of ``cfg`` in ``layout`` holds.
+
+    Hugging Face names are given without the ``transformer.`` prefix; the head is listed only when untied.
+    """
+    d, v, c = cfg.emb_dim, cfg.vocab_size, cfg.context_length
+    out: dict[str, tuple[int, ...]] = {}
+    if layout == HF:
+        out["wte.weight"] = (v, d)
+        out["wpe.weight"] = (c, d)
+        for i in range(cfg.n_layers):
+            p = f"h.{i}."
+            out[p + "ln_1.weight"] = out[p + "ln_1.bias"] = (d,)
+            out[p + "attn.c_attn.weight"] = (d, 3 * d)  # Conv1D: (in, out)
+            if cfg.qkv_bias:
+                out[p + "attn.c_attn.bias"] = (3 * d,)
+            out[p + "attn.c_proj.weight"] = (d, d)
+            out[p + "attn.c_proj.bias"] = (d,)
+            out[p + "ln_2.weight"] = out[p + "ln_2.bias"] = (d,)
+            out[p + "mlp.c_fc.weight"] = (d, 4 * d)
+            out[p + "mlp.c_fc.bias"] = (4 * d,)
+            out[p + "mlp.c_proj.weight"] = (4 * d, d)
+            out[p + "mlp.c_proj.bias"] = (d,)
+        out["ln_f.weight"] = out["ln_f.bias"] = (d,)
+        if not cfg.tie_weights:
+            out["lm_head.weight"] = (v, d)
+        return out
+    if layout == GPTCLI:
+        out["tok_emb.weight"] = (v, d)
+        out["pos_emb.weight"] = (c, d)
+        for i in range(cfg.n_layers):
+            p = f"trf_blocks.{i}."
+            out[p + "att.W_qkv.weight"] = (3 * d, d)
+            if cfg.qkv_bias:
+                out[p + "att.W_qkv.bias"] = (3 * d,)
+            out[p + "att.out_proj.weight"] = (d, d)
+            out[p + "att.out_proj.bias"] = (d,)
+            out[p + "ff.layers.0.weight"] = (4 * d, d)
+            out[p + "ff.layers.0.bias"] = (4 * d,)
+            out[p + "ff.layers.2.weight"] = (d, 4 * d)
+            out[p + "ff.layers.2.bias"] = (d,)
+            out[p + "norm1.scale"] = out[p + "norm1.shift"] = (d,)
+            out[p + "norm2.scale"] = out[p + "norm2.shift"] = (d,)
+        out["final_norm.scale"] = out["final_norm.shift"] = (d,)
+        if not cfg.tie_weights:
+            out["out_head.weight"] = (v, d)
+        return out
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def head_name(layout: str) -> str:
+    return "lm_head.weight" if layout == HF else "out_head.weight"
+
+
+def normalized_names(header: Header, layout: str) -> dict[str, TensorInfo]:
+    """Tensors keyed by their layout name: Hugging Face's without the prefix and without mask buffers."""
+    if layout != HF:
+        return dict(header.tensors)
+    out = {}
+    for name, info in header.tensors.items():
+        if HF_IGNORED.match(name):
+            continue
+        out[name[len(HF_PREFIX):] if name.startswith(HF_PREFIX) else name] = info
+    return out
+
+
+def is_tied(header: Header, layout: str) -> bool:
+    """A checkpoint without a separate head matrix shares the token embedding."""
+    names = normalized_names(header, layout)
+    return head_name(layout) not in names
+
+
+@dataclass
+class Verdict:
+    layout: str
+    tied: bool
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)  # "name: checkpoint [a, b] vs config [c, d]"
+    mismatched_names: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self, limit: int = 3) -> str:
+        """One line naming the first few problems of each kind."""
+
+        def few(items: list[str]) -> str:
+            return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+        parts = []
+        if self.missing:
+            parts.append(f"missing {len(self.missing)} tensor(s): {few(self.missing)}")
+        if self.unexpected:
+            parts.append(f"unexpected {len(self.unexpected)} tensor(s): {few(self.unexpected)}")
+        if self.mismatched:
+            parts.append(f"{len(self.mismatched)} shape mismatch(es): {few(self.mismatched)}")
+        return "; ".join(parts) or "ok"
+
+
+def verify(header: Header, cfg: GPTConfig) -> Verdict:
+    """Compare a checkpoint's tensors with what ``cfg`` needs.
+
+    A head matrix present in the file for a tied config is unexpected; one missing for an untied
+    config is missing.
+    """
+    layout = detect_layout(header.tensors)
+    names = normalized_names(header, layout)
+    expected = expected_tensors(cfg, layout)
+    verdict = Verdict(layout=layout, tied=is_tied(header, layout))
+    for name, shape in expected.items():
+        info = names.get(name)
+        if info is None:
+            verdict.missing.append(name)
+        elif info.shape != shape:
+            verdict.mismatched.append(f"{name}: checkpoint {list(info.shape)} vs config {list(shape)}")
+            verdict.mismatched_names.append(name)
+    verdict.unexpected = [n for n in names if n not in expected]
+    return verdict
+
+
+# emb_dim -> n_heads of the four GPT-2 releases (configs/gpt2-*.yaml); n_heads cannot be read from shapes.
+GPT2_HEADS = {768: 12, 1024: 16, 1280: 20, 1600: 25}
+
+
+@dataclass(frozen=True)
+class InferredArchitecture:
+    """What a checkpoint's shapes say about its architecture. ``n_heads`` is None when emb_dim is not a GPT-2 size."""
+
+    vocab_size: int
+    context_length: int
+    emb_dim: int
+    n_layers: int
+    n_heads: int | None
+    qkv_bias: bool
+    tie_weights: bool
+
+    def to_config(self, name: str, drop_rate: float = 0.1) -> GPTConfig:
+        if self.n_heads is None:
+            raise UserError(
+                f"cannot tell n_heads from the checkpoint's shapes (emb_dim {self.emb_dim} is not a GPT-2 size: "
+                f"{', '.join(map(str, GPT2_HEADS))}); pass --config with your model's YAML"
+            )
+        return GPTConfig(
+            vocab_size=self.vocab_size, context_length=self.context_length, emb_dim=self.emb_dim,
+            n_heads=self.n_heads, n_layers=self.n_layers, drop_rate=drop_rate, qkv_bias=self.qkv_bias,
+            tie_weights=self.tie_weights, name=name,
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "vocab_size": self.vocab_size, "context_length": self.context_length, "emb_dim": self.emb_dim,
+            "n_heads": self.n_heads, "n_layers": self.n_layers, "qkv_bias": self.qkv_bias,
+            "tie_weights": self.tie_weights,
+        }
+
+
+def infer_architecture(header: Header) -> InferredArchitecture:
+    layout = detect_layout(header.tensors)
+    names = normalized_names(header, layout)
+    if layout == HF:
+        tok, pos, block_re, bias = "wte.weight", "wpe.weight", re.compile(r"^h\.(\d+)\."), "h.0.attn.c_attn.bias"
+    else:
+        tok, pos, block_re, bias = "tok_emb.weight", "pos_emb.weight", re.compile(r"^trf_blocks\.(\d+)\."), \
+            "trf_blocks.0.att.W_qkv.bias"
+    for needed in (tok, pos):
+        if needed not in names or len(names[needed].shape) != 2:
+            raise UserError(f"{header.path}: cannot infer the architecture: tensor {needed!r} is missing or not 2-D")
+    vocab_size, emb_dim = names[tok].shape
+    context_length = names[pos].shape[0]
+    layers = {int(m.group(1)) for n in names if (m := block_re.match(n))}
+    return InferredArchitecture(
+        vocab_size=vocab_size,
+        context_length=context_length,
+        emb_dim=emb_dim,
+        n_layers=max(layers) + 1 if layers else 0,
+        n_heads=GPT2_HEADS.get(emb_dim),
+        qkv_bias=bias in names,
+        tie_weights=head_name(layout) not in names,
+    )
