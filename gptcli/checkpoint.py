@@ -65,26 +65,38 @@ class Header:
     file_size: int
 
 
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+# Refuse a pickle before touching it: unpickling runs arbitrary code.
+PICKLE_REFUSAL = "pickled checkpoints are refused because loading them runs arbitrary code; use a .safetensors file"
+
+
 def checkpoint_file(path: str | Path) -> Path:
     """The .safetensors file for a file or a folder that holds ``model.safetensors``. Refuses pickles."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         candidate = path / "model.safetensors"
         if candidate.is_file():
             return candidate
-        pickles = [p.name for p in path.glob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt"}]
+        if (path / "model.safetensors.index.json").is_file():
+            raise UserError(f"{path}: holds a sharded checkpoint (model.safetensors.index.json); "
+                            "gptcli loads a single model.safetensors")
+        pickles = sorted(p.name for p in path.glob("*") if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise UserError(
                 f"{path}: holds {pickles[0]} but no model.safetensors; pickled checkpoints are refused because "
                 "loading them runs arbitrary code. Convert it to safetensors first"
             )
+        others = sorted(p.name for p in path.glob("*.safetensors"))
+        if others:
+            raise UserError(f"{path}: no model.safetensors in this folder (found {', '.join(others[:3])}; "
+                            "pass the file itself)")
         raise UserError(f"{path}: no model.safetensors in this folder")
-    if path.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"}:
-        raise UserError(
-            f"{path}: pickled checkpoints are refused because loading them runs arbitrary code; use a .safetensors file"
-        )
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UserError(f"{path}: {PICKLE_REFUSAL}")
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
+    if not path.is_file():
+        raise UserError(f"{path}: not a file")
     return path
 
 
@@ -326,3 +338,160 @@ def infer_architecture(header: Header) -> InferredArchitecture:
         qkv_bias=bias in names,
         tie_weights=head_name(layout) not in names,
     )
+
+
+# --- From checkpoint names to gptcli's ---------------------------------------------------------------
+
+# Hugging Face block tensor -> (gptcli name inside the block, stored as Conv1D (in, out) so transpose).
+_HF_BLOCK: dict[str, tuple[str, bool]] = {
+    "ln_1.weight": ("norm1.scale", False),
+    "ln_1.bias": ("norm1.shift", False),
+    "attn.c_attn.weight": ("att.W_qkv.weight", True),  # columns [q | k | v] -> rows [q; k; v]
+    "attn.c_attn.bias": ("att.W_qkv.bias", False),
+    "attn.c_proj.weight": ("att.out_proj.weight", True),
+    "attn.c_proj.bias": ("att.out_proj.bias", False),
+    "ln_2.weight": ("norm2.scale", False),
+    "ln_2.bias": ("norm2.shift", False),
+    "mlp.c_fc.weight": ("ff.layers.0.weight", True),
+    "mlp.c_fc.bias": ("ff.layers.0.bias", False),
+    "mlp.c_proj.weight": ("ff.layers.2.weight", True),
+    "mlp.c_proj.bias": ("ff.layers.2.bias", False),
+}
+_HF_TOP: dict[str, tuple[str, bool]] = {
+    "wte.weight": ("tok_emb.weight", False),
+    "wpe.weight": ("pos_emb.weight", False),
+    "ln_f.weight": ("final_norm.scale", False),
+    "ln_f.bias": ("final_norm.shift", False),
+    "lm_head.weight": ("out_head.weight", False),
+}
+_HF_BLOCK_NAME = re.compile(r"^h\.(\d+)\.(.+)$")
+
+
+def gptcli_name(name: str, layout: str) -> tuple[str, bool]:
+    """gptcli's state_dict name for a (prefix-free) checkpoint name, and whether it must be transposed.
+
+    Only Hugging Face's Conv1D weights need the transpose: nn.Linear stores (out, in).
+    """
+    if layout == GPTCLI:
+        return name, False
+    if name in _HF_TOP:
+        return _HF_TOP[name]
+    m = _HF_BLOCK_NAME.match(name)
+    if m and m.group(2) in _HF_BLOCK:
+        ours, transpose = _HF_BLOCK[m.group(2)]
+        return f"trf_blocks.{m.group(1)}.{ours}", transpose
+    raise ValueError(f"no gptcli name for {name!r}")
+
+
+# --- Architecture: config.json, our own metadata, or the shapes ---------------------------------------
+
+HF_CONFIG_FILE = "config.json"
+# save_checkpoint stores the GPTConfig as JSON under this metadata key, so n_heads survives a round trip.
+METADATA_CONFIG_KEY = "gptcli.config"
+# Keys that decide the weights' shapes or the maths; drop_rate does neither at inference.
+ARCH_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights")
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+# transformers' names for the tanh GELU that gptcli's GPT-2 uses.
+_TANH_GELUS = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
+
+
+def read_json_file(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return obj
+
+
+def hf_config_facts(obj: dict, source: str) -> dict:
+    """Architecture keys from a transformers GPT-2 ``config.json`` (n_embd, n_layer, n_head, n_positions, ...).
+
+    Settings that would change the maths gptcli runs are refused rather than silently ignored.
+    """
+    model_type = obj.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        raise UserError(f"{source}: model_type {model_type!r} is not GPT-2")
+    try:
+        facts = {
+            "vocab_size": obj["vocab_size"],
+            "context_length": obj["n_positions"] if "n_positions" in obj else obj["n_ctx"],
+            "emb_dim": obj["n_embd"],
+            "n_heads": obj["n_head"],
+            "n_layers": obj["n_layer"],
+            "tie_weights": obj.get("tie_word_embeddings", True),
+            "drop_rate": obj.get("resid_pdrop", 0.1),
+        }
+    except KeyError as exc:
+        raise UserError(f"{source}: missing key {exc.args[0]!r}") from None
+    problems = []
+    if obj.get("activation_function", "gelu_new") not in _TANH_GELUS:
+        problems.append(f"activation_function {obj['activation_function']!r} (gptcli runs the tanh GELU)")
+    eps = obj.get("layer_norm_epsilon", 1e-5)
+    if not isinstance(eps, (int, float)) or abs(eps - 1e-5) > 1e-12:
+        problems.append(f"layer_norm_epsilon {eps!r} (gptcli uses 1e-5)")
+    n_inner = obj.get("n_inner")
+    if n_inner is not None and n_inner != 4 * facts["emb_dim"]:
+        problems.append(f"n_inner {n_inner!r} (gptcli uses 4 * n_embd)")
+    if obj.get("scale_attn_weights", True) is not True:
+        problems.append("scale_attn_weights false")
+    if obj.get("scale_attn_by_inverse_layer_idx", False):
+        problems.append("scale_attn_by_inverse_layer_idx true")
+    if problems:
+        raise UserError(f"{source}: unsupported GPT-2 variant: {'; '.join(problems)}")
+    return facts
+
+
+def metadata_facts(header: Header) -> dict | None:
+    """The config save_checkpoint stored in the header, or None."""
+    raw = header.metadata.get(METADATA_CONFIG_KEY)
+    if raw is None:
+        return None
+    try:
+        obj = json.loads(raw)
+        if not isinstance(obj, dict):
+            raise ValueError
+    except ValueError:
+        raise UserError(f"{header.path}: metadata {METADATA_CONFIG_KEY!r} is not a JSON object") from None
+    return obj
+
+
+def checkpoint_facts(header: Header, hf_config: dict | None = None, hf_config_source: str = HF_CONFIG_FILE) -> tuple[dict, str]:
+    """What is known about a checkpoint's architecture, and from where.
+
+    config.json wins, then gptcli's own metadata, then the tensor shapes (which cannot tell n_heads
+    unless emb_dim is a GPT-2 size: then ``n_heads`` is None). ``qkv_bias`` always comes from the
+    tensors, since transformers' config has no such key.
+    """
+    inferred = infer_architecture(header)
+    if hf_config is not None:
+        facts, where = hf_config_facts(hf_config, hf_config_source), hf_config_source
+        facts["qkv_bias"] = inferred.qkv_bias
+        return facts, where
+    stored = metadata_facts(header)
+    if stored is not None:
+        return stored, f"{header.path.name} metadata"
+    facts = inferred.to_dict()
+    facts["drop_rate"] = 0.1
+    return facts, "tensor shapes"
+
+
+def config_differences(wanted: GPTConfig, facts: dict) -> list[str]:
+    """``key (config X, checkpoint Y)`` for each architecture key on which the two disagree; unknowns are skipped."""
+    out = []
+    for key in ARCH_KEYS:
+        have = facts.get(key)
+        if have is not None and have != getattr(wanted, key):
+            out.append(f"{key} (config {getattr(wanted, key)}, checkpoint {have})")
+    return out
+
+
+def non_float_tensors(header: Header) -> list[str]:
+    """``name (DTYPE)`` for weights that are not floating point (quantised checkpoints are not supported)."""
+    layout = detect_layout(header.tensors)
+    return [f"{info.name} ({info.dtype})" for info in normalized_names(header, layout).values()
+            if info.dtype not in FLOAT_DTYPES]
