@@ -9,19 +9,18 @@ against the model built on the meta device), and checkpoints are read through
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from gptcli import checkpoint as ckpt
-from gptcli.config import GPTConfig, validate
+from gptcli.config import GPT2_SIZES, SCHEMA, GPTConfig, shipped_config, validate
 from gptcli.errors import UserError
 from gptcli.params import count_params, weight_memory
 
 if TYPE_CHECKING:
     from gptcli.model import GPTModel
+    from gptcli.weights import Located
 
 Note = Callable[[str], None]
 
@@ -274,67 +273,38 @@ def config_report(cfg: GPTConfig, depth: int | None = None) -> dict[str, Any]:
 # Checkpoints: header only
 # --------------------------------------------------------------------------------------------
 
-_PATHLIKE_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".json"}
+def locate(spec: str, note: Note = _ignore) -> "Located":
+    """``--weights FILE|DIR|HUB_ID`` -> the local .safetensors file (and config.json beside it, if any).
+
+    The same resolution as generate's (``gptcli.weights.locate``): a Hub id is looked up in the
+    Hugging Face cache and downloaded when missing; pickles are refused.
+    """
+    from gptcli.weights import locate as locate_weights
+
+    return locate_weights(spec, note)
 
 
-def locate(spec: str, note: Note = _ignore) -> Path:
-    """The safetensors file for ``--weights FILE|DIR|HUB_ID``; Hub ids go through gptcli.weights."""
-    path = Path(spec).expanduser()
-    looks_local = (
-        path.exists()
-        or path.suffix in _PATHLIKE_SUFFIXES
-        or spec.startswith((".", "/", "~"))
-        or spec.count("/") > 1
-        or os.sep != "/" and os.sep in spec
-    )
-    if looks_local:
-        return ckpt.checkpoint_file(path)
-    try:
-        from gptcli.weights import locate_checkpoint  # type: ignore[attr-defined]
-    except ImportError:
-        raise UserError(f"--weights {spec!r}: no such file or folder (Hub ids are not supported yet)") from None
-    found = locate_checkpoint(spec, note=note)
-    # Accept a path or anything that carries one (the loader's return type is its own business).
-    found = getattr(found, "path", found)
-    return ckpt.checkpoint_file(Path(found))
+def config_for_checkpoint(header: ckpt.Header, config_json: Path | None = None, note: Note = _ignore) -> GPTConfig:
+    """The config a checkpoint implies: its config.json, else gptcli's metadata in the header, else its shapes.
 
-
-def config_from_json(path: Path) -> GPTConfig:
-    """A config.json beside a checkpoint: transformers' GPT2Config keys, or gptcli's own YAML keys."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read config: {exc}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a JSON object of config keys")
-    name = path.parent.name or "checkpoint"
-    if "n_embd" in raw:  # transformers' GPT2Config
-        try:
-            mapped = {
-                "vocab_size": raw["vocab_size"],
-                "context_length": raw.get("n_positions", raw.get("n_ctx")),
-                "emb_dim": raw["n_embd"],
-                "n_heads": raw["n_head"],
-                "n_layers": raw["n_layer"],
-                "drop_rate": raw.get("resid_pdrop", 0.1),
-                "qkv_bias": True,  # GPT-2's c_attn always has a bias
-                "tie_weights": raw.get("tie_word_embeddings", True),
-            }
-        except KeyError as exc:
-            raise UserError(f"{path}: GPT-2 config without key {exc.args[0]!r}") from None
-        return validate(mapped, str(path), name=name)
-    return validate({k: v for k, v in raw.items() if not k.startswith("_")}, str(path), name=name)
-
-
-def config_for_checkpoint(header: ckpt.Header, note: Note = _ignore) -> GPTConfig:
-    """The config a checkpoint implies: config.json beside it when there is one, else its shapes."""
-    beside = header.path.parent / "config.json"
-    if beside.is_file():
-        note(f"config from {beside}")
-        return config_from_json(beside)
-    arch = ckpt.infer_architecture(header)
-    note(f"config inferred from the checkpoint's shapes (n_heads {arch.n_heads} from GPT-2's sizes)")
-    return arch.to_config(name=header.path.parent.name if header.path.name == "model.safetensors" else header.path.stem)
+    Unlike loading, nothing is refused here for not fitting: the verdict reports that.
+    """
+    hf_config = ckpt.read_json_file(config_json) if config_json is not None else None
+    facts, where = ckpt.checkpoint_facts(header, hf_config, str(config_json) if config_json else ckpt.HF_CONFIG_FILE)
+    if facts.get("n_heads") is None:
+        raise UserError(
+            f"{header.path}: cannot tell n_heads from the tensor shapes (emb_dim {facts.get('emb_dim')} is not a "
+            "GPT-2 size: 768, 1024, 1280, 1600) and there is no config.json; pass --config with your model's YAML"
+        )
+    note(f"config from {where}")
+    raw = {k: facts.get(k) for k in SCHEMA}
+    raw["drop_rate"] = raw["drop_rate"] if raw["drop_rate"] is not None else 0.1
+    name = header.path.parent.name if header.path.name == "model.safetensors" else header.path.stem
+    cfg = validate(raw, f"{header.path} (architecture from {where})", name=name)
+    for size in GPT2_SIZES:  # a released GPT-2 size keeps its usual name ("1558M") in reports
+        if shipped_config(size).to_dict() == {**cfg.to_dict(), "drop_rate": shipped_config(size).drop_rate}:
+            return shipped_config(size)
+    return cfg
 
 
 def checkpoint_report(header: ckpt.Header, cfg: GPTConfig) -> dict[str, Any]:

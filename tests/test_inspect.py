@@ -15,7 +15,6 @@ from gptcli.inspection import (
     checkpoint_report,
     collapse,
     config_for_checkpoint,
-    config_from_json,
     config_report,
     describe,
     flops_per_token,
@@ -153,7 +152,7 @@ def test_figures_for_124m():
 # ------------------------------------------------------------------ checkpoints (tiny, written here)
 
 
-def _write_gptcli_checkpoint(path, cfg, drop=(), extra=None):
+def _write_gptcli_checkpoint(path, cfg, drop=(), extra=None, metadata=None):
     """A checkpoint in this project's layout, from a real (tiny) model's state_dict."""
     import torch
     from safetensors.torch import save_file
@@ -167,7 +166,7 @@ def _write_gptcli_checkpoint(path, cfg, drop=(), extra=None):
     for name in drop:
         state.pop(name)
     state.update(extra or {})
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
     return path
 
 
@@ -201,7 +200,7 @@ def test_verdict_lists_missing_unexpected_and_mismatched(tmp_path, tiny_config_f
     assert report["mismatched_shapes"] == [{"name": "pos_emb.weight", "checkpoint": [16, 32], "config": [8, 32]}]
 
 
-def test_config_from_checkpoint_shapes_or_config_json(tmp_path, tiny_config_file):
+def test_config_from_checkpoint_shapes_config_json_or_metadata(tmp_path, tiny_config_file):
     cfg = load_config_file(tiny_config_file(vocab_size=97, emb_dim=768, n_heads=12, n_layers=1))
     folder = tmp_path / "ckpt"
     folder.mkdir()
@@ -209,49 +208,49 @@ def test_config_from_checkpoint_shapes_or_config_json(tmp_path, tiny_config_file
     notes: list[str] = []
     inferred = config_for_checkpoint(header, note=notes.append)
     assert (inferred.emb_dim, inferred.n_heads, inferred.n_layers, inferred.vocab_size) == (768, 12, 1, 97)
-    assert "inferred" in notes[0]
-    # A config.json beside it wins: transformers' keys ...
+    assert inferred.name == "ckpt" and notes == ["config from tensor shapes"]
+    # transformers' config.json wins over the shapes (n_heads cannot be read from them).
     (folder / "config.json").write_text(json.dumps({"n_embd": 768, "n_head": 6, "n_layer": 1, "n_positions": 16,
                                                     "vocab_size": 97, "model_type": "gpt2"}))
-    assert config_for_checkpoint(header).n_heads == 6
-    # ... or ours.
-    (folder / "config.json").write_text(json.dumps({**cfg.to_dict(), "n_heads": 3}))
-    assert config_for_checkpoint(header).n_heads == 3
+    assert config_for_checkpoint(header, folder / "config.json").n_heads == 6
 
 
-@pytest.mark.parametrize("content,message", [("{not json", "cannot read config"), ("[1, 2]", "JSON object"),
-                                             ('{"n_embd": 8}', "without key 'vocab_size'"),
-                                             ('{"emb_dim": 8}', "unknown key|missing key")])
-def test_bad_config_json(tmp_path, content, message):
+def test_config_from_checkpoint_metadata_or_an_error_without_n_heads(tmp_path, tiny_config_file):
+    cfg = load_config_file(tiny_config_file(vocab_size=97, emb_dim=32, n_heads=4))
+    path = _write_gptcli_checkpoint(tmp_path / "odd.safetensors", cfg)
+    with pytest.raises(UserError, match="cannot tell n_heads"):  # emb_dim 32 is no GPT-2 size
+        config_for_checkpoint(ckpt.read_header(path))
+    # gptcli's own files carry their config in the header's metadata, n_heads included.
+    path = _write_gptcli_checkpoint(tmp_path / "ours.safetensors", cfg,
+                                    metadata={ckpt.METADATA_CONFIG_KEY: json.dumps(cfg.to_dict())})
+    notes: list[str] = []
+    found = config_for_checkpoint(ckpt.read_header(path), note=notes.append)
+    assert found.to_dict() == cfg.to_dict() and found.name == "ours"
+    assert notes == ["config from ours.safetensors metadata"]
+
+
+@pytest.mark.parametrize("content,message", [("{not json", "not valid JSON"), ("[1, 2]", "JSON object"),
+                                             ('{"n_embd": 8}', "missing key 'vocab_size'")])
+def test_bad_config_json(tmp_path, tiny_config_file, content, message):
+    cfg = load_config_file(tiny_config_file(vocab_size=97, emb_dim=768, n_heads=12, n_layers=1))
+    header = ckpt.read_header(_write_gptcli_checkpoint(tmp_path / "model.safetensors", cfg))
     path = tmp_path / "config.json"
     path.write_text(content)
     with pytest.raises(UserError, match=message):
-        config_from_json(path)
+        config_for_checkpoint(header, path)
 
 
-def test_locate_local_paths_and_hub_ids(tmp_path, monkeypatch, tiny_config_file):
+def test_locate_uses_the_loaders_resolution(tmp_path, tiny_config_file):
     cfg = load_config_file(tiny_config_file(vocab_size=97))
     file = _write_gptcli_checkpoint(tmp_path / "model.safetensors", cfg)
-    assert locate(str(file)) == file
-    assert locate(str(tmp_path)) == file  # a folder with model.safetensors
+    assert locate(str(file)).path == file
+    assert locate(str(tmp_path)).path == file  # a folder with model.safetensors
     with pytest.raises(UserError, match="no such file"):
         locate(str(tmp_path / "nope.safetensors"))
     with pytest.raises(UserError, match="pickled checkpoints are refused"):
         locate(str(tmp_path / "pytorch_model.bin"))
-    # Hub ids go through gptcli.weights.locate_checkpoint, with the note callback.
-    import gptcli.weights
-
-    seen = {}
-
-    def fake_locate(spec, note):
-        seen["spec"] = spec
-        note("downloading")
-        return tmp_path
-
-    monkeypatch.setattr(gptcli.weights, "locate_checkpoint", fake_locate, raising=False)
-    notes: list[str] = []
-    assert locate("openai-community/gpt2", note=notes.append) == file
-    assert seen == {"spec": "openai-community/gpt2"} and notes == ["downloading"]
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE"):  # tests run offline with an empty cache
+        locate("openai-community/gpt2")
 
 
 # ------------------------------------------------------------------ next tokens
