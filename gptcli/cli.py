@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from gptcli import __version__
+from gptcli.commands.inspect import inspect
 from gptcli.commands.params import params
 
 app = typer.Typer(
@@ -36,6 +37,7 @@ def _root(
 
 
 app.command("params")(params)
+app.command("inspect")(inspect)
 
 
 def main() -> None:

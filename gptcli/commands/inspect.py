@@ -1,0 +1,321 @@
+"""`gptcli inspect`: the module tree, figures, a checkpoint's header and next tokens of a model.
+
+The library is gptcli.inspection; this module parses options and renders. Without --prompt
+nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+from gptcli.commands.common import (
+    ConfigOption,
+    JsonOption,
+    SizeOption,
+    note,
+    print_json,
+    print_table,
+    stdout_console,
+    stdout_is_terminal,
+    user_errors,
+)
+from gptcli.config import GPTConfig, resolve_config
+from gptcli.errors import UserError
+from gptcli.params import human_bytes
+
+if TYPE_CHECKING:
+    import torch
+
+    from gptcli.inspection import Node
+
+NOT_A_CHECKPOINT = ("random", "auto")
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+
+def _n(value: int) -> str:
+    return f"{value:,}"
+
+
+def _describe_config(cfg: GPTConfig) -> str:
+    return (f"{cfg.name}: emb_dim {cfg.emb_dim}, n_layers {cfg.n_layers}, n_heads {cfg.n_heads}, "
+            f"context {cfg.context_length}, vocab {cfg.vocab_size}, qkv_bias {cfg.qkv_bias}, "
+            f"tie_weights {cfg.tie_weights}")
+
+
+def _label(node: "Node") -> tuple[str, str, str, str]:
+    """(name, type, detail, count) of one tree line."""
+    from gptcli.inspection import leaf_detail
+
+    if node.repeat > 1:
+        first = int(node.name)
+        name = f"{first}–{first + node.repeat - 1}"
+        kind = f"{node.repeat} × {node.kind}"
+        count = f"{_n(node.each)} each, {_n(node.total)}"
+    else:
+        name = node.name or "model"
+        kind = node.kind
+        count = _n(node.total)
+    detail = leaf_detail(node)
+    if node.params and all(p.shared_with for p in node.params):
+        count += " (shared)"
+    if node.hidden:
+        detail = (detail + ", " if detail else "") + f"({node.hidden} submodule{'s' * (node.hidden != 1)} hidden by --depth)"
+    return name, kind, detail, count
+
+
+def render_tree(tree: "Node", title: str) -> None:
+    from gptcli.inspection import walk
+
+    if stdout_is_terminal():
+        from rich.text import Text
+        from rich.tree import Tree
+
+        def text(node: "Node") -> Text:
+            name, kind, detail, count = _label(node)
+            return Text.assemble((name, "bold"), " ", (kind, "cyan"), ("  " + detail if detail else "", "dim"),
+                                 "  ", (count, "green"))
+
+        def add(branch: Tree, node: "Node") -> None:
+            for child in node.children:
+                add(branch.add(text(child)), child)
+
+        root = Tree(text(tree))
+        add(root, tree)
+        console = stdout_console()
+        console.print(Text(title, style="bold"))
+        console.print(root)
+        console.print()
+        return
+    # Plain text: two spaces of indent per level, counts right-aligned in one column.
+    lines = []
+    for depth, node in walk(tree):
+        name, kind, detail, count = _label(node)
+        lines.append(("  " * depth + f"{name}: {kind}" + (f"  {detail}" if detail else ""), count))
+    width = max(len(left) for left, _ in lines)
+    count_width = max(len(right) for _, right in lines)
+    out = [title] + [f"{left.ljust(width)}  {right.rjust(count_width)}" for left, right in lines]
+    typer.echo("\n".join(out) + "\n")
+
+
+def render_figures(report: dict[str, Any]) -> None:
+    p = report["parameters"]
+    print_table("Parameters (as `gptcli params`)", ["count", "parameters"], [
+        ("total as built", _n(p["total"])),
+        ("with a tied head (shares tok_emb)", _n(p["tied"])),
+        ("with an untied head", _n(p["untied"])),
+        ("non-embedding (N)", _n(p["non_embedding"])),
+    ], right_align=[1])
+
+    kv = report["kv_cache_bytes"]
+    ctx = kv["context_length"]
+    rows = []
+    for dtype, weights in report["memory_bytes"].items():
+        per_token = kv["per_token"].get(dtype)
+        full = kv["full_context"].get(dtype)
+        rows.append((dtype, human_bytes(weights), _n(per_token) if per_token is not None else "-",
+                     human_bytes(full) if full is not None else "-"))
+    print_table(f"Memory (KV cache: {kv['formula']}, one sequence)",
+                ["dtype", "weights", "KV cache bytes/token", f"KV cache at {ctx} tokens"], rows,
+                right_align=[1, 2, 3])
+
+    f = report["flops_per_token"]
+    print_table(f"Forward FLOPs per token at n_ctx {f['n_ctx']} (Kaplan et al. 2020)",
+                ["term", "FLOPs"], [
+                    (f"2·N, N = {_n(f['non_embedding_params'])} non-embedding parameters", _n(f["dense"])),
+                    (f"attention 2·n_layers·n_ctx·emb_dim", _n(f["attention"])),
+                    (f"total {f['formula']}", _n(f["total"])),
+                    ("logits 2·emb_dim·vocab_size (not in the formula)", _n(f["logits"])),
+                    ("total with logits", _n(f["total_with_logits"])),
+                ], right_align=[1], footer_rows=2)
+
+
+def render_checkpoint(c: dict[str, Any], cfg: GPTConfig) -> None:
+    arch = c["architecture"]
+    arch_text = "cannot tell" if arch is None else (
+        f"emb_dim {arch['emb_dim']}, n_layers {arch['n_layers']}, "
+        f"n_heads {arch['n_heads'] if arch['n_heads'] is not None else '? (not a GPT-2 size)'}, "
+        f"context {arch['context_length']}, vocab {arch['vocab_size']}, qkv_bias {arch['qkv_bias']}, "
+        f"tie_weights {arch['tie_weights']}")
+    print_table("Checkpoint (header only)", ["property", "value"], [
+        ("file", c["file"]),
+        ("size", f"{human_bytes(c['file_bytes'])} ({_n(c['file_bytes'])} bytes, header {_n(c['header_bytes'])})"),
+        ("layout", c["layout"]),
+        ("head", "tied to the token embedding" if c["tied"] else "separate matrix (untied)"),
+        ("architecture", arch_text),
+        ("tensors", f"{c['n_tensors']} ({human_bytes(c['tensor_bytes'])})"),
+    ])
+    rows = [(t["name"], t["dtype"], "[" + ", ".join(map(str, t["shape"])) + "]", _n(t["bytes"])) for t in c["tensors"]]
+    print_table("Tensors", ["name", "dtype", "shape", "bytes"], rows, right_align=[3])
+    problems = [("missing", n, "in the config, not in the file") for n in c["missing"]]
+    problems += [("unexpected", n, "in the file, not in the config") for n in c["unexpected"]]
+    problems += [("mismatched", m["name"], f"checkpoint {m['checkpoint']} vs config {m['config']}")
+                 for m in c["mismatched_shapes"]]
+    title = f"Verdict against {cfg.name}: " + ("ok, every tensor matches" if c["ok"] else c["verdict"])
+    if problems:
+        print_table(title, ["problem", "tensor", "detail"], problems)
+    else:
+        typer.echo(title + "\n")
+
+
+def _bar(prob: float, width: int = 20) -> str:
+    eighths = round(prob * width * 8)
+    return "█" * (eighths // 8) + ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")[eighths % 8]
+
+
+def render_next_tokens(report: dict[str, Any]) -> None:
+    from gptcli.inspection import show_token
+
+    prompt = report["prompt"]
+    terminal = stdout_is_terminal()
+    rows = []
+    for rank, t in enumerate(report["next_tokens"], 1):
+        row = [rank, t["id"], show_token(t["token"]), f"{t['prob']:.4f}"]
+        rows.append(row + [_bar(t["prob"])] if terminal else row)
+    columns = ["#", "id", "token", "prob"] + (["" ] if terminal else [])
+    print_table(f"Next token after {show_token(prompt['text'])} ({len(prompt['token_ids'])} tokens, "
+                f"weights {prompt['weights']})", columns, rows, right_align=[0, 1, 3])
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+
+
+def _device_and_dtype(device: str, dtype: str) -> tuple["torch.device", "torch.dtype"]:
+    """gptcli.devices when it is there (same rules as generate); CPU and float32 otherwise."""
+    try:
+        from gptcli import devices  # type: ignore[attr-defined]
+    except ImportError:
+        devices = None
+    if devices is not None:
+        dev = devices.resolve_device(device)
+        return dev, devices.resolve_dtype(dtype, dev)
+    import torch
+
+    if device not in ("auto", "cpu"):
+        raise UserError(f"--device {device!r}: only cpu is supported in this build")
+    dtypes = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(dtypes)}")
+    return torch.device("cpu"), dtypes[dtype]
+
+
+def predict(
+    *, prompt: str, top: int, size: str | None, config: Any, weights: str | None, device: str, dtype: str, seed: int
+) -> dict[str, Any]:
+    """One forward pass: the prompt's ids and the top-``top`` next tokens, with the same weights as generate."""
+    from gptcli.inspection import next_tokens
+    from gptcli.tokenizer import encode
+    from gptcli.weights import load_model
+
+    ids = encode(prompt)  # first: a missing tokenizer should fail before a model is loaded
+    if not ids:
+        raise UserError("--prompt is empty: give at least one token of text")
+    dev, dt = _device_and_dtype(device, dtype)
+    loaded = load_model(size=size, config=config, weights=weights or "auto", device=dev, dtype=dt, seed=seed,
+                        note=note)
+    if max(ids) >= loaded.cfg.vocab_size:
+        raise UserError(f"the prompt has token id {max(ids)}, outside the model's vocabulary "
+                        f"(vocab_size {loaded.cfg.vocab_size})")
+    if len(ids) > loaded.cfg.context_length:
+        note(f"the prompt has {len(ids)} tokens; only the last {loaded.cfg.context_length} (context_length) are used")
+    return {
+        "prompt": {"text": prompt, "token_ids": ids, "weights": loaded.source, "device": str(loaded.device),
+                   "dtype": str(loaded.dtype).removeprefix("torch.")},
+        "next_tokens": next_tokens(loaded.model, ids, top),
+    }
+
+
+@user_errors
+def inspect(
+    size: SizeOption = None,
+    config: ConfigOption = None,
+    weights: Annotated[
+        Optional[str],
+        typer.Option("--weights", "-w", show_default=False,
+                     help="A safetensors checkpoint to look into: FILE, a folder with model.safetensors, or a Hub id. "
+                     "Only its header is read. Without --size/--config the config comes from it "
+                     "(config.json beside it, else its shapes). With --prompt, also 'random'."),
+    ] = None,
+    depth: Annotated[
+        Optional[int],
+        typer.Option("--depth", "-d", show_default=False,
+                     help="Show the module tree this many levels deep (0 = the model line only). Default: all."),
+    ] = None,
+    prompt: Annotated[
+        Optional[str],
+        typer.Option("--prompt", "-p", show_default=False,
+                     help="Run one forward pass on this text and show the most likely next tokens."),
+    ] = None,
+    top: Annotated[int, typer.Option("--top", "-k", help="How many next tokens --prompt shows.")] = 10,
+    device: Annotated[str, typer.Option("--device", help="For --prompt: auto, cpu, cuda, cuda:1, mps.")] = "auto",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="For --prompt: auto, float32, bfloat16 or float16.")
+    ] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="For --prompt with random weights: the init seed.")] = 123,
+    json_output: JsonOption = False,
+) -> None:
+    """Look inside a model: its modules, parameters, memory, FLOPs, a checkpoint, its next token.
+
+    The tree and the figures are arithmetic on the config (no model is built, torch is not imported);
+    a checkpoint is read header-only, so even the 6 GB xl file answers at once.
+
+    Examples:
+
+      gptcli inspect --size xl                       # collapsed tree, memory, FLOPs, KV cache
+
+      gptcli inspect --size small --depth 2          # just the top of the tree
+
+      gptcli inspect --weights ./gpt2/model.safetensors   # tensors, layout, tied head, verdict
+
+      gptcli inspect --weights ./ckpt --size 124M    # does this file fit the 124M config?
+
+      gptcli inspect --prompt "The capital of France is" --top 5
+
+      gptcli inspect --size xl --json | jq .kv_cache_bytes.full_context
+    """
+    from gptcli import checkpoint as ckpt
+    from gptcli.inspection import checkpoint_report, config_for_checkpoint, config_report, locate, module_tree
+
+    if depth is not None and depth < 0:
+        raise UserError(f"--depth must be 0 or more, got {depth}")
+    if prompt == "":
+        raise UserError("--prompt is empty: give at least one token of text")
+    if top < 1:
+        raise UserError(f"--top must be 1 or more, got {top}")
+    if size is not None and config is not None:
+        raise UserError("--size and --config are mutually exclusive; pass one of them")
+
+    header = None
+    if weights is not None and weights not in NOT_A_CHECKPOINT:
+        located = locate(weights, note=note)
+        header = ckpt.read_header(located.path)
+        if size is None and config is None:
+            cfg = config_for_checkpoint(header, located.config_json, note=note)
+        else:
+            cfg = resolve_config(size, config)
+    else:
+        cfg = resolve_config(size, config)
+
+    report = config_report(cfg, depth)
+    report["checkpoint"] = checkpoint_report(header, cfg) if header is not None else None
+    report["prompt"] = report["next_tokens"] = None
+    if prompt is not None:
+        report.update(predict(prompt=prompt, top=top, size=size, config=config, weights=weights, device=device,
+                              dtype=dtype, seed=seed))
+
+    if json_output:
+        print_json(report)
+        return
+    render_tree(module_tree(cfg, depth), f"Modules of {_describe_config(cfg)}")
+    render_figures(report)
+    if report["checkpoint"] is not None:
+        render_checkpoint(report["checkpoint"], cfg)
+    if report["next_tokens"] is not None:
+        render_next_tokens(report)
