@@ -21,14 +21,24 @@ from gptcli.commands.common import (
     stdout_is_terminal,
     user_errors,
 )
+from gptcli import checkpoint as ckpt
 from gptcli.config import GPTConfig, resolve_config
 from gptcli.errors import UserError
+from gptcli.inspection import (
+    Node,
+    checkpoint_report,
+    config_for_checkpoint,
+    config_report,
+    leaf_detail,
+    locate,
+    module_tree,
+    show_token,
+    walk,
+)
 from gptcli.params import human_bytes
 
 if TYPE_CHECKING:
     import torch
-
-    from gptcli.inspection import Node
 
 NOT_A_CHECKPOINT = ("random", "auto")
 
@@ -48,10 +58,8 @@ def _describe_config(cfg: GPTConfig) -> str:
             f"tie_weights {cfg.tie_weights}")
 
 
-def _label(node: "Node") -> tuple[str, str, str, str]:
+def _label(node: Node) -> tuple[str, str, str, str]:
     """(name, type, detail, count) of one tree line."""
-    from gptcli.inspection import leaf_detail
-
     if node.repeat > 1:
         first = int(node.name)
         name = f"{first}–{first + node.repeat - 1}"
@@ -69,19 +77,17 @@ def _label(node: "Node") -> tuple[str, str, str, str]:
     return name, kind, detail, count
 
 
-def render_tree(tree: "Node", title: str) -> None:
-    from gptcli.inspection import walk
-
+def render_tree(tree: Node, title: str) -> None:
     if stdout_is_terminal():
         from rich.text import Text
         from rich.tree import Tree
 
-        def text(node: "Node") -> Text:
+        def text(node: Node) -> Text:
             name, kind, detail, count = _label(node)
             return Text.assemble((name, "bold"), " ", (kind, "cyan"), ("  " + detail if detail else "", "dim"),
                                  "  ", (count, "green"))
 
-        def add(branch: Tree, node: "Node") -> None:
+        def add(branch: Tree, node: Node) -> None:
             for child in node.children:
                 add(branch.add(text(child)), child)
 
@@ -128,7 +134,7 @@ def render_figures(report: dict[str, Any]) -> None:
     print_table(f"Forward FLOPs per token at n_ctx {f['n_ctx']} (Kaplan et al. 2020)",
                 ["term", "FLOPs"], [
                     (f"2·N, N = {_n(f['non_embedding_params'])} non-embedding parameters", _n(f["dense"])),
-                    (f"attention 2·n_layers·n_ctx·emb_dim", _n(f["attention"])),
+                    ("attention 2·n_layers·n_ctx·emb_dim", _n(f["attention"])),
                     (f"total {f['formula']}", _n(f["total"])),
                     ("logits 2·emb_dim·vocab_size (not in the formula)", _n(f["logits"])),
                     ("total with logits", _n(f["total_with_logits"])),
@@ -169,15 +175,13 @@ def _bar(prob: float, width: int = 20) -> str:
 
 
 def render_next_tokens(report: dict[str, Any]) -> None:
-    from gptcli.inspection import show_token
-
     prompt = report["prompt"]
     terminal = stdout_is_terminal()
     rows = []
     for rank, t in enumerate(report["next_tokens"], 1):
         row = [rank, t["id"], show_token(t["token"]), f"{t['prob']:.4f}"]
         rows.append(row + [_bar(t["prob"])] if terminal else row)
-    columns = ["#", "id", "token", "prob"] + (["" ] if terminal else [])
+    columns = ["#", "id", "token", "prob"] + ([""] if terminal else [])
     print_table(f"Next token after {show_token(prompt['text'])} ({len(prompt['token_ids'])} tokens, "
                 f"weights {prompt['weights']})", columns, rows, right_align=[0, 1, 3])
 
@@ -239,9 +243,11 @@ def inspect(
     weights: Annotated[
         Optional[str],
         typer.Option("--weights", "-w", show_default=False,
-                     help="A safetensors checkpoint to look into: FILE, a folder with model.safetensors, or a Hub id. "
-                     "Only its header is read. Without --size/--config the config comes from it "
-                     "(config.json beside it, else its shapes). With --prompt, also 'random'."),
+                     help="A safetensors checkpoint to look into: FILE, a folder with model.safetensors, or a Hub id "
+                     "(owner/name; downloaded into the Hugging Face cache when missing). Only its header is read. "
+                     "Without --size/--config the config comes from it (config.json beside it, gptcli's metadata, "
+                     "else its shapes). With --prompt these are the weights run, as in generate; there 'auto' "
+                     "(the default: released GPT-2 weights for a shipped size, else random) and 'random' work too."),
     ] = None,
     depth: Annotated[
         Optional[int],
@@ -280,9 +286,6 @@ def inspect(
 
       gptcli inspect --size xl --json | jq .kv_cache_bytes.full_context
     """
-    from gptcli import checkpoint as ckpt
-    from gptcli.inspection import checkpoint_report, config_for_checkpoint, config_report, locate, module_tree
-
     if depth is not None and depth < 0:
         raise UserError(f"--depth must be 0 or more, got {depth}")
     if prompt == "":
@@ -293,7 +296,7 @@ def inspect(
         raise UserError("--size and --config are mutually exclusive; pass one of them")
 
     header = None
-    if weights is not None and weights not in NOT_A_CHECKPOINT:
+    if weights is not None and weights.strip().lower() not in NOT_A_CHECKPOINT:
         located = locate(weights, note=note)
         header = ckpt.read_header(located.path)
         if size is None and config is None:
