@@ -1,0 +1,368 @@
+"""Decoding: from prompt ids to new token ids, and from token ids to printable text. Never prints.
+
+Three layers, each usable on its own:
+
+- ``Decoder`` runs the model for one sequence, a token at a time, with a key/value cache while the
+  sequence fits in the context window (the one place that knows about the window).
+- ``select_next`` picks the next id from logits: greedy, or temperature / top-k / top-p sampling
+  with a seeded ``torch.Generator``.
+- ``TextStream`` turns token ids into text that is safe to print now: whole UTF-8 characters only,
+  and nothing that could still turn out to be the start of a stop string.
+
+``Generation`` ties them together: iterate it to get text pieces as they are decoded; afterwards it
+holds the ids, the text, the finish reason and the timings. The CLI renders; nothing here writes.
+
+A later speed pass can swap in another decoder (static cache, torch.compile, int8 weights, batches)
+behind the same ``prefill``/``step`` methods without touching ``Generation`` or the CLI.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
+
+from gptcli.errors import UserError
+from gptcli.tokenizer import EOT_ID
+
+if TYPE_CHECKING:
+    import torch
+
+    from gptcli.model import GPTModel, KVCache
+
+FINISH_EOS = "eos"  # the model produced <|endoftext|>
+FINISH_STOP = "stop"  # a --stop string appeared (it is not part of the text)
+FINISH_LENGTH = "length"  # --max-new-tokens reached
+FINISH_INTERRUPTED = "interrupted"  # Ctrl-C; set by the caller
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to pick and when to stop. ``temperature == 0`` is greedy; top_k/top_p then have no effect."""
+
+    max_new_tokens: int = 50
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 123
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self) -> "SamplingOptions":
+        """Raise UserError for values no decoder can use; return self."""
+        if self.max_new_tokens < 0:
+            raise UserError(f"--max-new-tokens must be 0 or more, got {self.max_new_tokens}")
+        if not self.temperature >= 0:  # also catches NaN
+            raise UserError(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
+        if self.temperature == float("inf"):
+            raise UserError("--temperature must be finite")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"--top-k must be 1 or more, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if any(s == "" for s in self.stop):
+            raise UserError("--stop must not be empty")
+        return self
+
+
+def crop_prompt(ids: Sequence[int], context_length: int) -> tuple[list[int], int]:
+    """The last ``context_length`` ids and how many were dropped from the left."""
+    dropped = max(0, len(ids) - context_length)
+    return list(ids[dropped:]), dropped
+
+
+def prompt_ids(text: str, encode: Callable[[str], list[int]] | None = None) -> list[int]:
+    """Token ids for a prompt; an empty prompt starts from <|endoftext|>, as GPT-2 was trained."""
+    if encode is None:
+        from gptcli.tokenizer import encode
+    ids = encode(text)
+    return ids if ids else [EOT_ID]
+
+
+# ---------------------------------------------------------------------------------------------
+# The model, one step at a time
+
+
+class StepDecoder(Protocol):
+    """What ``Generation`` needs from a decoder; other implementations (compiled, batched) can follow it."""
+
+    def prefill(self, ids: Sequence[int], max_new_tokens: int) -> "torch.Tensor": ...
+
+    def step(self, token_id: int) -> "torch.Tensor": ...
+
+
+class Decoder:
+    """Runs ``model`` for one sequence (batch 1). ``prefill`` and ``step`` return next-token logits, shape (1, V).
+
+    While the sequence fits in ``context_length`` it is fed through a ``KVCache``: the prompt once,
+    then one token per step. Past the window the book's ``generate_text_simple`` keeps only the last
+    ``context_length`` tokens, so every kept token moves one position to the left each step. GPT-2's
+    positions are absolute embeddings added at the input, so every cached key and value (computed at
+    the old positions) is then stale: from there on each step recomputes the cropped window, exactly
+    as the book does, and the ids stay identical to it.
+    """
+
+    def __init__(self, model: "GPTModel", device: "torch.device", dtype: "torch.dtype"):
+        import torch
+
+        self.model = model
+        self.cfg = model.cfg
+        self.device = device
+        self.dtype = dtype
+        self.context_length = model.cfg.context_length
+        self._ids: list[int] = []  # every id fed so far (prompt after cropping, then generated)
+        self._cache: KVCache | None = None
+        self._use_cache = False
+        self._token = torch.zeros((1, 1), dtype=torch.long, device=device)  # (1, 1), reused every step
+
+    def _ensure_cache(self, length: int) -> "KVCache":
+        """A cache of at least ``length`` positions, allocated once and reused while big enough."""
+        from gptcli.model import KVCache
+
+        if self._cache is None or self._cache.max_len < length or self._cache.keys[0].dtype != self.dtype:
+            self._cache = KVCache.empty(self.cfg, batch_size=1, max_len=length, device=self.device, dtype=self.dtype)
+        self._cache.length = 0
+        return self._cache
+
+    def prefill(self, ids: Sequence[int], max_new_tokens: int) -> "torch.Tensor":
+        """Start a sequence from ``ids`` (cropped to the window on the left); logits (1, V) for the next token."""
+        import torch
+
+        ids, _ = crop_prompt(ids, self.context_length)
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        self._ids = ids
+        # Positions the model will see: the prompt, then every generated token but the last.
+        needed = min(self.context_length, len(ids) + max(max_new_tokens - 1, 0))
+        self._use_cache = len(ids) < self.context_length and needed > len(ids)
+        cache = self._ensure_cache(needed) if self._use_cache else None
+        with torch.inference_mode():
+            x = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
+            return self.model(x, cache)[:, -1, :]  # (1, V)
+
+    def step(self, token_id: int) -> "torch.Tensor":
+        """Append ``token_id``; logits (1, V) for the token after it."""
+        import torch
+
+        self._ids.append(token_id)
+        with torch.inference_mode():
+            if self._use_cache and self._cache is not None and len(self._ids) <= self._cache.max_len:
+                self._token.fill_(token_id)
+                return self.model(self._token, self._cache)[:, -1, :]  # (1, V)
+            # Past the window (or a cache too short): recompute the last context_length tokens.
+            self._use_cache = False
+            self._cache = None  # stale for good; free its memory
+            window = self._ids[-self.context_length :]
+            del self._ids[: -self.context_length]  # older ids are never needed again
+            x = torch.tensor([window], dtype=torch.long, device=self.device)  # (1, T<=context_length)
+            return self.model(x)[:, -1, :]  # (1, V)
+
+
+# ---------------------------------------------------------------------------------------------
+# Picking the next token
+
+
+def make_generator(seed: int) -> "torch.Generator":
+    """The sampling RNG. It lives on the CPU, so a seed draws the same way on every device."""
+    import torch
+
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def select_next(logits: "torch.Tensor", options: SamplingOptions, generator: "torch.Generator | None") -> "torch.Tensor":
+    """Next ids, shape (B,), from logits (B, V). Pure apart from drawing from ``generator``.
+
+    Greedy is argmax (the first maximum, like the book). Sampling scales by 1/temperature, keeps the
+    ``top_k`` largest logits, then the smallest set whose probability reaches ``top_p``, and draws.
+    """
+    import torch
+
+    if options.greedy:
+        return torch.argmax(logits, dim=-1)  # (B,)
+    # Sample in float32 on the CPU: same draws for a seed on any device and in any model dtype.
+    scaled = logits.detach().float().cpu() / options.temperature  # (B, V)
+    if options.top_k is not None and options.top_k < scaled.shape[-1]:
+        values, index = torch.topk(scaled, options.top_k, dim=-1)  # (B, k), sorted descending
+    else:
+        values, index = torch.sort(scaled, dim=-1, descending=True)  # (B, V)
+    if options.top_p is not None and options.top_p < 1:
+        probs = torch.softmax(values, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+        values = values.masked_fill(before >= options.top_p, float("-inf"))  # the top token always stays
+    probs = torch.softmax(values, dim=-1)  # (B, k)
+    choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1), index into the kept tokens
+    return index.gather(-1, choice).squeeze(-1).to(logits.device)  # (B,)
+
+
+# ---------------------------------------------------------------------------------------------
+# From ids to printable text
+
+
+def find_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Index of the earliest stop string in ``text``, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def stop_holdback(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of ``text`` could be the start of a stop string (so must wait)."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+class TextStream:
+    """Token ids in, text that is safe to print out.
+
+    Bytes go through an incremental UTF-8 decoder, so a character split across tokens comes out whole
+    (undecodable bytes become U+FFFD, as ``tokenizer.decode`` does). With stop strings, the tail that
+    could still begin one is held back; once one appears, the text before it is released and
+    ``stopped`` is set. The pieces returned, joined, are the whole text.
+    """
+
+    def __init__(self, stops: Sequence[str] = (), token_bytes: Callable[[int], bytes] | None = None):
+        if token_bytes is None:
+            from gptcli.tokenizer import token_bytes
+        self._token_bytes = token_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stops = tuple(stops)
+        self._pending = ""  # decoded, not yet released
+        self.stopped = False
+
+    def _release(self, text: str, final: bool) -> str:
+        if self.stopped:
+            return ""
+        if not self._stops:
+            return text
+        self._pending += text
+        at = find_stop(self._pending, self._stops)
+        if at is not None:
+            self.stopped = True
+            out, self._pending = self._pending[:at], ""
+            return out
+        keep = 0 if final else stop_holdback(self._pending, self._stops)
+        cut = len(self._pending) - keep
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        return out
+
+    def feed(self, token_id: int) -> str:
+        """The text that ``token_id`` makes printable (often '', never half a character)."""
+        return self._release(self._utf8.decode(self._token_bytes(token_id)), final=False)
+
+    def finish(self) -> str:
+        """The rest at the end of generation: held-back text and any incomplete character (as U+FFFD)."""
+        return self._release(self._utf8.decode(b"", final=True), final=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# One generation
+
+
+@dataclass
+class Timings:
+    prefill_s: float = 0.0  # the prompt's forward pass and picking the first new token
+    decode_s: float = 0.0  # every later step: forward of one token (or the window) and picking
+    prefill_tokens: int = 0  # prompt tokens the model saw (after cropping)
+    decode_tokens: int = 0  # new tokens produced by decode steps (all but the first)
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        return self.decode_tokens / self.decode_s if self.decode_tokens and self.decode_s > 0 else None
+
+    @property
+    def prefill_tokens_per_s(self) -> float | None:
+        return self.prefill_tokens / self.prefill_s if self.prefill_tokens and self.prefill_s > 0 else None
+
+
+class Generation:
+    """Generate from ``prompt_token_ids``; iterate to receive the text as it becomes printable.
+
+    While and after iterating: ``token_ids`` (every generated id, including a final <|endoftext|>
+    or the tokens that made a stop string), ``text`` (the printable continuation, which never holds
+    the stop string nor <|endoftext|> unless ``ignore_eos``), ``finish_reason`` (None until it ends)
+    and ``timings``. Stopping the iteration early (Ctrl-C) leaves them as far as they got.
+    Timings count only the library's own work, not the time the caller spends printing.
+    """
+
+    def __init__(
+        self,
+        decoder: StepDecoder,
+        prompt_token_ids: Sequence[int],
+        options: SamplingOptions,
+        *,
+        eos_id: int = EOT_ID,
+        token_bytes: Callable[[int], bytes] | None = None,
+        context_length: int | None = None,
+    ):
+        self.decoder = decoder
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.options = options
+        self.eos_id = eos_id
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.timings = Timings()
+        self._pieces: list[str] = []
+        self._stream = TextStream(options.stop, token_bytes)
+        n_seen = len(self.prompt_token_ids) if context_length is None else min(len(self.prompt_token_ids), context_length)
+        self.timings.prefill_tokens = n_seen
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+    def token_id_stream(self) -> Iterator[int]:
+        """New ids one by one. Ends after max_new_tokens, or after <|endoftext|> unless ignore_eos."""
+        opts = self.options
+        if opts.max_new_tokens == 0:
+            return
+        generator = None if opts.greedy else make_generator(opts.seed)
+        start = time.perf_counter()
+        logits = self.decoder.prefill(self.prompt_token_ids, opts.max_new_tokens)  # (1, V)
+        for i in range(opts.max_new_tokens):
+            next_id = int(select_next(logits, opts, generator)[0])  # .item() also waits for the device
+            elapsed = time.perf_counter() - start
+            if i == 0:
+                self.timings.prefill_s = elapsed
+            else:
+                self.timings.decode_s += elapsed
+                self.timings.decode_tokens += 1
+            self.token_ids.append(next_id)
+            yield next_id
+            if (next_id == self.eos_id and not opts.ignore_eos) or i + 1 == opts.max_new_tokens:
+                return
+            start = time.perf_counter()
+            logits = self.decoder.step(next_id)
+
+    def __iter__(self) -> Iterator[str]:
+        for token_id in self.token_id_stream():
+            if token_id == self.eos_id and not self.options.ignore_eos:
+                self.finish_reason = FINISH_EOS
+                break
+            piece = self._stream.feed(token_id)
+            if piece:
+                self._pieces.append(piece)
+                yield piece
+            if self._stream.stopped:
+                self.finish_reason = FINISH_STOP
+                return
+        else:
+            self.finish_reason = FINISH_LENGTH
+        tail = self._stream.finish()
+        if tail:
+            self._pieces.append(tail)
+            yield tail
+
+    def run(self) -> "Generation":
+        """Generate to the end without streaming; returns self."""
+        for _ in self:
+            pass
+        return self
