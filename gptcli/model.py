@@ -21,6 +21,25 @@ import torch.nn.functional as F
 from gptcli.config import GPTConfig
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state_dict), with a matvec form that torch.compile vectorises.
+
+    At batch 1 a decode step multiplies one row by each weight matrix. Under torch.compile Inductor
+    hands a one-row matmul to the BLAS library, which runs far below memory bandwidth on CPU; written
+    as an element-wise multiply and a sum (accumulated in float32) Inductor emits its own vectorised,
+    threaded reduction. In eager mode that form would allocate an (out, in) temporary, so it is used
+    only while compiling, and only for a single row.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and x.shape[-2] == 1 and x.device.type == "cpu":
+            y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1)  # (..., 1, out)
+            if self.bias is not None:
+                y = y + self.bias.float()
+            return y.to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+
 class LayerNorm(nn.Module):
     """Biased variance and eps 1e-5, as in GPT-2, so its checkpoints load unchanged."""
 
@@ -46,9 +65,9 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
+            Linear(cfg.emb_dim, 4 * cfg.emb_dim),
             GELU(),
-            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
+            Linear(4 * cfg.emb_dim, cfg.emb_dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,9 +111,9 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         # The book's W_query, W_key and W_value, stacked as rows [q; k; v] of one matrix.
         # skip_init: nn.Linear's own init would draw numbers the book never draws.
-        self.W_qkv = nn.utils.skip_init(nn.Linear, d_in, 3 * d_out, bias=qkv_bias, device=torch.get_default_device())
+        self.W_qkv = nn.utils.skip_init(Linear, d_in, 3 * d_out, bias=qkv_bias, device=torch.get_default_device())
         self._init_qkv_in_book_order(d_in, d_out, qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
+        self.out_proj = Linear(d_out, d_out)
 
     @torch.no_grad()
     def _init_qkv_in_book_order(self, d_in: int, d_out: int, qkv_bias: bool) -> None:
@@ -110,7 +129,20 @@ class MultiHeadAttention(nn.Module):
                 bound = 1 / math.sqrt(d_in)
                 nn.init.uniform_(self.W_qkv.bias[rows], -bound, bound)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        mask: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``mask`` (B|1, 1, T, Tk), True where a query may attend, replaces the causal rule when given.
+
+        With ``input_pos`` (T,) the new keys and values are written at those cache positions and the
+        queries attend over the whole cache under ``mask``: every shape stays the same from step to
+        step, which torch.compile needs. Otherwise the cache is filled from ``cache.length`` on.
+        """
         B, T, _ = x.shape
         q, k, v = self.W_qkv(x).split(self.d_out, dim=2)  # each (B, T, d_out)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -118,7 +150,11 @@ class MultiHeadAttention(nn.Module):
         v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
 
         past = 0
-        if cache is not None:
+        if cache is not None and input_pos is not None:
+            cache.keys[layer].index_copy_(2, input_pos, k)
+            cache.values[layer].index_copy_(2, input_pos, v)
+            k, v = cache.keys[layer], cache.values[layer]  # (B, nh, max_len, hs)
+        elif cache is not None:
             past = cache.length
             cache.keys[layer][:, :, past : past + T] = k
             cache.values[layer][:, :, past : past + T] = v
@@ -126,15 +162,17 @@ class MultiHeadAttention(nn.Module):
             v = cache.values[layer][:, :, : past + T]
 
         dropout_p = self.dropout if self.training else 0.0
-        if past == 0:
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         elif T == 1:
             # One new query sees every cached position: no mask needed.
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         else:
             # Several new queries after a cached prefix: query i sees keys [0, past + i].
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            causal = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, self.d_out)  # (B, T, d_out)
         return self.out_proj(y)
 
@@ -155,8 +193,15 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.emb_dim)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, layer))  # (B, T, emb_dim)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        mask: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, layer, mask, input_pos))  # (B, T, emb_dim)
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
 
@@ -173,34 +218,71 @@ class GPTModel(nn.Module):
         if cfg.tie_weights:
             # Shares tok_emb's matrix; build the Linear on meta so no throwaway weight is drawn.
             with torch.device("meta"):
-                self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+                self.out_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
             self.out_head.weight = self.tok_emb.weight
         else:
-            self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+            self.out_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
 
     def tie_weights(self) -> None:
         """Re-point the head at tok_emb (needed after ``load_state_dict(assign=True)`` replaces tensors)."""
         if self.cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
 
-    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        in_idx: torch.Tensor,
+        cache: KVCache | None = None,
+        *,
+        pad: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids (B, T).
 
-        With a cache, ``in_idx`` continues the cached positions and the cache is extended.
+        - ``cache``: ``in_idx`` continues the cached positions and the cache is extended.
+        - ``pad`` (B,): how many left-padding tokens each row starts with. Their positions do not
+          count (a row's first real token is at position 0) and no real token attends to them.
+        - ``input_pos`` (T,): the static-shape decode step for torch.compile (batch rows unpadded):
+          write at these cache positions and attend over the whole cache. ``cache.length`` is not
+          touched; the caller tracks it.
         """
         B, T = in_idx.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.cfg.context_length:
-            raise ValueError(f"sequence of {start + T} tokens exceeds context_length {self.cfg.context_length}")
-        positions = torch.arange(start, start + T, device=in_idx.device)
+        if input_pos is not None:
+            assert cache is not None, "input_pos needs a cache"
+            positions = input_pos  # (T,)
+            key_pos = torch.arange(cache.max_len, device=in_idx.device)  # (L,)
+            mask = (key_pos[None, :] <= input_pos[:, None]).view(1, 1, T, cache.max_len)
+        else:
+            start = cache.length if cache is not None else 0
+            if start + T > self.cfg.context_length:
+                raise ValueError(f"sequence of {start + T} tokens exceeds context_length {self.cfg.context_length}")
+            positions = torch.arange(start, start + T, device=in_idx.device)  # (T,)
+            mask = None
+            if pad is not None:
+                positions, mask = _padded_positions_and_mask(positions, pad, start)
         x = self.tok_emb(in_idx) + self.pos_emb(positions)  # (B, T, emb_dim)
         x = self.drop_emb(x)
         for layer, block in enumerate(self.trf_blocks):
-            x = block(x, cache, layer)
-        if cache is not None:
+            x = block(x, cache, layer, mask, input_pos)
+        if cache is not None and input_pos is None:
             cache.length = start + T
         x = self.final_norm(x)
         return self.out_head(x)  # (B, T, vocab_size)
+
+
+def _padded_positions_and_mask(positions: torch.Tensor, pad: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row positions (B, T) and attention mask (B, 1, T, start+T) for left-padded rows.
+
+    A real token attends causally to the real tokens of its row. A padding token attends only to
+    itself: a query with every key masked would give NaN, and NaN in a padding token's value would
+    leak into real rows through a zero attention weight (0 * NaN = NaN).
+    """
+    row_pos = (positions[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
+    key = torch.arange(start + positions.shape[0], device=pad.device)  # (Tk,)
+    causal = key[None, :] <= positions[:, None]  # (T, Tk)
+    is_self = key[None, :] == positions[:, None]  # (T, Tk)
+    real_key = key[None, :] >= pad[:, None]  # (B, Tk)
+    mask = causal[None] & (real_key[:, None, :] | is_self[None])  # (B, T, Tk)
+    return row_pos, mask[:, None]
 
 
 def build_model(cfg: GPTConfig, device: str | torch.device = "meta") -> GPTModel:

@@ -88,3 +88,40 @@ def test_cached_forward_equals_full_forward(tiny_config_file, qkv_bias):
             pieces.append(model(ids[:, t : t + 1], cache))
     assert cache.length == 12
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_static_step_equals_dynamic_cache(tiny_config_file):
+    """The compile-friendly path (write at input_pos, attend over the whole masked cache) gives the same logits."""
+    cfg = load_config_file(tiny_config_file(vocab_size=97, context_length=16))
+    torch.manual_seed(1)
+    model = GPTModel(cfg).eval()
+    ids = torch.randint(0, 97, (1, 10))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache.empty(cfg, batch_size=1, max_len=16, device="cpu", dtype=torch.float32)
+        pieces = [model(ids[:, :4], cache)]
+        for t in range(4, 10):
+            pieces.append(model(ids[:, t : t + 1], cache, input_pos=torch.tensor([t])))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_rows_equal_unpadded_rows(tiny_config_file):
+    """Padding changes nothing for the real tokens: prefill and cached steps, row by row."""
+    cfg = load_config_file(tiny_config_file(vocab_size=97, context_length=16))
+    torch.manual_seed(2)
+    model = GPTModel(cfg).eval()
+    rows = [torch.randint(0, 97, (n,)) for n in (6, 3, 5)]
+    longest = max(len(r) for r in rows)
+    pad = torch.tensor([longest - len(r) for r in rows])
+    batch = torch.stack([torch.cat([torch.zeros(longest - len(r), dtype=torch.long), r]) for r in rows])  # (3, 6)
+    steps = torch.randint(0, 97, (3, 4))
+    with torch.no_grad():
+        cache = KVCache.empty(cfg, batch_size=3, max_len=16, device="cpu", dtype=torch.float32)
+        out = [model(batch, cache, pad=pad)[:, -1]]
+        for t in range(4):
+            out.append(model(steps[:, t : t + 1], cache, pad=pad)[:, -1])
+        batched = torch.stack(out, dim=1)  # (3, 5, V)
+        for i, r in enumerate(rows):
+            alone = model(torch.cat([r, steps[i]])[None])[0, len(r) - 1 :]  # (5, V)
+            torch.testing.assert_close(batched[i], alone, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(batched).all()
