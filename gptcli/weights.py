@@ -256,6 +256,187 @@ def random_model(cfg: GPTConfig, seed: int) -> "GPTModel":
         return GPTModel(cfg)
 
 
+def save_checkpoint(model: "GPTModel", path: str | Path, *, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model`` as safetensors in gptcli's layout; a tied head is stored once (as tok_emb).
+
+    ``path`` is a .safetensors file, or a folder that gets ``model.safetensors``. The config goes into
+    the header's metadata, so loading the file back needs no --config. Returns the file written.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    from gptcli.checkpoint import METADATA_CONFIG_KEY
+
+    path = Path(path).expanduser()
+    if path.is_dir() or not path.suffix:
+        path = path / CHECKPOINT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name == "out_head.weight" and cfg.tie_weights:
+            continue  # the same matrix as tok_emb.weight; safetensors refuses shared tensors anyway
+        if tensor.is_meta:
+            raise ValueError(f"cannot save {name}: it is on the meta device")
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    info = {"format": "pt", METADATA_CONFIG_KEY: json.dumps(cfg.to_dict())}
+    info.update(metadata or {})
+    save_file(tensors, str(path), metadata=info)
+    return path
+
+
+def checkpoint_config(header: "Header", wanted: GPTConfig | None = None, config_json: Path | None = None,
+                      name: str | None = None, note: Note = _ignore) -> GPTConfig:
+    """The config to build for a checkpoint: ``wanted`` (--size/--config) when given, checked against
+    the checkpoint; else from config.json, gptcli's metadata or the tensor shapes. Then the tensors are
+    verified against it. Raises UserError naming what disagrees.
+    """
+    from gptcli.checkpoint import (
+        checkpoint_facts,
+        config_differences,
+        head_name,
+        non_float_tensors,
+        normalized_names,
+        read_json_file,
+        verify,
+    )
+    from gptcli.config import shipped_config, validate
+    from gptcli.tokenizer import VOCAB_SIZE
+
+    hf_config = read_json_file(config_json) if config_json is not None else None
+    facts, where = checkpoint_facts(header, hf_config, str(config_json) if config_json else "config.json")
+    where_said = f"{header.path}" if where == "tensor shapes" else f"{header.path} (architecture from {where})"
+    if wanted is not None:
+        diffs = config_differences(wanted, facts)
+        if diffs:
+            raise UserError(f"{where_said} does not match config {wanted.name!r}: {', '.join(diffs)}")
+        cfg = wanted
+    else:
+        if facts.get("n_heads") is None:
+            raise UserError(
+                f"{header.path}: cannot tell n_heads from the tensor shapes (emb_dim {facts['emb_dim']} is not a "
+                "GPT-2 size: 768, 1024, 1280, 1600) and there is no config.json; pass --config with your model's YAML"
+            )
+        raw = {k: facts[k] for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers",
+                                     "drop_rate", "qkv_bias", "tie_weights")}
+        default_name = header.path.parent.name if header.path.name == CHECKPOINT_NAME else header.path.stem
+        cfg = validate(raw, where_said, name=name or default_name)
+        # A released GPT-2 size keeps its usual name ("1558M") in reports.
+        for size in GPT2_SIZES:
+            if shipped_config(size).to_dict() == {**cfg.to_dict(), "drop_rate": 0.1}:
+                cfg = shipped_config(size)
+                break
+    if cfg.vocab_size != VOCAB_SIZE:
+        raise UserError(f"{where_said}: vocab_size {cfg.vocab_size} does not match GPT-2's tokenizer "
+                        f"({VOCAB_SIZE} tokens)")
+    verdict = verify(header, cfg)
+    head = head_name(verdict.layout)
+    if cfg.tie_weights and verdict.unexpected == [head] and \
+            normalized_names(header, verdict.layout)[head].shape == (cfg.vocab_size, cfg.emb_dim):
+        # A copy of the head in a checkpoint whose config ties it: transformers ties it to wte too.
+        note(f"ignoring {head} in {header.path.name}: the config ties the output head to the token embedding")
+        verdict.unexpected = []
+    if not verdict.ok:
+        raise UserError(f"{header.path} does not fit config {cfg.name!r}: {verdict.summary()}")
+    bad = non_float_tensors(header)
+    if bad:
+        raise UserError(f"{header.path}: weights must be floating point (F32, F16, BF16); got "
+                        f"{', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}")
+    return cfg
+
+
+def _open_for_reading(path: Path):
+    """safe_open reading each tensor with pread(2) into its own buffer.
+
+    With mmap, a tensor we convert (transpose, cast) would leave its file pages resident next to the
+    copy, up to twice the weights' size at peak; pread keeps one tensor's worth of overhead.
+    Older safetensors have no ``backend``: mmap it is.
+    """
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu", backend="pread")
+    except TypeError:
+        return safe_open(str(path), framework="pt", device="cpu")
+
+
+def _place(tensor: "torch.Tensor", transpose: bool, device: "torch.device", dtype: "torch.dtype") -> "torch.Tensor":
+    """The tensor as the model wants it: transposed to (out, in), in ``dtype``, on ``device``, in one copy at most."""
+    import torch
+
+    if transpose:
+        tensor = tensor.t()
+    elif tensor.dtype == dtype and device.type == "cpu":
+        return tensor  # a fresh buffer already (pread): use it as is
+    out = torch.empty(tensor.shape, dtype=dtype, device=device)
+    out.copy_(tensor)
+    return out
+
+
+def _build_on_meta(cfg: GPTConfig) -> "GPTModel":
+    """``build_model(cfg, "meta")``, minus nn.Embedding's ``normal_`` init.
+
+    Nothing is drawn on meta, but torch's meta kernel for ``normal_`` imports torch._dynamo, which
+    costs a second or more of start-up on every load. The other init functions are cheap on meta.
+    """
+    import torch.nn.init
+
+    from gptcli.model import build_model
+
+    original = torch.nn.init.normal_
+    torch.nn.init.normal_ = lambda tensor, *args, **kwargs: tensor  # type: ignore[assignment]
+    try:
+        return build_model(cfg, "meta")
+    finally:
+        torch.nn.init.normal_ = original
+
+
+def load_checkpoint(
+    path: str | Path,
+    cfg: GPTConfig | None = None,
+    *,
+    device: "torch.device | str" = "cpu",
+    dtype: "torch.dtype | None" = None,
+    config_json: str | Path | None = None,
+    name: str | None = None,
+    note: Note = _ignore,
+) -> "GPTModel":
+    """A GPTModel (eval mode) filled from a .safetensors file in the Hugging Face or gptcli layout.
+
+    ``cfg`` is checked against the checkpoint; without it the architecture comes from ``config_json``,
+    the file's metadata or its shapes. The model is built on the meta device and each tensor is read,
+    converted and assigned once, so memory peaks at the weights plus one tensor. Raises UserError.
+    """
+    import torch
+
+    from gptcli.checkpoint import detect_layout, expected_tensors, gptcli_name, normalized_names, read_header
+
+    device = torch.device(device)
+    dtype = dtype or torch.float32
+    header = read_header(path)
+    cfg = checkpoint_config(header, cfg, Path(config_json) if config_json else None, name=name, note=note)
+    layout = detect_layout(header.tensors)
+    wanted = expected_tensors(cfg, layout)
+    tensors = {n: info for n, info in normalized_names(header, layout).items() if n in wanted}
+    state: dict[str, torch.Tensor] = {}
+    try:
+        with _open_for_reading(header.path) as f:
+            for stored, info in sorted(tensors.items(), key=lambda item: item[1].offsets[0]):  # file order
+                ours, transpose = gptcli_name(stored, layout)
+                state[ours] = _place(f.get_tensor(info.name), transpose, device, dtype)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors' own checks (overlapping offsets, bad header, I/O)
+        raise UserError(f"{header.path}: corrupt or unreadable safetensors file: {_first_line(exc)}") from None
+    if cfg.tie_weights:
+        state["out_head.weight"] = state["tok_emb.weight"]
+    model = _build_on_meta(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()  # assign replaced tok_emb's tensor; point the head at the new one
+    return model.eval()
+
+
 def load_model(
     *,
     size: str | None,
@@ -268,8 +449,14 @@ def load_model(
 ) -> LoadedModel:
     """Build the model for ``--size``/``--config`` and fill it from ``weights``.
 
+    ``weights``: ``random`` (seeded init), ``auto`` (the released checkpoint of a shipped GPT-2 size:
+    cached, else downloaded, else random with a note; random for any other config), a .safetensors
+    file, a folder holding model.safetensors (and maybe config.json), or a Hub id. With a checkpoint
+    and no --size/--config the architecture comes from the checkpoint; with both they must agree.
     Raises UserError for anything the user can fix (bad config, bad checkpoint, unknown device).
     """
+    import torch
+
     start = time.perf_counter()
     notes: list[str] = []
 
@@ -277,16 +464,37 @@ def load_model(
         notes.append(message)
         note(message)
 
-    cfg = resolve_config(size, config)
-    if weights == "auto":
-        # Real checkpoints are not wired in yet: auto means random init, said out loud.
-        say(f"using random weights (seed {seed}); pass --weights random to silence this note")
-        weights = "random"
-    if weights != "random":
-        raise UserError(f"--weights {weights!r}: only 'random' and 'auto' are supported so far")
-    model = random_model(cfg, seed)
-    model = model.to(device=device, dtype=dtype).eval()
+    spec = (weights or "auto").strip()
+    located: Located | None = None
+    wanted: GPTConfig | None = None
+    if spec.lower() in {"auto", "random"}:
+        cfg = resolve_config(size, config)
+        repo = HUB_IDS.get(cfg.name) if config is None else None
+        if spec.lower() == "auto" and repo is None:
+            say(f"no released weights for config {cfg.name!r}: using random weights (seed {seed}); "
+                "pass --weights random to silence this note, or --weights FILE|DIR|HUB_ID")
+        elif spec.lower() == "auto":
+            # Cache first without touching the network: GPT-2's releases do not change.
+            located = cached_checkpoint(repo)
+            if located is None:
+                try:
+                    located = fetch_checkpoint(repo, note=say)
+                except HubUnavailable as exc:
+                    say(f"{repo} is not cached and {exc.reason}: using random weights (seed {seed})")
+            wanted = cfg
+    else:
+        located = locate(spec, say)
+        wanted = resolve_config(size, config) if (size is not None or config is not None) else None
+
+    device = torch.device(device)
+    if located is None:
+        model = random_model(cfg, seed).to(device=device, dtype=dtype).eval()
+        source, checkpoint = f"random (seed {seed})", None
+    else:
+        model = load_checkpoint(located.path, wanted, device=device, dtype=dtype, config_json=located.config_json,
+                                name=located.hub_id or None, note=say)
+        cfg, source, checkpoint = model.cfg, located.source, located.path
     return LoadedModel(
-        model=model, cfg=cfg, source=f"random (seed {seed})", device=device, dtype=dtype,
-        load_seconds=time.perf_counter() - start, notes=notes,
+        model=model, cfg=cfg, source=source, device=device, dtype=dtype,
+        load_seconds=time.perf_counter() - start, notes=notes, checkpoint=checkpoint,
     )
