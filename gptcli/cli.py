@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from gptcli import __version__
+from gptcli.commands.generate import generate
 from gptcli.commands.inspect import inspect
 from gptcli.commands.params import params
 
@@ -37,6 +38,7 @@ def _root(
 
 
 app.command("params")(params)
+app.command("generate")(generate)
 app.command("inspect")(inspect)
 
 
