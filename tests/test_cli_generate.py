@@ -335,3 +335,37 @@ def test_terminal_shows_the_prompt_dimmed_then_the_continuation(tiny):
     assert proc.wait(timeout=60) == 0
     assert "\x1b[2mHello there\x1b[0m" in out
     assert out.endswith(text + "\n")
+
+
+@pytest.fixture
+def interrupt_after(monkeypatch):
+    """Raise KeyboardInterrupt (what Ctrl-C does) when the command asks for token number n+1."""
+
+    def arm(ids: list[int], n: int) -> None:
+        script = iter(ids[:n])
+
+        def select(logits, options, generator):
+            for token in script:
+                return torch.tensor([token])
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr("gptcli.generate.select_next", select)
+
+    return arm
+
+
+def test_interrupt_keeps_the_streamed_text(tiny, interrupt_after):
+    interrupt_after(encode(" one two three four"), 2)
+    result = gen("Hello", *tiny, "-n", "50")
+    assert result.exit_code == 130
+    assert result.stdout == " one two\n"
+    assert "note: interrupted after 2 new tokens" in result.stderr
+
+
+def test_interrupt_with_json_reports_what_was_generated(tiny, interrupt_after):
+    interrupt_after(encode(" one two three four"), 3)
+    result = gen("Hello", *tiny, "-n", "50", "--json")
+    assert result.exit_code == 130
+    data = json.loads(result.stdout)
+    assert data["finish_reason"] == "interrupted"
+    assert data["token_ids"] == encode(" one two three") and data["text"] == " one two three"
