@@ -109,6 +109,15 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _is_network_error(exc: BaseException) -> bool:
+    """Connection refused, DNS failure, timeout: from httpx (huggingface_hub >= 1), requests or the OS."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    module = type(exc).__module__.split(".")[0]
+    return module in {"httpx", "httpx2", "httpcore", "requests", "urllib3"} and \
+        any(word in type(exc).__name__ for word in ("Connect", "Timeout", "Network", "Proxy"))
+
+
 def _hub_error(exc: Exception, repo: str, revision: str | None) -> UserError:
     """One clear sentence for whatever huggingface_hub raised."""
     from huggingface_hub.errors import (
@@ -122,7 +131,7 @@ def _hub_error(exc: Exception, repo: str, revision: str | None) -> UserError:
     )
 
     cache = hub_cache_dir()
-    if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+    if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled)) or _is_network_error(exc):
         if hub_offline() or isinstance(exc, OfflineModeIsEnabled):
             return HubUnavailable(
                 f"{repo} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set; "
@@ -162,6 +171,14 @@ def _hub_file(repo: str, filename: str, revision: str | None, *, local_only: boo
     ))
 
 
+def _probe(repo: str, revision: str | None) -> None:
+    """Raise what huggingface_hub raises when the Hub cannot serve the repo's checkpoint; fast when offline."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    get_hf_file_metadata(hf_hub_url(repo, CHECKPOINT_NAME, revision=revision, endpoint=endpoint))
+
+
 def _optional_config_json(repo: str, revision: str | None, *, local_only: bool) -> Path | None:
     try:
         return _hub_file(repo, "config.json", revision, local_only=local_only)
@@ -194,6 +211,12 @@ def fetch_checkpoint(repo: str, revision: str | None = None, note: Note = _ignor
             raise _hub_error(LocalEntryNotFoundError("not cached"), repo, revision)
         return cached
     if cached_checkpoint(repo, revision) is None:
+        try:
+            # One HEAD request without retries: huggingface_hub retries a failing download of an uncached
+            # file for about 20 s, a long silence when the machine is simply offline.
+            _probe(repo, revision)
+        except Exception as exc:  # noqa: BLE001 - mapped to one clear sentence
+            raise _hub_error(exc, repo, revision) from None
         note(f"downloading {source} from the Hugging Face Hub into {hub_cache_dir()}")
     try:
         # This also checks that a cached copy is current; when the Hub is unreachable it falls back to the cache.
