@@ -36,6 +36,8 @@ HUB_IDS: dict[str, str] = {
     "774M": "openai-community/gpt2-large",
     "1558M": "openai-community/gpt2-xl",
 }
+# GPT-2's pre-2023 Hub names, which still redirect to openai-community.
+LEGACY_HUB_IDS: dict[str, str] = {repo.split("/")[1]: repo for repo in HUB_IDS.values()}
 CHECKPOINT_NAME = "model.safetensors"
 # owner/name, optionally @revision (a branch, tag or commit).
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
@@ -243,6 +245,8 @@ def locate(spec: str, note: Note = _ignore) -> Located:
     spec = str(spec).strip()
     if not spec:
         raise UserError("--weights: empty value; pass auto, random, a .safetensors file, a folder or a Hub id")
+    if spec in LEGACY_HUB_IDS and not Path(spec).exists():
+        return fetch_checkpoint(LEGACY_HUB_IDS[spec], None, note)
     if _looks_local(spec):
         path = Path(spec).expanduser()
         if not path.exists() and "/" not in spec and not path.suffix:
@@ -318,6 +322,7 @@ def checkpoint_config(header: "Header", wanted: GPTConfig | None = None, config_
     from gptcli.checkpoint import (
         checkpoint_facts,
         config_differences,
+        detect_layout,
         head_name,
         non_float_tensors,
         normalized_names,
@@ -327,6 +332,10 @@ def checkpoint_config(header: "Header", wanted: GPTConfig | None = None, config_
     from gptcli.config import shipped_config, validate
     from gptcli.tokenizer import VOCAB_SIZE
 
+    try:
+        detect_layout(header.tensors)
+    except UserError as exc:
+        raise UserError(f"{header.path}: {exc}") from None
     hf_config = read_json_file(config_json) if config_json is not None else None
     facts, where = checkpoint_facts(header, hf_config, str(config_json) if config_json else "config.json")
     where_said = f"{header.path}" if where == "tensor shapes" else f"{header.path} (architecture from {where})"

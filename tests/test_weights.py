@@ -307,8 +307,17 @@ def test_pickles_are_refused_and_never_unpickled(tmp_path, monkeypatch, name):
 def test_missing_path(tmp_path):
     with pytest.raises(UserError, match="no such file or folder"):
         load(tmp_path / "nope.safetensors")
-    with pytest.raises(UserError, match=r"gpt2: no such file or folder \(a Hugging Face Hub id has the form"):
-        load("gpt2")
+    with pytest.raises(UserError, match=r"gpt3: no such file or folder \(a Hugging Face Hub id has the form"):
+        load("gpt3")
+
+
+def test_legacy_gpt2_names_mean_the_openai_community_releases(tmp_path, tiny_cfg):
+    path = save_checkpoint(tiny_model(tiny_cfg()), tmp_path / "c")
+    snapshot = populate_hub_cache("openai-community/gpt2-medium", {"model.safetensors": path})
+    located = locate("gpt2-medium")
+    assert located.path == snapshot / "model.safetensors" and located.source == "openai-community/gpt2-medium"
+    with pytest.raises(UserError, match="openai-community/gpt2 is not in the Hugging Face cache"):
+        locate("gpt2")
 
 
 def test_tied_config_ignores_a_stored_copy_of_the_head(tmp_path, tiny_cfg):
