@@ -235,8 +235,9 @@ class GPTModel(nn.Module):
         *,
         pad: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids (B, T).
+        """Logits (B, T, vocab_size) for token ids (B, T); (B, 1, vocab_size) with ``last_only``.
 
         - ``cache``: ``in_idx`` continues the cached positions and the cache is extended.
         - ``pad`` (B,): how many left-padding tokens each row starts with. Their positions do not
@@ -244,6 +245,8 @@ class GPTModel(nn.Module):
         - ``input_pos`` (T,): the static-shape decode step for torch.compile (batch rows unpadded):
           write at these cache positions and attend over the whole cache. ``cache.length`` is not
           touched; the caller tracks it.
+        - ``last_only``: apply the output head to the last position only (a prompt's prefill needs
+          nothing else, and the head is the largest matrix).
         """
         B, T = in_idx.shape
         if input_pos is not None:
@@ -265,6 +268,8 @@ class GPTModel(nn.Module):
             x = block(x, cache, layer, mask, input_pos)
         if cache is not None and input_pos is None:
             cache.length = start + T
+        if last_only:
+            x = x[:, -1:]  # (B, 1, emb_dim)
         x = self.final_norm(x)
         return self.out_head(x)  # (B, T, vocab_size)
 
