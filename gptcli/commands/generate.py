@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated, List, Optional
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
 
@@ -12,6 +14,10 @@ from gptcli.commands.common import ConfigOption, SizeOption, err, note, print_js
 from gptcli.devices import check_device_name, check_dtype_name
 from gptcli.errors import UserError
 from gptcli.generate import FINISH_INTERRUPTED, SamplingOptions
+
+if TYPE_CHECKING:
+    from gptcli.generate import Timings
+    from gptcli.weights import LoadedModel
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
@@ -165,6 +171,24 @@ def generate(
                            "instead of streaming.")
     ] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print load, prefill and decode timings on stderr.")] = False,
+    compile_model: Annotated[
+        bool, typer.Option("--compile", help="Compile the decode step with torch.compile: about 2x faster decoding "
+                           "on CPU, after ~20 s of compiling (~4 s once the on-disk cache is warm). Pays off for "
+                           "long generations.")
+    ] = False,
+    quantize: Annotated[
+        Optional[str], typer.Option("--quantize", metavar="int8", help="Weight-only int8 Linear layers (per output "
+                                    "channel): a quarter of float32's bytes per token, ~3x faster on CPU. Runs with "
+                                    "bfloat16 activations (--dtype auto picks it).", show_default=False)
+    ] = None,
+    each_line: Annotated[
+        bool, typer.Option("--each-line", help="Read one prompt per stdin line and write one completion per line "
+                           "(JSON Lines with --json), in input order, generating --batch-size prompts at once. "
+                           "Newlines and backslashes inside a plain-text completion are written as \\n and \\\\.")
+    ] = False,
+    batch_size: Annotated[
+        str, typer.Option("--batch-size", "-b", metavar="N", help="Prompts per batch with --each-line.")
+    ] = "8",
 ) -> None:
     """Continue a prompt with GPT-2, streaming each token as soon as it is decoded.
 
@@ -191,6 +215,10 @@ def generate(
       gptcli generate --json "Hello" -n 10 | jq -r .text
 
       gptcli generate "Hello" -n 100 --stats 2> stats.txt | head -c 80
+
+      gptcli generate "Hello" -n 200 --compile --quantize int8 --stats   # fastest on CPU
+
+      printf 'The sky is\\nMy name is\\n' | gptcli generate --each-line -n 10 --json
     """
     options = SamplingOptions(
         max_new_tokens=int(_number("--max-new-tokens", max_new_tokens, int)),
@@ -205,6 +233,30 @@ def generate(
         raise UserError(f"--seed must be 0 or more, got {options.seed}")
     device_name = check_device_name(device)
     dtype_name = check_dtype_name(dtype)
+    if quantize is not None and quantize.strip().lower() != "int8":
+        raise UserError(f"unknown --quantize {quantize!r}; the one scheme is int8")
+    speed = SpeedOptions(compile=compile_model, quantize="int8" if quantize else None,
+                         batch_size=int(_number("--batch-size", batch_size, int)))
+    if speed.batch_size < 1:
+        raise UserError(f"--batch-size must be 1 or more, got {speed.batch_size}")
+    if each_line:
+        if prompt not in (None, "-"):
+            raise UserError("--each-line reads the prompts from stdin; don't pass a PROMPT argument")
+        if compile_model:
+            raise UserError("--compile works one prompt at a time; drop it with --each-line (batching is the "
+                            "faster path there)")
+        if sys.stdin is not None and sys.stdin.isatty():
+            _usage_and_exit(ctx)
+        try:
+            _run_each_line(read_stdin_prompt(), options, speed, size=size, config=config, weights=weights,
+                           device_name=device_name, dtype_name=dtype_name, json_output=json_output, stats=stats,
+                           echo=bool(echo))
+        except KeyboardInterrupt:
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except BrokenPipeError:
+            _silence_stdout()
+            raise typer.Exit(0) from None
+        return
 
     if prompt is None or prompt == "-":
         if prompt is None and sys.stdin is not None and sys.stdin.isatty():
@@ -214,7 +266,7 @@ def generate(
         prompt_text = prompt
 
     try:
-        _run(prompt_text, options, size=size, config=config, weights=weights, device_name=device_name,
+        _run(prompt_text, options, speed, size=size, config=config, weights=weights, device_name=device_name,
              dtype_name=dtype_name, json_output=json_output, stats=stats, echo=echo)
     except KeyboardInterrupt:
         # Ctrl-C before generation started (while loading); nothing to keep.
@@ -225,27 +277,77 @@ def generate(
         raise typer.Exit(0) from None
 
 
-def _run(prompt_text: str, options: SamplingOptions, *, size, config, weights: str, device_name: str,
-         dtype_name: str, json_output: bool, stats: bool, echo: bool | None) -> None:
-    from gptcli.devices import dtype_name as name_of, resolve_device, resolve_dtype
-    from gptcli.generate import Decoder, Generation, crop_prompt, prompt_ids
+@dataclass(frozen=True)
+class SpeedOptions:
+    compile: bool = False
+    quantize: str | None = None  # "int8"
+    batch_size: int = 8
+
+
+def _load(*, size, config, weights: str, device_name: str, dtype_name: str, seed: int,
+          speed: SpeedOptions) -> "LoadedModel":
+    """Resolve device and dtype, load the weights, then quantize / re-layout them for decoding."""
+    import torch
+
+    from gptcli.devices import resolve_device, resolve_dtype
+    from gptcli.generate import prepare_model
     from gptcli.weights import load_model
+
+    torch_device = resolve_device(device_name)
+    if speed.quantize and dtype_name == "auto":
+        dtype_name = "float16" if torch_device.type == "mps" else "bfloat16"  # what the int8 kernels take
+    torch_dtype = resolve_dtype(dtype_name, torch_device)
+    loaded = load_model(size=size, config=config, weights=weights, device=torch_device, dtype=torch_dtype,
+                        seed=seed, note=note)
+    start = time.perf_counter()
+    prepare_model(loaded.model, torch_device, torch_dtype, quantize=speed.quantize)
+    loaded.load_seconds += time.perf_counter() - start
+    return loaded
+
+
+def _timings_json(load_s: float, t: "Timings", compile_s: float | None) -> dict:
+    return {
+        "load_s": round(load_s, 6),
+        "compile_s": None if compile_s is None else round(compile_s, 6),
+        "prefill_s": round(t.prefill_s, 6),
+        "decode_s": round(t.decode_s, 6),
+        "prefill_tokens": t.prefill_tokens,
+        "decode_tokens": t.decode_tokens,
+        "decode_tokens_per_s": None if t.decode_tokens_per_s is None else round(t.decode_tokens_per_s, 3),
+    }
+
+
+def _stats_line(load_s: float, t: "Timings", compile_s: float | None, loaded: "LoadedModel", finish: str) -> str:
+    from gptcli.devices import dtype_name as name_of
+
+    compiled = "" if compile_s is None else f", compile {compile_s:.2f} s"
+    return (f"stats: load {load_s:.2f} s{compiled}, prefill {t.prefill_tokens} tokens in {t.prefill_s:.3f} s, "
+            f"decode {t.decode_tokens} tokens in {t.decode_s:.3f} s ({_fmt_rate(t.decode_tokens_per_s)}), "
+            f"{name_of(loaded.dtype)} on {loaded.device}, finish {finish}")
+
+
+def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, size, config, weights: str,
+         device_name: str, dtype_name: str, json_output: bool, stats: bool, echo: bool | None) -> None:
+    from gptcli.devices import dtype_name as name_of
+    from gptcli.generate import Generation, crop_prompt, make_decoder, prompt_ids
 
     ids = prompt_ids(prompt_text)  # the tokenizer first: its error is quicker than loading a model
     if options.greedy and (options.top_k is not None or options.top_p is not None):
         note("--top-k and --top-p only apply when sampling (--temperature above 0); decoding greedily")
-    torch_device = resolve_device(device_name)
-    torch_dtype = resolve_dtype(dtype_name, torch_device)
-    loaded = load_model(size=size, config=config, weights=weights, device=torch_device, dtype=torch_dtype,
-                        seed=options.seed, note=note)
+    loaded = _load(size=size, config=config, weights=weights, device_name=device_name, dtype_name=dtype_name,
+                   seed=options.seed, speed=speed)
     cfg = loaded.cfg
+    decoder = make_decoder(loaded.model, loaded.device, loaded.dtype, compile=speed.compile)
+    compile_s = None
+    if speed.compile:
+        note("compiling the decode step (torch.compile; cached on disk for the next run)...")
+        compile_s = decoder.warm_up()
     _, dropped = crop_prompt(ids, cfg.context_length)
     if dropped:
         note(f"the prompt has {len(ids)} tokens, more than the context of {cfg.context_length}; "
              f"dropped the first {dropped}")
 
-    generation = Generation(Decoder(loaded.model, loaded.device, loaded.dtype), ids, options,
-                            context_length=cfg.context_length)
+    generation = Generation(decoder, ids, options, context_length=cfg.context_length)
     out = TextOutput(terminal=stdout_is_terminal())
     interrupted = False
     if not json_output and (echo or (echo is None and out.terminal)):
@@ -276,19 +378,67 @@ def _run(prompt_text: str, options: SamplingOptions, *, size, config, weights: s
             "seed": options.seed,
             "sampling": {"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p},
             "stop": list(options.stop),
-            "timings": {
-                "load_s": round(loaded.load_seconds, 6),
-                "prefill_s": round(t.prefill_s, 6),
-                "decode_s": round(t.decode_s, 6),
-                "prefill_tokens": t.prefill_tokens,
-                "decode_tokens": t.decode_tokens,
-                "decode_tokens_per_s": None if t.decode_tokens_per_s is None else round(t.decode_tokens_per_s, 3),
-            },
+            "timings": _timings_json(loaded.load_seconds, t, compile_s),
         })
     if stats:
-        err(f"stats: load {loaded.load_seconds:.2f} s, prefill {t.prefill_tokens} tokens in {t.prefill_s:.3f} s, "
-            f"decode {t.decode_tokens} tokens in {t.decode_s:.3f} s ({_fmt_rate(t.decode_tokens_per_s)}), "
-            f"{name_of(loaded.dtype)} on {loaded.device}, finish {generation.finish_reason}")
+        err(_stats_line(loaded.load_seconds, t, compile_s, loaded, str(generation.finish_reason)))
     if interrupted:
         note(f"interrupted after {len(generation.token_ids)} new tokens")
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def escape_line(text: str) -> str:
+    """One completion on one line: backslash and newline escaped, so each input line gets one output line."""
+    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOptions, *, size, config, weights: str,
+                   device_name: str, dtype_name: str, json_output: bool, stats: bool, echo: bool) -> None:
+    import json
+
+    from gptcli.batch import BatchDecoder, generate_batch
+    from gptcli.devices import dtype_name as name_of
+    from gptcli.generate import Timings, crop_prompt, prompt_ids
+
+    prompts = stdin_text.split("\n") if stdin_text else []
+    prompts = [p.removesuffix("\r") for p in prompts]
+    encoded = [prompt_ids(p) for p in prompts]
+    loaded = _load(size=size, config=config, weights=weights, device_name=device_name, dtype_name=dtype_name,
+                   seed=options.seed, speed=speed)
+    cfg = loaded.cfg
+    decoder = BatchDecoder(loaded.model, loaded.device, loaded.dtype)
+    total = Timings()
+    for first in range(0, len(prompts), speed.batch_size):
+        batch = encoded[first : first + speed.batch_size]
+        results, t = generate_batch(decoder, batch, options)
+        total.prefill_s += t.prefill_s
+        total.decode_s += t.decode_s
+        total.prefill_tokens += t.prefill_tokens
+        total.decode_tokens += t.decode_tokens
+        for n, result in enumerate(results):
+            index = first + n
+            dropped = crop_prompt(result.prompt_token_ids, cfg.context_length)[1]
+            if dropped:
+                note(f"line {index + 1}: the prompt has {len(result.prompt_token_ids)} tokens, more than the "
+                     f"context of {cfg.context_length}; dropped the first {dropped}")
+            if json_output:
+                line = json.dumps({
+                    "line": index + 1,
+                    "prompt": prompts[index],
+                    "text": result.text,
+                    "prompt_token_ids": result.prompt_token_ids,
+                    "prompt_tokens_dropped": dropped,
+                    "token_ids": result.token_ids,
+                    "finish_reason": result.finish_reason,
+                    "config": cfg.name,
+                    "weights": loaded.source,
+                    "device": str(loaded.device),
+                    "dtype": name_of(loaded.dtype),
+                    "seed": options.seed,
+                }, ensure_ascii=False)
+            else:
+                line = escape_line((prompts[index] if echo else "") + result.text)
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    if stats:
+        err(_stats_line(loaded.load_seconds, total, None, loaded, f"{len(prompts)} prompts, batch {speed.batch_size}"))

@@ -1,0 +1,100 @@
+"""The speed options as users run them: --each-line, --quantize int8, --compile."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gptcli.cli import app
+
+runner = CliRunner()
+PROMPTS = ["The sky is", "My name is Ada and", "", "Once upon a time, in a land far away, there lived"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny(tiny_config_file) -> list[str]:
+    # Context 16: the 20 new tokens below run past the window for every prompt.
+    return ["--config", str(tiny_config_file()), "--weights", "random", "--ignore-eos"]
+
+
+def gen(*args, input=None):
+    return runner.invoke(app, ["generate", *args], input=input)
+
+
+def test_each_line_equals_one_by_one(tiny):
+    # Sampled: random tiny weights decoded greedily tend to repeat one token, which proves little.
+    sampling = ["-n", "20", "--temperature", "2", "--seed", "9"]
+    result = gen(*tiny, "--each-line", *sampling, "--json", "--batch-size", "3", input="\n".join(PROMPTS) + "\n")
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["line"] for r in rows] == [1, 2, 3, 4]
+    assert [r["prompt"] for r in rows] == PROMPTS
+    for prompt, row in zip(PROMPTS, rows):
+        alone = gen(*tiny, prompt, *sampling, "--json")
+        assert alone.exit_code == 0, alone.stderr
+        single = json.loads(alone.stdout)
+        assert row["token_ids"] == single["token_ids"]
+        assert row["text"] == single["text"]
+        assert row["finish_reason"] == single["finish_reason"]
+    assert len({t for r in rows for t in r["token_ids"]}) > 20
+
+
+def test_each_line_plain_writes_one_line_per_prompt(tiny):
+    result = gen(*tiny, "--each-line", "-n", "5", input="\n".join(PROMPTS) + "\n")
+    assert result.exit_code == 0, result.stderr
+    assert len(result.stdout.splitlines()) == len(PROMPTS)
+    assert result.stdout.endswith("\n") and "\x1b[" not in result.stdout
+
+
+def test_escape_line_keeps_one_line_and_is_reversible():
+    from gptcli.commands.generate import escape_line
+
+    text = 'a\\nb\nc\r\nd'
+    escaped = escape_line(text)
+    assert "\n" not in escaped and "\r" not in escaped
+    assert escaped == 'a\\\\nb\\nc\\r\\nd'
+
+
+def test_quantize_int8_runs_in_bfloat16(tiny):
+    result = gen(*tiny, "Hello", "-n", "5", "--quantize", "int8", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["dtype"] == "bfloat16" and len(data["token_ids"]) == 5
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["Hello", "--quantize", "int4"], "unknown --quantize 'int4'"),
+        (["Hello", "--quantize", "int8", "--dtype", "float32"], "needs --dtype bfloat16"),
+        (["--each-line", "--batch-size", "0"], "--batch-size must be 1 or more"),
+        (["--each-line", "--compile"], "--compile works one prompt at a time"),
+        (["Hello", "--each-line"], "don't pass a PROMPT"),
+    ],
+)
+def test_bad_speed_options(tiny, args, message):
+    result = gen(*tiny, *args, input="x\n")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_compile_gives_the_eager_ids_and_reports_compile_time(tiny):
+    eager = json.loads(gen(*tiny, "Hello there", "-n", "20", "--json").stdout)
+    result = gen(*tiny, "Hello there", "-n", "20", "--json", "--compile")
+    assert result.exit_code == 0, result.stderr
+    compiled = json.loads(result.stdout)
+    assert compiled["token_ids"] == eager["token_ids"]
+    assert compiled["timings"]["compile_s"] > 0 and eager["timings"]["compile_s"] is None
+    assert "compiling the decode step" in result.stderr
