@@ -221,14 +221,17 @@ def cache_bucket(length: int, context_length: int, smallest: int = 256) -> int:
     return min(bucket, context_length)
 
 
-def prepare_model(model: "GPTModel", device: "torch.device", dtype: "torch.dtype", quantize: str | None = None) -> "GPTModel":
+def prepare_model(
+    model: "GPTModel", device: "torch.device", dtype: "torch.dtype", quantize: str | None = None, compile: bool = False
+) -> "GPTModel":
     """Make a loaded model fast to decode with, in place; returns it.
 
     - ``quantize="int8"``: weight-only int8 Linear layers (see gptcli.quantize).
     - float32 on the CPU: store each Linear weight column-major (same shape and values, transposed
       memory). MKL's one-row matmul against that layout ran at 19-25 GB/s instead of 11 GB/s for
       the 50257x768 head, taking eager 124M decoding from 24 to 29 tok/s here. At bfloat16 it was
-      slightly slower, so it is left alone there.
+      slightly slower, so it is left alone there, and so it is under ``compile``: the compiled
+      matvec (``model.Linear``) reduces along each row, which wants the rows contiguous.
     """
     import torch
 
@@ -238,7 +241,7 @@ def prepare_model(model: "GPTModel", device: "torch.device", dtype: "torch.dtype
         return quantize_int8(model, dtype)
     if quantize is not None:
         raise UserError(f"unknown --quantize {quantize!r}; choose int8")
-    if device.type == "cpu" and dtype == torch.float32:
+    if device.type == "cpu" and dtype == torch.float32 and not compile:
         column_major_weights(model)
     return model
 

@@ -162,7 +162,13 @@ class MultiHeadAttention(nn.Module):
             v = cache.values[layer][:, :, : past + T]
 
         dropout_p = self.dropout if self.training else 0.0
-        if mask is not None:
+        if mask is not None and input_pos is not None and torch.compiler.is_compiling() and x.device.type == "cpu":
+            # The compiled decode step: plain softmax attention, which Inductor fuses. The CPU flash
+            # kernel took ~260 us per call here for one query, a fifth of a 124M bf16 step.
+            scores = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, L)
+            weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            y = (weights @ v.float()).to(q.dtype)  # (B, nh, T, hs)
+        elif mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
