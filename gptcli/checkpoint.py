@@ -11,6 +11,7 @@ Two layouts are recognised by tensor names:
 
 from __future__ import annotations
 
+import math
 import json
 import re
 import struct
@@ -47,10 +48,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for dim in self.shape:
-            n *= dim
-        return n
+        return math.prod(self.shape)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "bytes": self.nbytes}

@@ -8,6 +8,7 @@ against the model built on the meta device), and checkpoints are read through
 
 from __future__ import annotations
 
+import math
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +46,7 @@ class Param:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for dim in self.shape:
-            n *= dim
-        return n
+        return math.prod(self.shape)
 
     @property
     def counted(self) -> int:

@@ -51,6 +51,17 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiktoken_cache
     monkeypatch.setenv("COLUMNS", "200")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is many times faster than two busy-waiting ones."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_config_file(tmp_path: Path):
     """Write a small YAML config and return its path; keyword arguments override the defaults."""

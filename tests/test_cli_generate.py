@@ -21,15 +21,6 @@ runner = CliRunner()
 BOOK_IDS = [27018, 24086, 47843, 30961, 42348, 7267]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is many times faster than two busy-waiting ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def tiny(tiny_config_file) -> list[str]:
     """Options for a tiny random model (context 16), so runs take milliseconds."""

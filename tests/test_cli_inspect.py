@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from gptcli.checkpoint import HF, expected_tensors
 from gptcli.cli import app
 from gptcli.config import shipped_config
+from helpers import imported_modules
 
 runner = CliRunner()
 HELLO_I_AM = [15496, 11, 314, 716]
@@ -349,21 +350,10 @@ def _assert_one_line_error(result, message: str) -> None:
 # ------------------------------------------------------------------ no torch
 
 
-def _imported_modules(*args: str) -> tuple[str, set[str]]:
-    code = (
-        "import sys, runpy; sys.argv = ['gptcli', *sys.argv[1:]];\n"
-        "try:\n    runpy.run_module('gptcli', run_name='__main__')\n"
-        "except SystemExit:\n    pass\n"
-        "print('\\n'.join(sorted(sys.modules)), file=sys.stderr)"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
-    return proc.stdout, set(proc.stderr.split())
-
-
 def test_inspect_without_prompt_never_imports_torch(sparse_xl):
     path, _ = sparse_xl
     for args in (["inspect", "--size", "xl"], ["inspect", "--weights", str(path), "--json"]):
-        stdout, modules = _imported_modules(*args)
+        stdout, modules = imported_modules(*args)
         assert "1,557,611,200" in stdout or '"layout": "huggingface"' in stdout
         assert "gptcli.inspection" in modules
         assert "torch" not in modules, args

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gptcli.cli import app
+from helpers import imported_modules
 
 runner = CliRunner()
 
@@ -79,20 +80,9 @@ def test_bad_config_file_names_file_and_key(tiny_config_file):
     assert "Traceback" not in result.stderr
 
 
-def _imported_modules(*args):
-    code = (
-        "import sys, runpy; sys.argv = ['gptcli', *sys.argv[1:]];\n"
-        "try:\n    runpy.run_module('gptcli', run_name='__main__')\n"
-        "except SystemExit:\n    pass\n"
-        "print('\\n'.join(sorted(sys.modules)), file=sys.stderr)"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
-    return proc.stdout, set(proc.stderr.split())
-
-
 @pytest.mark.parametrize("args", [["--help"], ["params", "--size", "xl"], ["params", "--all", "--json"]])
 def test_help_and_params_never_import_torch(args):
-    stdout, modules = _imported_modules(*args)
+    stdout, modules = imported_modules(*args)
     assert stdout  # the command did run
     assert "gptcli.config" in modules or args == ["--help"]
     assert "torch" not in modules

@@ -14,14 +14,6 @@ runner = CliRunner()
 PROMPTS = ["The sky is", "My name is Ada and", "", "Once upon a time, in a land far away, there lived"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def tiny(tiny_config_file) -> list[str]:
     # Context 16: the 20 new tokens below run past the window for every prompt.

@@ -24,28 +24,9 @@ from gptcli.generate import (
 )
 from gptcli.model import GPTModel
 from gptcli.tokenizer import EOT_ID, VOCAB_SIZE, decode, encode, token_bytes
+from helpers import generate_text_simple
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is many times faster than two busy-waiting ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def generate_text_simple(model, idx, max_new_tokens, context_size):
-    """The book's listing 4.8: recompute the cropped context every step, greedy."""
-    for _ in range(max_new_tokens):
-        idx_cond = idx[:, -context_size:]
-        with torch.no_grad():
-            logits = model(idx_cond)
-        idx_next = torch.argmax(logits[:, -1, :], dim=-1, keepdim=True)
-        idx = torch.cat((idx, idx_next), dim=1)
-    return idx
 
 
 def tiny_model(tiny_config_file, seed: int, **overrides) -> GPTModel:

@@ -11,7 +11,6 @@ buffers included), tied and untied heads.
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from typer.testing import CliRunner
 transformers = pytest.importorskip("transformers")
 
 from gptcli.cli import app  # noqa: E402
+from helpers import network_tests_enabled  # noqa: E402
 from gptcli.tokenizer import encode  # noqa: E402
 from gptcli.weights import HUB_IDS, load_model  # noqa: E402
 
@@ -28,15 +28,6 @@ N_POSITIONS = 32
 NEW_TOKENS = 40
 PROMPT = "The quick brown fox jumps over the lazy dog, said the"  # 12 tokens: 12 + 40 > 32
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: one thread is faster than two busy-waiting ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def hf_model(tie: bool, seed: int = 0, n_layer: int = 2, n_embd: int = 64, n_head: int = 4):
@@ -157,19 +148,11 @@ def test_half_precision_checkpoint_matches_transformers_in_float32(tmp_path):
 # --- the real release, when the Hub is reachable ------------------------------------------------------
 
 
-def hub_reachable() -> bool:
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
-
-
 @pytest.mark.network
 def test_auto_downloads_gpt2_and_matches_transformers(monkeypatch):
     """``--weights auto`` for 124M downloads openai-community/gpt2 (~550 MB) into the (temporary) cache."""
-    if not hub_reachable():
-        pytest.skip("the Hugging Face Hub is not reachable")
+    if not network_tests_enabled():
+        pytest.skip("set GPTCLI_NETWORK_TESTS=1 to run tests that reach the Hugging Face Hub")
     import huggingface_hub.constants
 
     monkeypatch.delenv("HF_HUB_OFFLINE")

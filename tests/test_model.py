@@ -7,20 +7,10 @@ import torch
 
 from gptcli.config import load_config_file, shipped_config
 from gptcli.model import GELU, GPTModel, KVCache, LayerNorm, build_model
+from helpers import generate_text_simple
 
 HELLO_I_AM = [15496, 11, 314, 716]
 BOOK_CONTINUATION = [27018, 24086, 47843, 30961, 42348, 7267]  # " Featureiman Byeswickattribute argue"
-
-
-def generate_text_simple(model, idx, max_new_tokens, context_size):
-    """The book's listing 4.8, verbatim in behaviour: recompute the cropped context each step."""
-    for _ in range(max_new_tokens):
-        idx_cond = idx[:, -context_size:]
-        with torch.no_grad():
-            logits = model(idx_cond)
-        idx_next = torch.argmax(logits[:, -1, :], dim=-1, keepdim=True)
-        idx = torch.cat((idx, idx_next), dim=1)
-    return idx
 
 
 def test_book_seed_123_reproduces_featureiman():

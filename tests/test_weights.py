@@ -10,7 +10,6 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 from gptcli import checkpoint as ckpt
+from helpers import network_tests_enabled
 from gptcli.config import load_config_file, shipped_config
 from gptcli.errors import UserError
 from gptcli.weights import (
@@ -453,18 +453,10 @@ def test_load_checkpoint_directly(tmp_path, tiny_cfg):
 # --- the real Hub ---------------------------------------------------------------------------------------
 
 
-def hub_reachable() -> bool:
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def online(monkeypatch):
-    if not hub_reachable():
-        pytest.skip("the Hugging Face Hub is not reachable")
+    if not network_tests_enabled():
+        pytest.skip("set GPTCLI_NETWORK_TESTS=1 to run tests that reach the Hugging Face Hub")
     import huggingface_hub.constants
 
     monkeypatch.delenv("HF_HUB_OFFLINE")

@@ -1,0 +1,40 @@
+"""Code several test files share."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def generate_text_simple(model, idx, max_new_tokens, context_size):
+    """The book's listing 4.8 in behaviour: recompute the cropped context each step, greedily."""
+    import torch
+
+    for _ in range(max_new_tokens):
+        idx_cond = idx[:, -context_size:]
+        with torch.no_grad():
+            logits = model(idx_cond)
+        idx_next = torch.argmax(logits[:, -1, :], dim=-1, keepdim=True)
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx
+
+
+def imported_modules(*args: str) -> tuple[str, set[str]]:
+    """Run `gptcli ARGS` in a fresh interpreter; its stdout and the names of every module it imported."""
+    code = (
+        "import sys, runpy; sys.argv = ['gptcli', *sys.argv[1:]];\n"
+        "try:\n    runpy.run_module('gptcli', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print('\\n'.join(sorted(sys.modules)), file=sys.stderr)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+    return proc.stdout, set(proc.stderr.split())
+
+
+def network_tests_enabled() -> bool:
+    """Tests that reach the Hugging Face Hub run only when asked: GPTCLI_NETWORK_TESTS=1.
+
+    They never probe the network on their own, so an offline or sandboxed run makes no connection.
+    """
+    return os.environ.get("GPTCLI_NETWORK_TESTS") == "1"
