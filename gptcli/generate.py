@@ -222,42 +222,20 @@ def cache_bucket(length: int, context_length: int, smallest: int = 256) -> int:
 
 
 def prepare_model(
-    model: "GPTModel", device: "torch.device", dtype: "torch.dtype", quantize: str | None = None, compile: bool = False
+    model: "GPTModel", device: "torch.device", dtype: "torch.dtype", quantize: str | None = None
 ) -> "GPTModel":
-    """Make a loaded model fast to decode with, in place; returns it.
+    """Make a loaded model ready to decode with, in place; returns it.
 
-    - ``quantize="int8"``: weight-only int8 Linear layers (see gptcli.quantize).
-    - float32 on the CPU: store Linear weights column-major where that is faster (same shape and
-      values, transposed memory; see ``column_major_weights``). MKL's one-row matmul against that layout ran at 19-25 GB/s instead of 11 GB/s for
-      the 50257x768 head, taking eager 124M decoding from 24 to 29 tok/s here. At bfloat16 it was
-      slightly slower, so it is left alone there, and so it is under ``compile``: the compiled
-      matvec (``model.Linear``) reduces along each row, which wants the rows contiguous.
+    ``quantize="int8"``: weight-only int8 Linear layers (see gptcli.quantize). Nothing else needs
+    preparing: the fast CPU kernels are chosen per call in ``model.Linear``.
     """
-    import torch
-
     from gptcli.quantize import quantize_int8
 
     if quantize == "int8":
         return quantize_int8(model, dtype)
     if quantize is not None:
         raise UserError(f"unknown --quantize {quantize!r}; choose int8")
-    if device.type == "cpu" and dtype == torch.float32 and not compile:
-        column_major_weights(model)
     return model
-
-
-def column_major_weights(model: "GPTModel") -> None:
-    """Give the widening Linear weights column-major storage, in place; a tied embedding follows its head."""
-    import torch
-
-    with torch.no_grad():
-        for module in model.modules():
-            # Measured per shape: column-major won where out >= in (15-21 GB/s against 10-12), and
-            # lost on the narrowing ff.layers.2 (in 3072, out 768: 12.7 against 16.5 GB/s).
-            if isinstance(module, torch.nn.Linear) and module.out_features >= module.in_features:
-                module.weight = torch.nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
-        if model.cfg.tie_weights:
-            model.tok_emb.weight = model.out_head.weight
 
 
 def make_decoder(model: "GPTModel", device: "torch.device", dtype: "torch.dtype", *, compile: bool = False) -> Decoder:

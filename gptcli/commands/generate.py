@@ -300,7 +300,7 @@ def _load(*, size, config, weights: str, device_name: str, dtype_name: str, seed
     loaded = load_model(size=size, config=config, weights=weights, device=torch_device, dtype=torch_dtype,
                         seed=seed, note=note)
     start = time.perf_counter()
-    prepare_model(loaded.model, torch_device, torch_dtype, quantize=speed.quantize, compile=speed.compile)
+    prepare_model(loaded.model, torch_device, torch_dtype, quantize=speed.quantize)
     loaded.load_seconds += time.perf_counter() - start
     return loaded
 
