@@ -18,14 +18,13 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _CUDA_INDEX = re.compile(r"^cuda:(\d+)$")
 
-# --dtype auto on the CPU is float32, because it is both faster and exact here. Measured on this
-# project's 2-core CI CPU (AMD EPYC with avx512_bf16, torch 2.13, eager, 124M with seeded random
-# weights, KV-cache greedy decoding of 48 tokens after "Hello, I am", 3 runs on a shared machine):
-#   float32   25.1 tok/s median (25.1, 25.4, and 9.5 under load from other jobs)
-#   bfloat16   4.0 tok/s median (4.4, 4.0, 2.8): about 6x slower in eager mode
-# Greedy ids of bfloat16 matched float32 for all 48 tokens on 6 of 6 prompts, and the first step's
-# top-1 agreed on 6 of 6, so accuracy is not the issue; speed is. Ask for --dtype bfloat16 explicitly
-# to halve the weights' memory. (Issue 6's speed pass may change this with other kernels.)
+# --dtype auto on the CPU is float32: exact, and bfloat16 buys little there. Measured on this
+# project's 2-core CI CPU (AMD EPYC, torch 2.13, 124M, greedy, 128 new tokens, medians of 5
+# interleaved rounds; bench/decode.py, BENCHMARKS.md): eager float32 35.8 tok/s, eager bfloat16
+# 40.0 tok/s (+12%, the bf16 matmul kernels run at ~12 GB/s against ~20 for float32). bfloat16's
+# logits differ from float32's by up to 1.4% of the largest logit and its greedy ids diverged on
+# 3 of 10 prompts within 32 tokens (bench/quant_accuracy.py). Ask for --dtype bfloat16 (or
+# --compile, where bfloat16 reaches 98 tok/s) when speed matters more than exactness.
 CPU_AUTO_DTYPE = "float32"
 
 
