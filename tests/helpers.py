@@ -38,3 +38,24 @@ def network_tests_enabled() -> bool:
     They never probe the network on their own, so an offline or sandboxed run makes no connection.
     """
     return os.environ.get("GPTCLI_NETWORK_TESTS") == "1"
+
+
+def lively_model(seed: int = 0, tie: bool = True):
+    """A tiny random GPTModel (vocab 300, context 16) whose sampled output varies.
+
+    The book's N(0, 1) embeddings make a random model echo its input token; GPT-2's own scale
+    (small embeddings) lets the other weights matter.
+    """
+    import torch
+
+    from gptcli.config import GPTConfig
+    from gptcli.model import GPTModel
+
+    cfg = GPTConfig(vocab_size=300, context_length=16, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
+                    qkv_bias=True, tie_weights=tie, name="tiny")
+    torch.manual_seed(seed)
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(0.05)
+        model.pos_emb.weight.mul_(0.05)
+    return model

@@ -4,22 +4,10 @@ import pytest
 import torch
 
 from gptcli.batch import BatchDecoder, generate_batch
-from gptcli.config import GPTConfig
 from gptcli.generate import Decoder, Generation, SamplingOptions
-from gptcli.model import GPTModel
+from helpers import lively_model
 
 CPU = torch.device("cpu")
-
-
-def lively_model(tie: bool = True) -> GPTModel:
-    cfg = GPTConfig(vocab_size=300, context_length=16, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
-                    qkv_bias=True, tie_weights=tie, name="tiny")
-    torch.manual_seed(3)
-    model = GPTModel(cfg).eval()
-    with torch.no_grad():  # GPT-2's init scale, so tokens don't just echo themselves
-        model.tok_emb.weight.mul_(0.05)
-        model.pos_emb.weight.mul_(0.05)
-    return model
 
 
 def fake_bytes(token_id: int) -> bytes:
@@ -31,7 +19,7 @@ PROMPTS = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11], [12, 13], list(range(20, 40)
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_batch_equals_one_by_one_past_the_window(temperature):
-    model = lively_model()
+    model = lively_model(3)
     options = SamplingOptions(max_new_tokens=25, temperature=temperature, seed=11, ignore_eos=True)
     results, timings = generate_batch(BatchDecoder(model, CPU, torch.float32), PROMPTS, options, token_bytes=fake_bytes)
     for prompt, result in zip(PROMPTS, results):
@@ -44,7 +32,7 @@ def test_batch_equals_one_by_one_past_the_window(temperature):
 
 
 def test_rows_finish_on_their_own_terms():
-    model = lively_model(tie=False)
+    model = lively_model(3, tie=False)
     probe = Generation(Decoder(model, CPU, torch.float32), PROMPTS[0], SamplingOptions(max_new_tokens=6, temperature=1.0, seed=5),
                        token_bytes=fake_bytes).run()
     eos = probe.token_ids[3]  # call the 4th token of row 0 "end of text"
@@ -62,5 +50,5 @@ def test_rows_finish_on_their_own_terms():
 
 
 def test_zero_new_tokens():
-    results, _ = generate_batch(BatchDecoder(lively_model(), CPU, torch.float32), PROMPTS, SamplingOptions(max_new_tokens=0))
+    results, _ = generate_batch(BatchDecoder(lively_model(3), CPU, torch.float32), PROMPTS, SamplingOptions(max_new_tokens=0))
     assert all(r.token_ids == [] and r.finish_reason == "length" for r in results)

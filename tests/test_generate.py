@@ -24,7 +24,7 @@ from gptcli.generate import (
 )
 from gptcli.model import GPTModel
 from gptcli.tokenizer import EOT_ID, VOCAB_SIZE, decode, encode, token_bytes
-from helpers import generate_text_simple
+from helpers import generate_text_simple, lively_model
 
 CPU = torch.device("cpu")
 
@@ -332,23 +332,6 @@ def test_dtypes():
 # --- speed paths: prepared models and the compiled decoder give the eager ids -----------------
 
 
-def _lively_tiny_model(seed: int = 0):
-    """A tiny random model whose sampled output varies (greedy on random weights locks into a loop)."""
-    import torch
-
-    from gptcli.config import GPTConfig
-    from gptcli.model import GPTModel
-
-    cfg = GPTConfig(vocab_size=300, context_length=16, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
-                    qkv_bias=True, tie_weights=True, name="tiny")
-    torch.manual_seed(seed)
-    model = GPTModel(cfg).eval()
-    with torch.no_grad():  # GPT-2's own init scale; the default N(0, 1) makes each token echo itself
-        model.tok_emb.weight.mul_(0.05)
-        model.pos_emb.weight.mul_(0.05)
-    return model
-
-
 def _greedy_ids(decoder, prompt, n, temperature=0.0):
     from gptcli.generate import Generation, SamplingOptions
 
@@ -391,7 +374,7 @@ def test_compiled_decoder_gives_the_eager_ids_past_the_window():
 
     from gptcli.generate import CompiledDecoder, Decoder
 
-    model = _lively_tiny_model(1)
+    model = lively_model(1)
     cpu = torch.device("cpu")
     expected = _greedy_ids(Decoder(model, cpu, torch.float32), [5, 6, 7], 30, temperature=1.0)  # 33 > context 16
     assert len(set(expected)) > 10
