@@ -120,11 +120,15 @@ def read_header(path: str | Path) -> Header:
     except (UnicodeDecodeError, ValueError) as exc:
         raise UserError(f"{path}: not a safetensors file (header is not valid JSON: {exc})") from None
     metadata = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UserError(f"{path}: corrupt safetensors header: __metadata__ must map names to strings")
     tensors: dict[str, TensorInfo] = {}
     data_size = size - 8 - n
     for name, entry in obj.items():
         try:
             dtype, shape, (start, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+            if not isinstance(dtype, str):
+                raise TypeError(dtype)
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{path}: corrupt safetensors header: bad entry for tensor {name!r}") from None
         info = TensorInfo(name, dtype, shape, (int(start), int(end)))
@@ -148,11 +152,6 @@ def detect_layout(names: Iterable[str]) -> str:
     shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
     raise UserError(f"unrecognised checkpoint layout (tensors: {shown or 'none'}); "
                     "expected GPT-2's Hugging Face names (wte, h.N...) or gptcli's (tok_emb, trf_blocks.N...)")
-
-
-def hf_prefix(names: Iterable[str]) -> str:
-    """'transformer.' when the Hugging Face names carry it (GPT2LMHeadModel), else ''."""
-    return HF_PREFIX if any(n.startswith(HF_PREFIX) for n in names) else ""
 
 
 def expected_tensors(cfg: GPTConfig, layout: str) -> dict[str, tuple[int, ...]]:
@@ -292,18 +291,6 @@ class InferredArchitecture:
     n_heads: int | None
     qkv_bias: bool
     tie_weights: bool
-
-    def to_config(self, name: str, drop_rate: float = 0.1) -> GPTConfig:
-        if self.n_heads is None:
-            raise UserError(
-                f"cannot tell n_heads from the checkpoint's shapes (emb_dim {self.emb_dim} is not a GPT-2 size: "
-                f"{', '.join(map(str, GPT2_HEADS))}); pass --config with your model's YAML"
-            )
-        return GPTConfig(
-            vocab_size=self.vocab_size, context_length=self.context_length, emb_dim=self.emb_dim,
-            n_heads=self.n_heads, n_layers=self.n_layers, drop_rate=drop_rate, qkv_bias=self.qkv_bias,
-            tie_weights=self.tie_weights, name=name,
-        )
 
     def to_dict(self) -> dict:
         return {
@@ -493,3 +480,32 @@ def non_float_tensors(header: Header) -> list[str]:
     layout = detect_layout(header.tensors)
     return [f"{info.name} ({info.dtype})" for info in normalized_names(header, layout).values()
             if info.dtype not in FLOAT_DTYPES]
+
+
+def implied_config(header: Header, config_json: Path | None = None, name: str | None = None,
+                   note=lambda _: None) -> GPTConfig:
+    """The config a checkpoint implies: its config.json, else gptcli's metadata in the header, else its shapes.
+
+    Nothing is checked against the tensors here (``verify`` does that). A released GPT-2 size keeps
+    its usual name ("1558M"). Raises UserError when n_heads cannot be known or a value is invalid.
+    """
+    from gptcli.config import GPT2_SIZES, SCHEMA, shipped_config, validate
+
+    hf_config = read_json_file(config_json) if config_json is not None else None
+    facts, where = checkpoint_facts(header, hf_config, str(config_json) if config_json else HF_CONFIG_FILE)
+    if facts.get("n_heads") is None:
+        raise UserError(
+            f"{header.path}: cannot tell n_heads from the tensor shapes (emb_dim {facts.get('emb_dim')} is not a "
+            f"GPT-2 size: {', '.join(map(str, GPT2_HEADS))}) and there is no config.json; pass --config with your "
+            "model's YAML"
+        )
+    note(f"config from {where}")
+    raw = {k: facts.get(k) for k in SCHEMA}
+    if raw["drop_rate"] is None:
+        raw["drop_rate"] = 0.1
+    default_name = header.path.parent.name if header.path.name == "model.safetensors" else header.path.stem
+    cfg = validate(raw, f"{header.path} (architecture from {where})", name=name or default_name)
+    for size in GPT2_SIZES:
+        if shipped_config(size).to_dict() == {**cfg.to_dict(), "drop_rate": shipped_config(size).drop_rate}:
+            return shipped_config(size)
+    return cfg

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from gptcli import __version__
+from gptcli.commands.common import err
 from gptcli.commands.generate import generate
 from gptcli.commands.inspect import inspect
 from gptcli.commands.params import params
@@ -42,5 +43,28 @@ app.command("generate")(generate)
 app.command("inspect")(inspect)
 
 
+def _click_class(name: str) -> type:
+    """A class of the click that Typer runs on (recent Typer vendors its own copy), found via typer.BadParameter."""
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+
+
 def main() -> None:
-    app()
+    """The console script: like ``app()``, but a mistyped option is one ``error:`` line and exit 2."""
+    import sys
+
+    usage_error, click_exception = _click_class("UsageError"), _click_class("ClickException")
+    try:
+        code = app(standalone_mode=False)
+    except usage_error as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `gptcli`: the help, not an error
+            print(exc.ctx.get_help())
+            sys.exit(0)
+        command = exc.ctx.command_path if exc.ctx is not None else "gptcli"
+        err(f"error: {exc.format_message()} (see '{command} --help')")
+        code = 2
+    except click_exception as exc:
+        err(f"error: {exc.format_message()}")
+        code = exc.exit_code
+    except typer.Abort:
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)

@@ -12,8 +12,8 @@ Three layers, each usable on its own:
 ``Generation`` ties them together: iterate it to get text pieces as they are decoded; afterwards it
 holds the ids, the text, the finish reason and the timings. The CLI renders; nothing here writes.
 
-A later speed pass can swap in another decoder (static cache, torch.compile, int8 weights, batches)
-behind the same ``prefill``/``step`` methods without touching ``Generation`` or the CLI.
+``CompiledDecoder`` (torch.compile'd steps over a static cache) follows the same ``prefill``/``step``
+protocol; batches of prompts live in ``gptcli.batch``.
 """
 
 from __future__ import annotations
@@ -202,12 +202,16 @@ class CompiledDecoder(Decoder):
         # Clone: with CUDA graphs the output buffer is reused by the next replay.
         return self._compiled(self._token, self._position).clone()
 
-    def warm_up(self) -> float:
-        """Compile now (a prompt of one token, two steps); returns the seconds it took."""
+    def warm_up(self, positions: int = 3) -> float:
+        """Compile now, for the cache a sequence of ``positions`` tokens will use; returns the seconds.
+
+        Each cache length (``cache_bucket``) is its own graph, so warming up the wrong one would
+        leave a compile inside the first decode steps.
+        """
         import time
 
         start = time.perf_counter()
-        self.prefill([0], max_new_tokens=3)
+        self.prefill([0], max_new_tokens=max(positions, 3))
         self.step(0)
         self.step(0)
         return time.perf_counter() - start

@@ -283,26 +283,9 @@ def locate(spec: str, note: Note = _ignore) -> "Located":
 
 
 def config_for_checkpoint(header: ckpt.Header, config_json: Path | None = None, note: Note = _ignore) -> GPTConfig:
-    """The config a checkpoint implies: its config.json, else gptcli's metadata in the header, else its shapes.
-
-    Unlike loading, nothing is refused here for not fitting: the verdict reports that.
-    """
-    hf_config = ckpt.read_json_file(config_json) if config_json is not None else None
-    facts, where = ckpt.checkpoint_facts(header, hf_config, str(config_json) if config_json else ckpt.HF_CONFIG_FILE)
-    if facts.get("n_heads") is None:
-        raise UserError(
-            f"{header.path}: cannot tell n_heads from the tensor shapes (emb_dim {facts.get('emb_dim')} is not a "
-            "GPT-2 size: 768, 1024, 1280, 1600) and there is no config.json; pass --config with your model's YAML"
-        )
-    note(f"config from {where}")
-    raw = {k: facts.get(k) for k in SCHEMA}
-    raw["drop_rate"] = raw["drop_rate"] if raw["drop_rate"] is not None else 0.1
-    name = header.path.parent.name if header.path.name == "model.safetensors" else header.path.stem
-    cfg = validate(raw, f"{header.path} (architecture from {where})", name=name)
-    for size in GPT2_SIZES:  # a released GPT-2 size keeps its usual name ("1558M") in reports
-        if shipped_config(size).to_dict() == {**cfg.to_dict(), "drop_rate": shipped_config(size).drop_rate}:
-            return shipped_config(size)
-    return cfg
+    """The config a checkpoint implies (see ``checkpoint.implied_config``); nothing is refused for
+    not fitting the tensors: the verdict reports that."""
+    return ckpt.implied_config(header, config_json, note=note)
 
 
 def checkpoint_report(header: ckpt.Header, cfg: GPTConfig) -> dict[str, Any]:
@@ -372,7 +355,7 @@ def next_tokens(model: "GPTModel", ids: list[int], top: int) -> list[dict[str, A
     device = next(model.parameters()).device
     x = torch.tensor([ids[-context:]], dtype=torch.long, device=device)  # (1, T)
     with torch.inference_mode():
-        logits = model(x)[0, -1].float()  # (vocab,)
+        logits = model(x, last_only=True)[0, -1].float()  # (vocab,)
         probs = torch.softmax(logits, dim=-1)
         values, indices = torch.topk(probs, k=min(top, probs.shape[0]))  # sorted, largest first
     return [

@@ -313,6 +313,14 @@ def save_checkpoint(model: "GPTModel", path: str | Path, *, metadata: dict[str, 
     return path
 
 
+def check_vocab(cfg: GPTConfig, where: str) -> None:
+    """gptcli speaks GPT-2's BPE: a model with another vocabulary would emit ids it cannot decode."""
+    from gptcli.tokenizer import VOCAB_SIZE
+
+    if cfg.vocab_size != VOCAB_SIZE:
+        raise UserError(f"{where}: vocab_size {cfg.vocab_size} does not match GPT-2's tokenizer ({VOCAB_SIZE} tokens)")
+
+
 def checkpoint_config(header: "Header", wanted: GPTConfig | None = None, config_json: Path | None = None,
                       name: str | None = None, note: Note = _ignore) -> GPTConfig:
     """The config to build for a checkpoint: ``wanted`` (--size/--config) when given, checked against
@@ -324,13 +332,12 @@ def checkpoint_config(header: "Header", wanted: GPTConfig | None = None, config_
         config_differences,
         detect_layout,
         head_name,
+        implied_config,
         non_float_tensors,
         normalized_names,
         read_json_file,
         verify,
     )
-    from gptcli.config import shipped_config, validate
-    from gptcli.tokenizer import VOCAB_SIZE
 
     try:
         detect_layout(header.tensors)
@@ -345,23 +352,8 @@ def checkpoint_config(header: "Header", wanted: GPTConfig | None = None, config_
             raise UserError(f"{where_said} does not match config {wanted.name!r}: {', '.join(diffs)}")
         cfg = wanted
     else:
-        if facts.get("n_heads") is None:
-            raise UserError(
-                f"{header.path}: cannot tell n_heads from the tensor shapes (emb_dim {facts['emb_dim']} is not a "
-                "GPT-2 size: 768, 1024, 1280, 1600) and there is no config.json; pass --config with your model's YAML"
-            )
-        raw = {k: facts[k] for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers",
-                                     "drop_rate", "qkv_bias", "tie_weights")}
-        default_name = header.path.parent.name if header.path.name == CHECKPOINT_NAME else header.path.stem
-        cfg = validate(raw, where_said, name=name or default_name)
-        # A released GPT-2 size keeps its usual name ("1558M") in reports.
-        for size in GPT2_SIZES:
-            if shipped_config(size).to_dict() == {**cfg.to_dict(), "drop_rate": 0.1}:
-                cfg = shipped_config(size)
-                break
-    if cfg.vocab_size != VOCAB_SIZE:
-        raise UserError(f"{where_said}: vocab_size {cfg.vocab_size} does not match GPT-2's tokenizer "
-                        f"({VOCAB_SIZE} tokens)")
+        cfg = implied_config(header, config_json, name=name)
+    check_vocab(cfg, where_said)
     verdict = verify(header, cfg)
     head = head_name(verdict.layout)
     if cfg.tie_weights and verdict.unexpected == [head] and \
@@ -501,6 +493,7 @@ def load_model(
     wanted: GPTConfig | None = None
     if spec.lower() in {"auto", "random"}:
         cfg = resolve_config(size, config)
+        check_vocab(cfg, str(config) if config is not None else f"config {cfg.name!r}")
         repo = HUB_IDS.get(cfg.name) if config is None else None
         if spec.lower() == "auto" and repo is None:
             say(f"no released weights for config {cfg.name!r}: using random weights (seed {seed}); "

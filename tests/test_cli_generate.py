@@ -360,3 +360,36 @@ def test_interrupt_with_json_reports_what_was_generated(tiny, interrupt_after):
     data = json.loads(result.stdout)
     assert data["finish_reason"] == "interrupted"
     assert data["token_ids"] == encode(" one two three") and data["text"] == " one two three"
+
+
+def test_stats_survive_a_closed_pipe(tiny_config_file):
+    cmd = " ".join(gptcli("Hello", "-n", "300", "--ignore-eos", "--stats", "--config", str(tiny_config_file()),
+                          "--weights", "random"))
+    proc = subprocess.run(f"{cmd} | head -c 5", shell=True, capture_output=True, text=True, timeout=120,
+                          env=subprocess_env())
+    assert proc.returncode == 0 and len(proc.stdout) <= 5
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+    assert sum(line.startswith("stats: ") for line in proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["generate", "--bogus", "x"], "error: No such option: --bogus"),
+        (["params", "--size"], "error: Option '--size' requires an argument."),
+        (["inspect", "--top", "abc"], "error: Invalid value for '--top'"),
+    ],
+)
+def test_option_parsing_errors_are_one_line(args, message):
+    proc = subprocess.run([sys.executable, "-m", "gptcli", *args], capture_output=True, text=True, timeout=60,
+                          env=subprocess_env())
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+
+
+def test_tables_end_quietly_in_a_closed_pipe():
+    proc = subprocess.run(f"{sys.executable} -m gptcli inspect --size xl | head -n 1", shell=True,
+                          capture_output=True, text=True, timeout=60, env=subprocess_env())
+    assert proc.stdout.startswith("Modules of 1558M") and len(proc.stdout.splitlines()) == 1
+    assert proc.stderr == ""

@@ -90,3 +90,47 @@ def test_compile_gives_the_eager_ids_and_reports_compile_time(tiny):
     assert compiled["token_ids"] == eager["token_ids"]
     assert compiled["timings"]["compile_s"] > 0 and eager["timings"]["compile_s"] is None
     assert "compiling the decode step" in result.stderr
+
+
+def test_each_line_json_has_the_single_run_fields_and_one_line_per_input_line(tiny):
+    result = gen(*tiny, "--each-line", "-n", "3", "--json", "--stop", "zzz", input="\n")
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 1 and rows[0]["prompt"] == "" and rows[0]["prompt_token_ids"] == [50256]
+    single = json.loads(gen(*tiny, "", "-n", "3", "--json", "--stop", "zzz").stdout)
+    assert set(rows[0]) == (set(single) - {"timings"}) | {"line"}
+    assert rows[0]["stop"] == ["zzz"] and rows[0]["sampling"]["temperature"] == 0.0
+
+
+def test_split_prompt_lines():
+    from gptcli.commands.generate import split_prompt_lines
+
+    assert split_prompt_lines("") == []
+    assert split_prompt_lines("\n") == [""]
+    assert split_prompt_lines("\n\n") == ["", ""]
+    assert split_prompt_lines("a\r\nb") == ["a", "b"]
+    assert split_prompt_lines("a\nb\n") == ["a", "b"]
+
+
+def test_compile_warm_up_builds_the_cache_the_run_will_use():
+    from gptcli.config import shipped_config
+    from gptcli.generate import CompiledDecoder, Generation, SamplingOptions
+    from gptcli.model import build_model
+
+    cfg = shipped_config("124M")
+    decoder = CompiledDecoder(build_model(cfg, "meta"), torch.device("cpu"), torch.float32)
+    decoder._compiled = lambda token, position: torch.zeros(1, cfg.vocab_size)  # no real compile: shapes only
+    decoder.model = lambda *a, **k: torch.zeros(1, 1, cfg.vocab_size)
+    decoder.warm_up(10 + 300)
+    warmed = decoder._cache
+    assert warmed.max_len == 512
+    Generation(decoder, list(range(10)), SamplingOptions(max_new_tokens=300, ignore_eos=True),
+               token_bytes=lambda i: b"").run()
+    assert decoder._cache is warmed  # same length, so the graph compiled in warm_up serves the run
+
+
+def test_config_with_another_vocabulary_is_refused(tiny_config_file):
+    path = tiny_config_file(vocab_size=1000)
+    result = gen("--config", str(path), "--weights", "random", "Hello", "-n", "3")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "vocab_size 1000 does not match GPT-2's tokenizer (50257 tokens)" in result.stderr

@@ -65,8 +65,24 @@ def user_errors(fn: F) -> F:
         except UserError as exc:
             err(f"error: {exc}")
             raise typer.Exit(exc.exit_code) from None
+        except BrokenPipeError:
+            # The reader went away (`| head`): how pipelines end, not an error.
+            silence_stdout()
+            raise typer.Exit(0) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def silence_stdout() -> None:
+    """After EPIPE, point stdout at /dev/null so the exit-time flush can't complain."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass  # not a real file (tests) or already gone: nothing will be flushed there
 
 
 def print_json(obj: Any) -> None:

@@ -10,8 +10,18 @@ from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
 
-from gptcli.commands.common import ConfigOption, SizeOption, err, note, print_json, stdout_is_terminal, user_errors
+from gptcli.commands.common import (
+    ConfigOption,
+    SizeOption,
+    err,
+    note,
+    print_json,
+    silence_stdout,
+    stdout_is_terminal,
+    user_errors,
+)
 from gptcli.devices import check_device_name, check_dtype_name
+from gptcli.devices import dtype_name as name_of
 from gptcli.errors import UserError
 from gptcli.generate import FINISH_INTERRUPTED, SamplingOptions
 
@@ -39,8 +49,8 @@ def _usage_and_exit(ctx: typer.Context) -> None:
     raise typer.Exit(2)
 
 
-def read_stdin_prompt() -> str:
-    """All of stdin as UTF-8, with one trailing newline removed (the one `echo` adds)."""
+def read_stdin_prompt(strip_newline: bool = True) -> str:
+    """All of stdin as UTF-8, with one trailing newline removed (the one `echo` adds) unless told not to."""
     stream = sys.stdin
     if stream is None:
         raise UserError("no prompt: stdin is closed; give the prompt as an argument")
@@ -53,19 +63,11 @@ def read_stdin_prompt() -> str:
             "convert it first, e.g. with iconv -t UTF-8"
         ) from None
     text = text.removeprefix("\ufeff")
+    if not strip_newline:
+        return text
     if text.endswith("\r\n"):
         return text[:-2]
     return text[:-1] if text.endswith("\n") else text
-
-
-def _silence_stdout() -> None:
-    """After EPIPE (`| head`), point stdout at /dev/null so the exit-time flush can't complain."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError, AttributeError):
-        pass  # not a real file (tests) or already gone: nothing will be flushed there
 
 
 class TextOutput:
@@ -249,13 +251,13 @@ def generate(
         if sys.stdin is not None and sys.stdin.isatty():
             _usage_and_exit(ctx)
         try:
-            _run_each_line(read_stdin_prompt(), options, speed, size=size, config=config, weights=weights,
+            _run_each_line(read_stdin_prompt(strip_newline=False), options, speed, size=size, config=config, weights=weights,
                            device_name=device_name, dtype_name=dtype_name, json_output=json_output, stats=stats,
                            echo=bool(echo))
         except KeyboardInterrupt:
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except BrokenPipeError:
-            _silence_stdout()
+            silence_stdout()
             raise typer.Exit(0) from None
         return
 
@@ -274,7 +276,7 @@ def generate(
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except BrokenPipeError:
         # The reader went away (`| head -c 5`): that is how pipelines end, not an error.
-        _silence_stdout()
+        silence_stdout()
         raise typer.Exit(0) from None
 
 
@@ -319,7 +321,6 @@ def _timings_json(load_s: float, t: "Timings", compile_s: float | None) -> dict:
 
 
 def _stats_line(load_s: float, t: "Timings", compile_s: float | None, loaded: "LoadedModel", finish: str) -> str:
-    from gptcli.devices import dtype_name as name_of
 
     compiled = "" if compile_s is None else f", compile {compile_s:.2f} s"
     return (f"stats: load {load_s:.2f} s{compiled}, prefill {t.prefill_tokens} tokens in {t.prefill_s:.3f} s, "
@@ -329,7 +330,6 @@ def _stats_line(load_s: float, t: "Timings", compile_s: float | None, loaded: "L
 
 def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, size, config, weights: str,
          device_name: str, dtype_name: str, json_output: bool, stats: bool, echo: bool | None) -> None:
-    from gptcli.devices import dtype_name as name_of
     from gptcli.generate import Generation, crop_prompt, make_decoder, prompt_ids
 
     ids = prompt_ids(prompt_text)  # the tokenizer first: its error is quicker than loading a model
@@ -342,7 +342,7 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
     compile_s = None
     if speed.compile:
         note("compiling the decode step (torch.compile; cached on disk for the next run)...")
-        compile_s = decoder.warm_up()
+        compile_s = decoder.warm_up(min(len(ids), cfg.context_length) + options.max_new_tokens)
     _, dropped = crop_prompt(ids, cfg.context_length)
     if dropped:
         note(f"the prompt has {len(ids)} tokens, more than the context of {cfg.context_length}; "
@@ -353,39 +353,68 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
     interrupted = False
     if not json_output and (echo or (echo is None and out.terminal)):
         out.prompt(prompt_text)
+    pipe_closed = False
     try:
         for piece in generation:
             if not json_output:
                 out.write(piece)
+        if not json_output:
+            out.end()
     except KeyboardInterrupt:
         interrupted = True
         generation.finish_reason = FINISH_INTERRUPTED
-    if not json_output:
-        out.end()
+        if not json_output:
+            out.end()
+    except BrokenPipeError:
+        # The reader went away (`| head -c 5`): stop generating, but still report on stderr.
+        silence_stdout()
+        pipe_closed = True
 
     t = generation.timings
     if json_output:
         print_json({
-            "prompt": prompt_text,
-            "text": generation.text,
-            "prompt_token_ids": ids,
-            "prompt_tokens_dropped": dropped,
-            "token_ids": generation.token_ids,
-            "finish_reason": generation.finish_reason,
-            "config": cfg.name,
-            "weights": loaded.source,
-            "device": str(loaded.device),
-            "dtype": name_of(loaded.dtype),
-            "seed": options.seed,
-            "sampling": {"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p},
-            "stop": list(options.stop),
+            **result_record(prompt_text, ids, dropped, generation.token_ids, generation.text,
+                            generation.finish_reason, loaded, options),
             "timings": _timings_json(loaded.load_seconds, t, compile_s),
         })
     if stats:
         err(_stats_line(loaded.load_seconds, t, compile_s, loaded, str(generation.finish_reason)))
+    if pipe_closed:
+        raise typer.Exit(0)
     if interrupted:
         note(f"interrupted after {len(generation.token_ids)} new tokens")
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def result_record(prompt: str, prompt_ids: list[int], dropped: int, token_ids: list[int], text: str,
+                  finish_reason: str | None, loaded: "LoadedModel", options: SamplingOptions) -> dict:
+    """The JSON fields of one completion, shared by single runs and --each-line."""
+
+    return {
+        "prompt": prompt,
+        "text": text,
+        "prompt_token_ids": prompt_ids,
+        "prompt_tokens_dropped": dropped,
+        "token_ids": token_ids,
+        "finish_reason": finish_reason,
+        "config": loaded.cfg.name,
+        "weights": loaded.source,
+        "device": str(loaded.device),
+        "dtype": name_of(loaded.dtype),
+        "seed": options.seed,
+        "sampling": {"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p},
+        "stop": list(options.stop),
+    }
+
+
+def split_prompt_lines(text: str) -> list[str]:
+    """One prompt per line; a final newline ends the last line rather than starting an empty one."""
+    if not text:
+        return []
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
 
 
 def escape_line(text: str) -> str:
@@ -398,11 +427,11 @@ def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOption
     import json
 
     from gptcli.batch import BatchDecoder, generate_batch
-    from gptcli.devices import dtype_name as name_of
     from gptcli.generate import Timings, crop_prompt, prompt_ids
 
-    prompts = stdin_text.split("\n") if stdin_text else []
-    prompts = [p.removesuffix("\r") for p in prompts]
+    prompts = split_prompt_lines(stdin_text)
+    if options.greedy and (options.top_k is not None or options.top_p is not None):
+        note("--top-k and --top-p only apply when sampling (--temperature above 0); decoding greedily")
     encoded = [prompt_ids(p) for p in prompts]
     loaded = _load(size=size, config=config, weights=weights, device_name=device_name, dtype_name=dtype_name,
                    seed=options.seed, speed=speed)
@@ -423,23 +452,13 @@ def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOption
                 note(f"line {index + 1}: the prompt has {len(result.prompt_token_ids)} tokens, more than the "
                      f"context of {cfg.context_length}; dropped the first {dropped}")
             if json_output:
-                line = json.dumps({
-                    "line": index + 1,
-                    "prompt": prompts[index],
-                    "text": result.text,
-                    "prompt_token_ids": result.prompt_token_ids,
-                    "prompt_tokens_dropped": dropped,
-                    "token_ids": result.token_ids,
-                    "finish_reason": result.finish_reason,
-                    "config": cfg.name,
-                    "weights": loaded.source,
-                    "device": str(loaded.device),
-                    "dtype": name_of(loaded.dtype),
-                    "seed": options.seed,
-                }, ensure_ascii=False)
+                line = json.dumps({"line": index + 1, **result_record(
+                    prompts[index], result.prompt_token_ids, dropped, result.token_ids, result.text,
+                    result.finish_reason, loaded, options)}, ensure_ascii=False)
             else:
                 line = escape_line((prompts[index] if echo else "") + result.text)
             sys.stdout.write(line + "\n")
         sys.stdout.flush()
     if stats:
-        err(_stats_line(loaded.load_seconds, total, None, loaded, f"{len(prompts)} prompts, batch {speed.batch_size}"))
+        err(_stats_line(loaded.load_seconds, total, None, loaded, f"{len(prompts)} prompts in batches of "
+                        f"{speed.batch_size}"))

@@ -23,6 +23,7 @@ from gptcli.commands.common import (
 )
 from gptcli import checkpoint as ckpt
 from gptcli.config import GPTConfig, resolve_config
+from gptcli.devices import check_device_name, check_dtype_name
 from gptcli.errors import UserError
 from gptcli.inspection import (
     Node,
@@ -192,22 +193,11 @@ def render_next_tokens(report: dict[str, Any]) -> None:
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple["torch.device", "torch.dtype"]:
-    """gptcli.devices when it is there (same rules as generate); CPU and float32 otherwise."""
-    try:
-        from gptcli import devices  # type: ignore[attr-defined]
-    except ImportError:
-        devices = None
-    if devices is not None:
-        dev = devices.resolve_device(device)
-        return dev, devices.resolve_dtype(dtype, dev)
-    import torch
+    """The same rules as generate (gptcli.devices)."""
+    from gptcli import devices
 
-    if device not in ("auto", "cpu"):
-        raise UserError(f"--device {device!r}: only cpu is supported in this build")
-    dtypes = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(dtypes)}")
-    return torch.device("cpu"), dtypes[dtype]
+    dev = devices.resolve_device(device)
+    return dev, devices.resolve_dtype(dtype, dev)
 
 
 def predict(
@@ -251,7 +241,7 @@ def inspect(
     ] = None,
     depth: Annotated[
         Optional[int],
-        typer.Option("--depth", "-d", show_default=False,
+        typer.Option("--depth", show_default=False,
                      help="Show the module tree this many levels deep (0 = the model line only). Default: all."),
     ] = None,
     prompt: Annotated[
@@ -292,6 +282,10 @@ def inspect(
         raise UserError("--prompt is empty: give at least one token of text")
     if top < 1:
         raise UserError(f"--top must be 1 or more, got {top}")
+    if seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {seed}")
+    check_device_name(device)
+    check_dtype_name(dtype)
     if size is not None and config is not None:
         raise UserError("--size and --config are mutually exclusive; pass one of them")
 
