@@ -146,11 +146,11 @@ def generate_batch(
     ``decode_tokens_per_s`` is the aggregate rate.
     """
     rows = [_Row(p, options, eos_id, token_bytes) for p in prompts]
-    timings = Timings(prefill_tokens=sum(min(len(p), decoder.context_length) for p in prompts))
     if options.max_new_tokens == 0 or not rows:
         for row in rows:
             row.result.finish_reason = FINISH_LENGTH
-        return [r.result for r in rows], timings
+        return [r.result for r in rows], Timings()
+    timings = Timings(prefill_tokens=sum(min(len(p), decoder.context_length) for p in prompts))
     generators = None if options.greedy else [make_generator(options.seed) for _ in rows]
     start = time.perf_counter()
     logits = decoder.prefill(prompts, options.max_new_tokens)  # (B, V)

@@ -408,7 +408,7 @@ class Generation:
         self._pieces: list[str] = []
         self._stream = TextStream(options.stop, token_bytes)
         n_seen = len(self.prompt_token_ids) if context_length is None else min(len(self.prompt_token_ids), context_length)
-        self.timings.prefill_tokens = n_seen
+        self.timings.prefill_tokens = n_seen if options.max_new_tokens else 0  # -n 0 runs nothing
 
     @property
     def text(self) -> str:

@@ -238,6 +238,8 @@ def generate(
     dtype_name = check_dtype_name(dtype)
     if quantize is not None and quantize.strip().lower() != "int8":
         raise UserError(f"unknown --quantize {quantize!r}; the one scheme is int8")
+    if quantize is not None and dtype_name == "float32":
+        raise UserError("--quantize int8 needs --dtype bfloat16 or float16 activations (int8 kernels take those)")
     speed = SpeedOptions(compile=compile_model, quantize="int8" if quantize else None,
                          batch_size=int(_number("--batch-size", batch_size, int)))
     if speed.batch_size < 1:
@@ -297,9 +299,9 @@ def _load(*, size, config, weights: str, device_name: str, dtype_name: str, seed
     from gptcli.weights import load_model
 
     torch_device = resolve_device(device_name)
-    if speed.quantize and dtype_name == "auto":
-        dtype_name = "float16" if torch_device.type == "mps" else "bfloat16"  # what the int8 kernels take
     torch_dtype = resolve_dtype(dtype_name, torch_device)
+    if speed.quantize and torch_dtype == torch.float32 and dtype_name == "auto":
+        torch_dtype = torch.bfloat16  # int8 runs with half-precision activations; auto means what it takes
     loaded = load_model(size=size, config=config, weights=weights, device=torch_device, dtype=torch_dtype,
                         seed=seed, note=note)
     start = time.perf_counter()
