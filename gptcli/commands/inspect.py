@@ -180,7 +180,7 @@ def render_next_tokens(report: dict[str, Any]) -> None:
     terminal = stdout_is_terminal()
     rows = []
     for rank, t in enumerate(report["next_tokens"], 1):
-        row = [rank, t["id"], show_token(t["token"]), f"{t['prob']:.4f}"]
+        row = [rank, t["id"], show_token(t["token"]), f"{t['prob']:.4f}" if t['prob'] >= 1e-4 else f"{t['prob']:.1e}"]
         rows.append(row + [_bar(t["prob"])] if terminal else row)
     columns = ["#", "id", "token", "prob"] + ([""] if terminal else [])
     print_table(f"Next token after {show_token(prompt['text'])} ({len(prompt['token_ids'])} tokens, "
