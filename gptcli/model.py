@@ -229,8 +229,8 @@ class GPTModel(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
-        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.tok_emb = _embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = _embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.final_norm = LayerNorm(cfg.emb_dim)
@@ -307,6 +307,14 @@ def _padded_positions_and_mask(positions: torch.Tensor, pad: torch.Tensor, start
     real_key = key[None, :] >= pad[:, None]  # (B, Tk)
     mask = causal[None] & (real_key[:, None, :] | is_self[None])  # (B, T, Tk)
     return row_pos, mask[:, None]
+
+
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding; on the meta device without its init, which draws nothing there anyway but whose
+    ``normal_`` meta kernel imports torch._dynamo: a second or more on every checkpoint load."""
+    if torch.get_default_device().type == "meta":
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    return nn.Embedding(num, dim)
 
 
 def build_model(cfg: GPTConfig, device: str | torch.device = "meta") -> GPTModel:

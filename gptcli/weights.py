@@ -398,24 +398,6 @@ def _place(tensor: "torch.Tensor", transpose: bool, device: "torch.device", dtyp
     return out
 
 
-def _build_on_meta(cfg: GPTConfig) -> "GPTModel":
-    """``build_model(cfg, "meta")``, minus nn.Embedding's ``normal_`` init.
-
-    Nothing is drawn on meta, but torch's meta kernel for ``normal_`` imports torch._dynamo, which
-    costs a second or more of start-up on every load. The other init functions are cheap on meta.
-    """
-    import torch.nn.init
-
-    from gptcli.model import build_model
-
-    original = torch.nn.init.normal_
-    torch.nn.init.normal_ = lambda tensor, *args, **kwargs: tensor  # type: ignore[assignment]
-    try:
-        return build_model(cfg, "meta")
-    finally:
-        torch.nn.init.normal_ = original
-
-
 def load_checkpoint(
     path: str | Path,
     cfg: GPTConfig | None = None,
@@ -435,6 +417,7 @@ def load_checkpoint(
     import torch
 
     from gptcli.checkpoint import detect_layout, expected_tensors, gptcli_name, normalized_names, read_header
+    from gptcli.model import build_model
 
     device = torch.device(device)
     dtype = dtype or torch.float32
@@ -455,7 +438,7 @@ def load_checkpoint(
         raise UserError(f"{header.path}: corrupt or unreadable safetensors file: {_first_line(exc)}") from None
     if cfg.tie_weights:
         state["out_head.weight"] = state["tok_emb.weight"]
-    model = _build_on_meta(cfg)
+    model = build_model(cfg, "meta")
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()  # assign replaced tok_emb's tensor; point the head at the new one
     return model.eval()
