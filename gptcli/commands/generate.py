@@ -291,7 +291,7 @@ class SpeedOptions:
 
 def _load(*, size, config, weights: str, device_name: str, dtype_name: str, seed: int,
           speed: SpeedOptions) -> "LoadedModel":
-    """Resolve device and dtype, load the weights, then quantize / re-layout them for decoding."""
+    """Resolve device and dtype, load the weights, then quantize them when asked."""
     import torch
 
     from gptcli.devices import resolve_device, resolve_dtype
