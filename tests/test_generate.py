@@ -379,3 +379,24 @@ def test_compiled_decoder_gives_the_eager_ids_past_the_window():
     expected = _greedy_ids(Decoder(model, cpu, torch.float32), [5, 6, 7], 30, temperature=1.0)  # 33 > context 16
     assert len(set(expected)) > 10
     assert _greedy_ids(CompiledDecoder(model, cpu, torch.float32), [5, 6, 7], 30, temperature=1.0) == expected
+
+
+def test_compiled_decoder_switches_cache_length_safely():
+    """Guards are skipped only for the cache the last guarded step used: a longer run after a short one
+    (another cache bucket, another graph) and a short one after it give the eager ids."""
+    from gptcli.config import GPTConfig
+    from gptcli.generate import CompiledDecoder, Decoder
+
+    cfg = GPTConfig(vocab_size=300, context_length=600, emb_dim=32, n_heads=4, n_layers=1, drop_rate=0.0,
+                    qkv_bias=True, tie_weights=True, name="long")
+    torch.manual_seed(4)
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(0.05)
+        model.pos_emb.weight.mul_(0.05)
+    compiled = CompiledDecoder(model, CPU, torch.float32)
+    compiled.warm_up(10)
+    for prompt, n in (([1, 2, 3], 20), ([4, 5], 300), ([6], 20)):  # buckets 256, 512, then 512 reused
+        expected = _greedy_ids(Decoder(model, CPU, torch.float32), prompt, n, temperature=1.0)
+        assert len(set(expected)) > 10  # lively enough for equality to mean something
+        assert _greedy_ids(compiled, prompt, n, temperature=1.0) == expected
