@@ -15,11 +15,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from gptcli.generate import (
-    FINISH_EOS,
-    FINISH_LENGTH,
-    FINISH_STOP,
+    Continuation,
     SamplingOptions,
-    TextStream,
     Timings,
     crop_prompt,
     make_generator,
@@ -101,37 +98,6 @@ class RowResult:
     finish_reason: str | None = None
 
 
-class _Row:
-    """Turns one row's ids into text and a finish reason, with ``Generation``'s rules."""
-
-    def __init__(self, prompt: Sequence[int], options: SamplingOptions, eos_id: int, token_bytes):
-        self.result = RowResult(prompt_token_ids=list(prompt))
-        self.options = options
-        self.eos_id = eos_id
-        self.stream = TextStream(options.stop, token_bytes)
-        self.pieces: list[str] = []
-
-    @property
-    def done(self) -> bool:
-        return self.result.finish_reason is not None
-
-    def accept(self, token_id: int) -> None:
-        r = self.result
-        r.token_ids.append(token_id)
-        if token_id == self.eos_id and not self.options.ignore_eos:
-            r.finish_reason = FINISH_EOS
-        else:
-            self.pieces.append(self.stream.feed(token_id))
-            if self.stream.stopped:
-                r.finish_reason = FINISH_STOP
-            elif len(r.token_ids) == self.options.max_new_tokens:
-                r.finish_reason = FINISH_LENGTH
-        if r.finish_reason in (FINISH_EOS, FINISH_LENGTH):
-            self.pieces.append(self.stream.finish())
-        if self.done:
-            r.text = "".join(self.pieces)
-
-
 def generate_batch(
     decoder: BatchDecoder,
     prompts: Sequence[Sequence[int]],
@@ -145,11 +111,13 @@ def generate_batch(
     ``timings.decode_tokens`` counts the new tokens of all rows (after each row's first), so
     ``decode_tokens_per_s`` is the aggregate rate.
     """
-    rows = [_Row(p, options, eos_id, token_bytes) for p in prompts]
+    rows = [Continuation(options, eos_id, token_bytes) for _ in prompts]
+
+    def results() -> list[RowResult]:
+        return [RowResult(list(p), row.token_ids, row.text, row.finish_reason) for p, row in zip(prompts, rows)]
+
     if options.max_new_tokens == 0 or not rows:
-        for row in rows:
-            row.result.finish_reason = FINISH_LENGTH
-        return [r.result for r in rows], Timings()
+        return results(), Timings()
     timings = Timings(prefill_tokens=sum(min(len(p), decoder.context_length) for p in prompts))
     generators = None if options.greedy else [make_generator(options.seed) for _ in rows]
     start = time.perf_counter()
@@ -173,4 +141,4 @@ def generate_batch(
             break
         start = time.perf_counter()
         logits = decoder.step(next_ids)
-    return [r.result for r in rows], timings
+    return results(), timings

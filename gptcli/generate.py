@@ -392,6 +392,50 @@ class Timings:
         return self.prefill_tokens / self.prefill_s if self.prefill_tokens and self.prefill_s > 0 else None
 
 
+class Continuation:
+    """One sequence's new ids, turned into printable text and a finish reason.
+
+    The rules every generator shares: <|endoftext|> ends it (finish ``eos``, not printed) unless
+    ``ignore_eos``; a stop string ends it (``stop``, the string not printed); otherwise
+    ``max_new_tokens`` does (``length``). ``accept`` returns the text each id makes printable, with
+    the held-back tail when that id ends the sequence.
+    """
+
+    def __init__(self, options: SamplingOptions, eos_id: int = EOT_ID,
+                 token_bytes: Callable[[int], bytes] | None = None):
+        self.options = options
+        self.eos_id = eos_id
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = FINISH_LENGTH if options.max_new_tokens == 0 else None
+        self._pieces: list[str] = []
+        self._stream = TextStream(options.stop, token_bytes)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+    def accept(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
+        out = ""
+        if token_id == self.eos_id and not self.options.ignore_eos:
+            self.finish_reason = FINISH_EOS
+        else:
+            out = self._stream.feed(token_id)
+            if self._stream.stopped:
+                self.finish_reason = FINISH_STOP
+            elif len(self.token_ids) == self.options.max_new_tokens:
+                self.finish_reason = FINISH_LENGTH
+        if self.finish_reason in (FINISH_EOS, FINISH_LENGTH):
+            out += self._stream.finish()
+        if out:
+            self._pieces.append(out)
+        return out
+
+
 class Generation:
     """Generate from ``prompt_token_ids``; iterate to receive the text as it becomes printable.
 
@@ -416,22 +460,31 @@ class Generation:
         self.prompt_token_ids = list(prompt_token_ids)
         self.options = options
         self.eos_id = eos_id
-        self.token_ids: list[int] = []
-        self.finish_reason: str | None = None
+        self.continuation = Continuation(options, eos_id, token_bytes)
         self.timings = Timings()
-        self._pieces: list[str] = []
-        self._stream = TextStream(options.stop, token_bytes)
         n_seen = len(self.prompt_token_ids) if context_length is None else min(len(self.prompt_token_ids), context_length)
         self.timings.prefill_tokens = n_seen if options.max_new_tokens else 0  # -n 0 runs nothing
 
     @property
-    def text(self) -> str:
-        return "".join(self._pieces)
+    def token_ids(self) -> list[int]:
+        return self.continuation.token_ids
 
-    def token_id_stream(self) -> Iterator[int]:
-        """New ids one by one. Ends after max_new_tokens, or after <|endoftext|> unless ignore_eos."""
+    @property
+    def text(self) -> str:
+        return self.continuation.text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.continuation.finish_reason
+
+    @finish_reason.setter
+    def finish_reason(self, reason: str) -> None:  # the caller's FINISH_INTERRUPTED
+        self.continuation.finish_reason = reason
+
+    def __iter__(self) -> Iterator[str]:
+        """Text pieces as they become printable; the model runs only while the sequence goes on."""
         opts = self.options
-        if opts.max_new_tokens == 0:
+        if self.continuation.done:
             return
         generator = None if opts.greedy else make_generator(opts.seed)
         start = time.perf_counter()
@@ -444,31 +497,13 @@ class Generation:
             else:
                 self.timings.decode_s += elapsed
                 self.timings.decode_tokens += 1
-            self.token_ids.append(next_id)
-            yield next_id
-            if (next_id == self.eos_id and not opts.ignore_eos) or i + 1 == opts.max_new_tokens:
+            piece = self.continuation.accept(next_id)
+            if piece:
+                yield piece
+            if self.continuation.done:
                 return
             start = time.perf_counter()
             logits = self.decoder.step(next_id)
-
-    def __iter__(self) -> Iterator[str]:
-        for token_id in self.token_id_stream():
-            if token_id == self.eos_id and not self.options.ignore_eos:
-                self.finish_reason = FINISH_EOS
-                break
-            piece = self._stream.feed(token_id)
-            if piece:
-                self._pieces.append(piece)
-                yield piece
-            if self._stream.stopped:
-                self.finish_reason = FINISH_STOP
-                return
-        else:
-            self.finish_reason = FINISH_LENGTH
-        tail = self._stream.finish()
-        if tail:
-            self._pieces.append(tail)
-            yield tail
 
     def run(self) -> "Generation":
         """Generate to the end without streaming; returns self."""
