@@ -103,7 +103,7 @@ def generate_batch(
     prompts: Sequence[Sequence[int]],
     options: SamplingOptions,
     *,
-    eos_id: int = EOT_ID,
+    eos_id: int | None = EOT_ID,
     token_bytes: Callable[[int], bytes] | None = None,
 ) -> tuple[list[RowResult], Timings]:
     """Continue every prompt; results in input order, and the batch's timings.

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import torch
 
     from gptcli.model import GPTModel, KVCache
+    from gptcli.tokenizer import Tokenizer
 
 FINISH_EOS = "eos"  # the model produced <|endoftext|>
 FINISH_STOP = "stop"  # a --stop string appeared (it is not part of the text)
@@ -76,12 +77,22 @@ def crop_prompt(ids: Sequence[int], context_length: int) -> tuple[list[int], int
     return list(ids[dropped:]), dropped
 
 
-def prompt_ids(text: str, encode: Callable[[str], list[int]] | None = None) -> list[int]:
-    """Token ids for a prompt; an empty prompt starts from <|endoftext|>, as GPT-2 was trained."""
-    if encode is None:
-        from gptcli.tokenizer import encode
-    ids = encode(text)
-    return ids if ids else [EOT_ID]
+def prompt_ids(text: str, tokenizer: "Tokenizer | None" = None) -> list[int]:
+    """Token ids for a prompt. An empty prompt starts from <|endoftext|>, as GPT-2 was trained; with a
+    vocabulary that has none (characters), from a newline, as nanoGPT's sample.py does, else id 0."""
+    if tokenizer is None:
+        from gptcli.tokenizer import gpt2
+
+        tokenizer = gpt2()
+    ids = tokenizer.encode(text)
+    if ids:
+        return ids
+    if tokenizer.eot_id is not None:
+        return [tokenizer.eot_id]
+    try:
+        return tokenizer.encode("\n")
+    except UserError:
+        return [0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +412,7 @@ class Continuation:
     the held-back tail when that id ends the sequence.
     """
 
-    def __init__(self, options: SamplingOptions, eos_id: int = EOT_ID,
+    def __init__(self, options: SamplingOptions, eos_id: int | None = EOT_ID,
                  token_bytes: Callable[[int], bytes] | None = None):
         self.options = options
         self.eos_id = eos_id
@@ -452,7 +463,7 @@ class Generation:
         prompt_token_ids: Sequence[int],
         options: SamplingOptions,
         *,
-        eos_id: int = EOT_ID,
+        eos_id: int | None = EOT_ID,
         token_bytes: Callable[[int], bytes] | None = None,
         context_length: int | None = None,
     ):

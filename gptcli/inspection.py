@@ -21,6 +21,7 @@ from gptcli.params import count_params, weight_memory
 
 if TYPE_CHECKING:
     from gptcli.model import GPTModel
+    from gptcli.tokenizer import Tokenizer
     from gptcli.weights import Located
 
 Note = Callable[[str], None]
@@ -325,13 +326,15 @@ def checkpoint_report(header: ckpt.Header, cfg: GPTConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def token_text(token_id: int) -> str:
+def token_text(token_id: int, tokenizer: "Tokenizer | None" = None) -> str:
     """The token's text; bytes that are only part of a UTF-8 character come out as \\xNN."""
-    from gptcli.tokenizer import token_bytes
+    if tokenizer is None:
+        from gptcli.tokenizer import gpt2
 
+        tokenizer = gpt2()
     try:
-        raw = token_bytes(token_id)
-    except KeyError:  # a config with a bigger vocabulary than GPT-2's tokenizer knows
+        raw = tokenizer.token_bytes(token_id)
+    except (KeyError, IndexError):  # a config with a bigger vocabulary than the tokenizer knows
         return f"<id {token_id}>"
     return raw.decode("utf-8", errors="backslashreplace")
 
@@ -341,7 +344,7 @@ def show_token(text: str) -> str:
     return repr(text)
 
 
-def next_tokens(model: "GPTModel", ids: list[int], top: int) -> list[dict[str, Any]]:
+def next_tokens(model: "GPTModel", ids: list[int], top: int, tokenizer: "Tokenizer | None" = None) -> list[dict[str, Any]]:
     """The ``top`` most likely next tokens after ``ids``: [{id, token, prob}], most likely first.
 
     One forward pass over the last ``context_length`` ids; probabilities are a float32 softmax over
@@ -359,6 +362,6 @@ def next_tokens(model: "GPTModel", ids: list[int], top: int) -> list[dict[str, A
         probs = torch.softmax(logits, dim=-1)
         values, indices = torch.topk(probs, k=min(top, probs.shape[0]))  # sorted, largest first
     return [
-        {"id": int(i), "token": token_text(int(i)), "prob": float(p)}
+        {"id": int(i), "token": token_text(int(i), tokenizer), "prob": float(p)}
         for p, i in zip(values.tolist(), indices.tolist())
     ]

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from gptcli.checkpoint import Header
     from gptcli.model import GPTModel
+    from gptcli.tokenizer import Tokenizer
 
 Note = Callable[[str], None]
 
@@ -57,6 +58,7 @@ class LoadedModel:
     load_seconds: float
     notes: list[str] = field(default_factory=list)
     checkpoint: Path | None = None  # the local .safetensors file, None for random weights
+    tokenizer: "Tokenizer | None" = None  # what the checkpoint was trained with (GPT-2's BPE unless it says)
 
 
 @dataclass(frozen=True)
@@ -313,12 +315,14 @@ def save_checkpoint(model: "GPTModel", path: str | Path, *, metadata: dict[str, 
     return path
 
 
-def check_vocab(cfg: GPTConfig, where: str) -> None:
-    """gptcli speaks GPT-2's BPE: a model with another vocabulary would emit ids it cannot decode."""
-    from gptcli.tokenizer import VOCAB_SIZE
+def check_vocab(cfg: GPTConfig, where: str, tokenizer: "Tokenizer | None" = None) -> None:
+    """vocab_size must equal the tokenizer's size: a model with another vocabulary would emit ids it cannot decode."""
+    from gptcli.tokenizer import gpt2
 
-    if cfg.vocab_size != VOCAB_SIZE:
-        raise UserError(f"{where}: vocab_size {cfg.vocab_size} does not match GPT-2's tokenizer ({VOCAB_SIZE} tokens)")
+    tokenizer = tokenizer or gpt2()
+    if cfg.vocab_size != tokenizer.vocab_size:
+        what = "GPT-2's tokenizer" if tokenizer.name == "gpt2" else f"its {tokenizer.name} tokenizer"
+        raise UserError(f"{where}: vocab_size {cfg.vocab_size} does not match {what} ({tokenizer.vocab_size} tokens)")
 
 
 def checkpoint_config(header: "Header", wanted: GPTConfig | None = None, config_json: Path | None = None,
@@ -353,7 +357,9 @@ def checkpoint_config(header: "Header", wanted: GPTConfig | None = None, config_
         cfg = wanted
     else:
         cfg = implied_config(header, config_json, name=name)
-    check_vocab(cfg, where_said)
+    from gptcli.tokenizer import from_metadata
+
+    check_vocab(cfg, where_said, from_metadata(header.metadata, str(header.path)))
     verdict = verify(header, cfg)
     head = head_name(verdict.layout)
     if cfg.tie_weights and verdict.unexpected == [head] and \
@@ -444,6 +450,15 @@ def load_checkpoint(
     return model.eval()
 
 
+def checkpoint_tokenizer(path: str | Path) -> "Tokenizer":
+    """The tokenizer a checkpoint records in its metadata; GPT-2's BPE when it records none."""
+    from gptcli.checkpoint import read_header
+    from gptcli.tokenizer import from_metadata
+
+    header = read_header(path)
+    return from_metadata(header.metadata, str(header.path))
+
+
 def load_model(
     *,
     size: str | None,
@@ -502,7 +517,10 @@ def load_model(
         model = load_checkpoint(located.path, wanted, device=device, dtype=dtype, config_json=located.config_json,
                                 name=located.hub_id or None, note=say)
         cfg, source, checkpoint = model.cfg, located.source, located.path
+    from gptcli.tokenizer import gpt2
+
+    tokenizer = checkpoint_tokenizer(checkpoint) if checkpoint is not None else gpt2()
     return LoadedModel(
         model=model, cfg=cfg, source=source, device=device, dtype=dtype,
-        load_seconds=time.perf_counter() - start, notes=notes, checkpoint=checkpoint,
+        load_seconds=time.perf_counter() - start, notes=notes, checkpoint=checkpoint, tokenizer=tokenizer,
     )

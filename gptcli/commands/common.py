@@ -73,6 +73,15 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def check_tokenizer_early(weights: str | None) -> None:
+    """With auto/random weights the model speaks GPT-2's BPE: load it before the model, so a missing
+    tokenizer fails fast. A checkpoint names its own tokenizer, known once its header is read."""
+    if (weights or "auto").strip().lower() in {"auto", "random"}:
+        from gptcli.tokenizer import get_tokenizer
+
+        get_tokenizer()
+
+
 def silence_stdout() -> None:
     """After EPIPE, point stdout at /dev/null so the exit-time flush can't complain."""
     import os

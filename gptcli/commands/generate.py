@@ -13,6 +13,7 @@ import typer
 from gptcli.commands.common import (
     ConfigOption,
     SizeOption,
+    check_tokenizer_early,
     err,
     note,
     print_json,
@@ -334,12 +335,13 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
          device_name: str, dtype_name: str, json_output: bool, stats: bool, echo: bool | None) -> None:
     from gptcli.generate import Generation, crop_prompt, make_decoder, prompt_ids
 
-    ids = prompt_ids(prompt_text)  # the tokenizer first: its error is quicker than loading a model
+    check_tokenizer_early(weights)  # its error is quicker than loading a model
     if options.greedy and (options.top_k is not None or options.top_p is not None):
         note("--top-k and --top-p only apply when sampling (--temperature above 0); decoding greedily")
     loaded = _load(size=size, config=config, weights=weights, device_name=device_name, dtype_name=dtype_name,
                    seed=options.seed, speed=speed)
-    cfg = loaded.cfg
+    cfg, tokenizer = loaded.cfg, loaded.tokenizer
+    ids = prompt_ids(prompt_text, tokenizer)
     decoder = make_decoder(loaded.model, loaded.device, loaded.dtype, compile=speed.compile)
     compile_s = None
     if speed.compile:
@@ -350,7 +352,8 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
         note(f"the prompt has {len(ids)} tokens, more than the context of {cfg.context_length}; "
              f"dropped the first {dropped}")
 
-    generation = Generation(decoder, ids, options, context_length=cfg.context_length)
+    generation = Generation(decoder, ids, options, context_length=cfg.context_length, eos_id=tokenizer.eot_id,
+                            token_bytes=tokenizer.token_bytes)
     out = TextOutput(terminal=stdout_is_terminal())
     interrupted = False
     if not json_output and (echo or (echo is None and out.terminal)):
@@ -434,15 +437,16 @@ def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOption
     prompts = split_prompt_lines(stdin_text)
     if options.greedy and (options.top_k is not None or options.top_p is not None):
         note("--top-k and --top-p only apply when sampling (--temperature above 0); decoding greedily")
-    encoded = [prompt_ids(p) for p in prompts]
+    check_tokenizer_early(weights)
     loaded = _load(size=size, config=config, weights=weights, device_name=device_name, dtype_name=dtype_name,
                    seed=options.seed, speed=speed)
-    cfg = loaded.cfg
+    cfg, tokenizer = loaded.cfg, loaded.tokenizer
+    encoded = [prompt_ids(p, tokenizer) for p in prompts]
     decoder = BatchDecoder(loaded.model, loaded.device, loaded.dtype)
     total = Timings()
     for first in range(0, len(prompts), speed.batch_size):
         batch = encoded[first : first + speed.batch_size]
-        results, t = generate_batch(decoder, batch, options)
+        results, t = generate_batch(decoder, batch, options, eos_id=tokenizer.eot_id, token_bytes=tokenizer.token_bytes)
         total.prefill_s += t.prefill_s
         total.decode_s += t.decode_s
         total.prefill_tokens += t.prefill_tokens

@@ -14,6 +14,7 @@ from gptcli.commands.common import (
     ConfigOption,
     JsonOption,
     SizeOption,
+    check_tokenizer_early,
     note,
     print_json,
     print_table,
@@ -205,15 +206,15 @@ def predict(
 ) -> dict[str, Any]:
     """One forward pass: the prompt's ids and the top-``top`` next tokens, with the same weights as generate."""
     from gptcli.inspection import next_tokens
-    from gptcli.tokenizer import encode
     from gptcli.weights import load_model
 
-    ids = encode(prompt)  # first: a missing tokenizer should fail before a model is loaded
-    if not ids:
+    if not prompt:
         raise UserError("--prompt is empty: give at least one token of text")
+    check_tokenizer_early(weights)
     dev, dt = _device_and_dtype(device, dtype)
     loaded = load_model(size=size, config=config, weights=weights or "auto", device=dev, dtype=dt, seed=seed,
                         note=note)
+    ids = loaded.tokenizer.encode(prompt)
     if max(ids) >= loaded.cfg.vocab_size:
         raise UserError(f"the prompt has token id {max(ids)}, outside the model's vocabulary "
                         f"(vocab_size {loaded.cfg.vocab_size})")
@@ -222,7 +223,7 @@ def predict(
     return {
         "prompt": {"text": prompt, "token_ids": ids, "weights": loaded.source, "device": str(loaded.device),
                    "dtype": str(loaded.dtype).removeprefix("torch.")},
-        "next_tokens": next_tokens(loaded.model, ids, top),
+        "next_tokens": next_tokens(loaded.model, ids, top, loaded.tokenizer),
     }
 
 
