@@ -159,47 +159,61 @@ def expected_tensors(cfg: GPTConfig, layout: str) -> dict[str, tuple[int, ...]]:
 
     Hugging Face names are given without the ``transformer.`` prefix; the head is listed only when untied.
     """
+    return {n: shape for n, (shape, needed) in _layout_tensors(cfg, layout).items() if needed}
+
+
+def optional_tensors(cfg: GPTConfig, layout: str) -> dict[str, tuple[int, ...]]:
+    """Bias tensors a Hugging Face checkpoint of a bias-free ``cfg`` may carry as zeros (transformers' GPT-2
+    always has them, so gptcli exports zeros); loading checks they are zero and drops them."""
+    return {n: shape for n, (shape, needed) in _layout_tensors(cfg, layout).items() if not needed}
+
+
+def _layout_tensors(cfg: GPTConfig, layout: str) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Every tensor name of ``cfg`` in ``layout``: (stored shape, whether the config needs it)."""
     d, v, c = cfg.emb_dim, cfg.vocab_size, cfg.context_length
-    out: dict[str, tuple[int, ...]] = {}
+    b, qb = cfg.bias, cfg.qkv_bias
+    out: dict[str, tuple[tuple[int, ...], bool]] = {}
     if layout == HF:
-        out["wte.weight"] = (v, d)
-        out["wpe.weight"] = (c, d)
+        out["wte.weight"] = ((v, d), True)
+        out["wpe.weight"] = ((c, d), True)
         for i in range(cfg.n_layers):
             p = f"h.{i}."
-            out[p + "ln_1.weight"] = out[p + "ln_1.bias"] = (d,)
-            out[p + "attn.c_attn.weight"] = (d, 3 * d)  # Conv1D: (in, out)
-            if cfg.qkv_bias:
-                out[p + "attn.c_attn.bias"] = (3 * d,)
-            out[p + "attn.c_proj.weight"] = (d, d)
-            out[p + "attn.c_proj.bias"] = (d,)
-            out[p + "ln_2.weight"] = out[p + "ln_2.bias"] = (d,)
-            out[p + "mlp.c_fc.weight"] = (d, 4 * d)
-            out[p + "mlp.c_fc.bias"] = (4 * d,)
-            out[p + "mlp.c_proj.weight"] = (4 * d, d)
-            out[p + "mlp.c_proj.bias"] = (d,)
-        out["ln_f.weight"] = out["ln_f.bias"] = (d,)
+            out[p + "ln_1.weight"], out[p + "ln_1.bias"] = ((d,), True), ((d,), b)
+            out[p + "attn.c_attn.weight"] = ((d, 3 * d), True)  # Conv1D: (in, out)
+            out[p + "attn.c_attn.bias"] = ((3 * d,), qb)
+            out[p + "attn.c_proj.weight"] = ((d, d), True)
+            out[p + "attn.c_proj.bias"] = ((d,), b)
+            out[p + "ln_2.weight"], out[p + "ln_2.bias"] = ((d,), True), ((d,), b)
+            out[p + "mlp.c_fc.weight"] = ((d, 4 * d), True)
+            out[p + "mlp.c_fc.bias"] = ((4 * d,), b)
+            out[p + "mlp.c_proj.weight"] = ((4 * d, d), True)
+            out[p + "mlp.c_proj.bias"] = ((d,), b)
+        out["ln_f.weight"], out["ln_f.bias"] = ((d,), True), ((d,), b)
         if not cfg.tie_weights:
-            out["lm_head.weight"] = (v, d)
+            out["lm_head.weight"] = ((v, d), True)
         return out
     if layout == GPTCLI:
-        out["tok_emb.weight"] = (v, d)
-        out["pos_emb.weight"] = (c, d)
+        out["tok_emb.weight"] = ((v, d), True)
+        out["pos_emb.weight"] = ((c, d), True)
         for i in range(cfg.n_layers):
             p = f"trf_blocks.{i}."
-            out[p + "att.W_qkv.weight"] = (3 * d, d)
-            if cfg.qkv_bias:
-                out[p + "att.W_qkv.bias"] = (3 * d,)
-            out[p + "att.out_proj.weight"] = (d, d)
-            out[p + "att.out_proj.bias"] = (d,)
-            out[p + "ff.layers.0.weight"] = (4 * d, d)
-            out[p + "ff.layers.0.bias"] = (4 * d,)
-            out[p + "ff.layers.2.weight"] = (d, 4 * d)
-            out[p + "ff.layers.2.bias"] = (d,)
-            out[p + "norm1.scale"] = out[p + "norm1.shift"] = (d,)
-            out[p + "norm2.scale"] = out[p + "norm2.shift"] = (d,)
-        out["final_norm.scale"] = out["final_norm.shift"] = (d,)
+            out[p + "att.W_qkv.weight"] = ((3 * d, d), True)
+            if qb:
+                out[p + "att.W_qkv.bias"] = ((3 * d,), True)
+            out[p + "att.out_proj.weight"] = ((d, d), True)
+            out[p + "ff.layers.0.weight"] = ((4 * d, d), True)
+            out[p + "ff.layers.2.weight"] = ((d, 4 * d), True)
+            out[p + "norm1.scale"] = out[p + "norm2.scale"] = ((d,), True)
+            if b:
+                out[p + "att.out_proj.bias"] = ((d,), True)
+                out[p + "ff.layers.0.bias"] = ((4 * d,), True)
+                out[p + "ff.layers.2.bias"] = ((d,), True)
+                out[p + "norm1.shift"] = out[p + "norm2.shift"] = ((d,), True)
+        out["final_norm.scale"] = ((d,), True)
+        if b:
+            out["final_norm.shift"] = ((d,), True)
         if not cfg.tie_weights:
-            out["out_head.weight"] = (v, d)
+            out["out_head.weight"] = ((v, d), True)
         return out
     raise ValueError(f"unknown layout {layout!r}")
 
@@ -264,6 +278,7 @@ def verify(header: Header, cfg: GPTConfig) -> Verdict:
     layout = detect_layout(header.tensors)
     names = normalized_names(header, layout)
     expected = expected_tensors(cfg, layout)
+    optional = optional_tensors(cfg, layout)
     verdict = Verdict(layout=layout, tied=is_tied(header, layout))
     for name, shape in expected.items():
         info = names.get(name)
@@ -272,7 +287,12 @@ def verify(header: Header, cfg: GPTConfig) -> Verdict:
         elif info.shape != shape:
             verdict.mismatched.append(f"{name}: checkpoint {list(info.shape)} vs config {list(shape)}")
             verdict.mismatched_names.append(name)
-    verdict.unexpected = [n for n in names if n not in expected]
+    for name, shape in optional.items():
+        info = names.get(name)
+        if info is not None and info.shape != shape:
+            verdict.mismatched.append(f"{name}: checkpoint {list(info.shape)} vs config {list(shape)}")
+            verdict.mismatched_names.append(name)
+    verdict.unexpected = [n for n in names if n not in expected and n not in optional]
     return verdict
 
 
@@ -291,12 +311,13 @@ class InferredArchitecture:
     n_heads: int | None
     qkv_bias: bool
     tie_weights: bool
+    bias: bool = True
 
     def to_dict(self) -> dict:
         return {
             "vocab_size": self.vocab_size, "context_length": self.context_length, "emb_dim": self.emb_dim,
             "n_heads": self.n_heads, "n_layers": self.n_layers, "qkv_bias": self.qkv_bias,
-            "tie_weights": self.tie_weights,
+            "tie_weights": self.tie_weights, **({} if self.bias else {"bias": False}),
         }
 
 
@@ -305,9 +326,11 @@ def infer_architecture(header: Header) -> InferredArchitecture:
     names = normalized_names(header, layout)
     if layout == HF:
         tok, pos, block_re, bias = "wte.weight", "wpe.weight", re.compile(r"^h\.(\d+)\."), "h.0.attn.c_attn.bias"
+        shift = None  # transformers' GPT-2 always has biases: a missing one is missing, not off
     else:
         tok, pos, block_re, bias = "tok_emb.weight", "pos_emb.weight", re.compile(r"^trf_blocks\.(\d+)\."), \
             "trf_blocks.0.att.W_qkv.bias"
+        shift = "final_norm.shift"
     for needed in (tok, pos):
         if needed not in names or len(names[needed].shape) != 2:
             raise UserError(f"{header.path}: cannot infer the architecture: tensor {needed!r} is missing or not 2-D")
@@ -322,6 +345,7 @@ def infer_architecture(header: Header) -> InferredArchitecture:
         n_heads=GPT2_HEADS.get(emb_dim),
         qkv_bias=bias in names,
         tie_weights=head_name(layout) not in names,
+        bias=shift is None or shift in names,
     )
 
 
@@ -374,7 +398,7 @@ HF_CONFIG_FILE = "config.json"
 # save_checkpoint stores the GPTConfig as JSON under this metadata key, so n_heads survives a round trip.
 METADATA_CONFIG_KEY = "gptcli.config"
 # Keys that decide the weights' shapes or the maths; drop_rate does neither at inference.
-ARCH_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights")
+ARCH_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights", "bias")
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 # transformers' names for the tanh GELU that gptcli's GPT-2 uses.
 _TANH_GELUS = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
@@ -449,17 +473,19 @@ def checkpoint_facts(header: Header, hf_config: dict | None = None, hf_config_so
     """What is known about a checkpoint's architecture, and from where.
 
     config.json wins, then gptcli's own metadata, then the tensor shapes (which cannot tell n_heads
-    unless emb_dim is a GPT-2 size: then ``n_heads`` is None). ``qkv_bias`` always comes from the
-    tensors, since transformers' config has no such key.
+    unless emb_dim is a GPT-2 size: then ``n_heads`` is None). transformers' config has no
+    ``qkv_bias`` or ``bias``: they come from gptcli's metadata when the file has it (its Hugging Face
+    export carries zero biases), else from the tensors.
     """
     inferred = infer_architecture(header)
+    stored = metadata_facts(header)
     if hf_config is not None:
         facts, where = hf_config_facts(hf_config, hf_config_source), hf_config_source
-        facts["qkv_bias"] = inferred.qkv_bias
+        facts["qkv_bias"] = stored.get("qkv_bias", inferred.qkv_bias) if stored else inferred.qkv_bias
+        facts["bias"] = stored.get("bias", True) if stored else True
         return facts, where
-    stored = metadata_facts(header)
     if stored is not None:
-        return stored, f"{header.path.name} metadata"
+        return {"bias": True, **stored}, f"{header.path.name} metadata"
     facts = inferred.to_dict()
     facts["drop_rate"] = 0.1
     return facts, "tensor shapes"
@@ -500,9 +526,8 @@ def implied_config(header: Header, config_json: Path | None = None, name: str | 
             "model's YAML"
         )
     note(f"config from {where}")
-    raw = {k: facts.get(k) for k in SCHEMA}
-    if raw["drop_rate"] is None:
-        raw["drop_rate"] = 0.1
+    raw = {k: facts[k] for k in SCHEMA if facts.get(k) is not None}
+    raw.setdefault("drop_rate", 0.1)
     default_name = header.path.parent.name if header.path.name == "model.safetensors" else header.path.stem
     cfg = validate(raw, f"{header.path} (architecture from {where})", name=name or default_name)
     for size in GPT2_SIZES:

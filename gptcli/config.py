@@ -24,6 +24,7 @@ class GPTConfig:
     drop_rate: float
     qkv_bias: bool
     tie_weights: bool
+    bias: bool = True  # biases in the other Linear layers and LayerNorm shifts (nanoGPT's bias=False turns them off)
     name: str = "custom"  # where the config came from; not a YAML key
 
     @property
@@ -31,8 +32,16 @@ class GPTConfig:
         return self.emb_dim // self.n_heads
 
     def to_dict(self) -> dict[str, Any]:
-        """The YAML keys, in the book's order (no ``name``)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
+        """The YAML keys, in the book's order (no ``name``); ``bias`` only when it is off, its rare value."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
+        if out["bias"]:
+            del out["bias"]
+        return out
+
+    def replace(self, **changes: Any) -> "GPTConfig":
+        """A copy with some keys changed, validated like a YAML file."""
+        raw = {**self.to_dict(), "bias": self.bias, **changes}
+        return validate(raw, "config overrides", name=self.name)
 
 
 # Key -> accepted Python types, in the book's order.
@@ -45,7 +54,10 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "drop_rate": (float, int),
     "qkv_bias": (bool,),
     "tie_weights": (bool,),
+    "bias": (bool,),
 }
+# Keys a YAML file may leave out, and their values then.
+OPTIONAL: dict[str, Any] = {"bias": True}
 
 # Shipped configs: canonical size -> (file name, aliases). Aliases are matched case-insensitively.
 SIZES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -85,6 +97,7 @@ def validate(raw: Any, source: str, name: str = "custom") -> GPTConfig:
     unknown = [k for k in raw if k not in SCHEMA]
     if unknown:
         raise UserError(f"{source}: unknown key {unknown[0]!r} (allowed: {', '.join(SCHEMA)})")
+    raw = {**OPTIONAL, **raw}
     for key, types in SCHEMA.items():
         if key not in raw:
             raise UserError(f"{source}: missing key {key!r}")

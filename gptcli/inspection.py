@@ -101,8 +101,8 @@ def _linear(name: str, parent: str, d_in: int, d_out: int, bias: bool = True) ->
     return _module(name, parent, "Linear", params)
 
 
-def _layer_norm(name: str, parent: str, d: int) -> Node:
-    return _module(name, parent, "LayerNorm", (Param("scale", (d,)), Param("shift", (d,))))
+def _layer_norm(name: str, parent: str, d: int, bias: bool = True) -> Node:
+    return _module(name, parent, "LayerNorm", (Param("scale", (d,)),) + ((Param("shift", (d,)),) if bias else ()))
 
 
 def _block(i: int, cfg: GPTConfig) -> Node:
@@ -114,17 +114,17 @@ def _block(i: int, cfg: GPTConfig) -> Node:
     return _module(str(i), "trf_blocks", "TransformerBlock", children=(
         _module("att", path, "MultiHeadAttention", children=(
             _linear("W_qkv", att, d, 3 * d, bias=cfg.qkv_bias),  # Q, K, V stacked as rows
-            _linear("out_proj", att, d, d),
+            _linear("out_proj", att, d, d, bias=cfg.bias),
         )),
         _module("ff", path, "FeedForward", children=(
             _module("layers", ff, "Sequential", children=(
-                _linear("0", layers, d, 4 * d),
+                _linear("0", layers, d, 4 * d, bias=cfg.bias),
                 _module("1", layers, "GELU"),
-                _linear("2", layers, 4 * d, d),
+                _linear("2", layers, 4 * d, d, bias=cfg.bias),
             )),
         )),
-        _layer_norm("norm1", path, d),
-        _layer_norm("norm2", path, d),
+        _layer_norm("norm1", path, d, cfg.bias),
+        _layer_norm("norm2", path, d, cfg.bias),
         _module("drop_shortcut", path, "Dropout"),
     ))
 
@@ -138,7 +138,7 @@ def describe(cfg: GPTConfig) -> Node:
         _module("pos_emb", "", "Embedding", (Param("weight", (cfg.context_length, d)),)),
         _module("drop_emb", "", "Dropout"),
         _module("trf_blocks", "", "Sequential", children=tuple(_block(i, cfg) for i in range(cfg.n_layers))),
-        _layer_norm("final_norm", "", d),
+        _layer_norm("final_norm", "", d, cfg.bias),
         _module("out_head", "", "Linear", (head,)),
     ))
 

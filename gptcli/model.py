@@ -54,13 +54,14 @@ class Linear(nn.Linear):
 
 
 class LayerNorm(nn.Module):
-    """Biased variance and eps 1e-5, as in GPT-2, so its checkpoints load unchanged."""
+    """Biased variance and eps 1e-5, as in GPT-2, so its checkpoints load unchanged. ``bias=False``
+    drops the shift, as nanoGPT's ``bias=False`` does."""
 
-    def __init__(self, emb_dim: int, eps: float = 1e-5):
+    def __init__(self, emb_dim: int, eps: float = 1e-5, bias: bool = True):
         super().__init__()
         self.eps = eps
         self.scale = nn.Parameter(torch.ones(emb_dim))
-        self.shift = nn.Parameter(torch.zeros(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Same as the book's (x - mean) / sqrt(var + eps) * scale + shift, in one kernel.
@@ -78,9 +79,9 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.layers = nn.Sequential(
-            Linear(cfg.emb_dim, 4 * cfg.emb_dim),
+            Linear(cfg.emb_dim, 4 * cfg.emb_dim, bias=cfg.bias),
             GELU(),
-            Linear(4 * cfg.emb_dim, cfg.emb_dim),
+            Linear(4 * cfg.emb_dim, cfg.emb_dim, bias=cfg.bias),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +115,8 @@ class KVCache:
 
 
 class MultiHeadAttention(nn.Module):
-    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias: bool = False):
+    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias: bool = False,
+                 bias: bool = True):
         super().__init__()
         assert d_out % num_heads == 0, "d_out must be divisible by num_heads"
         self.d_out = d_out
@@ -126,7 +128,7 @@ class MultiHeadAttention(nn.Module):
         # skip_init: nn.Linear's own init would draw numbers the book never draws.
         self.W_qkv = nn.utils.skip_init(Linear, d_in, 3 * d_out, bias=qkv_bias, device=torch.get_default_device())
         self._init_qkv_in_book_order(d_in, d_out, qkv_bias)
-        self.out_proj = Linear(d_out, d_out)
+        self.out_proj = Linear(d_out, d_out, bias=bias)
 
     @torch.no_grad()
     def _init_qkv_in_book_order(self, d_in: int, d_out: int, qkv_bias: bool) -> None:
@@ -206,10 +208,11 @@ class TransformerBlock(nn.Module):
             num_heads=cfg.n_heads,
             dropout=cfg.drop_rate,
             qkv_bias=cfg.qkv_bias,
+            bias=cfg.bias,
         )
         self.ff = FeedForward(cfg)
-        self.norm1 = LayerNorm(cfg.emb_dim)
-        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.norm1 = LayerNorm(cfg.emb_dim, bias=cfg.bias)
+        self.norm2 = LayerNorm(cfg.emb_dim, bias=cfg.bias)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
     def forward(
@@ -233,7 +236,7 @@ class GPTModel(nn.Module):
         self.pos_emb = _embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
-        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.final_norm = LayerNorm(cfg.emb_dim, bias=cfg.bias)
         if cfg.tie_weights:
             # Shares tok_emb's matrix; build the Linear on meta so no throwaway weight is drawn.
             with torch.device("meta"):

@@ -103,15 +103,16 @@ def weight_memory(n_params: int) -> dict[str, int]:
 
 def count_params(cfg: GPTConfig) -> ParamCount:
     d, v = cfg.emb_dim, cfg.vocab_size
-    attention = 3 * d * d + (3 * d if cfg.qkv_bias else 0) + d * d + d
-    feed_forward = d * 4 * d + 4 * d + 4 * d * d + d
-    norms = 2 * 2 * d
+    b = 1 if cfg.bias else 0  # biases of out_proj and the feed-forward, LayerNorm shifts
+    attention = 3 * d * d + (3 * d if cfg.qkv_bias else 0) + d * d + b * d
+    feed_forward = d * 4 * d + b * 4 * d + 4 * d * d + b * d
+    norms = 2 * (1 + b) * d
     return ParamCount(
         token_embedding=v * d,
         position_embedding=cfg.context_length * d,
         block=BlockParams(attention=attention, feed_forward=feed_forward, norms=norms),
         n_layers=cfg.n_layers,
-        final_norm=2 * d,
+        final_norm=(1 + b) * d,
         output_head=0 if cfg.tie_weights else v * d,
         head_matrix=v * d,
         tie_weights=cfg.tie_weights,

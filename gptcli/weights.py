@@ -422,7 +422,14 @@ def load_checkpoint(
     """
     import torch
 
-    from gptcli.checkpoint import detect_layout, expected_tensors, gptcli_name, normalized_names, read_header
+    from gptcli.checkpoint import (
+        detect_layout,
+        expected_tensors,
+        gptcli_name,
+        normalized_names,
+        optional_tensors,
+        read_header,
+    )
     from gptcli.model import build_model
 
     device = torch.device(device)
@@ -431,13 +438,19 @@ def load_checkpoint(
     cfg = checkpoint_config(header, cfg, Path(config_json) if config_json else None, name=name, note=note)
     layout = detect_layout(header.tensors)
     wanted = expected_tensors(cfg, layout)
-    tensors = {n: info for n, info in normalized_names(header, layout).items() if n in wanted}
+    present = normalized_names(header, layout)
+    tensors = {n: info for n, info in present.items() if n in wanted}
+    zero_biases = [info for n, info in present.items() if n in optional_tensors(cfg, layout)]
     state: dict[str, torch.Tensor] = {}
     try:
         with _open_for_reading(header.path) as f:
             for stored, info in sorted(tensors.items(), key=lambda item: item[1].offsets[0]):  # file order
                 ours, transpose = gptcli_name(stored, layout)
                 state[ours] = _place(f.get_tensor(info.name), transpose, device, dtype)
+            for info in zero_biases:  # a bias-free model's export: dropping them must not change the maths
+                if bool(f.get_tensor(info.name).any()):
+                    raise UserError(f"{header.path}: config {cfg.name!r} has no {info.name} but the checkpoint's "
+                                    "is not zero; load it with a config that has biases")
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - safetensors' own checks (overlapping offsets, bad header, I/O)
