@@ -11,6 +11,7 @@ from gptcli.commands.common import err
 from gptcli.commands.generate import generate
 from gptcli.commands.inspect import inspect
 from gptcli.commands.params import params
+from gptcli.commands.train import train
 
 app = typer.Typer(
     name="gptcli",
@@ -41,6 +42,7 @@ def _root(
 app.command("params")(params)
 app.command("generate")(generate)
 app.command("inspect")(inspect)
+app.command("train")(train)
 
 
 def _click_class(name: str) -> type:

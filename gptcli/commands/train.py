@@ -1,0 +1,464 @@
+"""`gptcli train`: pretrain or fine-tune on your own text. Parsing and rendering only; the loop is gptcli.training."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, List, Optional
+
+import typer
+
+from gptcli.commands.common import ConfigOption, SizeOption, err, note, user_errors
+from gptcli.errors import UserError
+
+if TYPE_CHECKING:
+    from gptcli.training import Run
+
+EXIT_INTERRUPTED = 130
+
+
+def _opt(*names: str, help: str, metavar: str | None = None):
+    return typer.Option(*names, help=help, metavar=metavar, show_default=False)
+
+
+@user_errors
+def train(
+    data: Annotated[Optional[List[str]], typer.Argument(
+        metavar="DATA...", help="UTF-8 text files, folders of *.txt, or - for stdin. Not needed with --resume.",
+        show_default=False)] = None,
+    out: Annotated[Optional[Path], _opt("--out", "-o", metavar="DIR", help="The run folder: weights (Hugging Face "
+                   "layout + config.json), best/, state.safetensors, train.jsonl, loss.png. Default runs/NAME.")] = None,
+    recipe: Annotated[Optional[str], _opt("--recipe", "-r", metavar="NAME|FILE", help="A recipe of settings: "
+                      "book-ch05, shakespeare-char, or your YAML. Flags override it.")] = None,
+    tokenizer: Annotated[Optional[str], _opt("--tokenizer", metavar="gpt2|char", help="gpt2 (GPT-2's BPE, the "
+                         "default) or char (the sorted characters of the training text, as nanoGPT).")] = None,
+    size: SizeOption = None,
+    config: ConfigOption = None,
+    weights: Annotated[Optional[str], _opt("--weights", "-w", metavar="SOURCE", help="Fine-tune these weights "
+                       "(a .safetensors file or folder, a Hub id, a gptcli run folder) instead of a new model.")] = None,
+    context_length: Annotated[Optional[int], _opt("--context-length", metavar="N", help="Change the config's "
+                              "context_length (new models).")] = None,
+    n_layers: Annotated[Optional[int], _opt("--n-layers", metavar="N", help="Change n_layers (new models).")] = None,
+    n_heads: Annotated[Optional[int], _opt("--n-heads", metavar="N", help="Change n_heads (new models).")] = None,
+    emb_dim: Annotated[Optional[int], _opt("--emb-dim", metavar="N", help="Change emb_dim (new models).")] = None,
+    drop_rate: Annotated[Optional[float], _opt("--drop-rate", metavar="P", help="Change drop_rate (also when "
+                         "fine-tuning).")] = None,
+    epochs: Annotated[Optional[int], _opt("--epochs", metavar="N", help="Passes over the training windows.")] = None,
+    max_steps: Annotated[Optional[int], _opt("--max-steps", metavar="N", help="Optimizer steps (with --epochs, "
+                         "whichever ends first).")] = None,
+    batch_size: Annotated[Optional[int], _opt("--batch-size", "-b", metavar="N", help="Sequences per micro-batch "
+                          "(over all processes under torchrun).")] = None,
+    grad_accum: Annotated[Optional[int], _opt("--grad-accum", metavar="N", help="Micro-batches per optimizer "
+                          "step (gradient accumulation).")] = None,
+    lr: Annotated[Optional[float], _opt("--lr", metavar="LR", help="Peak learning rate.")] = None,
+    schedule: Annotated[Optional[str], _opt("--schedule", metavar="constant|cosine", help="constant, or linear "
+                        "warm-up then cosine decay to --min-lr.")] = None,
+    warmup_steps: Annotated[Optional[int], _opt("--warmup-steps", metavar="N", help="Warm-up steps (cosine).")] = None,
+    min_lr: Annotated[Optional[float], _opt("--min-lr", metavar="LR", help="Where cosine decay ends.")] = None,
+    weight_decay: Annotated[Optional[float], _opt("--weight-decay", metavar="WD", help="AdamW weight decay.")] = None,
+    decay: Annotated[Optional[str], _opt("--decay", metavar="all|2d", help="Decay every parameter (the book) or "
+                     "only 2-D weights (nanoGPT).")] = None,
+    beta1: Annotated[Optional[float], _opt("--beta1", metavar="B", help="AdamW beta1.")] = None,
+    beta2: Annotated[Optional[float], _opt("--beta2", metavar="B", help="AdamW beta2.")] = None,
+    grad_clip: Annotated[Optional[float], _opt("--grad-clip", metavar="NORM", help="Clip the gradient norm (0: "
+                         "off).")] = None,
+    val_fraction: Annotated[Optional[float], _opt("--val-fraction", metavar="F", help="The last F of the text "
+                            "validates (default 0.1).")] = None,
+    eval_every: Annotated[Optional[int], _opt("--eval-every", metavar="N", help="Evaluate every N steps (and at "
+                          "the end).")] = None,
+    eval_batches: Annotated[Optional[int], _opt("--eval-batches", metavar="N", help="Batches per split in each "
+                            "evaluation.")] = None,
+    sample_prompt: Annotated[Optional[str], _opt("--sample-prompt", metavar="TEXT", help="Prompt of the greedy "
+                             "samples shown while training.")] = None,
+    sample_every: Annotated[Optional[str], _opt("--sample-every", metavar="epoch|N", help="Sample after each "
+                            "epoch, every N steps, or 0 for never.")] = None,
+    sample_tokens: Annotated[Optional[int], _opt("--sample-tokens", metavar="N", help="Tokens per sample.")] = None,
+    save_every: Annotated[Optional[int], _opt("--save-every", metavar="N", help="Checkpoint every N steps (always "
+                          "at the end and on Ctrl-C).")] = None,
+    seed: Annotated[Optional[int], _opt("--seed", metavar="N", help="Seeds the init, the data order and dropout.")] = None,
+    device: Annotated[str, typer.Option("--device", "-d", help="auto (cuda, then mps, then cpu), cpu, cuda, "
+                      "cuda:N or mps.")] = "auto",
+    dtype: Annotated[Optional[str], _opt("--dtype", metavar="float32|bfloat16", help="float32, or bfloat16/float16 "
+                     "autocast (weights and AdamW state stay float32).")] = None,
+    compile_model: Annotated[bool, typer.Option("--compile", help="Compile the model with torch.compile.")] = False,
+    resume: Annotated[Optional[Path], _opt("--resume", metavar="DIR", help="Continue the run in DIR where it "
+                      "stopped (bit for bit on the CPU).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the run already in --out.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="JSON Lines events on stdout (also what a pipe "
+                           "gets).")] = False,
+) -> None:
+    """Pretrain or fine-tune GPT-2 on your own text.
+
+    Recipes: book-ch05 is chapter 5 of the book (124M, context 256, The Verdict; prints the book's figures);
+    shakespeare-char is nanoGPT's CPU recipe (a 0.8M-parameter character model). Flags override a recipe.
+
+    On a terminal a progress bar shows step, epoch, loss, lr, tokens/s and ETA, with evaluations and samples
+    above it. In a pipe or with --json, stdout gets one JSON event per line (start, eval, sample, checkpoint,
+    end), the same lines as DIR/train.jsonl. Ctrl-C saves a checkpoint and exits 130; --resume continues.
+
+    Examples:
+
+      gptcli train the-verdict.txt --recipe book-ch05 --out runs/verdict
+
+      gptcli train tinyshakespeare.txt --recipe shakespeare-char --out runs/shakespeare
+
+      gptcli generate --weights runs/shakespeare "ROMEO:" -n 200 -t 0.8 --top-k 50
+
+      gptcli train notes/ --weights gpt2 --epochs 2 --lr 5e-5 --out runs/notes
+
+      gptcli train --resume runs/shakespeare --max-steps 3000
+    """
+    from gptcli import training
+
+    flags: dict[str, Any] = {
+        "tokenizer": tokenizer, "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
+        "grad_accum": grad_accum, "lr": lr, "schedule": schedule, "warmup_steps": warmup_steps, "min_lr": min_lr,
+        "weight_decay": weight_decay, "decay": decay, "val_fraction": val_fraction, "eval_every": eval_every,
+        "eval_batches": eval_batches, "sample_prompt": sample_prompt, "sample_tokens": sample_tokens,
+        "save_every": save_every, "seed": seed, "dtype": dtype,
+    }
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if grad_clip is not None:
+        flags["grad_clip"] = grad_clip if grad_clip > 0 else None
+    if sample_every is not None:
+        flags["sample_every"] = _sample_every(sample_every)
+    if compile_model:
+        flags["compile"] = True
+    arch = {k: v for k, v in {"context_length": context_length, "n_layers": n_layers, "n_heads": n_heads,
+                               "emb_dim": emb_dim, "drop_rate": drop_rate}.items() if v is not None}
+    json_mode = json_output or not sys.stdout.isatty()
+
+    if resume is not None:
+        run = _resume_run(resume, data, flags, arch, beta1, beta2, device, recipe=recipe, size=size, config=config,
+                          weights=weights, out=out, force=force)
+    else:
+        run = _new_run(data, out, recipe, flags, arch, beta1, beta2, size=size, config=config, weights=weights,
+                       device=device, force=force)
+    _render(training.Trainer(run), run, json_mode)
+
+
+def _sample_every(value: str) -> str | int:
+    if value.strip().lower() == "epoch":
+        return "epoch"
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"--sample-every expects 'epoch' or a number of steps, got {value!r}") from None
+
+
+def _betas(current: tuple[float, float], beta1: float | None, beta2: float | None) -> tuple[float, float]:
+    return (current[0] if beta1 is None else beta1, current[1] if beta2 is None else beta2)
+
+
+def _progress_tokenizing(total_chars: int):
+    """A progress callback for tokenizing, drawn on stderr when it is a terminal and the text is large."""
+    if total_chars < 5_000_000 or not sys.stderr.isatty():
+        return None, None
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("tokenizing"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeRemainingColumn(),
+                   console=Console(stderr=True), transient=True)
+    task = bar.add_task("tokenize", total=total_chars)
+    bar.start()
+    return bar, (lambda done, total: bar.update(task, completed=done))
+
+
+def _new_run(data, out, recipe_spec, flags, arch, beta1, beta2, *, size, config, weights, device, force) -> "Run":
+    import dataclasses
+
+    import torch
+
+    from gptcli import training
+    from gptcli.config import resolve_config
+    from gptcli.data import digest, read_texts
+    from gptcli.devices import check_device_name, resolve_device
+    from gptcli.tokenizer import CharTokenizer, gpt2
+
+    recipe = training.load_recipe(recipe_spec) if recipe_spec else None
+    base = dict(recipe.settings) if recipe else {}
+    settings = training.TrainSettings(**{**base, **flags})
+    settings.betas = _betas(tuple(settings.betas), beta1, beta2)
+    settings.device = check_device_name(device)
+    settings.validate()
+    if not data:
+        raise UserError("no training data: pass one or more text files, folders of *.txt, or - for stdin "
+                        "(or --resume DIR to continue a run)")
+    name = recipe.name if recipe else Path(data[0]).stem if data[0] != "-" else "stdin"
+    out = out or Path("runs") / name
+    training.check_out_dir(out, resume=False, force=force)
+    texts = read_texts(data)
+
+    weights = weights or (recipe.weights if recipe else None)
+    model_size = size if size is not None or config is not None else (recipe.size if recipe else None)
+    model_config = config if config is not None else (recipe.config if recipe and size is None else None)
+    if weights is not None and (set(arch) - {"drop_rate"} or (recipe and set(recipe.model) - {"drop_rate"})
+                                and weights != (recipe.weights if recipe else None)):
+        raise UserError("--weights fine-tunes a model as it is; architecture changes (--context-length, --n-layers, "
+                        "--n-heads, --emb-dim) need a new model (--size/--config)")
+    torch_device = resolve_device(settings.device)
+    _check_dtype(settings.dtype, torch_device)
+
+    if settings.tokenizer == "char":
+        tok = CharTokenizer.from_text("".join(t.text for t in texts))
+    else:
+        tok = gpt2()
+        tok.encode("")  # load the BPE file now: a missing tokenizer fails before anything is built
+
+    dist = training.dist_from_env()
+    if weights is None:
+        overrides = {**(recipe.model if recipe else {}), **arch}
+        cfg = resolve_config(model_size, model_config)
+        if settings.tokenizer == "char":
+            overrides["vocab_size"] = tok.vocab_size
+        cfg = cfg.replace(**overrides) if overrides else cfg
+        if recipe and not (size or config):
+            cfg = dataclasses.replace(cfg, name=recipe.name)
+        from gptcli.weights import check_vocab
+
+        check_vocab(cfg, f"config {cfg.name!r}", tok)
+        _check_memory(cfg, settings, torch_device, dist)
+        source = f"random ({settings.init} init, seed {settings.seed})"
+        model = None
+    else:
+        from gptcli.weights import load_model
+
+        loaded = load_model(size=size, config=config, weights=weights, device=torch.device("cpu"),
+                            dtype=torch.float32, seed=settings.seed, note=note if dist.main else (lambda _: None))
+        if loaded.tokenizer.name != settings.tokenizer or loaded.tokenizer.vocab_size != tok.vocab_size:
+            if settings.tokenizer == "char" and loaded.tokenizer.name == "char":
+                tok = loaded.tokenizer  # fine-tuning a character model: keep its vocabulary
+            else:
+                raise UserError(f"{weights} was trained with the {loaded.tokenizer.name} tokenizer, not "
+                                f"{settings.tokenizer}; pass --tokenizer {loaded.tokenizer.name}")
+        cfg = loaded.cfg
+        _check_memory(cfg, settings, torch_device, dist)
+        model = loaded.model
+        if "drop_rate" in arch:
+            training.set_dropout(model, arch["drop_rate"])
+        for p in model.parameters():
+            p.requires_grad_(True)
+        source = loaded.source
+
+    if force:
+        training.clear_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    total_chars = sum(len(t.text) for t in texts)
+    bar, progress = _progress_tokenizing(total_chars) if dist.main else (None, None)
+    try:
+        train_ids, val_ids = training.prepare_data(texts, tok, settings, out, progress)
+    finally:
+        if bar is not None:
+            bar.stop()
+    if model is None:
+        model = training.new_model(cfg, settings, torch_device)
+    else:
+        import torch as _torch
+
+        _torch.manual_seed(settings.seed)
+        model = model.to(torch_device)
+    model.train()
+    training.init_distributed(dist, torch_device)
+    return training.Run(out=out, settings=settings, model=model, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,
+                        device=torch_device, weights_source=source, data_digest=digest(texts), dist=dist)
+
+
+def _resume_run(folder: Path, data, flags, arch, beta1, beta2, device, *, recipe, size, config, weights, out,
+                force) -> "Run":
+    from gptcli import training
+    from gptcli.data import digest, load_ids, read_texts
+    from gptcli.devices import check_device_name, resolve_device
+
+    training.check_out_dir(folder, resume=True, force=False)
+    clashing = [name for name, value in (("--recipe", recipe), ("--size", size), ("--config", config),
+                                         ("--weights", weights), ("--out", out)) if value is not None]
+    clashing += [f"--{k.replace('_', '-')}" for k in arch]
+    clashing += [f"--{k.replace('_', '-')}" for k in flags if k not in ("epochs", "max_steps", "tokenizer")]
+    if beta1 is not None or beta2 is not None:
+        clashing.append("--beta1/--beta2")
+    if force:
+        clashing.append("--force")
+    if clashing:
+        raise UserError(f"--resume continues the run as it was set up; drop {', '.join(clashing)} (only --epochs and "
+                        "--max-steps may change)")
+    state = training.read_state(folder / training.STATE_FILE)
+    settings: training.TrainSettings = state["settings"]
+    tok = state["tokenizer"]
+    if "tokenizer" in flags and flags["tokenizer"] != tok.name:
+        raise UserError(f"--resume {folder}: the run was trained with the {tok.name} tokenizer, not {flags['tokenizer']}")
+    if data:
+        texts = read_texts(data)
+        if digest(texts) != state["data_digest"]:
+            raise UserError(f"--resume {folder}: DATA differs from the text this run was trained on; resume "
+                            "without DATA (the run keeps its tokens in data/)")
+    for key in ("epochs", "max_steps"):
+        if key in flags:
+            setattr(settings, key, flags[key])
+    settings.device = check_device_name(device) if device != "auto" else settings.device
+    settings.validate()
+    torch_device = resolve_device(settings.device)
+    dist = training.dist_from_env()
+    try:
+        train_ids = load_ids(folder / training.DATA_DIR / "train.bin", tok.vocab_size)
+        val_ids = load_ids(folder / training.DATA_DIR / "val.bin", tok.vocab_size)
+    except OSError:
+        raise UserError(f"--resume {folder}: its data/ folder is missing; the run cannot continue") from None
+    model = training.model_from_state(state, torch_device)
+    model.train()
+    if dist.main:
+        training.rewrite_log(folder, state["step"])
+    training.init_distributed(dist, torch_device)
+    return training.Run(out=folder, settings=settings, model=model, tokenizer=tok, train_ids=train_ids,
+                        val_ids=val_ids, device=torch_device, weights_source=state["weights_source"],
+                        data_digest=state["data_digest"], dist=dist, resume_state=state)
+
+
+def _check_dtype(name: str, device) -> None:
+    if name == "float16" and device.type == "cpu":
+        raise UserError("--dtype float16 trains on GPUs only; on the CPU use bfloat16 or float32")
+
+
+def _check_memory(cfg, settings, device, dist) -> None:
+    from gptcli.params import human_bytes
+    from gptcli.training import available_memory, estimate_memory
+
+    need = estimate_memory(cfg, max(1, settings.batch_size // dist.world), settings.dtype != "float32")
+    have = available_memory(device)
+    if have is not None and need["total"] * dist.world > have and device.type == "cpu" or \
+            have is not None and device.type != "cpu" and need["total"] > have:
+        raise UserError(
+            f"training {cfg.name} needs about {human_bytes(need['total'] * (dist.world if device.type == 'cpu' else 1))}"
+            f" (weights {human_bytes(need['weights'])}, gradients {human_bytes(need['gradients'])}, AdamW "
+            f"{human_bytes(need['optimizer'])}, activations {human_bytes(need['activations'])}) but {device} has "
+            f"{human_bytes(have)} free; use a smaller model or batch")
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+
+
+def book_line(ev: dict) -> str:
+    """An eval event the way the book prints it."""
+    return f"Ep {ev['epoch']} (Step {ev['step']:06d}): Train loss {ev['train_loss']:.3f}, Val loss {ev['val_loss']:.3f}"
+
+
+def sample_line(ev: dict, tokenizer_name: str) -> str:
+    """A sample the way the book prints it: prompt and continuation, newlines as spaces (GPT-2 BPE);
+    a character model's sample keeps its lines."""
+    text = (ev["prompt"] or "") + ev["text"]
+    return text.replace("\n", " ") if tokenizer_name == "gpt2" else text
+
+
+def _render(trainer, run: "Run", json_mode: bool) -> None:
+    from gptcli.training import RunLog
+
+    main = run.dist.main
+    log = RunLog(run.out) if main else None
+    interrupted = {"n": 0}
+
+    def on_sigint(signum, frame):
+        interrupted["n"] += 1
+        if interrupted["n"] > 1:
+            raise KeyboardInterrupt
+        trainer.request_stop()
+        if main:
+            note("stopping after this step and saving a checkpoint (Ctrl-C again to quit without saving)")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    progress = None
+    end: dict | None = None
+    try:
+        events = trainer.events()
+        for ev in events:
+            if not main:
+                continue
+            log.record(ev)
+            kind = ev["event"]
+            if kind == "start":
+                progress = _start_progress(ev, json_mode)
+                if ev["resumed"]:
+                    note(f"resuming {run.out} after step {ev['step'] - 1}")
+                else:
+                    note(f"{ev['params']:,} parameters, {ev['train_tokens']:,} training and {ev['val_tokens']:,} "
+                         f"validation tokens ({ev['tokenizer']}), {ev['total_steps']} steps on {ev['device']}; "
+                         f"writing {run.out}")
+            if kind == "step":
+                if progress is not None:
+                    progress.advance(ev)
+                continue
+            if json_mode:
+                sys.stdout.write(json.dumps(ev, ensure_ascii=False) + "\n")
+                sys.stdout.flush()
+            else:
+                line = {"eval": lambda: book_line(ev), "sample": lambda: sample_line(ev, run.tokenizer.name)}.get(kind)
+                if line is not None:
+                    _print_above(progress, line())
+            if kind == "end":
+                end = ev
+    except KeyboardInterrupt:
+        if progress is not None:
+            progress.stop()
+        err(f"error: interrupted without saving; the last checkpoint in {run.out} is intact")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if progress is not None:
+            progress.stop()
+    if main and end is not None:
+        rate = f", {end['tokens_per_s']:,.0f} tokens/s" if end.get("tokens_per_s") else ""
+        if end["reason"] == "interrupted":
+            note(f"interrupted after step {end['step']}; saved {run.out}; continue with: gptcli train --resume "
+                 f"{run.out}")
+            raise typer.Exit(EXIT_INTERRUPTED)
+        note(f"done: {end['step'] + 1} steps in {end['wall_s']:.1f} s{rate}; weights in {run.out} (best in "
+             f"{run.out / 'best'}); try: gptcli generate --weights {run.out} \"...\"")
+
+
+def _print_above(progress, text: str) -> None:
+    if progress is not None:
+        progress.print(text)
+    else:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+
+class _Bar:
+    """The Rich progress bar: step/total, epoch, loss, lr, tokens/s, ETA."""
+
+    def __init__(self, start: dict, console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+            TextColumn("ep {task.fields[epoch]}  loss {task.fields[loss]}  lr {task.fields[lr]}  "
+                       "{task.fields[rate]} tok/s"), TimeRemainingColumn(), console=console,
+        )
+        self.task = self.progress.add_task("train", total=start["total_steps"], completed=start["step"],
+                                           epoch="-", loss="-", lr="-", rate="-")
+        self.progress.start()
+
+    def advance(self, ev: dict) -> None:
+        rate = f"{ev['tokens_per_s']:,.0f}" if ev.get("tokens_per_s") else "-"
+        self.progress.update(self.task, completed=ev["step"] + 1, epoch=ev["epoch"], loss=f"{ev['loss']:.3f}",
+                             lr=f"{ev['lr']:.2e}", rate=rate)
+
+    def print(self, text: str) -> None:
+        from rich.text import Text
+
+        self.progress.console.print(Text(text), soft_wrap=True)
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def _start_progress(start: dict, json_mode: bool):
+    """The bar on stdout on a terminal; on stderr when stdout carries JSON and stderr is a terminal."""
+    from rich.console import Console
+
+    if not json_mode:
+        return _Bar(start, Console(highlight=False))
+    if sys.stderr.isatty():
+        return _Bar(start, Console(stderr=True, highlight=False))
+    return None
