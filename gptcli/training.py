@@ -302,12 +302,27 @@ def dist_from_env() -> Dist:
     return Dist(rank=int(os.environ.get("RANK", "0")), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init_distributed(dist: Dist, device: "torch.device") -> None:
-    """Join the process group: nccl on GPUs, gloo on the CPU."""
+def init_distributed(dist: Dist, device: "torch.device") -> "torch.device":
+    """Join the process group (nccl on GPUs, gloo on the CPU); the device this process uses (its own GPU)."""
+    import torch
     import torch.distributed as td
 
-    if dist.world > 1 and not td.is_initialized():
+    if dist.world <= 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if not td.is_initialized():
         td.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def finish_distributed(dist: Dist) -> None:
+    if dist.world > 1:
+        import torch.distributed as td
+
+        if td.is_initialized():
+            td.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,12 +426,15 @@ class Trainer:
         return out[0], out[1]
 
     def _random_batch(self, ids, length: int, whole: bool = False):
-        """nanoGPT's get_batch from the data generator; this process's rows, or all of them (``whole``)."""
+        """nanoGPT's get_batch from the data generator: this process's rows of a micro-batch, or (``whole``)
+        an optimizer step's rows."""
         from gptcli.data import random_batch
 
-        dist = Dist() if whole else self.run.dist
-        return random_batch(ids, length, self.run.settings.batch_size, self.data_generator,
-                            rank=dist.rank, world=dist.world)
+        s = self.run.settings
+        if whole:  # evaluation: an optimizer step's rows, all of them in every process
+            return random_batch(ids, length, s.batch_size * s.grad_accum, self.data_generator)
+        return random_batch(ids, length, s.batch_size, self.data_generator, rank=self.run.dist.rank,
+                            world=self.run.dist.world)
 
     def _sample(self) -> dict:
         """Greedy continuation of the sample prompt, as the book's generate_and_print_sample."""
@@ -472,8 +490,10 @@ class Trainer:
                                               rank=run.dist.rank, world=run.dist.world)
             # Evaluation sees whole batches in every process (the same ones), so every process computes
             # the same losses as one process would, with no communication.
-            self.train_eval_loader = window_loader(train_set, s.batch_size, shuffle=True, drop_last=True)
-            self.val_loader = window_loader(val_set, s.batch_size, shuffle=False, drop_last=False)
+            # A batch here is an optimizer step's rows (batch size x accumulation).
+            eval_rows = s.batch_size * s.grad_accum
+            self.train_eval_loader = window_loader(train_set, eval_rows, shuffle=True, drop_last=True)
+            self.val_loader = window_loader(val_set, eval_rows, shuffle=False, drop_last=False)
             total_steps, per_epoch = plan_steps(s, len(train_set))
         else:
             for name, ids in (("training", run.train_ids), ("validation", run.val_ids)):
@@ -595,17 +615,17 @@ class Trainer:
                         (step % s.sample_every == 0 or last))):
                 if run.dist.main:
                     yield {"event": "sample", "step": done_step, "epoch": shown_epoch, **self._sample()}
-            if (s.save_every and step % s.save_every == 0) or last or self._stop:
+            if (s.save_every and done_step and done_step % s.save_every == 0) or last or self._stop:
                 saved_step = step
                 if run.dist.main:
                     path = self.save(step, epoch, tokens_seen, batch_in_epoch)
                     yield {"event": "checkpoint", "step": done_step, "path": str(path)}
-                _barrier(run.dist)
+                barrier(run.dist)
         if reason == "interrupted" and saved_step != step:  # stopped between a step's save check and the next
             if run.dist.main:
                 path = self.save(step, epoch, tokens_seen, batch_in_epoch)
                 yield {"event": "checkpoint", "step": step - 1, "path": str(path)}
-            _barrier(run.dist)
+            barrier(run.dist)
         wall = time.perf_counter() - start_time
         yield {"event": "end", "step": step - 1, "reason": reason, "wall_s": round(wall, 3),
                "tokens_per_s": round(session_tokens / wall, 1) if wall > 0 else None,
@@ -627,7 +647,7 @@ def _mean_across(value: float, device: "torch.device") -> float:
     return float(t.item()) / td.get_world_size()
 
 
-def _barrier(dist: Dist) -> None:
+def barrier(dist: Dist) -> None:
     if dist.world > 1:
         import torch.distributed as td
 
@@ -819,25 +839,26 @@ def set_dropout(model: "GPTModel", p: float) -> None:
     model.cfg = dataclasses.replace(model.cfg, drop_rate=p)
 
 
-def prepare_data(texts, tokenizer: "Tokenizer", s: TrainSettings, out: Path,
-                 progress=None) -> tuple["np.ndarray", "np.ndarray"]:
-    """Split, tokenize and store the ids under ``out/data``; returns them memory-mapped."""
+def prepare_data(texts, tokenizer: "Tokenizer", s: TrainSettings, out: Path, progress=None,
+                 write: bool = True) -> tuple["np.ndarray", "np.ndarray"]:
+    """Split, tokenize and store the ids under ``out/data``; returns them memory-mapped. With
+    ``write=False`` (the other processes under torchrun) the ids stay in memory."""
     from gptcli import data
 
     text = data.join_texts(texts, tokenizer.name)
     train_text, val_text = data.split_text(text, s.val_fraction)
-    folder = out / DATA_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     total = len(text)
-    done = [0]
 
-    def report(n: int, _: int, base: int) -> None:
+    def report(n: int, base: int) -> None:
         if progress is not None:
             progress(base + n, total)
 
-    train = data.encode(train_text, tokenizer, lambda n, t: report(n, t, 0))
-    val = data.encode(val_text, tokenizer, lambda n, t: report(n, t, len(train_text)))
-    del done
+    train = data.encode(train_text, tokenizer, lambda n, _: report(n, 0))
+    val = data.encode(val_text, tokenizer, lambda n, _: report(n, len(train_text)))
+    if not write:
+        return train, val
+    folder = out / DATA_DIR
+    folder.mkdir(parents=True, exist_ok=True)
     data.save_ids(train, folder / "train.bin")
     data.save_ids(val, folder / "val.bin")
     return (data.load_ids(folder / "train.bin", tokenizer.vocab_size),

@@ -64,6 +64,10 @@ def train(
     beta2: Annotated[Optional[float], _opt("--beta2", metavar="B", help="AdamW beta2.")] = None,
     grad_clip: Annotated[Optional[float], _opt("--grad-clip", metavar="NORM", help="Clip the gradient norm (0: "
                          "off).")] = None,
+    sampling: Annotated[Optional[str], _opt("--sampling", metavar="windows|random", help="windows: the book's "
+                        "fixed windows, shuffled each epoch; random: nanoGPT's windows at random offsets.")] = None,
+    stride: Annotated[Optional[int], _opt("--stride", metavar="N", help="Tokens between windows (windows; default "
+                      "the context length).")] = None,
     val_fraction: Annotated[Optional[float], _opt("--val-fraction", metavar="F", help="The last F of the text "
                             "validates (default 0.1).")] = None,
     eval_every: Annotated[Optional[int], _opt("--eval-every", metavar="N", help="Evaluate every N steps (and at "
@@ -115,7 +119,8 @@ def train(
     flags: dict[str, Any] = {
         "tokenizer": tokenizer, "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
         "grad_accum": grad_accum, "lr": lr, "schedule": schedule, "warmup_steps": warmup_steps, "min_lr": min_lr,
-        "weight_decay": weight_decay, "decay": decay, "val_fraction": val_fraction, "eval_every": eval_every,
+        "weight_decay": weight_decay, "decay": decay, "sampling": sampling, "stride": stride,
+        "val_fraction": val_fraction, "eval_every": eval_every,
         "eval_batches": eval_batches, "sample_prompt": sample_prompt, "sample_tokens": sample_tokens,
         "save_every": save_every, "seed": seed, "dtype": dtype,
     }
@@ -136,7 +141,10 @@ def train(
     else:
         run = _new_run(data, out, recipe, flags, arch, beta1, beta2, size=size, config=config, weights=weights,
                        device=device, force=force)
-    _render(training.Trainer(run), run, json_mode)
+    try:
+        _render(training.Trainer(run), run, json_mode)
+    finally:
+        training.finish_distributed(run.dist)
 
 
 def _sample_every(value: str) -> str | int:
@@ -188,7 +196,11 @@ def _new_run(data, out, recipe_spec, flags, arch, beta1, beta2, *, size, config,
                         "(or --resume DIR to continue a run)")
     name = recipe.name if recipe else Path(data[0]).stem if data[0] != "-" else "stdin"
     out = out or Path("runs") / name
+    torch_device = resolve_device(settings.device)
+    dist = training.dist_from_env()
+    torch_device = training.init_distributed(dist, torch_device)
     training.check_out_dir(out, resume=False, force=force)
+    training.barrier(dist)  # every process has looked before the first one writes
     texts = read_texts(data)
 
     weights = weights or (recipe.weights if recipe else None)
@@ -198,7 +210,6 @@ def _new_run(data, out, recipe_spec, flags, arch, beta1, beta2, *, size, config,
                                 and weights != (recipe.weights if recipe else None)):
         raise UserError("--weights fine-tunes a model as it is; architecture changes (--context-length, --n-layers, "
                         "--n-heads, --emb-dim) need a new model (--size/--config)")
-    torch_device = resolve_device(settings.device)
     _check_dtype(settings.dtype, torch_device)
 
     if settings.tokenizer == "char":
@@ -207,7 +218,6 @@ def _new_run(data, out, recipe_spec, flags, arch, beta1, beta2, *, size, config,
         tok = gpt2()
         tok.encode("")  # load the BPE file now: a missing tokenizer fails before anything is built
 
-    dist = training.dist_from_env()
     if weights is None:
         overrides = {**(recipe.model if recipe else {}), **arch}
         cfg = resolve_config(model_size, model_config)
@@ -242,13 +252,14 @@ def _new_run(data, out, recipe_spec, flags, arch, beta1, beta2, *, size, config,
             p.requires_grad_(True)
         source = loaded.source
 
-    if force:
+    if force and dist.main:
         training.clear_run(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
     total_chars = sum(len(t.text) for t in texts)
     bar, progress = _progress_tokenizing(total_chars) if dist.main else (None, None)
     try:
-        train_ids, val_ids = training.prepare_data(texts, tok, settings, out, progress)
+        train_ids, val_ids = training.prepare_data(texts, tok, settings, out, progress, write=dist.main)
     finally:
         if bar is not None:
             bar.stop()
@@ -260,7 +271,6 @@ def _new_run(data, out, recipe_spec, flags, arch, beta1, beta2, *, size, config,
         _torch.manual_seed(settings.seed)
         model = model.to(torch_device)
     model.train()
-    training.init_distributed(dist, torch_device)
     return training.Run(out=out, settings=settings, model=model, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,
                         device=torch_device, weights_source=source, data_digest=digest(texts), dist=dist)
 
@@ -300,6 +310,7 @@ def _resume_run(folder: Path, data, flags, arch, beta1, beta2, device, *, recipe
     settings.validate()
     torch_device = resolve_device(settings.device)
     dist = training.dist_from_env()
+    torch_device = training.init_distributed(dist, torch_device)
     try:
         train_ids = load_ids(folder / training.DATA_DIR / "train.bin", tok.vocab_size)
         val_ids = load_ids(folder / training.DATA_DIR / "val.bin", tok.vocab_size)
@@ -309,7 +320,6 @@ def _resume_run(folder: Path, data, flags, arch, beta1, beta2, device, *, recipe
     model.train()
     if dist.main:
         training.rewrite_log(folder, state["step"])
-    training.init_distributed(dist, torch_device)
     return training.Run(out=folder, settings=settings, model=model, tokenizer=tok, train_ids=train_ids,
                         val_ids=val_ids, device=torch_device, weights_source=state["weights_source"],
                         data_digest=state["data_digest"], dist=dist, resume_state=state)

@@ -1,0 +1,452 @@
+"""gptcli train on tiny models and generated text: the run folder, the exports (transformers as the
+oracle), character models as first-class models, resume bit for bit, atomic saves, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gptcli.cli import app
+
+runner = CliRunner()
+
+WORDS = ("the a of and to in is was he she it they said time over under house river light dark old new "
+         "cold warm king queen stone road tree door window letter morning night").split()
+
+
+def make_text(n_words: int = 3000, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    lines, line = [], []
+    for _ in range(n_words):
+        line.append(rng.choice(WORDS))
+        if len(line) >= rng.randint(6, 12):
+            lines.append(" ".join(line).capitalize() + ".")
+            line = []
+    return "\n".join(lines) + "\n"
+
+
+TINY = ["--size", "124M", "--n-layers", "2", "--n-heads", "2", "--emb-dim", "32", "--context-length", "16"]
+
+
+def train(*args: str, input: str | None = None):
+    return runner.invoke(app, ["train", *args], input=input)
+
+
+def events(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(make_text(), encoding="utf-8")
+    return path
+
+
+def test_tiny_gpt2_run_writes_the_run_folder_and_json_events(tmp_path, corpus):
+    out = tmp_path / "run"
+    result = train(str(corpus), *TINY, "--out", str(out), "--max-steps", "6", "--batch-size", "4",
+                   "--eval-every", "3", "--eval-batches", "2", "--sample-every", "3", "--sample-tokens", "5",
+                   "--sample-prompt", "The king", "--save-every", "3")
+    assert result.exit_code == 0, result.stderr
+    evs = events(result.stdout)
+    kinds = [e["event"] for e in evs]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert "step" not in kinds  # progress ticks never reach stdout or the log
+    evals = [e for e in evs if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 3, 5]  # after the first update, every 3 steps, and at the end
+    for e in evals:
+        assert set(e) == {"event", "step", "epoch", "tokens_seen", "train_loss", "val_loss", "lr"}
+        assert e["tokens_seen"] == (e["step"] + 1) * 4 * 16
+    samples = [e for e in evs if e["event"] == "sample"]
+    assert samples and all(len(s["token_ids"]) == 5 and s["prompt"] == "The king" for s in samples)
+    assert {"step", "path"} <= set(next(e for e in evs if e["event"] == "checkpoint"))
+    end = evs[-1]
+    assert end["reason"] == "done" and end["step"] == 5 and end["wall_s"] > 0 and end["tokens_per_s"] > 0
+    for name in ("model.safetensors", "config.json", "state.safetensors", "train.jsonl", "loss.png",
+                 "best/model.safetensors", "best/config.json", "data/train.bin", "data/val.bin"):
+        assert (out / name).is_file(), name
+    logged = events((out / "train.jsonl").read_text())
+    assert logged == [e for e in evs]  # the log holds exactly what --json printed
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "note:" in result.stderr and "error" not in result.stderr
+
+
+def test_exported_folder_loads_in_transformers_with_the_same_logits(tmp_path, corpus):
+    from transformers import GPT2LMHeadModel
+
+    from gptcli.weights import load_model
+
+    out = tmp_path / "run"
+    result = train(str(corpus), *TINY, "--out", str(out), "--max-steps", "3", "--batch-size", "2",
+                   "--sample-every", "0", "--drop-rate", "0.0")
+    assert result.exit_code == 0, result.stderr
+    loaded = load_model(size=None, config=None, weights=str(out), device=torch.device("cpu"), dtype=torch.float32)
+    hf = GPT2LMHeadModel.from_pretrained(out).eval()
+    ids = torch.tensor([[464, 3290, 286, 262, 1295, 13, 383]])
+    with torch.no_grad():
+        ours = loaded.model(ids)
+        theirs = hf(ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    # And it generates through the CLI.
+    gen = runner.invoke(app, ["generate", "--weights", str(out), "The king", "-n", "4"])
+    assert gen.exit_code == 0, gen.stderr
+
+
+def test_bias_free_model_exports_zero_biases_and_reloads_without_them(tmp_path, corpus):
+    from transformers import GPT2LMHeadModel
+
+    from gptcli.params import count_params
+    from gptcli.weights import load_model
+
+    out = tmp_path / "run"
+    config = tmp_path / "nobias.yaml"
+    config.write_text("vocab_size: 50257\ncontext_length: 16\nemb_dim: 32\nn_heads: 2\nn_layers: 2\ndrop_rate: 0.0\n"
+                      "qkv_bias: false\ntie_weights: true\nbias: false\n")
+    result = train(str(corpus), "--config", str(config), "--out", str(out), "--max-steps", "3", "--sample-every", "0",
+                   "--batch-size", "2")
+    assert result.exit_code == 0, result.stderr
+    loaded = load_model(size=None, config=None, weights=str(out), device=torch.device("cpu"), dtype=torch.float32)
+    assert loaded.cfg.bias is False and loaded.cfg.qkv_bias is False
+    assert sum(p.numel() for p in loaded.model.parameters()) == count_params(loaded.cfg).total
+    hf = GPT2LMHeadModel.from_pretrained(out).eval()
+    ids = torch.tensor([[464, 3290, 286, 262]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+    inspected = runner.invoke(app, ["inspect", "--weights", str(out), "--json"])
+    assert inspected.exit_code == 0, inspected.stderr
+    report = json.loads(inspected.stdout)
+    assert report["checkpoint"]["ok"] and report["config"]["bias"] is False
+
+
+def test_char_model_is_first_class(tmp_path, corpus):
+    from gptcli.weights import checkpoint_tokenizer
+
+    out = tmp_path / "char"
+    result = train(str(corpus), "--tokenizer", "char", *TINY, "--out", str(out), "--max-steps", "4",
+                   "--sample-every", "2", "--sample-prompt", "The", "--sample-tokens", "8")
+    assert result.exit_code == 0, result.stderr
+    evs = events(result.stdout)
+    chars = sorted(set(corpus.read_text()))
+    assert evs[0]["tokenizer"] == "char" and evs[0]["vocab_size"] == len(chars) == evs[0]["config"]["vocab_size"]
+    sample = next(e for e in evs if e["event"] == "sample")
+    assert len(sample["text"]) == 8  # one character per token
+    tok = checkpoint_tokenizer(out / "model.safetensors")
+    assert tok.name == "char" and tok.chars == "".join(chars)
+    gen = runner.invoke(app, ["generate", "--weights", str(out), "The", "-n", "12", "--json"])
+    assert gen.exit_code == 0, gen.stderr
+    record = json.loads(gen.stdout)
+    assert len(record["text"]) == 12 and set(record["text"]) <= set(chars)
+    assert record["prompt_token_ids"] == [chars.index(c) for c in "The"]
+    top = runner.invoke(app, ["inspect", "--weights", str(out), "--prompt", "Th", "--top", "3", "--json"])
+    assert top.exit_code == 0, top.stderr
+    assert all(len(t["token"]) == 1 for t in json.loads(top.stdout)["next_tokens"])
+    bad = runner.invoke(app, ["generate", "--weights", str(out), "Zebra€", "-n", "2"])
+    assert bad.exit_code == 2 and bad.stderr.startswith("error:") and "not in this model's vocabulary" in bad.stderr
+
+
+def test_fine_tuning_a_transformers_checkpoint(tmp_path, corpus):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=2, n_head=2)).eval()
+    base.save_pretrained(tmp_path / "base")
+    out = tmp_path / "tuned"
+    result = train(str(corpus), "--weights", str(tmp_path / "base"), "--out", str(out), "--max-steps", "3",
+                   "--batch-size", "2", "--sample-every", "0", "--lr", "1e-3")
+    assert result.exit_code == 0, result.stderr
+    start = events(result.stdout)[0]
+    assert start["weights"] == str(tmp_path / "base") and start["config"]["context_length"] == 32
+    tuned = GPT2LMHeadModel.from_pretrained(out).eval()
+    ids = torch.tensor([[464, 3290, 286, 262, 1295]])
+    with torch.no_grad():
+        assert not torch.allclose(tuned(ids).logits, base(ids).logits)  # it learned something
+        from gptcli.weights import load_model
+
+        ours = load_model(size=None, config=None, weights=str(out), device=torch.device("cpu"), dtype=torch.float32)
+        torch.testing.assert_close(ours.model(ids), tuned(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+# --- resume, Ctrl-C, atomic saves ---------------------------------------------------------------
+
+
+def _final_state(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "state.safetensors")
+
+
+def _eval_losses(out: Path) -> list[tuple[int, float, float]]:
+    return [(e["step"], e["train_loss"], e["val_loss"]) for e in events((out / "train.jsonl").read_text())
+            if e["event"] == "eval"]
+
+
+@pytest.mark.parametrize("mode", [
+    ["--epochs", "3", "--batch-size", "4", "--drop-rate", "0.2"],  # the book's way: shuffled windows, dropout
+    ["--max-steps", "14", "--batch-size", "4", "--drop-rate", "0.1", "--schedule", "cosine", "--warmup-steps", "3",
+     "--grad-clip", "1.0", "--decay", "2d"],  # nanoGPT's way, via a recipe-like set of flags
+], ids=["windows", "random"])
+def test_resume_after_a_kill_is_bit_exact(tmp_path, mode):
+    from gptcli.commands import train as train_cmd
+    from gptcli import training
+
+    text = tmp_path / "t.txt"
+    text.write_text(make_text(900, seed=3))
+    common = [str(text), *TINY, "--eval-every", "2", "--eval-batches", "2", "--save-every", "3", "--sample-every", "0",
+              *mode]
+    if "--max-steps" in mode:
+        common += ["--tokenizer", "char"]
+    full = tmp_path / "full"
+    assert train(*common, "--out", str(full)).exit_code == 0
+
+    # The same run, killed right after its first checkpoint: stop consuming the loop there, as a SIGKILL would.
+    killed = tmp_path / "killed"
+    original = train_cmd._render
+
+    def render_until_checkpoint(trainer, run, json_mode):
+        log = training.RunLog(run.out, plot=False)
+        for ev in trainer.events():
+            log.record(ev)
+            if ev["event"] == "checkpoint":
+                return
+
+    train_cmd._render = render_until_checkpoint
+    try:
+        assert train(*common, "--out", str(killed)).exit_code == 0
+    finally:
+        train_cmd._render = original
+    first = events((killed / "train.jsonl").read_text())
+    assert first[-1]["event"] == "checkpoint" and first[-1]["step"] == 3
+
+    resumed = train("--resume", str(killed))
+    assert resumed.exit_code == 0, resumed.stderr
+    assert events(resumed.stdout)[0]["resumed"] is True
+    assert _eval_losses(killed) == _eval_losses(full)  # the same floats, not just close
+    a, b = _final_state(full), _final_state(killed)
+    assert a.keys() == b.keys()
+    for name in a:  # weights, AdamW moments, RNG states, bit for bit
+        assert torch.equal(a[name], b[name]), name
+    assert [e["event"] for e in events((killed / "train.jsonl").read_text())].count("end") == 1
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, corpus):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptcli", "train", str(corpus), *TINY, "--out", str(out), "--max-steps", "100000",
+         "--eval-every", "20", "--eval-batches", "1", "--sample-every", "0", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if '"event": "eval"' in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    end = json.loads(stdout.strip().splitlines()[-1])
+    assert end["event"] == "end" and end["reason"] == "interrupted"
+    assert "--resume" in stderr and "Traceback" not in stderr
+    from gptcli.training import read_state
+
+    state = read_state(out / "state.safetensors")
+    assert state["step"] == end["step"] + 1 >= 1
+
+
+def test_a_kill_during_a_save_leaves_the_previous_file_loadable(tmp_path):
+    target = tmp_path / "state.safetensors"
+    code = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from gptcli.export import save_safetensors\n"
+        "target = Path(sys.argv[1])\n"
+        "save_safetensors({'x': torch.zeros(4)}, target, {'version': '0'})\n"
+        "print('first', flush=True)\n"
+        "big = torch.ones(16_000_000)\n"
+        "v = 1\n"
+        "while True:\n"
+        "    save_safetensors({'x': big * v}, target, {'version': str(v)})\n"
+        "    v += 1\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "first"
+    time.sleep(1.5)  # several 64 MB saves, the kill lands in one of them
+    proc.kill()
+    proc.wait()
+    from safetensors import safe_open
+
+    with safe_open(str(target), framework="pt") as f:
+        version = int(f.metadata()["version"])
+        x = f.get_tensor("x")
+    assert x.shape == ((4,) if version == 0 else (16_000_000,))
+    assert bool((x == (0 if version == 0 else version)).all())
+
+
+# --- bad input: one line, exit 2, nothing lost ------------------------------------------------------
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    return lines[0]
+
+
+def test_bad_data(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "empty" in one_error_line(train(str(empty), *TINY, "--max-steps", "1", "--out", str(tmp_path / "a")))
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    line = one_error_line(train(str(latin), *TINY, "--max-steps", "1", "--out", str(tmp_path / "b")))
+    assert "latin.txt" in line and "offset 3" in line
+    short = tmp_path / "short.txt"
+    short.write_text("Just a few words here.\n")
+    line = one_error_line(train(str(short), *TINY, "--max-steps", "1", "--out", str(tmp_path / "c")))
+    assert "window" in line or "too few" in line
+    line = one_error_line(train(str(tmp_path / "missing.txt"), *TINY, "--max-steps", "1"))
+    assert "no such file" in line
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_validation_split_too_small(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(make_text(400))
+    line = one_error_line(train(str(text), *TINY, "--epochs", "1", "--val-fraction", "0.01",
+                                "--out", str(tmp_path / "r")))
+    assert "validation" in line
+
+
+def test_out_folder_with_another_run_is_refused_and_kept(tmp_path, corpus):
+    out = tmp_path / "run"
+    assert train(str(corpus), *TINY, "--out", str(out), "--max-steps", "2", "--sample-every", "0").exit_code == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    line = one_error_line(train(str(corpus), *TINY, "--out", str(out), "--max-steps", "2"))
+    assert "--resume" in line and "--force" in line
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.md").write_text("mine")
+    assert "not empty" in one_error_line(train(str(corpus), *TINY, "--out", str(other), "--max-steps", "1"))
+    assert (other / "notes.md").read_text() == "mine"
+    forced = train(str(corpus), *TINY, "--out", str(out), "--max-steps", "1", "--sample-every", "0", "--force")
+    assert forced.exit_code == 0, forced.stderr
+
+
+def test_bad_resume_folders(tmp_path, corpus):
+    assert "no such folder" in one_error_line(train("--resume", str(tmp_path / "nope")))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no state.safetensors" in one_error_line(train("--resume", str(empty)))
+    out = tmp_path / "run"
+    assert train(str(corpus), *TINY, "--out", str(out), "--max-steps", "2", "--sample-every", "0").exit_code == 0
+    line = one_error_line(train("--resume", str(out), "--tokenizer", "char"))
+    assert "gpt2 tokenizer" in line
+    line = one_error_line(train("--resume", str(out), "--lr", "0.1"))
+    assert "--lr" in line
+    state = out / "state.safetensors"
+    good = state.read_bytes()
+    state.write_bytes(good[: len(good) // 2])
+    assert "corrupt" in one_error_line(train("--resume", str(out), "--max-steps", "4"))
+
+
+def test_memory_estimate_refuses_before_building(tmp_path, corpus, monkeypatch):
+    from gptcli import training
+
+    monkeypatch.setattr(training, "available_memory", lambda device: 1 << 30)
+    line = one_error_line(train(str(corpus), "--size", "124M", "--max-steps", "1", "--out", str(tmp_path / "r")))
+    assert "needs about" in line and "AdamW" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_estimate_says_xl_fine_tuning_does_not_fit_24_gb():
+    from gptcli.config import shipped_config
+    from gptcli.training import estimate_memory
+
+    need = estimate_memory(shipped_config("xl"), 1, autocast=False)
+    assert need["weights"] + need["gradients"] + need["optimizer"] == 16 * 1_557_611_200
+    assert need["total"] > 24 * 2**30
+
+
+def test_recipes_ship_and_load():
+    from gptcli.training import TrainSettings, load_recipe, recipe_names
+
+    assert {"book-ch05", "shakespeare-char"} <= set(recipe_names())
+    book = load_recipe("book-ch05")
+    s = TrainSettings(**book.settings).validate()
+    assert (book.size, book.model, s.lr, s.batch_size, s.epochs, s.eval_every, s.seed) == \
+        ("book", {"context_length": 256}, 4e-4, 2, 10, 5, 123)
+    sh = TrainSettings(**load_recipe("shakespeare-char").settings).validate()
+    assert (sh.tokenizer, sh.max_steps, sh.batch_size, sh.betas, sh.decay, sh.grad_clip) == \
+        ("char", 2000, 12, (0.9, 0.99), "2d", 1.0)
+
+
+def test_learning_rate_schedule_is_nanogpts():
+    from gptcli.training import TrainSettings, learning_rate
+
+    s = TrainSettings(max_steps=2000, lr=1e-3, min_lr=1e-4, schedule="cosine", warmup_steps=100, decay_steps=2000)
+    assert learning_rate(0, s, 2000) == pytest.approx(1e-3 / 101)
+    assert learning_rate(100, s, 2000) == pytest.approx(1e-3)
+    assert learning_rate(1050, s, 2000) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert learning_rate(2000, s, 2000) == pytest.approx(1e-4)
+
+
+def no_key_bias_config(tmp_path: Path) -> Path:
+    """A tiny config without QKV bias: the key bias's gradient is zero in exact arithmetic (softmax ignores
+    a constant shift), so AdamW would turn its rounding noise into +-lr steps that no comparison survives."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text("vocab_size: 50257\ncontext_length: 16\nemb_dim: 32\nn_heads: 2\nn_layers: 2\ndrop_rate: 0.0\n"
+                    "qkv_bias: false\ntie_weights: true\n")
+    return path
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(make_text(1500, seed=5))
+    common = [str(text), "--config", str(no_key_bias_config(tmp_path)), "--tokenizer", "char", "--epochs", "1",
+              "--eval-every", "2", "--eval-batches", "2", "--sample-every", "0"]
+    one = tmp_path / "one"
+    accum = tmp_path / "accum"
+    assert train(*common, "--batch-size", "12", "--out", str(one)).exit_code == 0
+    assert train(*common, "--batch-size", "6", "--grad-accum", "2", "--out", str(accum)).exit_code == 0
+    for (s1, t1, v1), (s2, t2, v2) in zip(_eval_losses(one), _eval_losses(accum), strict=True):
+        assert s1 == s2 and t1 == pytest.approx(t2, abs=1e-5) and v1 == pytest.approx(v2, abs=1e-5)
+    a, b = _final_state(one), _final_state(accum)
+    for name in a:
+        if name.startswith("model."):
+            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sampling", ["windows", "random"])
+def test_two_processes_equal_one_with_the_whole_batch(tmp_path, sampling):
+    """torchrun with 2 processes (gloo, CPU) and batch 12 (6 each) trains like 1 process with batch 12."""
+    text = tmp_path / "t.txt"
+    text.write_text(make_text(4000, seed=7))
+    common = [str(text), "--config", str(no_key_bias_config(tmp_path)), "--tokenizer", "char", "--max-steps", "20",
+              "--batch-size", "12", "--eval-every", "5", "--eval-batches", "2", "--sample-every", "0", "--json",
+              "--sampling", sampling]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "gptcli", "train", *common, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "gptcli", "train", *common, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    ev_one, ev_two = events(one.stdout), events(two.stdout)  # only rank 0 prints
+    assert ev_two[0]["world_size"] == 2 and [e["event"] for e in ev_one] == [e["event"] for e in ev_two]
+    for a, b in zip(_eval_losses(tmp_path / "one"), _eval_losses(tmp_path / "two"), strict=True):
+        assert a[0] == b[0] and a[1] == pytest.approx(b[1], abs=1e-5) and a[2] == pytest.approx(b[2], abs=1e-5)
+    s1, s2 = _final_state(tmp_path / "one"), _final_state(tmp_path / "two")
+    for name in s1:
+        if name.startswith("model."):
+            torch.testing.assert_close(s1[name], s2[name], atol=1e-5, rtol=1e-5)
