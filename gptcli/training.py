@@ -612,7 +612,7 @@ class Trainer:
             if s.sample_prompt is not None and s.sample_tokens > 0 and (
                     (s.sample_every == "epoch" and epoch_end)
                     or (isinstance(s.sample_every, int) and s.sample_every > 0 and
-                        (step % s.sample_every == 0 or last))):
+                        ((done_step and done_step % s.sample_every == 0) or last))):
                 if run.dist.main:
                     yield {"event": "sample", "step": done_step, "epoch": shown_epoch, **self._sample()}
             if (s.save_every and done_step and done_step % s.save_every == 0) or last or self._stop:
