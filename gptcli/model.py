@@ -38,9 +38,17 @@ class Linear(nn.Linear):
     - under torch.compile, one row: an element-wise multiply and a sum (accumulated in float32),
       which Inductor turns into its own vectorised, threaded reduction instead of a BLAS call.
       In eager mode that form would allocate an (out, in) temporary, so it is compile-only.
+
+    Training sets ``train_kernel`` (``gptcli.speed.prepare``): float32 training matmuls through
+    oneDNN, with their gradients, where it is faster than torch's default.
     """
 
+    train_kernel = None  # a function (x, weight, bias) -> x W^T + b, for float32 training
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.train_kernel is not None and torch.is_grad_enabled() and x.dtype == torch.float32 \
+                and not torch.is_autocast_enabled(x.device.type):
+            return self.train_kernel(x, self.weight, self.bias)
         if x.device.type == "cpu":
             if torch.compiler.is_compiling():
                 if x.shape[-2] == 1:
@@ -258,6 +266,7 @@ class GPTModel(nn.Module):
         pad: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
         last_only: bool = False,
+        head: bool = True,
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids (B, T); (B, 1, vocab_size) with ``last_only``.
 
@@ -269,6 +278,8 @@ class GPTModel(nn.Module):
           touched; the caller tracks it.
         - ``last_only``: apply the output head to the last position only (a prompt's prefill needs
           nothing else, and the head is the largest matrix).
+        - ``head=False``: the normalised hidden states (B, T, emb_dim) instead of logits, for a loss
+          that applies the head itself (``gptcli.speed.head_loss``).
         """
         B, T = in_idx.shape
         if input_pos is not None:
@@ -293,6 +304,8 @@ class GPTModel(nn.Module):
         if last_only:
             x = x[:, -1:]  # (B, 1, emb_dim)
         x = self.final_norm(x)
+        if not head:
+            return x  # (B, T, emb_dim)
         return self.out_head(x)  # (B, T, vocab_size)
 
 
