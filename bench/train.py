@@ -42,8 +42,8 @@ Settings
   1024 x 1024 matrices need several GB more), float32 and then bfloat16 autocast.
 
 Every variant lives in its own worker process (``--worker``), so its peak RSS is its own. Workers
-of a setting are started one after another; each builds its model and optimizer, compiles (for
-``-compile``) and warms up with one measurement, then waits. The parent then asks them in turn for
+of a setting are started one after another; each builds its model and optimizer and warms up with
+one step (two for ``-compile``: the first one compiles), then waits. The parent then asks them in turn for
 one measurement per round (each round starts one worker further along), so machine drift falls on
 every variant alike. A measurement is a fixed number of steps (``steps`` below); the figures are
 medians over the rounds.
@@ -271,7 +271,7 @@ class StepRunner:
         self.plan = speed.plan(device) if self.variant.kernels is None else speed.Plan(*self.variant.kernels)
         speed.prepare(model, self.plan)
         self.optimizer = training.make_optimizer(model, settings, self.plan)
-        train_model = torch.compile(model) if self.variant.compile else model
+        train_model = speed.compile_for_training(model) if self.variant.compile else model
 
         def loss_fn():
             return training.batch_loss(train_model, self.x, self.y, device=device, dtype=self.variant.dtype,
@@ -708,7 +708,7 @@ def report(args: argparse.Namespace, pool: Pool, load_before: str) -> str:
                       "with `gptcli.data.encode` (peak RSS "
                       f"{fmt(tok.info.get('peak_rss'), '.0f', 1 / MIB)} MiB):", "",
                       markdown_table(["tokenizer", "MB/s", "spread", "tokens"], rows)]
-    elif not args.text:
+    elif not args.no_tokenize:
         lines += ["", "Tokenizing: skipped (no tinyshakespeare.txt found; pass --text FILE)."]
     failures = [f"- {n}: {o.error}" for n, o in pool.outcomes.items() if o.error]
     if failures:
@@ -749,6 +749,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads in every worker (default 2)")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny shapes, no compiling, 2 rounds")
     p.add_argument("--text", type=Path, help="the corpus to tokenize (default: tinyshakespeare.txt, see above)")
+    p.add_argument("--no-tokenize", action="store_true", help="skip the tokenizing table")
     p.add_argument("--text-repeat", type=int, help=f"times the corpus is repeated (default {TEXT_REPEAT}; --quick 2)")
     p.add_argument("--peak-n", type=int, help=f"size of the peak matmul (default {PEAK_N}; --quick 256)")
     p.add_argument("--output", type=Path, help="also write the report to this file")
@@ -776,7 +777,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.variants_of[name] = names
     if args.rounds < 1:
         p.error("--rounds must be 1 or more")
-    args.text = find_text(args.text)
+    args.text = None if args.no_tokenize else find_text(args.text)
     if args.text is not None and not args.text.is_file():
         p.error(f"--text {args.text}: no such file")
     return args

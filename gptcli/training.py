@@ -551,7 +551,7 @@ class Trainer:
 
         train_model = model
         if s.compile:
-            train_model = torch.compile(model)
+            train_model = speed.compile_for_training(model)
         if run.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
