@@ -46,8 +46,9 @@ class Linear(nn.Linear):
     train_kernel = None  # a function (x, weight, bias) -> x W^T + b, for float32 training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.train_kernel is not None and torch.is_grad_enabled() and x.dtype == torch.float32 \
-                and not torch.is_autocast_enabled(x.device.type):
+        if torch.is_autocast_enabled(x.device.type):
+            return F.linear(x, self.weight, self.bias)  # autocast casts x and the weight, and picks the kernel
+        if self.train_kernel is not None and torch.is_grad_enabled() and x.dtype == torch.float32:
             return self.train_kernel(x, self.weight, self.bias)
         if x.device.type == "cpu":
             if torch.compiler.is_compiling():

@@ -103,3 +103,30 @@ def test_fused_adamw_is_found_where_torch_has_it():
     """torch has a fused AdamW for the CPU from 2.4 on."""
     major, minor = (int(p) for p in torch.__version__.split(".")[:2])
     assert speed.fused_adamw_available(torch.device("cpu")) == ((major, minor) >= (2, 4))
+
+
+def test_bfloat16_training_tracks_float32(tmp_path):
+    """--dtype bfloat16 (autocast, float32 weights and AdamW state) runs whole, evaluations included,
+    and its losses stay within a few percent of float32's."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from gptcli.cli import app
+    from test_train import make_text, no_key_bias_config
+
+    text = tmp_path / "t.txt"
+    text.write_text(make_text(3000, seed=3))
+    common = [str(text), "--config", str(no_key_bias_config(tmp_path)), "--tokenizer", "char", "--max-steps", "60",
+              "--batch-size", "8", "--sampling", "random", "--lr", "3e-3", "--eval-every", "20", "--eval-batches",
+              "4", "--sample-every", "30", "--sample-tokens", "5", "--sample-prompt", "The", "--json"]
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        result = CliRunner().invoke(app, ["train", *common, "--dtype", dtype, "--out", str(tmp_path / dtype)])
+        assert result.exit_code == 0, result.stderr
+        evs = [json.loads(line) for line in result.stdout.splitlines()]
+        assert evs[0]["settings"]["dtype"] == dtype
+        losses[dtype] = [e["val_loss"] for e in evs if e["event"] == "eval"]
+    assert len(losses["float32"]) == 4 and losses["float32"][-1] < losses["float32"][0] - 0.5
+    for a, b in zip(losses["float32"], losses["bfloat16"], strict=True):
+        assert abs(a - b) < 0.03 * a, (losses["float32"], losses["bfloat16"])
