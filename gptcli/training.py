@@ -303,6 +303,13 @@ def dist_from_env() -> Dist:
     return Dist(rank=int(os.environ.get("RANK", "0")), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def check_batch_split(s: TrainSettings, dist: Dist) -> None:
+    """``--batch-size`` is the global micro-batch: every process takes an equal share of its rows."""
+    if s.batch_size % dist.world:
+        raise UserError(f"--batch-size {s.batch_size} does not split evenly over {dist.world} processes; "
+                        f"use a multiple of {dist.world}")
+
+
 def init_distributed(dist: Dist, device: "torch.device") -> "torch.device":
     """Join the process group (nccl on GPUs, gloo on the CPU); the device this process uses (its own GPU)."""
     import torch
