@@ -25,8 +25,10 @@ and dtype:
   speed plan (``gptcli.speed.plan`` and ``prepare``: float32 matmuls through oneDNN, the chunked head
   and cross-entropy, fused AdamW), ``training.batch_loss`` and ``training.make_optimizer``.
   ``-bf16`` is ``--dtype bfloat16``; ``-compile`` is ``--compile`` (``torch.compile`` of the model).
-  ``-plain``, ``-onednn``, ``-onednn-head`` (not run by default) fix the plan to show what each part
-  buys; ``-plain`` is gptcli before the plan existed.
+  ``-plain``, ``-onednn``, ``-onednn-head``, ``-onednn-head-fused``, ``-sdpa`` (not run by default)
+  fix the plan to show what each part buys: ``-plain`` is gptcli before the plan existed (F.linear,
+  F.cross_entropy, for-loop AdamW, torch's attention), each next one adds a part, and ``-sdpa`` is
+  the whole plan but torch's attention.
 
 Where the architectures cannot match, transformers keeps its own: GPT-2 always has biases in every
 Linear and LayerNorm (the book's config has no QKV bias; shakespeare-char has no biases at all).
@@ -144,7 +146,7 @@ class Variant:
     name: str
     dtype: str  # float32 | bfloat16
     compile: bool = False
-    kernels: tuple[str, bool, bool] | None = None  # a fixed speed plan (linear, head_loss, fused_adamw)
+    kernels: tuple[str, bool, bool, bool] | None = None  # a fixed plan (linear, head_loss, fused_adamw, attention)
 
     @property
     def is_hf(self) -> bool:
@@ -160,10 +162,12 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("gptcli-bf16-compile", "bfloat16", compile=True),
     # What each part of the speed plan buys (not run by default): "plain" is gptcli before it
     # (F.linear on MKL, F.cross_entropy on the whole logits, for-loop AdamW).
-    Variant("gptcli-fp32-plain", "float32", kernels=("torch", False, False)),
-    Variant("gptcli-fp32-onednn", "float32", kernels=("onednn", False, False)),
-    Variant("gptcli-fp32-onednn-head", "float32", kernels=("onednn", True, False)),
-    Variant("gptcli-bf16-plain", "bfloat16", kernels=("torch", False, False)),
+    Variant("gptcli-fp32-plain", "float32", kernels=("torch", False, False, False)),
+    Variant("gptcli-fp32-onednn", "float32", kernels=("onednn", False, False, False)),
+    Variant("gptcli-fp32-onednn-head", "float32", kernels=("onednn", True, False, False)),
+    Variant("gptcli-fp32-onednn-head-fused", "float32", kernels=("onednn", True, True, False)),
+    Variant("gptcli-bf16-plain", "bfloat16", kernels=("torch", False, False, False)),
+    Variant("gptcli-bf16-sdpa", "bfloat16", kernels=("onednn", True, True, False)),
 )}
 
 # The variants each setting runs by default.
@@ -263,8 +267,9 @@ class StepRunner:
         settings = training.TrainSettings(max_steps=1, lr=self.setting.lr, betas=self.setting.betas,
                                           weight_decay=0.1, decay="all", grad_clip=1.0, dtype=self.variant.dtype,
                                           compile=self.variant.compile, device="cpu")
-        if self.setting.recipe:
-            settings.init = training.load_recipe(self.setting.recipe).settings.get("init", "book")
+        # The recipe's init; GPT-2's N(0, 0.02) for the 124M rows (pretraining as nanoGPT does it).
+        recipe = training.load_recipe(self.setting.recipe).settings if self.setting.recipe else {"init": "gpt2"}
+        settings.init = recipe.get("init", "book")
         device = torch.device("cpu")
         model = training.new_model(cfg, settings, device).train()
         self.model = model

@@ -138,6 +138,9 @@ class MultiHeadAttention(nn.Module):
         self.W_qkv = nn.utils.skip_init(Linear, d_in, 3 * d_out, bias=qkv_bias, device=torch.get_default_device())
         self._init_qkv_in_book_order(d_in, d_out, qkv_bias)
         self.out_proj = Linear(d_out, d_out, bias=bias)
+        # Training may set a faster causal attention (gptcli.speed.prepare): a function
+        # (q, k, v, dropout_p) -> the same as scaled_dot_product_attention(..., is_causal=True).
+        self.train_kernel = None
 
     @torch.no_grad()
     def _init_qkv_in_book_order(self, d_in: int, d_out: int, qkv_bias: bool) -> None:
@@ -195,7 +198,10 @@ class MultiHeadAttention(nn.Module):
         elif mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         elif past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            if self.train_kernel is not None and torch.is_grad_enabled():
+                y = self.train_kernel(q, k, v, dropout_p)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         elif T == 1:
             # One new query sees every cached position: no mask needed.
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)

@@ -21,6 +21,7 @@ same up to float rounding.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -141,13 +142,127 @@ def _functions() -> dict[str, type]:
                     grad_w.mul_(grad_loss)
             return grad_x, grad_w, None, None, None, None
 
-    _FUNCTIONS.update(OneDNNLinear=OneDNNLinear, HeadLoss=HeadLoss)
+    class CausalAttention(torch.autograd.Function):
+        """softmax(q k^T / sqrt(hs) + causal mask) v, with dropout on the attention weights, for training.
+
+        Blocks of query rows at a time, each against the keys up to its last row, so the masked upper
+        triangle is mostly never computed; the weights are recomputed in backward from the saved
+        log-sum-exp of each row (as flash attention does), so memory stays O(T) per row.
+
+        Dropout draws one mask for the whole (B, nh, T, T) weights with ``bernoulli_``, as the
+        unfused attention of ``F.scaled_dot_product_attention`` (and the book's ``nn.Dropout``)
+        does: the same seed gives the same mask.
+        """
+
+        @staticmethod
+        def forward(ctx, q, k, v, dropout_p, block):
+            B, H, T, hs = q.shape
+            dt = q.dtype
+            q3 = (q * (1.0 / math.sqrt(hs))).reshape(B * H, T, hs)  # scaled once, not each score
+            k3, v3 = k.reshape(B * H, T, hs), v.reshape(B * H, T, hs)  # (BH, T, hs)
+            keep = None
+            if dropout_p > 0:
+                noise = torch.empty((B, H, T, T), dtype=dt, device=q.device).bernoulli_(1 - dropout_p)
+                keep = noise.view(B * H, T, T).bool()
+                del noise
+            out = torch.empty(B * H, T, hs, dtype=dt, device=q.device)
+            lse = torch.empty(B * H, T, dtype=_accumulate(dt), device=q.device)
+            for i0 in range(0, T, block):
+                i1 = min(T, i0 + block)
+                p, rows_lse = _block_weights(q3, k3, i0, i1)  # (BH, b, i1) unnormalised, (BH, b)
+                total = p.sum(dim=-1, keepdim=True)  # (BH, b, 1)
+                lse[:, i0:i1] = rows_lse + total.squeeze(-1).log()
+                if keep is not None:
+                    p.mul_(keep[:, i0:i1, :i1])
+                    total = total * (1 - dropout_p)
+                o = torch.bmm(p.to(dt), v3[:, :i1])  # (BH, b, hs)
+                out[:, i0:i1] = (o.to(total.dtype) / total).to(dt)
+            ctx.save_for_backward(q3, k3, v3, out, lse, keep)
+            ctx.dims, ctx.dropout_p, ctx.block = (B, H, T, hs), dropout_p, block
+            return out.view(B, H, T, hs)
+
+        @staticmethod
+        def backward(ctx, grad):
+            q3, k3, v3, out, lse, keep = ctx.saved_tensors
+            B, H, T, hs = ctx.dims
+            dt, scale, block, dropout_p = q3.dtype, 1.0 / math.sqrt(hs), ctx.block, ctx.dropout_p  # q3 is scaled
+            g3 = grad.reshape(B * H, T, hs)
+            acc = _accumulate(dt)
+            row_dot = (g3.to(acc) * out.to(acc)).sum(dim=-1)  # (BH, T): rowsum(dP * P) = dO . O
+            dq = torch.empty(B * H, T, hs, dtype=dt, device=q3.device)
+            dk = torch.zeros(B * H, T, hs, dtype=_accumulate(dt), device=q3.device)
+            dv = torch.zeros(B * H, T, hs, dtype=_accumulate(dt), device=q3.device)
+            for i0 in range(0, T, block):
+                i1 = min(T, i0 + block)
+                p, _ = _block_weights(q3, k3, i0, i1, lse[:, i0:i1])  # normalised weights (BH, b, i1)
+                go = g3[:, i0:i1]  # (BH, b, hs)
+                dp = torch.bmm(go, v3[:, :i1].transpose(1, 2)).to(acc)  # (BH, b, i1)
+                if keep is not None:
+                    kept = keep[:, i0:i1, :i1]
+                    dv[:, :i1] += torch.bmm((p * kept).to(dt).transpose(1, 2), go).to(acc) / (1 - dropout_p)
+                    dp.mul_(kept).div_(1 - dropout_p)
+                else:
+                    dv[:, :i1] += torch.bmm(p.to(dt).transpose(1, 2), go).to(acc)
+                ds = p.mul_(dp.sub_(row_dot[:, i0:i1, None])).to(dt)  # d(loss)/d(scores) (BH, b, i1)
+                dq[:, i0:i1] = torch.bmm(ds, k3[:, :i1]).mul_(scale)
+                dk[:, :i1] += torch.bmm(ds.transpose(1, 2), q3[:, i0:i1]).to(acc)  # q3 carries the scale
+            shape = (B, H, T, hs)
+            return dq.view(shape), dk.to(dt).view(shape), dv.to(dt).view(shape), None, None
+
+    _FUNCTIONS.update(OneDNNLinear=OneDNNLinear, HeadLoss=HeadLoss, CausalAttention=CausalAttention)
     return _FUNCTIONS
+
+
+def _accumulate(dtype: "torch.dtype") -> "torch.dtype":
+    """float32 for the softmax and the sums of lower-precision attention; float64 stays float64."""
+    import torch
+
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block_weights(q3, k3, i0: int, i1: int, lse=None):
+    """Attention weights of (scaled) query rows [i0, i1) over keys [0, i1), float32, causal-masked:
+    unnormalised (exp(s - row max), and the row max) or, given the rows' log-sum-exp, normalised."""
+    import torch
+
+    s = torch.bmm(q3[:, i0:i1], k3[:, :i1].transpose(1, 2)).to(_accumulate(q3.dtype))  # (BH, b, i1)
+    diagonal = s[:, :, i0:i1]  # query i0+r may see keys up to i0+r
+    diagonal.masked_fill_(torch.ones(i1 - i0, i1 - i0, dtype=torch.bool, device=s.device).triu_(1), float("-inf"))
+    if lse is not None:
+        return s.sub_(lse[:, :, None]).exp_(), lse
+    top = s.amax(dim=-1, keepdim=True)  # (BH, b, 1)
+    return s.sub_(top).exp_(), top.squeeze(-1)
 
 
 def onednn_linear(x: "torch.Tensor", weight: "torch.Tensor", bias: "torch.Tensor | None") -> "torch.Tensor":
     """F.linear(x, weight, bias) with oneDNN doing the forward and backward matmuls (CPU, float32)."""
     return _functions()["OneDNNLinear"].apply(x, weight, bias)
+
+
+# Query rows per block of causal_attention (see CausalAttention): 64 was the fastest of 32-256 here
+# for context 256 and 1024, float32 and bfloat16. Below ATTENTION_MIN_T tokens torch's fused kernel
+# is faster (context 64: 1.4 against 2.5 ms a layer, forward and backward).
+ATTENTION_BLOCK = 64
+ATTENTION_MIN_T = 128
+
+
+def causal_attention(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", dropout_p: float = 0.0, *,
+                     block: int = ATTENTION_BLOCK) -> "torch.Tensor":
+    """``F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)`` for training on
+    the CPU: q, k, v (B, nh, T, hs) -> (B, nh, T, hs)."""
+    return _functions()["CausalAttention"].apply(q, k, v, dropout_p, block)
+
+
+def attention_kernel(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", dropout_p: float) -> "torch.Tensor":
+    """The training attention ``prepare`` installs: ``causal_attention`` from ATTENTION_MIN_T tokens
+    on, torch's ``scaled_dot_product_attention`` below that and under torch.compile (Inductor
+    handles its own)."""
+    import torch
+    import torch.nn.functional as F
+
+    if q.shape[-2] < ATTENTION_MIN_T or torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    return causal_attention(q, k, v, dropout_p)
 
 
 def head_loss(x: "torch.Tensor", weight: "torch.Tensor", targets: "torch.Tensor", *,
@@ -174,9 +289,11 @@ class Plan:
     linear: str  # "onednn": float32 Linear layers through OneDNNLinear; "torch": F.linear
     head_loss: bool  # the output head and cross-entropy through head_loss
     fused_adamw: bool
+    attention: bool = False  # causal attention through attention_kernel
 
     def to_dict(self) -> dict:
-        return {"linear": self.linear, "head_loss": self.head_loss, "fused_adamw": self.fused_adamw}
+        return {"linear": self.linear, "head_loss": self.head_loss, "fused_adamw": self.fused_adamw,
+                "attention": self.attention}
 
 
 def fused_adamw_available(device: "torch.device") -> bool:
@@ -192,20 +309,22 @@ def fused_adamw_available(device: "torch.device") -> bool:
 
 def plan(device: "torch.device") -> Plan:
     onednn = device.type == "cpu" and onednn_available()
-    return Plan(linear="onednn" if onednn else "torch", head_loss=device.type == "cpu",
-                fused_adamw=fused_adamw_available(device))
+    cpu = device.type == "cpu"
+    return Plan(linear="onednn" if onednn else "torch", head_loss=cpu, fused_adamw=fused_adamw_available(device),
+                attention=cpu)
 
 
 def prepare(model: "GPTModel", chosen: Plan) -> None:
     """Point the model's Linear layers at the plan's training kernel (the model's maths is unchanged)."""
-    from gptcli.model import Linear
+    from gptcli.model import Linear, MultiHeadAttention
 
+    _functions()  # define the Functions and the custom op now: torch.compile cannot trace that
     kernel = onednn_linear if chosen.linear == "onednn" else None
-    if kernel is not None:
-        _functions()  # define the Functions and the custom op now: torch.compile cannot trace that
     for m in model.modules():
         if isinstance(m, Linear):
             m.train_kernel = kernel
+        elif isinstance(m, MultiHeadAttention):
+            m.train_kernel = attention_kernel if chosen.attention else None
 
 
 def compile_for_training(model: "GPTModel") -> "torch.nn.Module":
