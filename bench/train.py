@@ -641,7 +641,7 @@ def header_lines(args: argparse.Namespace, load_before: str, started: datetime) 
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "tiktoken"))
     git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return [
-        f"- Machine: {model}, {os.cpu_count()} logical CPUs, {args.threads} torch threads; AMX: {amx}; "
+        f"- Machine: {model}, {os.cpu_count()} logical CPUs, {args.threads} torch thread(s); AMX: {amx}; "
         f"AVX-512 BF16: {bf16}; oneDNN: {'yes' if torch.backends.mkldnn.is_available() else 'no'}",
         f"- Software: {versions}, Python {sys.version.split()[0]}; gptcli commit {git.stdout.strip() or 'unknown'}",
         f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')}, {(datetime.now(timezone.utc) - started).seconds / 60:.1f} "

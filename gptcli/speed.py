@@ -12,11 +12,16 @@ their maths. ``plan(device)`` says what the machine supports, ``prepare(model, p
   of rows are computed, turned into their gradient in place (softmax minus one-hot, over the number
   of rows) and multiplied out at once, so the whole (rows, vocab) float32 logits, their log-softmax
   and their gradient never exist: one chunk's buffer instead of three or four of the batch's.
+- **Causal attention in blocks** (``causal_attention``, from ATTENTION_MIN_T tokens on): blocks of
+  query rows against the keys up to the block, so the masked triangle is mostly skipped, and the
+  weights recomputed in backward rather than stored; dropout draws the mask torch's attention would.
 - **Fused AdamW** (``torch.optim.AdamW(fused=True)``, one pass over each tensor) on the CPU as on
   GPUs, where this torch has it.
 
-Off the CPU, without oneDNN or with an older torch the plain torch path is used; the results are the
-same up to float rounding.
+``model.py`` has two hooks for this: ``Linear.train_kernel`` and ``MultiHeadAttention.train_kernel``,
+used only with gradients on (training), never in evaluation or generation. Off the CPU, without
+oneDNN or with an older torch the plain torch path is used; the results are the same up to float
+rounding (the book's chapter-5 figures are unchanged). ``bench/train.py`` measures every part.
 """
 
 from __future__ import annotations
@@ -332,7 +337,7 @@ def compile_for_training(model: "GPTModel") -> "torch.nn.Module":
 
     Dropout keeps eager's random numbers (Inductor's ``fallback_random``): the same masks as an eager
     run draws from the same seed, and on the CPU faster than Inductor's own generator (whose dropout
-    made the book's 124M step ~12% slower compiled than eager here). The oneDNN Linear kernel
+    made the book's 124M step 11-13% slower compiled than eager here). The oneDNN Linear kernel
     appears in the graph as the opaque custom op ``gptcli::onednn_linear``.
     """
     import torch

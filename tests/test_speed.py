@@ -169,3 +169,28 @@ def test_bfloat16_training_tracks_float32(tmp_path):
     assert len(losses["float32"]) == 4 and losses["float32"][-1] < losses["float32"][0] - 0.5
     for a, b in zip(losses["float32"], losses["bfloat16"], strict=True):
         assert abs(a - b) < 0.03 * a, (losses["float32"], losses["bfloat16"])
+
+
+def test_compiled_training_matches_eager_dropout_masks_included():
+    """--compile: the oneDNN Linear kernel as a custom op in the graph, and dropout drawn from torch's
+    generator (Inductor's fallback_random), so a seeded compiled run gives eager's losses."""
+    from gptcli import training
+
+    x = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(2))
+
+    def losses(compiled: bool) -> list[float]:
+        model = tiny_model(context_length=32, drop_rate=0.2).train()
+        plan = speed.plan(torch.device("cpu"))
+        speed.prepare(model, plan)
+        run = speed.compile_for_training(model) if compiled else model
+        torch.manual_seed(5)
+        out = []
+        for _ in range(3):
+            loss = training.batch_loss(run, x, y, device=torch.device("cpu"), dtype="float32", plan=plan,
+                                       head_weight=model.out_head.weight)
+            loss.backward()
+            out.append(loss.item())
+        return out
+
+    assert losses(True) == pytest.approx(losses(False), abs=1e-5)
