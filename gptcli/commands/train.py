@@ -206,10 +206,11 @@ def _new_run(data, out, recipe_spec, flags, arch, beta1, beta2, *, size, config,
     weights = weights or (recipe.weights if recipe else None)
     model_size = size if size is not None or config is not None else (recipe.size if recipe else None)
     model_config = config if config is not None else (recipe.config if recipe and size is None else None)
-    if weights is not None and (set(arch) - {"drop_rate"} or (recipe and set(recipe.model) - {"drop_rate"})
-                                and weights != (recipe.weights if recipe else None)):
+    if weights is not None and set(arch) - {"drop_rate"}:
         raise UserError("--weights fine-tunes a model as it is; architecture changes (--context-length, --n-layers, "
                         "--n-heads, --emb-dim) need a new model (--size/--config)")
+    if weights is not None and recipe and set(recipe.model) - {"drop_rate"} and dist_main():
+        note(f"fine-tuning {weights}: the architecture in recipe {recipe.name!r} does not apply")
     _check_dtype(settings.dtype, torch_device)
 
     if settings.tokenizer == "char":
@@ -325,6 +326,12 @@ def _resume_run(folder: Path, data, flags, arch, beta1, beta2, device, *, recipe
                         data_digest=state["data_digest"], dist=dist, resume_state=state)
 
 
+def dist_main() -> bool:
+    from gptcli.training import dist_from_env
+
+    return dist_from_env().main
+
+
 def _check_dtype(name: str, device) -> None:
     if name == "float16" and device.type == "cpu":
         raise UserError("--dtype float16 trains on GPUs only; on the CPU use bfloat16 or float32")
@@ -336,13 +343,14 @@ def _check_memory(cfg, settings, device, dist) -> None:
 
     need = estimate_memory(cfg, max(1, settings.batch_size // dist.world), settings.dtype != "float32")
     have = available_memory(device)
-    if have is not None and need["total"] * dist.world > have and device.type == "cpu" or \
-            have is not None and device.type != "cpu" and need["total"] > have:
+    # Processes on one CPU share its memory; each GPU has its own.
+    total = need["total"] * (dist.world if device.type == "cpu" else 1)
+    if have is not None and total > have:
         raise UserError(
-            f"training {cfg.name} needs about {human_bytes(need['total'] * (dist.world if device.type == 'cpu' else 1))}"
-            f" (weights {human_bytes(need['weights'])}, gradients {human_bytes(need['gradients'])}, AdamW "
-            f"{human_bytes(need['optimizer'])}, activations {human_bytes(need['activations'])}) but {device} has "
-            f"{human_bytes(have)} free; use a smaller model or batch")
+            f"training {cfg.name} needs about {human_bytes(total)} (weights {human_bytes(need['weights'])}, gradients "
+            f"{human_bytes(need['gradients'])}, AdamW {human_bytes(need['optimizer'])}, activations "
+            f"{human_bytes(need['activations'])}) but {device} has {human_bytes(have)} free; use a smaller model or "
+            "batch")
 
 
 # --------------------------------------------------------------------------------------------
