@@ -166,6 +166,11 @@ def split_lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in lines]
 
 
+def escape_line(text: str) -> str:
+    """Text on one line: backslash, newline and carriage return escaped, so each input line gets one output line."""
+    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+
+
 def load_for_command(*, size, config, weights: str, device_name: str, dtype_name: str, seed: int,
                      quantize: str | None = None) -> "LoadedModel":
     """Resolve device and dtype, load the weights (notes on stderr), then quantize them when asked."""

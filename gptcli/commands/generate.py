@@ -17,6 +17,7 @@ from gptcli.commands.common import (
     WeightsOption,
     check_tokenizer_early,
     err,
+    escape_line,
     load_for_command,
     note,
     parse_number,
@@ -347,11 +348,6 @@ def result_record(prompt: str, prompt_ids: list[int], dropped: int, token_ids: l
         "sampling": {"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p},
         "stop": list(options.stop),
     }
-
-
-def escape_line(text: str) -> str:
-    """One completion on one line: backslash and newline escaped, so each input line gets one output line."""
-    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOptions, *, size, config, weights: str,
