@@ -48,7 +48,7 @@ def score(
     ctx: typer.Context,
     files: Annotated[
         Optional[List[str]],
-        typer.Argument(metavar="[FILE]...", help="Texts to score, each on its own; '-' or none reads stdin.",
+        typer.Argument(metavar="FILE", help="Texts to score, each on its own; '-' or none reads stdin.",
                        show_default=False),
     ] = None,
     size: SizeOption = None,
@@ -93,7 +93,7 @@ def score(
 
       gptcli score --weights ./my-gpt2 --json story.txt | jq .total.perplexity
 
-      gptcli score --each-line --json < lines.txt | jq -s -r 'sort_by(.loss) | .[] | "\\(.loss)\\t\\(.text)"'
+      gptcli score --each-line --json < lines.txt | jq -s -r 'sort_by(.loss) | reverse | .[] | "\\(.loss)\\t\\(.text)"'
     """
     seed_value = int(parse_number("--seed", seed, int))
     if seed_value < 0:
