@@ -286,6 +286,14 @@ def test_char_level_checkpoint_scores_with_its_own_vocabulary(tmp_path):
     assert result.exit_code == 2 and result.stderr.startswith(f"error: {tmp_path / 'z.txt'}: character 'z' is not")
 
 
+def test_help_does_not_import_torch():
+    from helpers import imported_modules
+
+    stdout, modules = imported_modules("score", "--help")
+    assert "Usage: gptcli score" in stdout and "gptcli.commands.score" in modules
+    assert "torch" not in modules
+
+
 def test_help_lists_the_command_and_teaches_with_examples():
     assert "score" in runner.invoke(app, ["--help"]).stdout
     result = runner.invoke(app, ["score", "--help"])
