@@ -255,6 +255,15 @@ def test_plain_output_says_the_stride_and_where_scoring_starts(tiny, tmp_path):
     assert "from the first token" in run(a, *tiny, "--bos").stdout
 
 
+def test_terminal_tables_show_text_as_typed_not_as_rich_markup(monkeypatch, capsys):
+    from gptcli.commands import common
+
+    monkeypatch.setattr(common, "stdout_is_terminal", lambda: True)
+    common.print_table("under [/x] weights", ["line", "text"], [["1", "a [/x] b"], ["2", "[bold]hi[/bold]"]])
+    out = capsys.readouterr().out
+    assert "under [/x] weights" in out and "a [/x] b" in out and "[bold]hi[/bold]" in out
+
+
 def test_char_level_checkpoint_scores_with_its_own_vocabulary(tmp_path):
     from gptcli.config import GPTConfig
     from gptcli.tokenizer import CharTokenizer, to_metadata

@@ -239,12 +239,14 @@ def print_table(
     cells = [[str(c) for c in row] for row in rows]
     if stdout_is_terminal():
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=title, title_justify="left", show_footer=False)
+        # Text, not markup: a file name or a line of input like "[/x]" is shown as typed, never parsed.
+        table = Table(title=None if title is None else Text(title), title_justify="left", show_footer=False)
         for i, name in enumerate(columns):
-            table.add_column(name, justify="right" if i in right_align else "left")
+            table.add_column(Text(name), justify="right" if i in right_align else "left")
         for n, row in enumerate(cells):
-            table.add_row(*row, end_section=(n == len(cells) - footer_rows - 1 and footer_rows > 0))
+            table.add_row(*map(Text, row), end_section=(n == len(cells) - footer_rows - 1 and footer_rows > 0))
         stdout_console().print(table)
         return
     widths = [max(len(columns[i]), *(len(r[i]) for r in cells)) if cells else len(columns[i]) for i in range(len(columns))]
