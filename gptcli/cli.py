@@ -12,11 +12,12 @@ from gptcli.commands.generate import generate
 from gptcli.commands.inspect import inspect
 from gptcli.commands.params import params
 from gptcli.commands.train import train
+from gptcli.commands.score import score
 
 app = typer.Typer(
     name="gptcli",
     help="Run and understand GPT-2 from the command line: generate text, count parameters, "
-    "look inside models and checkpoints.",
+    "look inside models and checkpoints, score texts.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -43,6 +44,7 @@ app.command("params")(params)
 app.command("generate")(generate)
 app.command("inspect")(inspect)
 app.command("train")(train)
+app.command("score")(score)
 
 
 def _click_class(name: str) -> type:

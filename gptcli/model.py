@@ -258,6 +258,7 @@ class GPTModel(nn.Module):
         pad: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
         last_only: bool = False,
+        head: bool = True,
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids (B, T); (B, 1, vocab_size) with ``last_only``.
 
@@ -269,6 +270,8 @@ class GPTModel(nn.Module):
           touched; the caller tracks it.
         - ``last_only``: apply the output head to the last position only (a prompt's prefill needs
           nothing else, and the head is the largest matrix).
+        - ``head=False``: return the final-normed hidden states (B, T, emb_dim) instead of logits, for
+          callers that apply ``out_head`` to a few positions only (scoring).
         """
         B, T = in_idx.shape
         if input_pos is not None:
@@ -292,8 +295,8 @@ class GPTModel(nn.Module):
             cache.length = start + T
         if last_only:
             x = x[:, -1:]  # (B, 1, emb_dim)
-        x = self.final_norm(x)
-        return self.out_head(x)  # (B, T, vocab_size)
+        x = self.final_norm(x)  # (B, T, emb_dim)
+        return self.out_head(x) if head else x  # (B, T, vocab_size) or (B, T, emb_dim)
 
 
 def _padded_positions_and_mask(positions: torch.Tensor, pad: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -103,7 +103,7 @@ def test_each_line_json_has_the_single_run_fields_and_one_line_per_input_line(ti
 
 
 def test_split_prompt_lines():
-    from gptcli.commands.generate import split_prompt_lines
+    from gptcli.commands.common import split_lines as split_prompt_lines
 
     assert split_prompt_lines("") == []
     assert split_prompt_lines("\n") == [""]
