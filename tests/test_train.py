@@ -450,3 +450,37 @@ def test_two_processes_equal_one_with_the_whole_batch(tmp_path, sampling):
     for name in s1:
         if name.startswith("model."):
             torch.testing.assert_close(s1[name], s2[name], atol=1e-5, rtol=1e-5)
+
+
+def test_data_from_stdin_and_folders(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text(make_text(600, seed=1))
+    (folder / "b.txt").write_text(make_text(600, seed=2))
+    (folder / "skip.md").write_text("not a text file of the corpus")
+    out = tmp_path / "folder-run"
+    result = train(str(folder), *TINY, "--max-steps", "1", "--sample-every", "0", "--out", str(out))
+    assert result.exit_code == 0, result.stderr
+    from gptcli.data import Text, join_texts, read_texts
+
+    texts = read_texts([str(folder)])
+    assert [Path(t.name).name for t in texts] == ["a.txt", "b.txt"]
+    assert "<|endoftext|>" in join_texts(texts, "gpt2")  # documents separated as GPT-2 was trained
+    assert join_texts([Text("x", "ab"), Text("y", "cd")], "char") == "abcd"
+    piped = train("-", *TINY, "--max-steps", "1", "--sample-every", "0", "--out", str(tmp_path / "stdin-run"),
+                  input=make_text(600, seed=1))
+    assert piped.exit_code == 0, piped.stderr
+    assert events(piped.stdout)[0]["train_tokens"] > 0
+
+
+def test_chunked_bpe_equals_whole_text(monkeypatch):
+    """Large texts are tokenized in pieces on tiktoken's threads; the pieces end where GPT-2's
+    pre-tokenizer splits anyway, so the ids are those of the whole text."""
+    from gptcli import data
+    from gptcli.tokenizer import gpt2
+
+    text = make_text(4000, seed=9).replace(".\nThe", ".\n\n  The")  # blank lines and indents near the cuts
+    whole = data.encode(text, gpt2())
+    monkeypatch.setattr(data, "CHUNK_CHARS", 500)
+    assert len(data._chunks(text, 500)) > 10
+    assert data.encode(text, gpt2()).tolist() == whole.tolist()
