@@ -306,7 +306,7 @@ def _load(*, size, config, weights: str, device_name: str, dtype_name: str, seed
     loaded = load_model(size=size, config=config, weights=weights, device=torch_device, dtype=torch_dtype,
                         seed=seed, note=note)
     start = time.perf_counter()
-    prepare_model(loaded.model, torch_device, torch_dtype, quantize=speed.quantize)
+    prepare_model(loaded.model, torch_device, torch_dtype, quantize=speed.quantize, pack=not speed.compile)
     loaded.load_seconds += time.perf_counter() - start
     return loaded
 
