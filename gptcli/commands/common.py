@@ -39,6 +39,17 @@ ConfigOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+ThreadsOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--threads",
+        metavar="N",
+        min=1,
+        help="CPU threads for torch. Default: OMP_NUM_THREADS if set, else the cores this process may use "
+        "that other processes are not keeping busy (a busy core stalls every step).",
+        show_default=False,
+    ),
+]
 
 
 def stdout_is_terminal() -> bool:

@@ -13,6 +13,7 @@ import typer
 from gptcli.commands.common import (
     ConfigOption,
     SizeOption,
+    ThreadsOption,
     check_tokenizer_early,
     err,
     note,
@@ -193,6 +194,7 @@ def generate(
     batch_size: Annotated[
         str, typer.Option("--batch-size", "-b", metavar="N", help="Prompts per batch with --each-line.")
     ] = "8",
+    threads: ThreadsOption = None,
 ) -> None:
     """Continue a prompt with GPT-2, streaming each token as soon as it is decoded.
 
@@ -242,7 +244,7 @@ def generate(
     if quantize is not None and dtype_name == "float32":
         raise UserError("--quantize int8 needs --dtype bfloat16 or float16 activations (int8 kernels take those)")
     speed = SpeedOptions(compile=compile_model, quantize="int8" if quantize else None,
-                         batch_size=int(_number("--batch-size", batch_size, int)))
+                         batch_size=int(_number("--batch-size", batch_size, int)), threads=threads)
     if speed.batch_size < 1:
         raise UserError(f"--batch-size must be 1 or more, got {speed.batch_size}")
     if each_line:
@@ -288,6 +290,7 @@ class SpeedOptions:
     compile: bool = False
     quantize: str | None = None  # "int8"
     batch_size: int = 8
+    threads: int | None = None  # --threads; None: gptcli.devices.configure_threads decides
 
 
 def _load(*, size, config, weights: str, device_name: str, dtype_name: str, seed: int,
@@ -295,10 +298,11 @@ def _load(*, size, config, weights: str, device_name: str, dtype_name: str, seed
     """Resolve device and dtype, load the weights, then quantize them when asked."""
     import torch
 
-    from gptcli.devices import resolve_device, resolve_dtype
+    from gptcli.devices import configure_threads, resolve_device, resolve_dtype
     from gptcli.generate import prepare_model
     from gptcli.weights import load_model
 
+    configure_threads(speed.threads)
     torch_device = resolve_device(device_name)
     torch_dtype = resolve_dtype(dtype_name, torch_device)
     if speed.quantize and torch_dtype == torch.float32 and dtype_name == "auto":
@@ -325,10 +329,14 @@ def _timings_json(load_s: float, t: "Timings", compile_s: float | None) -> dict:
 
 def _stats_line(load_s: float, t: "Timings", compile_s: float | None, loaded: "LoadedModel", finish: str) -> str:
 
+    import torch
+
     compiled = "" if compile_s is None else f", compile {compile_s:.2f} s"
+    threads = torch.get_num_threads()
+    cpu = f" with {threads} thread{'s' * (threads != 1)}" if loaded.device.type == "cpu" else ""
     return (f"stats: load {load_s:.2f} s{compiled}, prefill {t.prefill_tokens} tokens in {t.prefill_s:.3f} s, "
             f"decode {t.decode_tokens} tokens in {t.decode_s:.3f} s ({_fmt_rate(t.decode_tokens_per_s)}), "
-            f"{name_of(loaded.dtype)} on {loaded.device}, finish {finish}")
+            f"{name_of(loaded.dtype)} on {loaded.device}{cpu}, finish {finish}")
 
 
 def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, size, config, weights: str,

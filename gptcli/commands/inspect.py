@@ -14,6 +14,7 @@ from gptcli.commands.common import (
     ConfigOption,
     JsonOption,
     SizeOption,
+    ThreadsOption,
     check_tokenizer_early,
     note,
     print_json,
@@ -202,15 +203,18 @@ def _device_and_dtype(device: str, dtype: str) -> tuple["torch.device", "torch.d
 
 
 def predict(
-    *, prompt: str, top: int, size: str | None, config: Any, weights: str | None, device: str, dtype: str, seed: int
+    *, prompt: str, top: int, size: str | None, config: Any, weights: str | None, device: str, dtype: str, seed: int,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """One forward pass: the prompt's ids and the top-``top`` next tokens, with the same weights as generate."""
+    from gptcli.devices import configure_threads
     from gptcli.inspection import next_tokens
     from gptcli.weights import load_model
 
     if not prompt:
         raise UserError("--prompt is empty: give at least one token of text")
     check_tokenizer_early(weights)
+    configure_threads(threads)
     dev, dt = _device_and_dtype(device, dtype)
     loaded = load_model(size=size, config=config, weights=weights or "auto", device=dev, dtype=dt, seed=seed,
                         note=note)
@@ -256,6 +260,7 @@ def inspect(
         str, typer.Option("--dtype", help="For --prompt: auto, float32, bfloat16 or float16.")
     ] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="For --prompt with random weights: the init seed.")] = 123,
+    threads: ThreadsOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Look inside a model: its modules, parameters, memory, FLOPs, a checkpoint, its next token.
@@ -306,7 +311,7 @@ def inspect(
     report["prompt"] = report["next_tokens"] = None
     if prompt is not None:
         report.update(predict(prompt=prompt, top=top, size=size, config=config, weights=weights, device=device,
-                              dtype=dtype, seed=seed))
+                              dtype=dtype, seed=seed, threads=threads))
 
     if json_output:
         print_json(report)
