@@ -472,6 +472,24 @@ def checkpoint_tokenizer(path: str | Path) -> "Tokenizer":
     return from_metadata(header.metadata, str(header.path))
 
 
+def no_released_weights(repo: str, size: str, reason: str) -> UserError:
+    """``--weights auto`` for a released size with nothing cached and no download possible.
+
+    Not random weights with a note: a new user reads an untrained model's output as a broken tool.
+    """
+    if reason == "HF_HUB_OFFLINE is set":
+        fix = "unset HF_HUB_OFFLINE on a machine with network access and run again (gptcli downloads it once)"
+    else:
+        fix = "run again with network access (gptcli downloads it once)"
+    return UserError(
+        f"no GPT-2 {size} weights: {repo} is not in the Hugging Face cache ({hub_cache_dir()}) and {reason}. "
+        f"For OpenAI's weights, {fix}, or pass --weights PATH (a .safetensors file or a folder). "
+        "--weights random runs the untrained model on purpose (its output is noise); "
+        "or train a small model in minutes: gptcli train FILE.txt --recipe shakespeare-char --out runs/x, "
+        "then --weights runs/x"
+    )
+
+
 def load_model(
     *,
     size: str | None,
@@ -485,7 +503,8 @@ def load_model(
     """Build the model for ``--size``/``--config`` and fill it from ``weights``.
 
     ``weights``: ``random`` (seeded init), ``auto`` (the released checkpoint of a shipped GPT-2 size:
-    cached, else downloaded, else random with a note; random for any other config), a .safetensors
+    cached, else downloaded, else a UserError before any model is built, ``no_released_weights``;
+    random with a note for a config that has no release), a .safetensors
     file, a folder holding model.safetensors (and maybe config.json), or a Hub id. With a checkpoint
     and no --size/--config the architecture comes from the checkpoint; with both they must agree.
     Raises UserError for anything the user can fix (bad config, bad checkpoint, unknown device).
@@ -507,8 +526,9 @@ def load_model(
         check_vocab(cfg, str(config) if config is not None else f"config {cfg.name!r}")
         repo = HUB_IDS.get(cfg.name) if config is None else None
         if spec.lower() == "auto" and repo is None:
-            say(f"no released weights for config {cfg.name!r}: using random weights (seed {seed}); "
-                "pass --weights random to silence this note, or --weights FILE|DIR|HUB_ID")
+            say(f"no released weights for config {cfg.name!r}: using untrained random weights (seed {seed}), "
+                "so the output is noise; pass --weights FILE|DIR|HUB_ID for trained ones, or --weights random "
+                "to silence this note")
         elif spec.lower() == "auto":
             # Cache first without touching the network: GPT-2's releases do not change.
             located = cached_checkpoint(repo)
@@ -516,7 +536,7 @@ def load_model(
                 try:
                     located = fetch_checkpoint(repo, note=say)
                 except HubUnavailable as exc:
-                    say(f"{repo} is not cached and {exc.reason}: using random weights (seed {seed})")
+                    raise no_released_weights(repo, cfg.name, exc.reason) from None
             wanted = cfg
     else:
         located = locate(spec, say)

@@ -242,7 +242,8 @@ def inspect(
                      "(owner/name; downloaded into the Hugging Face cache when missing). Only its header is read. "
                      "Without --size/--config the config comes from it (config.json beside it, gptcli's metadata, "
                      "else its shapes). With --prompt these are the weights run, as in generate; there 'auto' "
-                     "(the default: released GPT-2 weights for a shipped size, else random) and 'random' work too."),
+                     "(the default: released GPT-2 weights for a shipped size, an error when they are neither cached nor "
+                     "downloadable; random for other configs) and 'random' work too."),
     ] = None,
     depth: Annotated[
         Optional[int],
