@@ -36,6 +36,7 @@ FINISH_EOS = "eos"  # the model produced <|endoftext|>
 FINISH_STOP = "stop"  # a --stop string appeared (it is not part of the text)
 FINISH_LENGTH = "length"  # --max-new-tokens reached
 FINISH_INTERRUPTED = "interrupted"  # Ctrl-C; set by the caller
+FINISH_CLOSED = "closed"  # the reader closed stdout (`| head`) before the end; set by the caller
 
 
 @dataclass(frozen=True)

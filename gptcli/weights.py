@@ -251,16 +251,34 @@ def locate(spec: str, note: Note = _ignore) -> Located:
         return fetch_checkpoint(LEGACY_HUB_IDS[spec], None, note)
     if _looks_local(spec):
         path = Path(spec).expanduser()
-        if not path.exists() and "/" not in spec and not path.suffix:
-            raise UserError(f"{spec}: no such file or folder (a Hugging Face Hub id has the form owner/name, "
-                            "e.g. openai-community/gpt2)")
+        if not path.exists():
+            raise UserError(_missing_local(spec))
         file = checkpoint_file(path)
         # config.json describes a folder's model.safetensors; for a file, only a sibling model.safetensors.
         config_json = file.parent / HF_CONFIG_FILE
         has_config = config_json.is_file() and (path.is_dir() or file.name == CHECKPOINT_NAME)
         return Located(file, config_json if has_config else None, spec)
     repo, revision = parse_hub_id(spec)  # type: ignore[misc]
-    return fetch_checkpoint(repo, revision, note)
+    try:
+        return fetch_checkpoint(repo, revision, note)
+    except HubUnavailable as exc:
+        # owner/name is also how a relative folder looks (runs/x): say that neither was found.
+        raise HubUnavailable(f"{spec}: no such local file or folder; as a Hugging Face Hub id, {exc}",
+                             exc.reason) from None
+
+
+def _missing_local(spec: str) -> str:
+    """The error for a path that is not there, naming it as typed (``./my-gpt2``, not ``my-gpt2``)."""
+    from gptcli.checkpoint import PICKLE_SUFFIXES
+
+    if spec.endswith(("/", "\\")):
+        return f"{spec}: no such folder"
+    if Path(spec).suffix.lower() in {".safetensors", *PICKLE_SUFFIXES}:
+        return f"{spec}: no such file"
+    if "/" not in spec and not spec.startswith((".", "~")):
+        return (f"{spec}: no such file or folder, and not a Hugging Face Hub id (those have the form owner/name, "
+                "e.g. openai-community/gpt2)")
+    return f"{spec}: no such file or folder"
 
 
 def locate_checkpoint(spec: str, note: Note = _ignore) -> Path:

@@ -12,6 +12,8 @@ import typer
 
 from gptcli.commands.common import (
     ConfigOption,
+    DeviceOption,
+    DtypeOption,
     SizeOption,
     ThreadsOption,
     check_tokenizer_early,
@@ -20,12 +22,13 @@ from gptcli.commands.common import (
     print_json,
     silence_stdout,
     stdout_is_terminal,
+    stdout_styled,
     user_errors,
 )
 from gptcli.devices import check_device_name, check_dtype_name
 from gptcli.devices import dtype_name as name_of
 from gptcli.errors import UserError
-from gptcli.generate import FINISH_INTERRUPTED, SamplingOptions
+from gptcli.generate import FINISH_CLOSED, FINISH_INTERRUPTED, SamplingOptions
 
 if TYPE_CHECKING:
     from gptcli.generate import Timings
@@ -81,8 +84,8 @@ class TextOutput:
     def prompt(self, text: str) -> None:
         if not text:
             return
-        if self.terminal:
-            # Dimmed via Rich on a terminal; soft_wrap so Rich doesn't insert line breaks,
+        if stdout_styled():
+            # Dimmed via Rich on a terminal (or with FORCE_COLOR); soft_wrap so Rich doesn't insert line breaks,
             # no markup/emoji/highlighting so the prompt shows exactly as typed.
             from rich.console import Console
             from rich.text import Text
@@ -163,13 +166,8 @@ def generate(
         typer.Option("--echo/--no-echo", help="Print the prompt before the continuation. Default: dimmed on a "
                      "terminal, not in a pipe.", show_default=False),
     ] = None,
-    device: Annotated[
-        str, typer.Option("--device", "-d", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
-    ] = "auto",
-    dtype: Annotated[
-        str, typer.Option("--dtype", help="auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, "
-                          "bfloat16 or float16.")
-    ] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object at the end (text, ids, finish reason, timings) "
                            "instead of streaming.")
@@ -206,24 +204,16 @@ def generate(
 
     Examples:
 
+    \b
       gptcli generate "Hello, I am" -n 20
-
-      gptcli generate "Hello, I am" --config configs/book-124M.yaml --weights random -n 6   # the book's line
-
+      gptcli generate "Hello, I am" -c configs/book-124M.yaml -w random -n 6  # the book's
       gptcli generate "The meaning of life is" -t 0.8 --top-k 50 --top-p 0.95 --seed 7
-
       gptcli generate "Q: What is 2+2? A:" --stop "Q:" -n 30
-
       echo "Once upon a time" | gptcli generate -n 20
-
       gptcli generate -n 20 < story.txt > continuation.txt
-
       gptcli generate --json "Hello" -n 10 | jq -r .text
-
       gptcli generate "Hello" -n 100 --stats 2> stats.txt | head -c 80
-
-      gptcli generate "Hello" -n 200 --compile --quantize int8 --stats   # fastest on CPU
-
+      gptcli generate "Hello" -n 200 --compile --quantize int8 --stats  # fastest
       printf 'The sky is\\nMy name is\\n' | gptcli generate --each-line -n 10 --json
     """
     options = SamplingOptions(
@@ -382,6 +372,8 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
         # The reader went away (`| head -c 5`): stop generating, but still report on stderr.
         silence_stdout()
         pipe_closed = True
+        if generation.finish_reason is None:  # else it had ended already, and that is the reason
+            generation.finish_reason = FINISH_CLOSED
 
     t = generation.timings
     if json_output:
@@ -437,10 +429,7 @@ def escape_line(text: str) -> str:
 
 def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOptions, *, size, config, weights: str,
                    device_name: str, dtype_name: str, json_output: bool, stats: bool, echo: bool) -> None:
-    import json
-
-    from gptcli.batch import BatchDecoder, generate_batch
-    from gptcli.generate import Timings, crop_prompt, prompt_ids
+    from gptcli.generate import Timings, prompt_ids
 
     prompts = split_prompt_lines(stdin_text)
     if options.greedy and (options.top_k is not None or options.top_p is not None):
@@ -448,10 +437,34 @@ def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOption
     check_tokenizer_early(weights)
     loaded = _load(size=size, config=config, weights=weights, device_name=device_name, dtype_name=dtype_name,
                    seed=options.seed, speed=speed)
-    cfg, tokenizer = loaded.cfg, loaded.tokenizer
-    encoded = [prompt_ids(p, tokenizer) for p in prompts]
-    decoder = BatchDecoder(loaded.model, loaded.device, loaded.dtype)
+    encoded = [prompt_ids(p, loaded.tokenizer) for p in prompts]
     total = Timings()
+    written = [0]  # prompts whose line is out, for the stats after a closed pipe
+    try:
+        _each_line_batches(prompts, encoded, options, speed, loaded, json_output, echo, total, written)
+    except BrokenPipeError:
+        # The reader went away (`| head -n 3`): stop, but still report on stderr.
+        silence_stdout()
+        if stats:
+            err(_stats_line(loaded.load_seconds, total, None, loaded,
+                            f"{FINISH_CLOSED} (stdout closed after {written[0]} of {len(prompts)} prompts)"))
+        raise typer.Exit(0) from None
+    if stats:
+        err(_stats_line(loaded.load_seconds, total, None, loaded, f"{len(prompts)} prompts in batches of "
+                        f"{speed.batch_size}"))
+
+
+def _each_line_batches(prompts: list[str], encoded: list[list[int]], options: SamplingOptions, speed: SpeedOptions,
+                       loaded: "LoadedModel", json_output: bool, echo: bool, total: "Timings",
+                       written: list[int]) -> None:
+    """Generate and write every batch, adding to ``total``; ``written[0]`` counts the prompts written."""
+    import json
+
+    from gptcli.batch import BatchDecoder, generate_batch
+    from gptcli.generate import crop_prompt
+
+    cfg, tokenizer = loaded.cfg, loaded.tokenizer
+    decoder = BatchDecoder(loaded.model, loaded.device, loaded.dtype)
     for first in range(0, len(prompts), speed.batch_size):
         batch = encoded[first : first + speed.batch_size]
         results, t = generate_batch(decoder, batch, options, eos_id=tokenizer.eot_id, token_bytes=tokenizer.token_bytes)
@@ -473,6 +486,4 @@ def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOption
                 line = escape_line((prompts[index] if echo else "") + result.text)
             sys.stdout.write(line + "\n")
         sys.stdout.flush()
-    if stats:
-        err(_stats_line(loaded.load_seconds, total, None, loaded, f"{len(prompts)} prompts in batches of "
-                        f"{speed.batch_size}"))
+        written[0] = first + len(batch)
