@@ -250,8 +250,10 @@ def locate(spec: str, note: Note = _ignore) -> Located:
     if spec in LEGACY_HUB_IDS and not Path(spec).exists():
         return fetch_checkpoint(LEGACY_HUB_IDS[spec], None, note)
     if _looks_local(spec):
+        from gptcli.checkpoint import PICKLE_SUFFIXES
+
         path = Path(spec).expanduser()
-        if not path.exists():
+        if not path.exists() and path.suffix.lower() not in PICKLE_SUFFIXES:  # a pickle is refused, there or not
             raise UserError(_missing_local(spec))
         file = checkpoint_file(path)
         # config.json describes a folder's model.safetensors; for a file, only a sibling model.safetensors.
@@ -269,11 +271,9 @@ def locate(spec: str, note: Note = _ignore) -> Located:
 
 def _missing_local(spec: str) -> str:
     """The error for a path that is not there, naming it as typed (``./my-gpt2``, not ``my-gpt2``)."""
-    from gptcli.checkpoint import PICKLE_SUFFIXES
-
     if spec.endswith(("/", "\\")):
         return f"{spec}: no such folder"
-    if Path(spec).suffix.lower() in {".safetensors", *PICKLE_SUFFIXES}:
+    if Path(spec).suffix.lower() == ".safetensors":
         return f"{spec}: no such file"
     if "/" not in spec and not spec.startswith((".", "~")):
         return (f"{spec}: no such file or folder, and not a Hugging Face Hub id (those have the form owner/name, "
