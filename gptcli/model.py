@@ -25,6 +25,9 @@ from gptcli.config import GPTConfig
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _ONEDNN_PACK = _ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# Where left-padded rows attend one by one (_attend_rows), for batch invariance. Not on a GPU: its
+# matmuls are not batch-invariant anyway, and B small kernels per layer cost time there.
+ROW_ATTENTION_DEVICES = ("cpu",)
 # The batch size oneDNN's blocked weight layout is chosen for: decoding runs 2 rows (a lone
 # sequence, see _onednn_linear) to 8 (--each-line's default batch).
 PACK_BATCH_HINT = 8
@@ -200,9 +203,9 @@ class MultiHeadAttention(nn.Module):
     ) -> torch.Tensor:
         """``mask`` (B|1, 1, T, Tk), True where a query may attend, replaces the causal rule when given.
 
-        ``pad_rows`` (one int per row: its left padding) makes each row attend on its own, over its
-        real keys only, with the very call a lone sequence makes (``_attend_rows``); ``mask`` is then
-        not needed for a prefill from position 0 or a one-token step.
+        ``pad_rows`` (one int per row: its left padding) makes each row attend on its own on the CPU,
+        over its real keys only, with the very call a lone sequence makes (``_attend_rows``); ``mask``
+        is then not needed for a prefill from position 0 or a one-token step.
 
         With ``input_pos`` (T,) the new keys and values are written at those cache positions and the
         queries attend over the whole cache under ``mask``: every shape stays the same from step to
@@ -227,7 +230,8 @@ class MultiHeadAttention(nn.Module):
             v = cache.values[layer][:, :, : past + T]
 
         dropout_p = self.dropout if self.training else 0.0
-        if pad_rows is not None and input_pos is None and (past == 0 or T == 1):
+        if pad_rows is not None and input_pos is None and (past == 0 or T == 1) and \
+                x.device.type in ROW_ATTENTION_DEVICES:
             y = _attend_rows(q, k, v, pad_rows, past, dropout_p)
         elif mask is not None and input_pos is not None and torch.compiler.is_compiling() and x.device.type == "cpu":
             # The compiled decode step: plain softmax attention, which Inductor fuses. The CPU flash

@@ -97,3 +97,18 @@ def test_packed_weights_are_released_and_give_the_plain_logits():
     with torch.inference_mode():
         assert torch.equal(packed(ids), plain(ids))
         assert torch.equal(packed(ids[:, :1]), plain(ids[:, :1]))  # one row: run as two either way
+
+
+def test_masked_batch_attention_still_matches_lone_rows(monkeypatch):
+    """The path a GPU takes (one attention call under the padding mask): equal to the lone rows to rounding,
+    including rows that keep their cache while a longer one has outgrown the window."""
+    import gptcli.model
+
+    monkeypatch.setattr(gptcli.model, "ROW_ATTENTION_DEVICES", ())
+    model = lively_model(6)
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [12, 13, 14]]
+    feed = [[(31 * step + 7 * row) % 300 for row in range(len(prompts))] for step in range(10)]
+    alone, batched = _logits_alone_and_batched(model, torch.float32, prompts, feed)
+    for row in range(len(prompts)):
+        for step, logits in enumerate(alone[row]):
+            torch.testing.assert_close(logits[0], batched[step][row], atol=1e-5, rtol=1e-5)
