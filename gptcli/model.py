@@ -316,7 +316,12 @@ class GPTModel(nn.Module):
         or the dtype does not allow it: the model is then unchanged).
         """
         tied_head = self.out_head if self.cfg.tie_weights else None
-        return sum(m.pack(keep_weight=m is tied_head) for m in self.modules() if isinstance(m, Linear))
+        packed = 0
+        for module in self.modules():
+            if isinstance(module, Linear) and module.pack(keep_weight=module is tied_head):
+                packed += 1
+                _return_freed_memory()
+        return packed
 
     def forward(
         self,
@@ -393,6 +398,30 @@ def _attend_rows(
         F.scaled_dot_product_attention(q[b : b + 1], k[b : b + 1, :, p:], v[b : b + 1, :, p:], dropout_p=dropout_p)
         for b, p in enumerate(pad_rows)
     ])  # (B, nh, 1, hs)
+
+
+def _return_freed_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere).
+
+    After a load that freed large buffers, glibc serves matrices under 32 MB from its heap and keeps
+    them there once freed: packing 124M's weights one by one then left ~190 MB of freed plain weights
+    in the process's memory (peak RSS 1079 MB against 887 MB when trimmed after each layer).
+    """
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _padded_positions_and_mask(positions: torch.Tensor, pad: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
