@@ -21,13 +21,13 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _CUDA_INDEX = re.compile(r"^cuda:(\d+)$")
 
-# --dtype auto on the CPU is float32: exact, and bfloat16 buys little there. Measured on this
-# project's 2-core CI CPU (AMD EPYC, torch 2.13, 124M, greedy, 128 new tokens, medians of 5
-# interleaved rounds; bench/decode.py, BENCHMARKS.md): eager float32 35.8 tok/s, eager bfloat16
-# 40.0 tok/s (+12%, the bf16 matmul kernels run at ~12 GB/s against ~20 for float32). bfloat16's
-# logits differ from float32's by up to 1.4% of the largest logit and its greedy ids diverged on
-# 3 of 10 prompts within 32 tokens (bench/quant_accuracy.py). Ask for --dtype bfloat16 (or
-# --compile, where bfloat16 reaches 98 tok/s) when speed matters more than exactness.
+# --dtype auto on the CPU is float32: exact (the ids of the book's code and of transformers).
+# bfloat16 is faster: measured on this project's 2-core CI CPU (AMD EPYC, torch 2.13, 124M, greedy,
+# 128 new tokens, one thread, medians of 3 interleaved rounds; bench/decode.py, BENCHMARKS.md),
+# eager float32 63.9 tok/s and eager bfloat16 104.4 tok/s with packed oneDNN weights (before
+# packing, 35.8 and 40.0 with two threads). But bfloat16's logits differ from float32's by up to
+# 1.4% of the largest logit and its greedy ids diverged on 3 of 10 prompts within 32 tokens
+# (bench/quant_accuracy.py). Ask for --dtype bfloat16 when speed matters more than exactness.
 CPU_AUTO_DTYPE = "float32"
 
 

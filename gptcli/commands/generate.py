@@ -174,14 +174,14 @@ def generate(
     ] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print load, prefill and decode timings on stderr.")] = False,
     compile_model: Annotated[
-        bool, typer.Option("--compile", help="Compile the decode step with torch.compile: 1.5x (float32) to 2.5x "
-                           "(bfloat16) faster decoding on CPU, after ~30 s of compiling (~4 s once the on-disk "
-                           "cache is warm). Pays off from a few hundred tokens.")
+        bool, typer.Option("--compile", help="Compile the decode step with torch.compile, after ~15-30 s of compiling "
+                           "(~2-4 s once the on-disk cache is warm). On a CPU with several threads it is the "
+                           "fastest float32/bfloat16 path; pays off from a few hundred tokens.")
     ] = False,
     quantize: Annotated[
         Optional[str], typer.Option("--quantize", metavar="int8", help="Weight-only int8 Linear layers (per output "
-                                    "channel): a quarter of float32's bytes per token, 2x faster than float32 on "
-                                    "CPU, logits within ~3%. Runs with bfloat16 activations (--dtype auto picks "
+                                    "channel): a quarter of float32's bytes per token, ~1.8x faster than float32 "
+                                    "on CPU, logits within ~3%. Runs with bfloat16 activations (--dtype auto picks "
                                     "it).", show_default=False)
     ] = None,
     each_line: Annotated[
