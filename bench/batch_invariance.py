@@ -63,8 +63,9 @@ def flinear(x, w, b):
 def kernel_table(shapes: list[tuple[int, int]], dtypes: list[str]) -> list[str]:
     import torch
 
-    rows = ["| route | dtype | weight (out, in) | 1 row = row in 2..8 | 2 rows = row in 3..8, 64, 512 (head: 3..8, 64) |",
-            "|---|---|---|---|---|"]
+    rows = ["| route | dtype | weight (out, in) | 1 row = row in 2..8 | 2 rows = row in 3..8, 64, 512 (head: 3..8, 64) "
+            "| 8 rows = oneDNN's with plain weights |",
+            "|---|---|---|---|---|---|"]
     g = torch.Generator().manual_seed(0)
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
@@ -72,16 +73,22 @@ def kernel_table(shapes: list[tuple[int, int]], dtypes: list[str]) -> list[str]:
             w = (torch.randn(out_f, in_f, generator=g) * 0.02).to(dtype)
             b = (torch.randn(out_f, generator=g) * 0.02).to(dtype)
             x = torch.randn(512, in_f, generator=g).to(dtype)
-            for name, fn in (("oneDNN", onednn), ("F.linear", flinear)):
+            from gptcli.model import PACK_BATCH_HINT
+
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT)
+            for name, fn in (("oneDNN", onednn), ("oneDNN, packed", lambda x_, w_, b_: onednn(x_, packed, b_)),
+                             ("F.linear", flinear)):
                 with torch.inference_mode():
                     alone = fn(x[:1], w, b)
                     pair = fn(x[:2], w, b)[:1]
                     one = [m for m in range(2, 9) if not torch.equal(fn(x[:m], w, b)[:1], alone)]
                     many = (3, 4, 5, 6, 7, 8, 64) + ((512,) if out_f < 10_000 else ())  # the head: decode sizes
                     two = [m for m in many if not torch.equal(fn(x[:m], w, b)[:1], pair)]
+                    same_as_plain = torch.equal(fn(x[:8], w, b), onednn(x[:8], w, b))
                 rows.append(f"| {name} | {dtype_name} | ({out_f}, {in_f}) | "
                             f"{'yes' if not one else 'no (differs at ' + ','.join(map(str, one)) + ')'} | "
-                            f"{'yes' if not two else 'no (differs at ' + ','.join(map(str, two)) + ')'} |")
+                            f"{'yes' if not two else 'no (differs at ' + ','.join(map(str, two)) + ')'} | "
+                            f"{'yes' if same_as_plain else 'no'} |")
     return rows
 
 
