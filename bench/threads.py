@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", default="124M", help="124M (default) or another shipped size, or tiny")
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--max-busy", type=int, help="busy processes up to this many (default: the cores)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    max_busy = cores if args.max_busy is None else args.max_busy
     settings: dict[str, tuple[int, dict[str, str]]] = {}
     for n in range(1, cores + 1):
         settings[f"{n} thread{'s' * (n > 1)}"] = (n, {})
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                                              bufsize=1, env=env)
             json.loads(workers[name].stdout.readline())  # ready
         for round_ in range(args.rounds):
-            for competitors in range(cores + 1):
+            for competitors in range(max_busy + 1):
                 busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(competitors)]
                 time.sleep(0.5)  # let them get going
                 chosen.setdefault(competitors, []).append(chosen_threads())
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    header = ["setting"] + [f"{c} busy process{'es' * (c != 1)}" for c in range(cores + 1)]
+    header = ["setting"] + [f"{c} busy process{'es' * (c != 1)}" for c in range(max_busy + 1)]
     lines = [
         f"## Decode tok/s by thread count, {args.size} float32 (eager, packed weights)",
         "",
@@ -157,15 +159,15 @@ def main(argv: list[str] | None = None) -> None:
         f"- Command: `python bench/threads.py {' '.join(sys.argv[1:] if argv is None else argv)}`".rstrip(),
         "",
         "| " + " | ".join(header) + " |",
-        "|---" + "|---:" * (cores + 1) + "|",
+        "|---" + "|---:" * (max_busy + 1) + "|",
     ]
     for name in settings:
         cells = []
-        for c in range(cores + 1):
+        for c in range(max_busy + 1):
             values = results[(name, c)]
             cells.append(f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    picks = ["/".join(str(v) for v in chosen[c]) for c in range(cores + 1)]
+    picks = ["/".join(str(v) for v in chosen[c]) for c in range(max_busy + 1)]
     lines.append("| `configure_threads(None)` chose (each round) | " + " | ".join(picks) + " |")
     print("\n".join(lines))
 
