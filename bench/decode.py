@@ -299,7 +299,7 @@ class GptcliRunner(VariantRunner):
         v, cpu, dtype = self.variant, torch.device("cpu"), getattr(torch, self.variant.dtype)
         start = time.perf_counter()
         loaded = load_model(size=None, config=None, weights=self.work.checkpoint, device=cpu, dtype=dtype, seed=0)
-        model = prepare_model(loaded.model, cpu, dtype, quantize=v.quantize)
+        model = prepare_model(loaded.model, cpu, dtype, quantize=v.quantize, pack=not v.compile)  # as generate does
         self.context_length = loaded.cfg.context_length
         self.decoder = BatchDecoder(model, cpu, dtype) if v.batch > 1 else make_decoder(model, cpu, dtype,
                                                                                          compile=v.compile)

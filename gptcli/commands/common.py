@@ -22,14 +22,40 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+def _completer(values: Sequence[str]) -> Callable[[str], list[str]]:
+    """Shell completion of an option's value: the ``values`` that start with what was typed."""
+
+    def complete(incomplete: str) -> list[str]:
+        return [v for v in values if v.lower().startswith(incomplete.lower())]
+
+    return complete
+
+
+def _size_names() -> list[str]:
+    from gptcli.config import GPT2_SIZES, SIZES
+
+    return [name for canonical, (_, aliases) in SIZES.items()
+            for name in (canonical, *(aliases[:1] if canonical in GPT2_SIZES else ()))]
+
+
+def complete_size(incomplete: str) -> list[str]:
+    """--size values for shell completion: each size and its short alias (124M, small, ...)."""
+    return _completer(_size_names())(incomplete)
+
+
+complete_device = _completer(["auto", "cpu", "cuda", "mps"])
+complete_dtype = _completer(["auto", "float32", "bfloat16", "float16"])
+
 SizeOption = Annotated[
     Optional[str],
     typer.Option(
         "--size",
         "-s",
+        metavar="SIZE",
         help="Model size: 124M/small, 355M/medium, 774M/large, 1558M/xl (case-insensitive), "
         "or 'book' for the book's GPT_CONFIG_124M. Default 124M.",
         show_default=False,
+        autocompletion=complete_size,
     ),
 ]
 ConfigOption = Annotated[
@@ -37,10 +63,20 @@ ConfigOption = Annotated[
     typer.Option(
         "--config",
         "-c",
+        metavar="FILE",
         help="Your own YAML config with the book's keys (vocab_size, context_length, emb_dim, n_heads, "
-        "n_layers, drop_rate, qkv_bias) plus tie_weights. Not with --size.",
+        "n_layers, drop_rate, qkv_bias) plus tie_weights (default false: the book's separate output head). "
+        "Not with --size.",
         show_default=False,
     ),
+]
+DeviceOption = Annotated[
+    str, typer.Option("--device", "-d", metavar="DEVICE", autocompletion=complete_device,
+                      help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
+]
+DtypeOption = Annotated[
+    str, typer.Option("--dtype", metavar="DTYPE", autocompletion=complete_dtype,
+                      help="auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, bfloat16 or float16.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 WeightsOption = Annotated[
@@ -53,17 +89,39 @@ WeightsOption = Annotated[
         "or a Hugging Face hub id.",
     ),
 ]
-DeviceOption = Annotated[
-    str, typer.Option("--device", "-d", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
-]
-DtypeOption = Annotated[
-    str, typer.Option("--dtype", help="auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, "
-                      "bfloat16 or float16.")
+ThreadsOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--threads",
+        metavar="N",
+        min=1,
+        help="CPU threads for torch. Default: OMP_NUM_THREADS if set, else the cores this process may use "
+        "that other processes are not keeping busy (a busy core stalls every step).",
+        show_default=False,
+    ),
 ]
 
 
 def stdout_is_terminal() -> bool:
+    """Whether stdout is a terminal: decides content, such as echoing the prompt by default."""
     return sys.stdout.isatty()
+
+
+def stdout_styled() -> bool:
+    """Whether stdout gets Rich output (colours, tables, bars), decided as Rich decides it.
+
+    TTY_COMPATIBLE=1/0 first, then FORCE_COLOR (set and not empty: yes, even in a pipe; set empty: no;
+    see force-color.org), else a terminal. NO_COLOR keeps the layout and drops the colours (Rich).
+    """
+    import os
+
+    tty_compatible = os.environ.get("TTY_COMPATIBLE", "")
+    if tty_compatible in ("0", "1"):
+        return tty_compatible == "1"
+    force_color = os.environ.get("FORCE_COLOR")
+    if force_color is not None:
+        return force_color != ""
+    return stdout_is_terminal()
 
 
 def err(message: str) -> None:
@@ -172,14 +230,16 @@ def escape_line(text: str) -> str:
 
 
 def load_for_command(*, size, config, weights: str, device_name: str, dtype_name: str, seed: int,
-                     quantize: str | None = None) -> "LoadedModel":
-    """Resolve device and dtype, load the weights (notes on stderr), then quantize them when asked."""
+                     quantize: str | None = None, threads: int | None = None, pack: bool = True) -> "LoadedModel":
+    """Set the thread count, resolve device and dtype, load the weights (notes on stderr), then prepare
+    them for decoding (quantize when asked; ``pack``: oneDNN's packed CPU layout, not under --compile)."""
     import torch
 
-    from gptcli.devices import resolve_device, resolve_dtype
+    from gptcli.devices import configure_threads, resolve_device, resolve_dtype
     from gptcli.generate import prepare_model
     from gptcli.weights import load_model
 
+    configure_threads(threads)
     torch_device = resolve_device(device_name)
     torch_dtype = resolve_dtype(dtype_name, torch_device)
     if quantize and torch_dtype == torch.float32 and dtype_name == "auto":
@@ -187,7 +247,7 @@ def load_for_command(*, size, config, weights: str, device_name: str, dtype_name
     loaded = load_model(size=size, config=config, weights=weights, device=torch_device, dtype=torch_dtype,
                         seed=seed, note=note)
     start = time.perf_counter()
-    prepare_model(loaded.model, torch_device, torch_dtype, quantize=quantize)
+    prepare_model(loaded.model, torch_device, torch_dtype, quantize=quantize, pack=pack)
     loaded.load_seconds += time.perf_counter() - start
     return loaded
 
@@ -237,7 +297,7 @@ def print_table(
     ``footer_rows``: how many trailing rows are totals (drawn after a rule).
     """
     cells = [[str(c) for c in row] for row in rows]
-    if stdout_is_terminal():
+    if stdout_styled():
         from rich.table import Table
         from rich.text import Text
 

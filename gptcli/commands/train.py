@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, List, Optional
 
 import typer
 
-from gptcli.commands.common import ConfigOption, SizeOption, err, note, user_errors
+from gptcli.commands.common import ConfigOption, DeviceOption, SizeOption, err, note, user_errors
 from gptcli.errors import UserError
 
 if TYPE_CHECKING:
@@ -82,8 +82,7 @@ def train(
     save_every: Annotated[Optional[int], _opt("--save-every", metavar="N", help="Checkpoint every N steps (always "
                           "at the end and on Ctrl-C).")] = None,
     seed: Annotated[Optional[int], _opt("--seed", metavar="N", help="Seeds the init, the data order and dropout.")] = None,
-    device: Annotated[str, typer.Option("--device", "-d", help="auto (cuda, then mps, then cpu), cpu, cuda, "
-                      "cuda:N or mps.")] = "auto",
+    device: DeviceOption = "auto",
     dtype: Annotated[Optional[str], _opt("--dtype", metavar="float32|bfloat16", help="float32, or bfloat16/float16 "
                      "autocast (weights and AdamW state stay float32).")] = None,
     compile_model: Annotated[bool, typer.Option("--compile", help="Compile the model with torch.compile.")] = False,
@@ -104,14 +103,11 @@ def train(
 
     Examples:
 
+    \b
       gptcli train the-verdict.txt --recipe book-ch05 --out runs/verdict
-
       gptcli train tinyshakespeare.txt --recipe shakespeare-char --out runs/shakespeare
-
       gptcli generate --weights runs/shakespeare "ROMEO:" -n 200 -t 0.8 --top-k 50
-
       gptcli train notes/ --weights gpt2 --epochs 2 --lr 5e-5 --out runs/notes
-
       gptcli train --resume runs/shakespeare --max-steps 3000
     """
     from gptcli import training
