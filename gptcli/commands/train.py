@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, List, Optional
 
 import typer
 
-from gptcli.commands.common import ConfigOption, DeviceOption, SizeOption, err, note, user_errors
+from gptcli.commands.common import ConfigOption, DeviceOption, SizeOption, ThreadsOption, err, note, user_errors
 from gptcli.errors import UserError
 
 if TYPE_CHECKING:
@@ -86,6 +86,7 @@ def train(
     dtype: Annotated[Optional[str], _opt("--dtype", metavar="float32|bfloat16", help="float32, or bfloat16/float16 "
                      "autocast (weights and AdamW state stay float32).")] = None,
     compile_model: Annotated[bool, typer.Option("--compile", help="Compile the model with torch.compile.")] = False,
+    threads: ThreadsOption = None,
     resume: Annotated[Optional[Path], _opt("--resume", metavar="DIR", help="Continue the run in DIR where it "
                       "stopped (bit for bit on the CPU).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the run already in --out.")] = False,
@@ -111,7 +112,9 @@ def train(
       gptcli train --resume runs/shakespeare --max-steps 3000
     """
     from gptcli import training
+    from gptcli.devices import configure_threads
 
+    configure_threads(threads)
     flags: dict[str, Any] = {
         "tokenizer": tokenizer, "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
         "grad_accum": grad_accum, "lr": lr, "schedule": schedule, "warmup_steps": warmup_steps, "min_lr": min_lr,
