@@ -278,11 +278,12 @@ def _example_lines(command) -> list[str]:
             if line.strip().startswith(("gptcli ", "echo ", "printf "))]
 
 
-@pytest.mark.parametrize("name", ["generate", "inspect", "params", "train"])
+@pytest.mark.parametrize("name", ["generate", "inspect", "params", "train", "score"])
 def test_help_shows_no_python_types_and_keeps_each_example_on_one_line(name):
     import gptcli.commands.generate
     import gptcli.commands.inspect
     import gptcli.commands.params
+    import gptcli.commands.score
     import gptcli.commands.train
 
     command = getattr(getattr(gptcli.commands, name), name)

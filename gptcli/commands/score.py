@@ -87,12 +87,10 @@ def score(
 
     Examples:
 
-      gptcli score story.txt                                    # perplexity of a file under GPT-2 124M
-
-      gptcli score --size xl --stride 256 story.txt             # more context per token, slower
-
+    \b
+      gptcli score story.txt                           # perplexity under GPT-2 124M
+      gptcli score --size xl --stride 256 story.txt    # more context per token, slower
       gptcli score --weights ./my-gpt2 --json story.txt | jq .total.perplexity
-
       gptcli score --each-line --json < lines.txt | jq -s -r 'sort_by(.loss) | reverse | .[] | "\\(.loss)\\t\\(.text)"'
     """
     seed_value = int(parse_number("--seed", seed, int))
