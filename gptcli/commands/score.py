@@ -14,6 +14,7 @@ from gptcli.commands.common import (
     DeviceOption,
     DtypeOption,
     SizeOption,
+    ThreadsOption,
     WeightsOption,
     check_tokenizer_early,
     escape_line,
@@ -78,6 +79,7 @@ def score(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (JSON Lines with --each-line) instead of a table.")
     ] = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Score texts with a model: loss (mean nats per token), perplexity and bits per byte.
 
@@ -122,7 +124,7 @@ def score(
 
     check_tokenizer_early(weights)
     loaded = load_for_command(size=size, config=config, weights=weights, device_name=device_name,
-                              dtype_name=dtype_name, seed=seed_value)
+                              dtype_name=dtype_name, seed=seed_value, threads=threads)
     from gptcli.scoring import check_stride, default_stride, score_texts
 
     context = loaded.cfg.context_length
