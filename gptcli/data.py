@@ -155,8 +155,11 @@ def encode(text: str, tokenizer: "Tokenizer", progress: Progress = _ignore, thre
     batch = max(1, threads) * 4
     for first in range(0, len(pieces), batch):
         group = pieces[first : first + batch]
-        for ids in tokenizer.encode_batch(group, allow_eot=True, threads=threads):
-            out.append(np.asarray(ids, dtype=dtype))
+        if hasattr(tokenizer, "encode_arrays"):
+            out.extend(tokenizer.encode_arrays(group, allow_eot=True, threads=threads, dtype=dtype.name))
+        else:
+            out.extend(np.asarray(ids, dtype=dtype) for ids in tokenizer.encode_batch(group, allow_eot=True,
+                                                                                      threads=threads))
         done += sum(len(p) for p in group)
         progress(done, total)
     return np.concatenate(out) if out else np.zeros(0, dtype=dtype)

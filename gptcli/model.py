@@ -65,7 +65,12 @@ class Linear(nn.Linear):
     - under torch.compile, one row: an element-wise multiply and a sum (accumulated in float32),
       which Inductor turns into its own vectorised, threaded reduction instead of a BLAS call.
       In eager mode that form would allocate an (out, in) temporary, so it is compile-only.
+
+    Training sets ``train_kernel`` (``gptcli.speed.prepare``): float32 training matmuls through
+    oneDNN, with their gradients, where it is faster than torch's default.
     """
+
+    train_kernel = None  # a function (x, weight, bias) -> x W^T + b, for float32 training
 
     packed_weight: torch.Tensor | None = None  # the weight in oneDNN's layout, after ``pack``
 
@@ -89,6 +94,10 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_weight is not None:
             return _onednn_linear(x, self.packed_weight, self.bias, self.out_features)
+        if torch.is_autocast_enabled(x.device.type):
+            return F.linear(x, self.weight, self.bias)  # autocast casts x and the weight, and picks the kernel
+        if self.train_kernel is not None and torch.is_grad_enabled() and x.dtype == torch.float32:
+            return self.train_kernel(x, self.weight, self.bias)
         if x.device.type == "cpu":
             if torch.compiler.is_compiling():
                 if x.shape[-2] == 1:
@@ -177,6 +186,9 @@ class MultiHeadAttention(nn.Module):
         self.W_qkv = nn.utils.skip_init(Linear, d_in, 3 * d_out, bias=qkv_bias, device=torch.get_default_device())
         self._init_qkv_in_book_order(d_in, d_out, qkv_bias)
         self.out_proj = Linear(d_out, d_out, bias=bias)
+        # Training may set a faster causal attention (gptcli.speed.prepare): a function
+        # (q, k, v, dropout_p) -> the same as scaled_dot_product_attention(..., is_causal=True).
+        self.train_kernel = None
 
     @torch.no_grad()
     def _init_qkv_in_book_order(self, d_in: int, d_out: int, qkv_bias: bool) -> None:
@@ -242,7 +254,10 @@ class MultiHeadAttention(nn.Module):
         elif mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         elif past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            if self.train_kernel is not None and torch.is_grad_enabled():
+                y = self.train_kernel(q, k, v, dropout_p)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         elif T == 1:
             # One new query sees every cached position: no mask needed.
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
@@ -343,8 +358,9 @@ class GPTModel(nn.Module):
           touched; the caller tracks it.
         - ``last_only``: apply the output head to the last position only (a prompt's prefill needs
           nothing else, and the head is the largest matrix).
-        - ``head=False``: return the final-normed hidden states (B, T, emb_dim) instead of logits, for
-          callers that apply ``out_head`` to a few positions only (scoring).
+        - ``head=False``: the final-normed hidden states (B, T, emb_dim) instead of logits, for callers
+          that apply ``out_head`` to a few positions only (scoring) or fuse it with the loss
+          (``gptcli.speed.head_loss``).
         """
         B, T = in_idx.shape
         pad_rows = None

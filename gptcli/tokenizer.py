@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from gptcli.errors import UserError
 
 if TYPE_CHECKING:
+    import numpy as np
     import tiktoken
 
 ENCODING_NAME = "r50k_base"
@@ -92,6 +93,28 @@ class GPT2BPE:
         if allow_eot:
             return enc.encode_batch(texts, allowed_special={EOT_TOKEN}, num_threads=threads)
         return enc.encode_batch(texts, disallowed_special=(), num_threads=threads)
+
+    def encode_arrays(self, texts: list[str], allow_eot: bool = False, threads: int = 2,
+                      dtype: str = "uint16") -> list["np.ndarray"]:
+        """Like ``encode_batch``, as numpy arrays of ``dtype``: tiktoken's ``encode_to_numpy`` on our own
+        threads, so no Python list of ints is ever built (building one holds the GIL and serialises
+        the threads). Older tiktoken without it: ``encode_batch``, then a copy to numpy."""
+        import numpy as np
+
+        enc = get_tokenizer()
+        special = {"allowed_special": {EOT_TOKEN}} if allow_eot else {"disallowed_special": ()}
+        if not hasattr(enc, "encode_to_numpy"):
+            return [np.asarray(ids, dtype=dtype) for ids in self.encode_batch(texts, allow_eot, threads)]
+
+        def one(text: str) -> "np.ndarray":
+            return enc.encode_to_numpy(text, **special).astype(dtype)
+
+        if threads <= 1 or len(texts) <= 1:
+            return [one(t) for t in texts]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(one, texts))
 
     def decode(self, ids: list[int]) -> str:
         return get_tokenizer().decode(ids, errors="replace")

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
     from gptcli.config import GPTConfig
     from gptcli.model import GPTModel
+    from gptcli.speed import Plan
     from gptcli.tokenizer import Tokenizer
 
 STATE_FILE = "state.safetensors"
@@ -302,6 +303,13 @@ def dist_from_env() -> Dist:
     return Dist(rank=int(os.environ.get("RANK", "0")), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def check_batch_split(s: TrainSettings, dist: Dist) -> None:
+    """``--batch-size`` is the global micro-batch: every process takes an equal share of its rows."""
+    if s.batch_size % dist.world:
+        raise UserError(f"--batch-size {s.batch_size} does not split evenly over {dist.world} processes; "
+                        f"use a multiple of {dist.world}")
+
+
 def init_distributed(dist: Dist, device: "torch.device") -> "torch.device":
     """Join the process group (nccl on GPUs, gloo on the CPU); the device this process uses (its own GPU)."""
     import torch
@@ -365,6 +373,48 @@ def plan_steps(s: TrainSettings, n_train_windows: int | None) -> tuple[int, int 
     return min(totals), per_epoch
 
 
+def autocast(device: "torch.device", dtype: str):
+    """bfloat16/float16 autocast (float32 weights and AdamW state), or nothing for float32."""
+    import contextlib
+
+    import torch
+
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+def batch_loss(model, x: "torch.Tensor", y: "torch.Tensor", *, device: "torch.device", dtype: str,
+               plan: "Plan | None" = None, head_weight: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """The book's calc_loss_batch: mean cross-entropy over every position of the batch.
+
+    ``model`` may be wrapped (torch.compile, DDP). When training with a plan whose ``head_loss`` is
+    on, the output head (``head_weight``) and the cross-entropy run as one chunked function
+    (``gptcli.speed.head_loss``) after the model's blocks; evaluation (no grad) takes the plain route.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    x, y = x.to(device), y.to(device)
+    if plan is not None and plan.head_loss and head_weight is not None and torch.is_grad_enabled():
+        from gptcli.speed import head_loss
+
+        with autocast(device, dtype):
+            hidden = model(x, head=False)  # (B, T, emb_dim)
+        return head_loss(hidden.flatten(0, 1).float(), head_weight, y.flatten(), dtype=getattr(torch, dtype))
+    with autocast(device, dtype):
+        logits = model(x)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+def make_optimizer(model: "GPTModel", s: TrainSettings, plan: "Plan") -> "torch.optim.AdamW":
+    """AdamW over ``param_groups``; fused (one kernel per tensor) where the plan says this torch has it."""
+    import torch
+
+    return torch.optim.AdamW(param_groups(model, s), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay,
+                             **({"fused": True} if plan.fused_adamw else {}))
+
+
 class Trainer:
     """Runs ``run``; ``events()`` yields what happens. ``request_stop()`` (Ctrl-C) ends it after the
     current step with a checkpoint."""
@@ -378,23 +428,9 @@ class Trainer:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _autocast(self):
-        import contextlib
-
-        import torch
-
-        dt = self.run.settings.dtype
-        if dt == "float32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.run.device.type, dtype=getattr(torch, dt))
-
     def _loss(self, model, x: "torch.Tensor", y: "torch.Tensor") -> "torch.Tensor":
-        """The book's calc_loss_batch: mean cross-entropy over every position of the batch."""
-        import torch.nn.functional as F
-
-        with self._autocast():
-            logits = model(x.to(self.run.device))  # (B, T, V)
-            return F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.run.device).flatten())
+        return batch_loss(model, x, y, device=self.run.device, dtype=self.run.settings.dtype, plan=self.plan,
+                          head_weight=self.run.model.out_head.weight)
 
     def _evaluate(self, model) -> tuple[float, float]:
         """Mean of per-batch losses over ``eval_batches`` batches of each split, in eval mode."""
@@ -497,9 +533,11 @@ class Trainer:
             self.train_eval_loader = window_loader(train_set, eval_rows, shuffle=True, drop_last=True)
             self.val_loader = window_loader(val_set, eval_rows, shuffle=False, drop_last=False)
 
-        self.optimizer = torch.optim.AdamW(param_groups(model, s), lr=s.lr, betas=s.betas,
-                                           weight_decay=s.weight_decay,
-                                           **({"fused": True} if run.device.type == "cuda" else {}))
+        from gptcli import speed
+
+        self.plan = speed.plan(run.device)
+        speed.prepare(model, self.plan)
+        self.optimizer = make_optimizer(model, s, self.plan)
         step = 0  # optimizer steps done
         epoch = 0  # 0-based epoch of the next micro-batch
         batch_in_epoch = 0  # micro-batches of this epoch already consumed
@@ -516,7 +554,7 @@ class Trainer:
 
         train_model = model
         if s.compile:
-            train_model = torch.compile(model)
+            train_model = speed.compile_for_training(model)
         if run.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -527,7 +565,7 @@ class Trainer:
                "params": sum(p.numel() for p in model.parameters()), "config": {**cfg.to_dict(), "bias": cfg.bias},
                "tokenizer": run.tokenizer.name, "vocab_size": run.tokenizer.vocab_size,
                "weights": run.weights_source, "device": str(run.device), "world_size": run.dist.world,
-               "settings": s.to_dict(), "resumed": run.resume_state is not None}
+               "settings": s.to_dict(), "kernels": self.plan.to_dict(), "resumed": run.resume_state is not None}
 
         start_time = time.perf_counter()
         session_tokens = 0

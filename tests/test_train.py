@@ -319,6 +319,17 @@ def test_bad_data(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path, corpus, monkeypatch):
+    """Under torchrun --batch-size is the global micro-batch; 12 rows do not split over 5 processes.
+    (Checked before the process group is joined, so no other process is needed here.)"""
+    monkeypatch.setenv("WORLD_SIZE", "5")
+    monkeypatch.setenv("RANK", "0")
+    line = one_error_line(train(str(corpus), *TINY, "--max-steps", "1", "--batch-size", "12",
+                                "--out", str(tmp_path / "r")))
+    assert "--batch-size 12" in line and "5 processes" in line
+    assert not (tmp_path / "r").exists()
+
+
 def test_validation_split_too_small(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(make_text(400))

@@ -202,6 +202,7 @@ def _new_run(data, out, recipe_spec, flags, arch, beta1, beta2, *, size, config,
     out = out or Path("runs") / name
     torch_device = resolve_device(settings.device)
     dist = training.dist_from_env()
+    training.check_batch_split(settings, dist)
     torch_device = training.init_distributed(dist, torch_device)
     training.check_out_dir(out, resume=False, force=force)
     training.barrier(dist)  # every process has looked before the first one writes
@@ -317,6 +318,7 @@ def _resume_run(folder: Path, data, flags, arch, beta1, beta2, device, *, recipe
     settings.validate()
     torch_device = resolve_device(settings.device)
     dist = training.dist_from_env()
+    training.check_batch_split(settings, dist)
     torch_device = training.init_distributed(dist, torch_device)
     try:
         train_ids = load_ids(folder / training.DATA_DIR / "train.bin", tok.vocab_size)

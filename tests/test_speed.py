@@ -1,0 +1,171 @@
+"""gptcli.speed: the training kernels compute what the plain torch path computes (their speed is
+bench/train.py's business, never a test's)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptcli import speed
+from gptcli.config import shipped_config
+from gptcli.model import GPTModel, Linear, MultiHeadAttention
+
+needs_onednn = pytest.mark.skipif(not speed.onednn_available(), reason="this torch has no oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_matches_f_linear_and_its_gradients(bias):
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    w = torch.randn(40, 24, requires_grad=True)
+    b = torch.randn(40, requires_grad=True) if bias else None
+    g = torch.randn(3, 7, 40)
+    inputs = [x, w] + ([b] if bias else [])
+    expected = F.linear(x, w, b)
+    want = torch.autograd.grad(expected, inputs, g)
+    got = speed.onednn_linear(x, w, b)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for a, e in zip(torch.autograd.grad(got, inputs, g), want, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("onednn", [False, pytest.param(True, marks=needs_onednn)])
+@pytest.mark.parametrize("chunk", [5, 64, 1000])
+def test_head_loss_equals_cross_entropy_of_the_logits(onednn, chunk):
+    """Value and both gradients, in chunks that divide the rows, do not, and exceed them."""
+    torch.manual_seed(1)
+    x = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(101, 16, requires_grad=True)
+    y = torch.randint(0, 101, (37,))
+    expected = F.cross_entropy(x @ w.t(), y)
+    want = torch.autograd.grad(expected * 3.0, (x, w))
+    got = speed.head_loss(x, w, y, chunk=chunk, onednn=onednn)
+    assert got.dtype == torch.float32 and got.shape == ()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for a, e in zip(torch.autograd.grad(got * 3.0, (x, w)), want, strict=True):  # a scaled loss (accumulation)
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("shape,block", [((2, 3, 37, 8), 16), ((1, 2, 130, 16), 64), ((1, 1, 20, 4), 256)])
+def test_causal_attention_equals_sdpa(shape, block, dropout_p):
+    """Output and gradients of scaled_dot_product_attention(is_causal=True), in blocks that divide T,
+    do not, and exceed it. With dropout, the same seed draws the same mask as torch's attention and
+    leaves the generator in the same state."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(*shape, requires_grad=True) for _ in range(3))
+    g = torch.randn(*shape)
+    torch.manual_seed(7)
+    expected = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    after_expected = torch.rand(3)
+    want = torch.autograd.grad(expected, (q, k, v), g)
+    torch.manual_seed(7)
+    got = speed.causal_attention(q, k, v, dropout_p, block=block)
+    assert torch.equal(torch.rand(3), after_expected)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for a, e in zip(torch.autograd.grad(got, (q, k, v), g), want, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+def test_causal_attention_in_bfloat16_is_close_to_float32():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 150, 16) for _ in range(3))
+    exact = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    got = speed.causal_attention(*(t.bfloat16() for t in (q, k, v)))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), exact, rtol=0.02, atol=0.02)
+
+
+def test_head_loss_in_bfloat16_is_close_to_float32():
+    torch.manual_seed(2)
+    x = torch.randn(20, 32, requires_grad=True)
+    w = (torch.randn(50, 32) * 0.3).requires_grad_()
+    y = torch.randint(0, 50, (20,))
+    exact = F.cross_entropy(x @ w.t(), y)
+    got = speed.head_loss(x, w, y, dtype=torch.bfloat16)
+    assert abs(got.item() - exact.item()) < 0.02 * exact.item()
+    got.backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+
+
+def tiny_model(**overrides) -> GPTModel:
+    cfg = shipped_config("124M").replace(**{"n_layers": 2, "n_heads": 2, "emb_dim": 32, "context_length": 16,
+                                            "vocab_size": 97, "drop_rate": 0.0, **overrides})
+    torch.manual_seed(0)
+    return GPTModel(cfg)
+
+
+def test_plan_on_this_cpu_and_prepare_sets_the_linear_kernel():
+    cpu = torch.device("cpu")
+    plan = speed.plan(cpu)
+    assert plan.head_loss
+    assert plan.linear == ("onednn" if speed.onednn_available() else "torch")
+    assert plan.attention
+    model = tiny_model()
+    speed.prepare(model, plan)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    attentions = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    assert linears and all((m.train_kernel is not None) == (plan.linear == "onednn") for m in linears)
+    assert attentions and all(m.train_kernel is speed.attention_kernel for m in attentions)
+    speed.prepare(model, speed.Plan("torch", False, False, False))
+    assert all(m.train_kernel is None for m in linears + attentions)
+
+
+@pytest.mark.parametrize("context,drop_rate", [(16, 0.0), (160, 0.0), (160, 0.1)])
+def test_a_prepared_model_trains_like_the_plain_one(context, drop_rate):
+    """Loss through head_loss and every gradient match the plain model's (float rounding only); with
+    dropout, from the same seed (the same masks). Context 160 takes causal_attention, 16 torch's."""
+    plain = tiny_model(context_length=context, drop_rate=drop_rate).train()
+    fast = tiny_model(context_length=context, drop_rate=drop_rate).train()
+    speed.prepare(fast, speed.plan(torch.device("cpu")))
+    x = torch.randint(0, 97, (3, context))
+    y = torch.randint(0, 97, (3, context))
+    torch.manual_seed(11)
+    loss_plain = F.cross_entropy(plain(x).flatten(0, 1), y.flatten())
+    torch.manual_seed(11)
+    hidden = fast(x, head=False)
+    assert hidden.shape == (3, context, 32)
+    loss_fast = speed.head_loss(hidden.flatten(0, 1), fast.out_head.weight, y.flatten())
+    torch.testing.assert_close(loss_fast, loss_plain, rtol=1e-5, atol=1e-5)
+    loss_plain.backward()
+    loss_fast.backward()
+    for (name, a), b in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+    plain.eval(), fast.eval()
+    with torch.no_grad():  # inference keeps its own route
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_adamw_is_found_where_torch_has_it():
+    """torch has a fused AdamW for the CPU from 2.4 on."""
+    major, minor = (int(p) for p in torch.__version__.split(".")[:2])
+    assert speed.fused_adamw_available(torch.device("cpu")) == ((major, minor) >= (2, 4))
+
+
+def test_bfloat16_training_tracks_float32(tmp_path):
+    """--dtype bfloat16 (autocast, float32 weights and AdamW state) runs whole, evaluations included,
+    and its losses stay within a few percent of float32's."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from gptcli.cli import app
+    from test_train import make_text, no_key_bias_config
+
+    text = tmp_path / "t.txt"
+    text.write_text(make_text(3000, seed=3))
+    common = [str(text), "--config", str(no_key_bias_config(tmp_path)), "--tokenizer", "char", "--max-steps", "60",
+              "--batch-size", "8", "--sampling", "random", "--lr", "3e-3", "--eval-every", "20", "--eval-batches",
+              "4", "--sample-every", "30", "--sample-tokens", "5", "--sample-prompt", "The", "--json"]
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        result = CliRunner().invoke(app, ["train", *common, "--dtype", dtype, "--out", str(tmp_path / dtype)])
+        assert result.exit_code == 0, result.stderr
+        evs = [json.loads(line) for line in result.stdout.splitlines()]
+        assert evs[0]["settings"]["dtype"] == dtype
+        losses[dtype] = [e["val_loss"] for e in evs if e["event"] == "eval"]
+    assert len(losses["float32"]) == 4 and losses["float32"][-1] < losses["float32"][0] - 0.5
+    for a, b in zip(losses["float32"], losses["bfloat16"], strict=True):
+        assert abs(a - b) < 0.03 * a, (losses["float32"], losses["bfloat16"])
