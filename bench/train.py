@@ -52,7 +52,9 @@ medians over the rounds.
 
 Columns
 -------
-- **tokens/s** and **ms/step**: batch x context tokens per step over the median step time.
+- **tokens/s** and **ms/step**: batch x context tokens per step over the median step time (wall
+  clock; with ``--clock cpu`` the worker's CPU time, which a busy neighbour does not inflate: use it
+  with ``--threads 1`` on a shared machine, where two threads' spin-waits would count too).
 - **spread**: (max - min) / median of the rounds' step times.
 - **× hf fp32**: this variant's tokens/s over ``hf-fp32`` of the same setting; **× hf same dtype**:
   over transformers at this variant's dtype, where the run has it.
@@ -300,18 +302,20 @@ class StepRunner:
         return time.perf_counter() - start
 
     def measure(self) -> dict[str, Any]:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         loss = 0.0
         for _ in range(self.setting.steps):
             loss = self.step()
-        return {"step_s": (time.perf_counter() - start) / self.setting.steps, "loss": loss}
+        return {"step_s": (time.perf_counter() - start) / self.setting.steps,
+                "cpu_s": (time.process_time() - cpu) / self.setting.steps, "loss": loss}
 
 
 class PeakRunner:
     """The peak of a large matmul of one dtype: the faster of torch.mm and oneDNN's linear."""
 
-    def __init__(self, dtype: str, n: int):
+    def __init__(self, dtype: str, n: int, clock: str = "wall"):
         self.dtype, self.n = dtype, n
+        self.now = time.process_time if clock == "cpu" else time.perf_counter
 
     def setup(self) -> dict[str, Any]:
         import torch
@@ -327,9 +331,9 @@ class PeakRunner:
     def _gflops(self, fn) -> float:
         times = []
         for _ in range(5):
-            start = time.perf_counter()
+            start = self.now()
             fn()
-            times.append(time.perf_counter() - start)
+            times.append(self.now() - start)
         return 2 * self.n**3 / statistics.median(times) / 1e9
 
     def measure(self) -> dict[str, Any]:
@@ -397,11 +401,24 @@ def send(channel: IO[str], message: dict[str, Any]) -> None:
 
 def make_runner(args: argparse.Namespace):
     if args.worker in PEAK.values():
-        return PeakRunner("float32" if args.worker == PEAK["float32"] else "bfloat16", args.peak_n)
+        return PeakRunner("float32" if args.worker == PEAK["float32"] else "bfloat16", args.peak_n, args.clock)
     if args.worker == TOKENIZE:
         return TokenizeRunner(str(args.text), args.text_repeat)
     setting = (QUICK_SETTINGS if args.quick else SETTINGS)[args.worker_setting]
     return StepRunner(setting, VARIANTS[args.worker])
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim), so that workers waiting
+    for their turn hold their model and AdamW state but not the last step's activations: five 124M
+    workers side by side fit in far less memory. Peak RSS (VmHWM) is unaffected."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def worker_main(args: argparse.Namespace) -> None:
@@ -411,10 +428,14 @@ def worker_main(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     runner = make_runner(args)
-    send(channel, runner.setup())
+    info = runner.setup()
+    release_free_memory()
+    send(channel, info)
     for line in sys.stdin:
         if line.strip() == "measure":
-            send(channel, runner.measure())
+            sample = runner.measure()
+            release_free_memory()
+            send(channel, sample)
         elif line.strip() == "finish":
             send(channel, {"peak_rss": peak_rss_bytes()})
             return
@@ -497,7 +518,7 @@ class Pool:
     def start(self, key: str, worker: str, setting: str | None = None) -> None:
         args = self.args
         argv = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--threads", str(args.threads),
-                "--peak-n", str(args.peak_n), "--text-repeat", str(args.text_repeat)]
+                "--peak-n", str(args.peak_n), "--text-repeat", str(args.text_repeat), "--clock", args.clock]
         if setting:
             argv += ["--worker-setting", setting]
         if args.text:
@@ -611,7 +632,7 @@ def load_average() -> str:
         return "unknown"
 
 
-def header_lines(args: argparse.Namespace, load_before: str) -> list[str]:
+def header_lines(args: argparse.Namespace, load_before: str, started: datetime) -> list[str]:
     import torch
 
     model, flags = cpu_info()
@@ -623,8 +644,8 @@ def header_lines(args: argparse.Namespace, load_before: str) -> list[str]:
         f"- Machine: {model}, {os.cpu_count()} logical CPUs, {args.threads} torch threads; AMX: {amx}; "
         f"AVX-512 BF16: {bf16}; oneDNN: {'yes' if torch.backends.mkldnn.is_available() else 'no'}",
         f"- Software: {versions}, Python {sys.version.split()[0]}; gptcli commit {git.stdout.strip() or 'unknown'}",
-        f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; load average (1, 5, 15 min) "
-        f"at the start: {load_before}, at the end: {load_average()}",
+        f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')}, {(datetime.now(timezone.utc) - started).seconds / 60:.1f} "
+        f"min; load average (1, 5, 15 min) at the start: {load_before}, at the end: {load_average()}",
         f"- Command: `{shlex.join(['python', 'bench/train.py', *sys.argv[1:]])}`",
     ]
 
@@ -635,6 +656,7 @@ STEP_HEADER = ["setting", "variant", "tokens/s", "ms/step", "spread", "× hf fp3
 
 def step_rows(args: argparse.Namespace, pool: Pool, peaks: dict[str, float | None]) -> list[list[str]]:
     rows = []
+    key = "cpu_s" if args.clock == "cpu" else "step_s"
     settings = QUICK_SETTINGS if args.quick else SETTINGS
     for name in args.setting_names:
         setting = settings[name]
@@ -644,7 +666,7 @@ def step_rows(args: argparse.Namespace, pool: Pool, peaks: dict[str, float | Non
 
         def rate(variant: str) -> float | None:
             out = pool.outcomes.get(f"{name}/{variant}")
-            step = out.median("step_s") if out else None
+            step = out.median(key) if out else None
             return tokens / step if step else None
 
         for vname in args.variants_of[name]:
@@ -659,8 +681,8 @@ def step_rows(args: argparse.Namespace, pool: Pool, peaks: dict[str, float | Non
             peak = peaks.get(v.dtype)
             mfu = tok_s * fpt / (peak * 1e9) if tok_s and peak else None
             rows.append([
-                name, vname, fmt(tok_s, ",.0f"), fmt(out.median("step_s"), ".0f", 1000),
-                fmt(out.spread("step_s"), ".0f", 100, "%"),
+                name, vname, fmt(tok_s, ",.0f"), fmt(out.median(key), ".0f", 1000),
+                fmt(out.spread(key), ".0f", 100, "%"),
                 fmt(tok_s / hf32 if tok_s and hf32 else None, ".2f", suffix="×"),
                 fmt(tok_s / same if tok_s and same and v.dtype != "float32" else None, ".2f", suffix="×"),
                 fmt(mfu, ".1f", 100, "%"), fmt(out.info.get("compile_s"), ".1f"),
@@ -669,7 +691,7 @@ def step_rows(args: argparse.Namespace, pool: Pool, peaks: dict[str, float | Non
     return rows
 
 
-def report(args: argparse.Namespace, pool: Pool, load_before: str) -> str:
+def report(args: argparse.Namespace, pool: Pool, load_before: str, started: datetime) -> str:
     peaks: dict[str, float | None] = {}
     peak_lines = []
     for dtype, key in PEAK.items():
@@ -690,9 +712,11 @@ def report(args: argparse.Namespace, pool: Pool, load_before: str) -> str:
     lines = [
         "## Training steps on the CPU: gptcli vs transformers",
         "",
-        *header_lines(args, load_before),
+        *header_lines(args, load_before, started),
         f"- Setup: whole steps (forward, loss, backward, clip, AdamW, zero_grad), medians of {args.rounds} "
-        "interleaved rounds after a warm-up, one worker process per variant.",
+        "interleaved rounds after a warm-up, one worker process per variant; "
+        + ("timed by the wall clock." if args.clock == "wall" else
+           "timed by each worker's CPU time (`--clock cpu`), not the wall clock."),
         *[f"- {s}" for s in shapes],
         f"- Matmul peak ({args.peak_n}³, median): {'; '.join(peak_lines)}",
         "",
@@ -752,6 +776,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", help=f"comma-separated, from: {', '.join(VARIANTS)} (default: each setting's own)")
     p.add_argument("--rounds", type=int, help="measurements per variant after the warm-up (default 3; --quick 2)")
     p.add_argument("--threads", type=int, default=2, help="torch threads in every worker (default 2)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="time steps by the wall clock (default) or by the worker's CPU time: with --threads 1 on "
+                        "a shared machine, a busy neighbour takes wall time but not CPU time")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny shapes, no compiling, 2 rounds")
     p.add_argument("--text", type=Path, help="the corpus to tokenize (default: tinyshakespeare.txt, see above)")
     p.add_argument("--no-tokenize", action="store_true", help="skip the tokenizing table")
@@ -794,12 +821,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.path.insert(0, str(REPO))
         worker_main(args)
         return
-    load_before = load_average()
+    load_before, started = load_average(), datetime.now(timezone.utc)
     scratch = Path(tempfile.mkdtemp(prefix="gptcli-train-bench-"))
     try:
         tiktoken_cache(scratch)
         pool = run_all(args, scratch)
-        text = report(args, pool, load_before)
+        text = report(args, pool, load_before, started)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     sys.stdout.write(text)
