@@ -84,11 +84,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workers import Outcome, Worker, WorkerFailed  # noqa: E402 - shared with the other benchmarks, in this folder
 
 if TYPE_CHECKING:
     from gptcli.generate import Timings
@@ -299,7 +302,7 @@ class GptcliRunner(VariantRunner):
         v, cpu, dtype = self.variant, torch.device("cpu"), getattr(torch, self.variant.dtype)
         start = time.perf_counter()
         loaded = load_model(size=None, config=None, weights=self.work.checkpoint, device=cpu, dtype=dtype, seed=0)
-        model = prepare_model(loaded.model, cpu, dtype, quantize=v.quantize)
+        model = prepare_model(loaded.model, cpu, dtype, quantize=v.quantize, pack=not v.compile)  # as generate does
         self.context_length = loaded.cfg.context_length
         self.decoder = BatchDecoder(model, cpu, dtype) if v.batch > 1 else make_decoder(model, cpu, dtype,
                                                                                          compile=v.compile)
@@ -405,65 +408,6 @@ def write_checkpoint(folder: Path, shape: ModelShape) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Parent side: start the workers, interleave the rounds
-
-
-class WorkerFailed(Exception):
-    pass
-
-
-class Worker:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str]):
-        self.name = name
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-                                     env=env)
-
-    def read(self) -> dict[str, Any]:
-        """The worker's next JSON line; anything else that reached its stdout is passed on to stderr."""
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith("{"):
-                return json.loads(line)
-            sys.stderr.write(line)
-        raise WorkerFailed(f"worker exited with code {self.proc.wait()} (its error is above)")
-
-    def ask(self, command: str) -> dict[str, Any]:
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(command + "\n")
-            self.proc.stdin.flush()
-        except OSError as exc:
-            raise WorkerFailed(f"worker gone: {exc}") from None
-        return self.read()
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@dataclass
-class Outcome:
-    """One worker's results: setup info (load_s, compile_s, peak_rss), one sample per round, or an error."""
-
-    info: dict[str, float] = field(default_factory=dict)
-    samples: list[dict[str, Any]] = field(default_factory=list)
-    error: str | None = None
-
-    def values(self, key: str) -> list[float]:
-        return [s[key] for s in self.samples if s.get(key) is not None]
-
-    def median(self, key: str) -> float | None:
-        values = self.values(key)
-        return statistics.median(values) if values else None
-
-    def spread(self, key: str) -> float | None:
-        """(max - min) / median over the rounds: how much the machine moved the figure."""
-        values, median = self.values(key), self.median(key)
-        return (max(values) - min(values)) / median if len(values) > 1 and median else None
 
 
 def worker_argv(name: str, work: Workload, threads: int) -> list[str]:

@@ -4,8 +4,8 @@ Each row gets the ids it would get alone: padding tokens take no position (a row
 is at position 0) and no real token attends to them (see ``GPTModel.forward``'s ``pad``). Sampling
 draws from one generator per row, seeded like a single run, so sampled rows match too.
 
-Past the context window every row is recomputed from its own last ``context_length`` tokens, as
-``Decoder`` does for one sequence.
+Each row is cached while it fits in the context window and recomputed from its own last
+``context_length`` tokens once it has outgrown it, as ``Decoder`` does for one sequence.
 """
 
 from __future__ import annotations
@@ -31,7 +31,14 @@ if TYPE_CHECKING:
 
 
 class BatchDecoder:
-    """Runs ``model`` for several sequences at once; ``prefill`` and ``step`` return logits (B, V)."""
+    """Runs ``model`` for several sequences at once; ``prefill`` and ``step`` return logits (B, V).
+
+    Each row follows ``Decoder``'s rule for one sequence: its keys and values are cached while it
+    fits in the context window, and once it has outgrown the window it is recomputed from its own
+    last ``context_length`` ids every step. A row leaves the shared cache when it, not the longest
+    row, outgrows the window. Recomputing a row that still fits would round differently from the
+    cached step it takes alone, and ``--each-line`` promises each row the ids it gets alone.
+    """
 
     def __init__(self, model: "GPTModel", device: "torch.device", dtype: "torch.dtype", pad_id: int = 0):
         # Padding is masked out, so any id in the vocabulary will do; 0 exists in every vocabulary.
@@ -42,34 +49,82 @@ class BatchDecoder:
         self.pad_id = pad_id
         self.context_length = model.cfg.context_length
         self._rows: list[list[int]] = []  # each row's real ids so far (cropped prompt, then generated)
-        self._pad: "torch.Tensor | None" = None  # (B,) left padding of the cached batch
+        self._cached: list[int] = []  # the rows whose keys and values are in the cache, in the cache's order
+        self._pad: "torch.Tensor | None" = None  # (len(_cached),) left padding of the cached rows
         self._cache: KVCache | None = None
 
-    def _padded(self, rows: Sequence[Sequence[int]]) -> tuple["torch.Tensor", "torch.Tensor | None"]:
-        """Left-padded ids (B, T) and the padding per row (B,), or None when no row is padded."""
+    def _padded(self, rows: Sequence[Sequence[int]]) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Left-padded ids (B, T) and the padding per row (B,).
+
+        The padding goes to the model even when it is all zeros: with it every row attends on its
+        own, as it would alone (``model._attend_rows``); one attention call for rows of equal length
+        rounded differently from a lone row's.
+        """
         import torch
 
         width = max(len(r) for r in rows)
         ids = torch.tensor([[self.pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long,
                            device=self.device)  # (B, T)
-        pad = [width - len(r) for r in rows]
-        return ids, (torch.tensor(pad, device=self.device) if any(pad) else None)
+        return ids, torch.tensor([width - len(r) for r in rows], device=self.device)
+
+    def _windows(self, rows: list[int]) -> "torch.Tensor":
+        """Logits (len(rows), V) of these rows, each recomputed from its last context_length ids."""
+        for i in rows:
+            del self._rows[i][: -self.context_length]
+        ids, pad = self._padded([self._rows[i] for i in rows])
+        return self.model(ids, pad=pad, last_only=True)[:, -1, :]
+
+    def _merge(self, parts: list[tuple[list[int], "torch.Tensor"]]) -> "torch.Tensor":
+        """Logits (B, V) in row order from (rows, logits) pieces."""
+        import torch
+
+        if len(parts) == 1 and parts[0][0] == list(range(len(self._rows))):
+            return parts[0][1]
+        first = parts[0][1]
+        out = torch.empty((len(self._rows), first.shape[-1]), dtype=first.dtype, device=first.device)
+        for rows, logits in parts:
+            out[torch.tensor(rows, device=first.device)] = logits
+        return out
 
     def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> "torch.Tensor":
         import torch
 
         from gptcli.model import KVCache
 
-        self._rows = [crop_prompt(p, self.context_length)[0] for p in prompts]
-        ids, self._pad = self._padded(self._rows)
-        width = ids.shape[1]
-        needed = min(self.context_length, width + max(max_new_tokens - 1, 0))
-        self._cache = None
-        if width < self.context_length and needed > width:
-            self._cache = KVCache.empty(self.cfg, batch_size=len(self._rows), max_len=needed, device=self.device,
-                                        dtype=self.dtype)
+        ctx = self.context_length
+        self._rows = [crop_prompt(p, ctx)[0] for p in prompts]
+        # Decoder's rule: a cache when the prompt leaves room in the window and a step will follow.
+        self._cached = [i for i, r in enumerate(self._rows) if len(r) < ctx and max_new_tokens > 1]
+        self._cache = self._pad = None
+        parts = []
         with torch.inference_mode():
-            return self.model(ids, self._cache, pad=self._pad, last_only=True)[:, -1, :]  # (B, V)
+            if self._cached:
+                rows = [self._rows[i] for i in self._cached]
+                ids, self._pad = self._padded(rows)
+                width = ids.shape[1]
+                # Room for each row's own steps while it fits: its padding plus what it would cache alone.
+                room = max(width - len(r) + min(ctx, len(r) + max_new_tokens - 1) for r in rows)
+                self._cache = KVCache.empty(self.cfg, batch_size=len(rows), max_len=room, device=self.device,
+                                            dtype=self.dtype)
+                parts.append((self._cached, self.model(ids, self._cache, pad=self._pad, last_only=True)[:, -1, :]))
+            windowed = [i for i in range(len(self._rows)) if i not in self._cached]
+            if windowed:
+                parts.append((windowed, self._windows(windowed)))
+            return self._merge(parts)  # (B, V)
+
+    def _drop_from_cache(self, keep: list[int]) -> None:
+        """Keep only these positions of ``_cached`` in the cache (the others outgrew the window)."""
+        import torch
+
+        if not keep:
+            self._cached, self._cache, self._pad = [], None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        cache = self._cache
+        cache.keys = [k.index_select(0, index) for k in cache.keys]
+        cache.values = [v.index_select(0, index) for v in cache.values]
+        self._pad = self._pad.index_select(0, index)
+        self._cached = [self._cached[k] for k in keep]
 
     def step(self, token_ids: Sequence[int]) -> "torch.Tensor":
         import torch
@@ -77,15 +132,20 @@ class BatchDecoder:
         for row, token_id in zip(self._rows, token_ids):
             row.append(token_id)
         with torch.inference_mode():
-            if self._cache is not None and self._cache.length < self._cache.max_len:
-                x = torch.tensor([[t] for t in token_ids], dtype=torch.long, device=self.device)  # (B, 1)
-                return self.model(x, self._cache, pad=self._pad, last_only=True)[:, -1, :]  # (B, V)
-            # The padded batch has filled the window: each row from its own last context_length ids.
-            self._cache = None
-            for row in self._rows:
-                del row[: -self.context_length]
-            ids, pad = self._padded(self._rows)
-            return self.model(ids, pad=pad, last_only=True)[:, -1, :]  # (B, V)
+            if self._cache is not None:
+                if self._cache.length >= self._cache.max_len:  # more steps than prefill was told: recompute
+                    self._drop_from_cache([])
+                else:
+                    self._drop_from_cache([k for k, i in enumerate(self._cached)
+                                           if len(self._rows[i]) <= self.context_length])
+            parts = []
+            if self._cached:
+                x = torch.tensor([[token_ids[i]] for i in self._cached], dtype=torch.long, device=self.device)
+                parts.append((self._cached, self.model(x, self._cache, pad=self._pad, last_only=True)[:, -1, :]))
+            windowed = [i for i in range(len(self._rows)) if i not in self._cached]
+            if windowed:
+                parts.append((windowed, self._windows(windowed)))
+            return self._merge(parts)  # (B, V)
 
 
 @dataclass

@@ -7,21 +7,28 @@ from typing import Annotated
 import typer
 
 from gptcli import __version__
-from gptcli.commands.common import err
+from gptcli.commands.common import err, silence_stdout
 from gptcli.commands.generate import generate
 from gptcli.commands.inspect import inspect
 from gptcli.commands.params import params
 from gptcli.commands.train import train
+from gptcli.commands.score import score
 
 app = typer.Typer(
     name="gptcli",
     help="Run and understand GPT-2 from the command line: generate text, count parameters, "
-    "look inside models and checkpoints.",
+    "look inside models and checkpoints, score texts.",
     no_args_is_help=True,
-    add_completion=False,
+    # --install-completion / --show-completion for bash, zsh and fish; values of --size, --device, --dtype.
+    add_completion=True,
+    # click's plain help: Rich's panels printed <bool> after every flag and re-wrapped the examples mid-command.
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+# An argument's help line is its name and help; Typer adds its Python type ("PROMPT <str>").
+typer.core.TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign]
 
 
 def _version(value: bool) -> None:
@@ -43,11 +50,21 @@ app.command("params")(params)
 app.command("generate")(generate)
 app.command("inspect")(inspect)
 app.command("train")(train)
+app.command("score")(score)
 
 
 def _click_class(name: str) -> type:
     """A class of the click that Typer runs on (recent Typer vendors its own copy), found via typer.BadParameter."""
     return next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+
+
+def _command_path(ctx, args: list[str]) -> str:
+    """``gptcli COMMAND`` for a usage error; click leaves out the context of some ("requires an argument")."""
+    if ctx is not None:
+        return ctx.command_path
+    names = {info.name for info in app.registered_commands}
+    first = next((a for a in args if not a.startswith("-")), None)
+    return f"gptcli {first}" if first in names else "gptcli"
 
 
 def main() -> None:
@@ -56,17 +73,28 @@ def main() -> None:
 
     usage_error, click_exception = _click_class("UsageError"), _click_class("ClickException")
     try:
-        code = app(standalone_mode=False)
+        # prog_name: `python -m gptcli` is gptcli too, in usage lines and for shell completion (_GPTCLI_COMPLETE).
+        code = app(standalone_mode=False, prog_name="gptcli")
     except usage_error as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `gptcli`: the help, not an error
-            print(exc.ctx.get_help())
-            sys.exit(0)
-        command = exc.ctx.command_path if exc.ctx is not None else "gptcli"
-        err(f"error: {exc.format_message()} (see '{command} --help')")
-        code = 2
+            code = _print_help(exc.ctx.get_help())
+        else:
+            err(f"error: {exc.format_message()} (see '{_command_path(exc.ctx, sys.argv[1:])} --help')")
+            code = 2
     except click_exception as exc:
         err(f"error: {exc.format_message()}")
         code = exc.exit_code
     except typer.Abort:
         code = 130
+    except BrokenPipeError:  # `gptcli --help | head -1`: how pipelines end, not an error
+        silence_stdout()
+        code = 0
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _print_help(text: str) -> int:
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        silence_stdout()
+    return 0

@@ -56,8 +56,9 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "tie_weights": (bool,),
     "bias": (bool,),
 }
-# Keys a YAML file may leave out, and their values then.
-OPTIONAL: dict[str, Any] = {"bias": True}
+# Keys a YAML file may leave out, and their values then. The book's GPT_CONFIG_124M has 7 keys and
+# a separate output head (its GPTModel's out_head), so a config copied from it is untied.
+OPTIONAL: dict[str, Any] = {"bias": True, "tie_weights": False}
 
 # Shipped configs: canonical size -> (file name, aliases). Aliases are matched case-insensitively.
 SIZES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -136,6 +137,8 @@ def load_config_file(path: str | Path, name: str | None = None) -> GPTConfig:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
         raise UserError(f"{path}: invalid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+    if raw is None:
+        raise UserError(f"{path}: the file is empty (no config keys); see configs/ for examples")
     return validate(raw, str(path), name=name or path.stem)
 
 

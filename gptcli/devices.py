@@ -6,7 +6,10 @@ resolving them imports torch lazily.
 
 from __future__ import annotations
 
+import os
 import re
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gptcli.errors import UserError
@@ -18,13 +21,13 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _CUDA_INDEX = re.compile(r"^cuda:(\d+)$")
 
-# --dtype auto on the CPU is float32: exact, and bfloat16 buys little there. Measured on this
-# project's 2-core CI CPU (AMD EPYC, torch 2.13, 124M, greedy, 128 new tokens, medians of 5
-# interleaved rounds; bench/decode.py, BENCHMARKS.md): eager float32 35.8 tok/s, eager bfloat16
-# 40.0 tok/s (+12%, the bf16 matmul kernels run at ~12 GB/s against ~20 for float32). bfloat16's
-# logits differ from float32's by up to 1.4% of the largest logit and its greedy ids diverged on
-# 3 of 10 prompts within 32 tokens (bench/quant_accuracy.py). Ask for --dtype bfloat16 (or
-# --compile, where bfloat16 reaches 98 tok/s) when speed matters more than exactness.
+# --dtype auto on the CPU is float32: exact (the ids of the book's code and of transformers).
+# bfloat16 is faster: measured on this project's 2-core CI CPU (AMD EPYC, torch 2.13, 124M, greedy,
+# 128 new tokens, one thread, medians of 3 interleaved rounds; bench/decode.py, BENCHMARKS.md),
+# eager float32 63.9 tok/s and eager bfloat16 104.4 tok/s with packed oneDNN weights (before
+# packing, 35.8 and 40.0 with two threads). But bfloat16's logits differ from float32's by up to
+# 1.4% of the largest logit and its greedy ids diverged on 3 of 10 prompts within 32 tokens
+# (bench/quant_accuracy.py). Ask for --dtype bfloat16 when speed matters more than exactness.
 CPU_AUTO_DTYPE = "float32"
 
 
@@ -100,3 +103,125 @@ def resolve_dtype(name: str, device: "torch.device") -> "torch.dtype":
 def dtype_name(dtype: "torch.dtype") -> str:
     """'float32' for torch.float32."""
     return str(dtype).removeprefix("torch.")
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity mask
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """Busy and total jiffies of the CPUs in our affinity mask, our own CPU seconds, and when."""
+
+    wall: float
+    busy: int
+    total: int
+    own: float
+
+
+def parse_proc_stat(text: str, cpus: set[int] | None) -> tuple[int, int]:
+    """(busy, total) jiffies summed over the ``cpuN`` lines of /proc/stat for ``cpus`` (all when None).
+
+    Idle and iowait are not busy; steal is (a hypervisor gave the core to someone else).
+    """
+    busy = total = 0
+    for line in text.splitlines():
+        name, _, rest = line.partition(" ")
+        if not name.startswith("cpu") or not name[3:].isdigit() or (cpus is not None and int(name[3:]) not in cpus):
+            continue
+        fields = [int(x) for x in rest.split()[:8]]  # user nice system idle iowait irq softirq steal
+        total += sum(fields)
+        busy += sum(fields) - sum(fields[3:5])
+    return busy, total
+
+
+def cpu_sample() -> CpuSample | None:
+    """A snapshot for ``busy_cores_of_others``; None where there is no /proc/stat (macOS, Windows)."""
+    try:
+        with open("/proc/stat") as f:
+            text = f.read()
+        cpus = os.sched_getaffinity(0)
+    except (OSError, AttributeError):
+        return None
+    busy, total = parse_proc_stat(text, cpus)
+    times = os.times()
+    return CpuSample(time.monotonic(), busy, total, times.user + times.system)
+
+
+def busy_cores_of_others(start: CpuSample, end: CpuSample) -> float:
+    """How many of our cores other processes kept busy between two samples, on average.
+
+    The busy time of the cores in our affinity mask, less our own CPU time (all our threads).
+    """
+    wall = end.wall - start.wall
+    if wall <= 0 or end.total <= start.total:
+        return 0.0
+    cores_busy = (end.busy - start.busy) / (end.total - start.total) * available_cores()  # busy cores, ours too
+    return max(0.0, cores_busy - (end.own - start.own) / wall)
+
+
+def threads_for(cores: int, busy_others: float) -> int:
+    """The cores nobody else is using, at least one: a core held by another busy process counts from half use.
+
+    OpenMP threads spin while they wait for each other, so a thread whose core is taken stalls every
+    step: on this project's 2-core AMD EPYC, 124M decoded at 25 tok/s with 2 threads beside one busy
+    process, against 48 with 1 thread (80 and 47 when idle); bench/threads.py, BENCHMARKS.md.
+    """
+    return max(1, cores - int(busy_others + 0.5))
+
+
+# Measured from here to configure_threads: the CLI imports this module before torch, so the window
+# spans the import of torch and costs no waiting. A window that is too short or too old (a
+# long-running process) is replaced by a fresh sample of MIN_WINDOW_S.
+_SINCE = cpu_sample()
+MIN_WINDOW_S = 0.1
+MAX_WINDOW_S = 10.0
+
+
+def _busy_others_now() -> float:
+    global _SINCE
+    start = _SINCE
+    if start is None or not MIN_WINDOW_S <= time.monotonic() - start.wall <= MAX_WINDOW_S:
+        start = cpu_sample()
+        if start is None:
+            return 0.0
+        time.sleep(MIN_WINDOW_S)
+    end = cpu_sample()
+    _SINCE = end
+    return 0.0 if end is None else busy_cores_of_others(start, end)
+
+
+def configure_threads(requested: int | None = None) -> int:
+    """Set torch's CPU thread counts for this process; returns the intra-op count now in use.
+
+    ``requested`` (``--threads N``) wins; then ``OMP_NUM_THREADS`` when set (torch read it at import).
+    Otherwise the cores in the affinity mask that other processes are not keeping busy
+    (``threads_for``), at least one. Inter-op threads are set to 1: gptcli runs one op at a time, so
+    more would only add idle threads.
+    """
+    import torch
+
+    if requested is not None:
+        if requested < 1:
+            raise UserError(f"--threads must be 1 or more, got {requested}")
+        threads = requested
+    else:
+        threads = _env_threads() or threads_for(available_cores(), _busy_others_now())
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # can be set once per process, before inter-op work starts: already done
+        pass
+    return torch.get_num_threads()
+
+
+def _env_threads() -> int | None:
+    try:
+        value = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return value if value >= 1 else None

@@ -23,7 +23,32 @@ from gptcli.config import GPTConfig
 
 # oneDNN's fused linear: present in CPU builds of torch with mkldnn (all the official ones).
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_ONEDNN_PACK = _ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# Where left-padded rows attend one by one (_attend_rows), for batch invariance. Not on a GPU: its
+# matmuls are not batch-invariant anyway, and B small kernels per layer cost time there.
+ROW_ATTENTION_DEVICES = ("cpu",)
+# The batch size oneDNN's blocked weight layout is chosen for: decoding runs 2 rows (a lone
+# sequence, see _onednn_linear) to 8 (--each-line's default batch).
+PACK_BATCH_HINT = 8
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """oneDNN's linear over the rows of ``x`` (..., in), never with a single row.
+
+    Batch invariance: oneDNN gives a row the same bits among 2, 3, ... or 512 rows, but it runs a
+    lone row through another kernel (a matrix-vector product) whose rounding differs by ~1e-6. A
+    sequence decoded alone would then not get the ids it gets inside an ``--each-line`` batch. So
+    one row is multiplied as two equal rows and the first is kept. With plain weights that doubled
+    the matrices' time of a 124M step on this project's AMD EPYC (the two-row kernel reorders the
+    weight every call); with packed weights (``Linear.pack``) two rows cost what one did
+    (bench/batch_invariance.py).
+    """
+    if x.numel() == x.shape[-1]:
+        pair = x.reshape(1, x.shape[-1]).expand(2, -1).contiguous()  # (2, in)
+        y = torch.ops.mkldnn._linear_pointwise(pair, weight, bias, "none", [], "")  # (2, out)
+        return y[:1].view(*x.shape[:-1], out_features)
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
 
 class Linear(nn.Linear):
@@ -33,8 +58,10 @@ class Linear(nn.Linear):
     default CPU kernel (MKL's sgemm, here on an AMD EPYC) does at 11-12 GB/s for one row and 5-10
     GB/s for eight. Two faster routes, both CPU-only and inference-only (no autograd):
 
-    - eager: oneDNN's linear, 15-24 GB/s for one row and 12-17 GB/s for eight, which took 124M
-      float32 decoding from 23 to 40 tok/s and a batch of 8 from 110 to 172 tok/s here;
+    - eager: oneDNN's linear (``_onednn_linear``: never one row alone, so that a row's result does
+      not depend on the batch), 15-24 GB/s for one row and 12-17 GB/s for eight, which took 124M
+      float32 decoding from 23 to 40 tok/s and a batch of 8 from 110 to 172 tok/s here; faster
+      still once ``pack`` has put the weight in oneDNN's blocked layout;
     - under torch.compile, one row: an element-wise multiply and a sum (accumulated in float32),
       which Inductor turns into its own vectorised, threaded reduction instead of a BLAS call.
       In eager mode that form would allocate an (out, in) temporary, so it is compile-only.
@@ -45,7 +72,28 @@ class Linear(nn.Linear):
 
     train_kernel = None  # a function (x, weight, bias) -> x W^T + b, for float32 training
 
+    packed_weight: torch.Tensor | None = None  # the weight in oneDNN's layout, after ``pack``
+
+    @torch.no_grad()
+    def pack(self, keep_weight: bool = False) -> bool:
+        """Store the weight in oneDNN's blocked layout, for eager CPU inference only; True if done.
+
+        oneDNN otherwise reorders a plain weight on every call with two rows or more. The plain
+        weight is then released (a meta tensor of the same shape takes its place, so a later use of
+        it fails loudly) unless ``keep_weight``: a head tied to the token embedding keeps it for the
+        lookup. After packing, the layer runs oneDNN's linear whatever the grad mode: no autograd.
+        """
+        w = self.weight
+        if not _ONEDNN_PACK or w.device.type != "cpu" or w.dtype not in _ONEDNN_DTYPES:
+            return False
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), PACK_BATCH_HINT)
+        if not keep_weight:
+            self.weight = nn.Parameter(torch.empty_like(w, device="meta"), requires_grad=False)
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return _onednn_linear(x, self.packed_weight, self.bias, self.out_features)
         if torch.is_autocast_enabled(x.device.type):
             return F.linear(x, self.weight, self.bias)  # autocast casts x and the weight, and picks the kernel
         if self.train_kernel is not None and torch.is_grad_enabled() and x.dtype == torch.float32:
@@ -58,7 +106,7 @@ class Linear(nn.Linear):
                         y = y + self.bias.float()
                     return y.to(x.dtype)
             elif _ONEDNN_LINEAR and not torch.is_grad_enabled() and x.dtype in _ONEDNN_DTYPES:
-                return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
+                return _onednn_linear(x, self.weight, self.bias, self.out_features)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -163,8 +211,13 @@ class MultiHeadAttention(nn.Module):
         layer: int = 0,
         mask: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
+        pad_rows: list[int] | None = None,
     ) -> torch.Tensor:
         """``mask`` (B|1, 1, T, Tk), True where a query may attend, replaces the causal rule when given.
+
+        ``pad_rows`` (one int per row: its left padding) makes each row attend on its own on the CPU,
+        over its real keys only, with the very call a lone sequence makes (``_attend_rows``); ``mask``
+        is then not needed for a prefill from position 0 or a one-token step.
 
         With ``input_pos`` (T,) the new keys and values are written at those cache positions and the
         queries attend over the whole cache under ``mask``: every shape stays the same from step to
@@ -189,7 +242,10 @@ class MultiHeadAttention(nn.Module):
             v = cache.values[layer][:, :, : past + T]
 
         dropout_p = self.dropout if self.training else 0.0
-        if mask is not None and input_pos is not None and torch.compiler.is_compiling() and x.device.type == "cpu":
+        if pad_rows is not None and input_pos is None and (past == 0 or T == 1) and \
+                x.device.type in ROW_ATTENTION_DEVICES:
+            y = _attend_rows(q, k, v, pad_rows, past, dropout_p)
+        elif mask is not None and input_pos is not None and torch.compiler.is_compiling() and x.device.type == "cpu":
             # The compiled decode step: plain softmax attention, which Inductor fuses. The CPU flash
             # kernel took ~260 us per call here for one query, a fifth of a 124M bf16 step.
             scores = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, L)
@@ -237,8 +293,9 @@ class TransformerBlock(nn.Module):
         layer: int = 0,
         mask: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
+        pad_rows: list[int] | None = None,
     ) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, layer, mask, input_pos))  # (B, T, emb_dim)
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, layer, mask, input_pos, pad_rows))  # (B, T, emb_dim)
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
 
@@ -265,6 +322,22 @@ class GPTModel(nn.Module):
         if self.cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
 
+    def pack_linear_weights(self) -> int:
+        """Put every Linear weight in oneDNN's blocked layout for eager CPU inference (``Linear.pack``).
+
+        For decoding only: the plain weights are released, so the model can no longer be saved,
+        moved or trained. A tied head packs a copy and leaves the token embedding as it is (one more
+        vocab_size x emb_dim matrix in memory). Returns how many layers were packed (0 where oneDNN
+        or the dtype does not allow it: the model is then unchanged).
+        """
+        tied_head = self.out_head if self.cfg.tie_weights else None
+        packed = 0
+        for module in self.modules():
+            if isinstance(module, Linear) and module.pack(keep_weight=module is tied_head):
+                packed += 1
+                _return_freed_memory()
+        return packed
+
     def forward(
         self,
         in_idx: torch.Tensor,
@@ -285,10 +358,12 @@ class GPTModel(nn.Module):
           touched; the caller tracks it.
         - ``last_only``: apply the output head to the last position only (a prompt's prefill needs
           nothing else, and the head is the largest matrix).
-        - ``head=False``: the normalised hidden states (B, T, emb_dim) instead of logits, for a loss
-          that applies the head itself (``gptcli.speed.head_loss``).
+        - ``head=False``: the final-normed hidden states (B, T, emb_dim) instead of logits, for callers
+          that apply ``out_head`` to a few positions only (scoring) or fuse it with the loss
+          (``gptcli.speed.head_loss``).
         """
         B, T = in_idx.shape
+        pad_rows = None
         if input_pos is not None:
             assert cache is not None, "input_pos needs a cache"
             positions = input_pos  # (T,)
@@ -296,8 +371,11 @@ class GPTModel(nn.Module):
             mask = (key_pos[None, :] <= input_pos[:, None]).view(1, 1, T, cache.max_len)
         else:
             start = cache.length if cache is not None else 0
-            if start + T > self.cfg.context_length:
-                raise ValueError(f"sequence of {start + T} tokens exceeds context_length {self.cfg.context_length}")
+            if pad is not None:
+                pad_rows = pad.tolist()
+            longest = start + T - (min(pad_rows) if pad_rows else 0)  # the real length of the longest row
+            if longest > self.cfg.context_length:
+                raise ValueError(f"sequence of {longest} tokens exceeds context_length {self.cfg.context_length}")
             positions = torch.arange(start, start + T, device=in_idx.device)  # (T,)
             mask = None
             if pad is not None:
@@ -305,15 +383,64 @@ class GPTModel(nn.Module):
         x = self.tok_emb(in_idx) + self.pos_emb(positions)  # (B, T, emb_dim)
         x = self.drop_emb(x)
         for layer, block in enumerate(self.trf_blocks):
-            x = block(x, cache, layer, mask, input_pos)
+            x = block(x, cache, layer, mask, input_pos, pad_rows)
         if cache is not None and input_pos is None:
             cache.length = start + T
         if last_only:
             x = x[:, -1:]  # (B, 1, emb_dim)
-        x = self.final_norm(x)
-        if not head:
-            return x  # (B, T, emb_dim)
-        return self.out_head(x)  # (B, T, vocab_size)
+        x = self.final_norm(x)  # (B, T, emb_dim)
+        return self.out_head(x) if head else x  # (B, T, vocab_size) or (B, T, emb_dim)
+
+
+def _attend_rows(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_rows: list[int], past: int, dropout_p: float
+) -> torch.Tensor:
+    """Attention (B, nh, T, hs) for left-padded rows, each row by itself over its real keys.
+
+    Row b's real keys are cache positions [pad_rows[b], past + T). Each row makes exactly the call a
+    lone sequence of those tokens makes in ``MultiHeadAttention.forward`` (causal for a prefill from
+    position 0, unmasked for a one-token step), on the same shapes, so its result does not depend on
+    the other rows or on its padding: one call for the whole batch under a mask summed the
+    softmax over a row's keys in another grouping (the padding shifts them across vector lanes and
+    kernel blocks), which moved logits by ~1e-5 and, now and then, a sampled id. The outputs of
+    padding positions are zeros; no real token ever attends to them.
+    """
+    T = q.shape[2]
+    if past == 0:
+        y = torch.zeros_like(q)
+        for b, p in enumerate(pad_rows):
+            if p < T:
+                y[b : b + 1, :, p:] = F.scaled_dot_product_attention(
+                    q[b : b + 1, :, p:], k[b : b + 1, :, p:], v[b : b + 1, :, p:], dropout_p=dropout_p, is_causal=True)
+        return y
+    return torch.cat([
+        F.scaled_dot_product_attention(q[b : b + 1], k[b : b + 1, :, p:], v[b : b + 1, :, p:], dropout_p=dropout_p)
+        for b, p in enumerate(pad_rows)
+    ])  # (B, nh, 1, hs)
+
+
+def _return_freed_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere).
+
+    After a load that freed large buffers, glibc serves matrices under 32 MB from its heap and keeps
+    them there once freed: packing 124M's weights one by one then left ~190 MB of freed plain weights
+    in the process's memory (peak RSS 1079 MB against 887 MB when trimmed after each layer).
+    """
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _padded_positions_and_mask(positions: torch.Tensor, pad: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,5 +26,9 @@ def plot_losses(evals: list[dict], path: Path) -> Path:
     top = ax.twiny()  # tokens seen, aligned with the steps
     top.plot([e["tokens_seen"] for e in evals], [e["train_loss"] for e in evals], alpha=0)
     top.set_xlabel("Tokens seen")
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+
+    top.xaxis.set_major_locator(MaxNLocator(5))
+    top.xaxis.set_major_formatter(EngFormatter(sep=""))  # 200k, 1.2M: labels that do not run together
     fig.tight_layout()
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -26,6 +26,7 @@ EOT_ID = 50256
 VOCAB_SIZE = 50257
 # The file tiktoken caches for r50k_base: the sha1 of its download URL.
 CACHE_FILE = "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4"
+CACHE_FILE_BYTES = 835_554
 METADATA_KEY = "gptcli.tokenizer"
 KINDS = ("gpt2", "char")
 
@@ -54,10 +55,23 @@ def get_tokenizer() -> "tiktoken.Encoding":
         return tiktoken.get_encoding(ENCODING_NAME)
     except Exception as exc:  # tiktoken raises requests/urllib errors, ValueError on bad hashes, ...
         raise UserError(
-            f"cannot load GPT-2's tokenizer ({ENCODING_NAME}): {type(exc).__name__}. "
-            "Run gptcli once with network access so tiktoken can cache it, "
-            "or set TIKTOKEN_CACHE_DIR to a folder that holds its cached file"
+            f"cannot load GPT-2's tokenizer ({ENCODING_NAME}): {type(exc).__name__}. tiktoken needs its file "
+            f"{CACHE_FILE} ({CACHE_FILE_BYTES:,} bytes) in its cache folder, here {tiktoken_cache_dir()}. "
+            "To get it, run python -c \"import tiktoken; tiktoken.get_encoding('r50k_base')\" on a machine with "
+            "network access (TIKTOKEN_CACHE_DIR set to the folder to fill), then copy the file here or point "
+            "TIKTOKEN_CACHE_DIR at its folder"
         ) from None
+
+
+def tiktoken_cache_dir() -> str:
+    """The folder tiktoken reads its cached files from, resolved as tiktoken does (and which variable set it)."""
+    import os
+    import tempfile
+
+    for name in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if name in os.environ:
+            return f"{os.environ[name]} ({name})"
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache") + " (tiktoken's default; TIKTOKEN_CACHE_DIR sets it)"
 
 
 class GPT2BPE:

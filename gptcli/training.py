@@ -96,7 +96,7 @@ class TrainSettings:
             if value is None:
                 return
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if zero_ok else 1):
-                raise UserError(f"{name.replace('_', '-')} must be a whole number {'>= 0' if zero_ok else '>= 1'}, "
+                raise UserError(f"--{name.replace('_', '-')} must be a whole number {'>= 0' if zero_ok else '>= 1'}, "
                                 f"got {value!r}")
 
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "epochs", "max_steps", "stride",
@@ -117,23 +117,23 @@ class TrainSettings:
         if self.init not in ("book", "gpt2"):
             raise UserError(f"unknown init {self.init!r}; choose book or gpt2")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise UserError(f"lr must be above 0, got {self.lr!r}")
+            raise UserError(f"--lr must be above 0, got {self.lr!r}")
         if not (isinstance(self.min_lr, (int, float)) and 0 <= self.min_lr <= self.lr):
-            raise UserError(f"min-lr must be in [0, lr], got {self.min_lr!r}")
+            raise UserError(f"--min-lr must be in [0, lr], got {self.min_lr!r}")
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise UserError(f"weight-decay must be 0 or more, got {self.weight_decay!r}")
+            raise UserError(f"--weight-decay must be 0 or more, got {self.weight_decay!r}")
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
             raise UserError(f"betas must be two numbers in [0, 1), got {list(self.betas)!r}")
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
-            raise UserError(f"grad-clip must be above 0 (or null for none), got {self.grad_clip!r}")
+            raise UserError(f"--grad-clip must be above 0 (or null for none), got {self.grad_clip!r}")
         if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
-            raise UserError(f"val-fraction must be in (0, 1), got {self.val_fraction!r}")
+            raise UserError(f"--val-fraction must be in (0, 1), got {self.val_fraction!r}")
         if isinstance(self.sample_every, str) and self.sample_every != "epoch":
-            raise UserError(f"sample-every must be 'epoch' or a number of steps, got {self.sample_every!r}")
+            raise UserError(f"--sample-every must be 'epoch' or a number of steps, got {self.sample_every!r}")
         if isinstance(self.sample_every, int):
             positive("sample_every", self.sample_every, zero_ok=True)
         if self.sample_every == "epoch" and self.sampling != "windows":
-            raise UserError("sample-every 'epoch' needs sampling: windows (random batches have no epochs); "
+            raise UserError("--sample-every 'epoch' needs sampling: windows (random batches have no epochs); "
                             "give a number of steps")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"unknown training dtype {self.dtype!r}; choose float32, bfloat16 or float16")
@@ -516,12 +516,14 @@ class Trainer:
         self.epoch_rng: torch.Tensor | None = None
         self.data_generator = torch.Generator().manual_seed(s.seed)
 
+        total_steps, per_epoch = check_data(run.train_ids, run.val_ids, s, length)
+        if run.resume_state is not None and run.resume_state["step"] >= total_steps:
+            done = run.resume_state["step"]
+            raise UserError(f"the run in {run.out} already finished its {done} steps; pass --max-steps (or "
+                            f"--epochs) beyond that to continue it")
         if s.sampling == "windows":
             train_set = WindowDataset(run.train_ids, length, stride)
             val_set = WindowDataset(run.val_ids, length, stride)
-            if len(val_set) == 0:
-                raise UserError(f"the validation text has {len(run.val_ids)} tokens, too few for one window of "
-                                f"{length} (+1); use more text or a larger --val-fraction")
             self.train_loader = window_loader(train_set, s.batch_size, shuffle=True, drop_last=True,
                                               rank=run.dist.rank, world=run.dist.world)
             # Evaluation sees whole batches in every process (the same ones), so every process computes
@@ -530,12 +532,6 @@ class Trainer:
             eval_rows = s.batch_size * s.grad_accum
             self.train_eval_loader = window_loader(train_set, eval_rows, shuffle=True, drop_last=True)
             self.val_loader = window_loader(val_set, eval_rows, shuffle=False, drop_last=False)
-            total_steps, per_epoch = plan_steps(s, len(train_set))
-        else:
-            for name, ids in (("training", run.train_ids), ("validation", run.val_ids)):
-                if len(ids) <= length:
-                    raise UserError(f"the {name} text has {len(ids)} tokens, too few for one window of {length} (+1)")
-            total_steps, per_epoch = plan_steps(s, None)
 
         from gptcli import speed
 
@@ -845,6 +841,9 @@ def check_out_dir(out: Path, *, resume: bool, force: bool) -> None:
         return
     is_run = any(m in entries for m in RUN_MARKERS)
     if is_run and not force:
+        if STATE_FILE not in entries:
+            raise UserError(f"--out {out}: holds a training run that saved no checkpoint (nothing to resume); pass "
+                            "--force to replace it, or another --out")
         raise UserError(f"--out {out}: holds another training run; pass --resume {out} to continue it, "
                         "--force to replace it, or another --out")
     if not is_run:
@@ -877,10 +876,8 @@ def set_dropout(model: "GPTModel", p: float) -> None:
     model.cfg = dataclasses.replace(model.cfg, drop_rate=p)
 
 
-def prepare_data(texts, tokenizer: "Tokenizer", s: TrainSettings, out: Path, progress=None,
-                 write: bool = True) -> tuple["np.ndarray", "np.ndarray"]:
-    """Split, tokenize and store the ids under ``out/data``; returns them memory-mapped. With
-    ``write=False`` (the other processes under torchrun) the ids stay in memory."""
+def encode_data(texts, tokenizer: "Tokenizer", s: TrainSettings, progress=None) -> tuple["np.ndarray", "np.ndarray"]:
+    """Split and tokenize: (training ids, validation ids), in memory."""
     from gptcli import data
 
     text = data.join_texts(texts, tokenizer.name)
@@ -893,14 +890,34 @@ def prepare_data(texts, tokenizer: "Tokenizer", s: TrainSettings, out: Path, pro
 
     train = data.encode(train_text, tokenizer, lambda n, _: report(n, 0))
     val = data.encode(val_text, tokenizer, lambda n, _: report(n, len(train_text)))
-    if not write:
-        return train, val
+    return train, val
+
+
+def store_data(train: "np.ndarray", val: "np.ndarray", out: Path, vocab_size: int) -> tuple["np.ndarray", "np.ndarray"]:
+    """Write the ids under ``out/data`` and map them back from there (they leave memory)."""
+    from gptcli import data
+
     folder = out / DATA_DIR
     folder.mkdir(parents=True, exist_ok=True)
     data.save_ids(train, folder / "train.bin")
     data.save_ids(val, folder / "val.bin")
-    return (data.load_ids(folder / "train.bin", tokenizer.vocab_size),
-            data.load_ids(folder / "val.bin", tokenizer.vocab_size))
+    return data.load_ids(folder / "train.bin", vocab_size), data.load_ids(folder / "val.bin", vocab_size)
+
+
+def check_data(train_ids, val_ids, s: TrainSettings, context_length: int) -> tuple[int, int | None]:
+    """Is there enough text for this run? (total steps, steps per epoch); UserError naming what is short."""
+    from gptcli.data import n_windows
+
+    stride = s.stride or context_length
+    if s.sampling == "windows":
+        if n_windows(len(val_ids), context_length, stride) == 0:
+            raise UserError(f"the validation text has {len(val_ids)} tokens, too few for one window of "
+                            f"{context_length} (+1); use more text or a larger --val-fraction")
+        return plan_steps(s, n_windows(len(train_ids), context_length, stride))
+    for name, ids in (("training", train_ids), ("validation", val_ids)):
+        if len(ids) <= context_length:
+            raise UserError(f"the {name} text has {len(ids)} tokens, too few for one window of {context_length} (+1)")
+    return plan_steps(s, None)
 
 
 def new_model(cfg: "GPTConfig", s: TrainSettings, device: "torch.device") -> "GPTModel":

@@ -250,17 +250,35 @@ def locate(spec: str, note: Note = _ignore) -> Located:
     if spec in LEGACY_HUB_IDS and not Path(spec).exists():
         return fetch_checkpoint(LEGACY_HUB_IDS[spec], None, note)
     if _looks_local(spec):
+        from gptcli.checkpoint import PICKLE_SUFFIXES
+
         path = Path(spec).expanduser()
-        if not path.exists() and "/" not in spec and not path.suffix:
-            raise UserError(f"{spec}: no such file or folder (a Hugging Face Hub id has the form owner/name, "
-                            "e.g. openai-community/gpt2)")
+        if not path.exists() and path.suffix.lower() not in PICKLE_SUFFIXES:  # a pickle is refused, there or not
+            raise UserError(_missing_local(spec))
         file = checkpoint_file(path)
         # config.json describes a folder's model.safetensors; for a file, only a sibling model.safetensors.
         config_json = file.parent / HF_CONFIG_FILE
         has_config = config_json.is_file() and (path.is_dir() or file.name == CHECKPOINT_NAME)
         return Located(file, config_json if has_config else None, spec)
     repo, revision = parse_hub_id(spec)  # type: ignore[misc]
-    return fetch_checkpoint(repo, revision, note)
+    try:
+        return fetch_checkpoint(repo, revision, note)
+    except HubUnavailable as exc:
+        # owner/name is also how a relative folder looks (runs/x): say that neither was found.
+        raise HubUnavailable(f"{spec}: no such local file or folder; as a Hugging Face Hub id, {exc}",
+                             exc.reason) from None
+
+
+def _missing_local(spec: str) -> str:
+    """The error for a path that is not there, naming it as typed (``./my-gpt2``, not ``my-gpt2``)."""
+    if spec.endswith(("/", "\\")):
+        return f"{spec}: no such folder"
+    if Path(spec).suffix.lower() == ".safetensors":
+        return f"{spec}: no such file"
+    if "/" not in spec and not spec.startswith((".", "~")):
+        return (f"{spec}: no such file or folder, and not a Hugging Face Hub id (those have the form owner/name, "
+                "e.g. openai-community/gpt2)")
+    return f"{spec}: no such file or folder"
 
 
 def locate_checkpoint(spec: str, note: Note = _ignore) -> Path:
@@ -472,6 +490,24 @@ def checkpoint_tokenizer(path: str | Path) -> "Tokenizer":
     return from_metadata(header.metadata, str(header.path))
 
 
+def no_released_weights(repo: str, size: str, reason: str) -> UserError:
+    """``--weights auto`` for a released size with nothing cached and no download possible.
+
+    Not random weights with a note: a new user reads an untrained model's output as a broken tool.
+    """
+    if reason == "HF_HUB_OFFLINE is set":
+        fix = "unset HF_HUB_OFFLINE on a machine with network access and run again (gptcli downloads it once)"
+    else:
+        fix = "run again with network access (gptcli downloads it once)"
+    return UserError(
+        f"no GPT-2 {size} weights: {repo} is not in the Hugging Face cache ({hub_cache_dir()}) and {reason}. "
+        f"For OpenAI's weights, {fix}, or pass --weights PATH (a .safetensors file or a folder). "
+        "--weights random runs the untrained model on purpose (its output is noise); "
+        "or train a small model in minutes: gptcli train FILE.txt --recipe shakespeare-char --out runs/x, "
+        "then --weights runs/x"
+    )
+
+
 def load_model(
     *,
     size: str | None,
@@ -485,7 +521,8 @@ def load_model(
     """Build the model for ``--size``/``--config`` and fill it from ``weights``.
 
     ``weights``: ``random`` (seeded init), ``auto`` (the released checkpoint of a shipped GPT-2 size:
-    cached, else downloaded, else random with a note; random for any other config), a .safetensors
+    cached, else downloaded, else a UserError before any model is built, ``no_released_weights``;
+    random with a note for a config that has no release), a .safetensors
     file, a folder holding model.safetensors (and maybe config.json), or a Hub id. With a checkpoint
     and no --size/--config the architecture comes from the checkpoint; with both they must agree.
     Raises UserError for anything the user can fix (bad config, bad checkpoint, unknown device).
@@ -507,8 +544,9 @@ def load_model(
         check_vocab(cfg, str(config) if config is not None else f"config {cfg.name!r}")
         repo = HUB_IDS.get(cfg.name) if config is None else None
         if spec.lower() == "auto" and repo is None:
-            say(f"no released weights for config {cfg.name!r}: using random weights (seed {seed}); "
-                "pass --weights random to silence this note, or --weights FILE|DIR|HUB_ID")
+            say(f"no released weights for config {cfg.name!r}: using untrained random weights (seed {seed}), "
+                "so the output is noise; pass --weights FILE|DIR|HUB_ID for trained ones, or --weights random "
+                "to silence this note")
         elif spec.lower() == "auto":
             # Cache first without touching the network: GPT-2's releases do not change.
             located = cached_checkpoint(repo)
@@ -516,7 +554,7 @@ def load_model(
                 try:
                     located = fetch_checkpoint(repo, note=say)
                 except HubUnavailable as exc:
-                    say(f"{repo} is not cached and {exc.reason}: using random weights (seed {seed})")
+                    raise no_released_weights(repo, cfg.name, exc.reason) from None
             wanted = cfg
     else:
         located = locate(spec, say)

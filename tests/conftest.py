@@ -48,6 +48,7 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiktoken_cache
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what configure_threads picks in CLI runs (see one_thread)
     monkeypatch.setenv("COLUMNS", "200")
 
 

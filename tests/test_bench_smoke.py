@@ -1,8 +1,9 @@
-"""Smoke test of bench/decode.py: ``--quick`` (a tiny GPT-2, a few tokens, two rounds) runs end to end
-and prints its tables with numbers in them. The benchmark's figures themselves are not checked here."""
+"""Smoke tests of bench/decode.py and bench/score.py: ``--quick`` (a tiny GPT-2, a few tokens, two rounds) runs
+end to end and prints its tables with numbers in them. The benchmarks' figures themselves are not checked here."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -67,3 +68,37 @@ def test_quick_run_prints_the_tables(tmp_path: Path) -> None:
     assert commands[2].startswith("`gptcli generate -n 1 --weights random")
     for row in processes[1:]:
         assert is_number(row[1]) and row[3] == "ok", row
+
+
+SCORE_BENCH = BENCH.parent / "score.py"
+
+
+def test_score_bench_quick_run_prints_its_table(tmp_path: Path) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 37} and more text" for i in range(200)))
+    output = tmp_path / "report.md"
+    proc = subprocess.run(
+        [sys.executable, str(SCORE_BENCH), "--quick", "--text", str(text), "--tokens", "300", "--rounds", "2",
+         "--output", str(output)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert output.read_text() == proc.stdout
+    assert "- Machine:" in proc.stdout and "- Load average" in proc.stdout and "- Command:" in proc.stdout
+    assert "the first 300 tokens of text.txt; windows of 128 tokens, stride 64: 299 tokens scored" in proc.stdout
+    [table] = markdown_tables(proc.stdout)
+    assert table[0] == ["side", "tokens/s", "median s", "spread", "vs transformers", "loss"]
+    assert [row[0] for row in table[1:]] == ["transformers (docs' loop)", "gptcli score (batch 8)"]
+    for row in table[1:]:
+        assert all(is_number(cell) for cell in row[1:]), row
+        assert float(row[1]) > 0
+    assert float(table[1][5]) == pytest.approx(float(table[2][5]), rel=1e-2)  # both sides compute the same loss
+
+
+def test_score_bench_without_a_text_says_where_to_find_one(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "GPTCLI_DATA_DIR"}
+    proc = subprocess.run([sys.executable, str(SCORE_BENCH), "--quick"], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == ("error: no text to score: pass --text FILE, or set GPTCLI_DATA_DIR to a folder "
+                                   "holding the-verdict.txt (e.g. GPTCLI_DATA_DIR=../shared/data)")

@@ -177,11 +177,9 @@ def test_json_tree_follows_depth(tiny_config_file):
 
 def test_rich_output_on_a_terminal(monkeypatch, tiny_config_file):
     import gptcli.commands.common as common
-    import gptcli.commands.inspect as command
 
-    for module in (common, command):
-        monkeypatch.setattr(module, "stdout_is_terminal", lambda: True)
-    result = run("--config", tiny_config_file(), "--prompt", "Hello", "--top", "3", "--device", "cpu")
+    monkeypatch.setattr(common, "stdout_is_terminal", lambda: True)  # stdout_styled falls back to it
+    result = run("--config", tiny_config_file(), "--prompt", "Hello", "--top", "3", "--device", "cpu", "--details")
     assert result.exit_code == 0, result.stderr
     assert "└── " in result.stdout and "2 × TransformerBlock" in result.stdout
     assert "┃" in result.stdout  # Rich tables

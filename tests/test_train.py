@@ -313,6 +313,7 @@ def test_bad_data(tmp_path):
     short.write_text("Just a few words here.\n")
     line = one_error_line(train(str(short), *TINY, "--max-steps", "1", "--out", str(tmp_path / "c")))
     assert "window" in line or "too few" in line
+    assert not (tmp_path / "c").exists()  # refused before anything is written
     line = one_error_line(train(str(tmp_path / "missing.txt"), *TINY, "--max-steps", "1"))
     assert "no such file" in line
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -364,6 +365,8 @@ def test_bad_resume_folders(tmp_path, corpus):
     assert "gpt2 tokenizer" in line
     line = one_error_line(train("--resume", str(out), "--lr", "0.1"))
     assert "--lr" in line
+    line = one_error_line(train("--resume", str(out)))  # it finished its 2 steps
+    assert "already finished its 2 steps" in line and "--max-steps" in line
     state = out / "state.safetensors"
     good = state.read_bytes()
     state.write_bytes(good[: len(good) // 2])
@@ -397,6 +400,7 @@ def test_recipes_ship_and_load():
     assert (book.size, book.model, s.lr, s.batch_size, s.epochs, s.eval_every, s.seed) == \
         ("book", {"context_length": 256}, 4e-4, 2, 10, 5, 123)
     sh = TrainSettings(**load_recipe("shakespeare-char").settings).validate()
+    assert sh.decay_steps is None  # cosine reaches min_lr at the last step, however many there are
     assert (sh.tokenizer, sh.max_steps, sh.batch_size, sh.betas, sh.decay, sh.grad_clip) == \
         ("char", 2000, 12, (0.9, 0.99), "2d", 1.0)
 
@@ -461,3 +465,63 @@ def test_two_processes_equal_one_with_the_whole_batch(tmp_path, sampling):
     for name in s1:
         if name.startswith("model."):
             torch.testing.assert_close(s1[name], s2[name], atol=1e-5, rtol=1e-5)
+
+
+def test_data_from_stdin_and_folders(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text(make_text(600, seed=1))
+    (folder / "b.txt").write_text(make_text(600, seed=2))
+    (folder / "skip.md").write_text("not a text file of the corpus")
+    out = tmp_path / "folder-run"
+    result = train(str(folder), *TINY, "--max-steps", "1", "--sample-every", "0", "--out", str(out))
+    assert result.exit_code == 0, result.stderr
+    from gptcli.data import Text, join_texts, read_texts
+
+    texts = read_texts([str(folder)])
+    assert [Path(t.name).name for t in texts] == ["a.txt", "b.txt"]
+    assert "<|endoftext|>" in join_texts(texts, "gpt2")  # documents separated as GPT-2 was trained
+    assert join_texts([Text("x", "ab"), Text("y", "cd")], "char") == "abcd"
+    piped = train("-", *TINY, "--max-steps", "1", "--sample-every", "0", "--out", str(tmp_path / "stdin-run"),
+                  input=make_text(600, seed=1))
+    assert piped.exit_code == 0, piped.stderr
+    assert events(piped.stdout)[0]["train_tokens"] > 0
+
+
+def test_chunked_bpe_equals_whole_text(monkeypatch):
+    """Large texts are tokenized in pieces on tiktoken's threads; the pieces end where GPT-2's
+    pre-tokenizer splits anyway, so the ids are those of the whole text."""
+    from gptcli import data
+    from gptcli.tokenizer import gpt2
+
+    text = make_text(4000, seed=9).replace(".\nThe", ".\n\n  The")  # blank lines and indents near the cuts
+    whole = data.encode(text, gpt2())
+    monkeypatch.setattr(data, "CHUNK_CHARS", 500)
+    assert len(data._chunks(text, 500)) > 10
+    assert data.encode(text, gpt2()).tolist() == whole.tolist()
+
+
+def test_json_goes_to_stdout_while_the_bar_draws_on_a_terminal_stderr(tmp_path, corpus):
+    """`gptcli train --json > file` on a terminal: the bar on stderr must not capture stdout."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "gptcli", "train", str(corpus), *TINY, "--out", str(tmp_path / "r"), "--max-steps",
+             "3", "--sample-every", "0", "--json"],
+            stdout=subprocess.PIPE, stderr=slave, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert proc.returncode == 0
+    assert [e["event"] for e in events(proc.stdout)][0] == "start" and events(proc.stdout)[-1]["event"] == "end"
+
+
+def test_a_run_without_a_checkpoint_says_so(tmp_path):
+    from gptcli.errors import UserError
+    from gptcli.training import LOG_FILE, check_out_dir
+
+    (tmp_path / LOG_FILE).write_text("")
+    with pytest.raises(UserError, match="saved no checkpoint"):
+        check_out_dir(tmp_path, resume=False, force=False)

@@ -305,9 +305,9 @@ def test_pickles_are_refused_and_never_unpickled(tmp_path, monkeypatch, name):
 
 
 def test_missing_path(tmp_path):
-    with pytest.raises(UserError, match="no such file or folder"):
+    with pytest.raises(UserError, match="nope.safetensors: no such file$"):
         load(tmp_path / "nope.safetensors")
-    with pytest.raises(UserError, match=r"gpt3: no such file or folder \(a Hugging Face Hub id has the form"):
+    with pytest.raises(UserError, match=r"gpt3: no such file or folder, and not a Hugging Face Hub id \(those"):
         load("gpt3")
 
 
@@ -352,7 +352,9 @@ def test_hub_id_offline_and_not_cached(tmp_path):
     with pytest.raises(UserError) as excinfo:
         load("someone/not-cached")
     message = one_line_error(excinfo)
-    assert "someone/not-cached is not in the Hugging Face cache" in message and "HF_HUB_OFFLINE is set" in message
+    assert message.startswith("someone/not-cached: no such local file or folder; as a Hugging Face Hub id, "
+                              "someone/not-cached is not in the Hugging Face cache")
+    assert "HF_HUB_OFFLINE is set" in message
     assert str(hub_cache_dir()) in message and str(tmp_path / "hf-home") in message
 
 
@@ -385,22 +387,33 @@ def test_hub_id_unreachable_but_cached_uses_the_cache(tmp_path, tiny_cfg, unreac
 # --- auto and random ----------------------------------------------------------------------------------------
 
 
-def test_auto_offline_with_nothing_cached_falls_back_to_random_with_a_note():
+def test_auto_offline_with_nothing_cached_is_an_error_before_any_model_is_built(monkeypatch):
+    import gptcli.weights as weights_module
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(weights_module, "random_model", no_model)
+    monkeypatch.setattr(weights_module, "load_checkpoint", no_model)
     notes: list[str] = []
-    loaded = load("auto", size="124M", notes=notes)
-    assert loaded.source == "random (seed 123)" and loaded.checkpoint is None
-    assert len(notes) == 1 and notes == loaded.notes
-    assert notes[0].startswith("openai-community/gpt2 is not cached and HF_HUB_OFFLINE is set: using random weights")
-    reference = random_model(shipped_config("124M"), 123)
-    torch.testing.assert_close(loaded.model.trf_blocks[0].att.W_qkv.weight, reference.trf_blocks[0].att.W_qkv.weight)
+    with pytest.raises(UserError) as excinfo:
+        load("auto", size="xl", notes=notes)
+    message = one_line_error(excinfo)
+    assert message.startswith("no GPT-2 1558M weights: openai-community/gpt2-xl is not in the Hugging Face cache (")
+    assert "and HF_HUB_OFFLINE is set" in message and "unset HF_HUB_OFFLINE" in message
+    for hint in ("--weights PATH", "--weights random runs the untrained model on purpose",
+                 "gptcli train FILE.txt --recipe shakespeare-char --out runs/x", "--weights runs/x"):
+        assert hint in message
+    assert notes == []
 
 
-def test_auto_unreachable_falls_back_to_random_with_a_note(unreachable_hub):
-    notes: list[str] = []
-    loaded = load("auto", size="small", notes=notes)
-    assert loaded.source == "random (seed 123)"
-    assert notes[-1] == "openai-community/gpt2 is not cached and the Hugging Face Hub cannot be reached: " \
-                        "using random weights (seed 123)"
+def test_auto_unreachable_is_an_error_that_says_so(unreachable_hub):
+    with pytest.raises(UserError) as excinfo:
+        load("auto", size="small")
+    message = one_line_error(excinfo)
+    assert message.startswith("no GPT-2 124M weights: openai-community/gpt2 is not in the Hugging Face cache")
+    assert "the Hugging Face Hub cannot be reached" in message and "run again with network access" in message
+    assert "HF_HUB_OFFLINE is set" not in message
 
 
 def test_auto_uses_the_cached_release_without_the_network(tmp_path):
@@ -423,7 +436,8 @@ def test_auto_for_other_configs_is_random_with_a_note(tiny_config_file):
     notes: list[str] = []
     loaded = load("auto", config=tiny_config_file(), notes=notes)
     assert loaded.source == "random (seed 123)"
-    assert len(notes) == 1 and notes[0].startswith("no released weights for config 'tiny-0': using random weights")
+    assert len(notes) == 1 and notes[0].startswith("no released weights for config 'tiny-0': using untrained random "
+                                                   "weights (seed 123), so the output is noise")
     notes.clear()
     load("auto", size="book", notes=notes)  # the book's config has no release either
     assert "no released weights for config 'book'" in notes[0]

@@ -9,23 +9,53 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional, Sequence, TypeVar
 
 import typer
 
 from gptcli.errors import UserError
 
+if TYPE_CHECKING:
+    from gptcli.weights import LoadedModel
+
 F = TypeVar("F", bound=Callable[..., Any])
+
+def _completer(values: Sequence[str]) -> Callable[[str], list[str]]:
+    """Shell completion of an option's value: the ``values`` that start with what was typed."""
+
+    def complete(incomplete: str) -> list[str]:
+        return [v for v in values if v.lower().startswith(incomplete.lower())]
+
+    return complete
+
+
+def _size_names() -> list[str]:
+    from gptcli.config import GPT2_SIZES, SIZES
+
+    return [name for canonical, (_, aliases) in SIZES.items()
+            for name in (canonical, *(aliases[:1] if canonical in GPT2_SIZES else ()))]
+
+
+def complete_size(incomplete: str) -> list[str]:
+    """--size values for shell completion: each size and its short alias (124M, small, ...)."""
+    return _completer(_size_names())(incomplete)
+
+
+complete_device = _completer(["auto", "cpu", "cuda", "mps"])
+complete_dtype = _completer(["auto", "float32", "bfloat16", "float16"])
 
 SizeOption = Annotated[
     Optional[str],
     typer.Option(
         "--size",
         "-s",
+        metavar="SIZE",
         help="Model size: 124M/small, 355M/medium, 774M/large, 1558M/xl (case-insensitive), "
         "or 'book' for the book's GPT_CONFIG_124M. Default 124M.",
         show_default=False,
+        autocompletion=complete_size,
     ),
 ]
 ConfigOption = Annotated[
@@ -33,16 +63,65 @@ ConfigOption = Annotated[
     typer.Option(
         "--config",
         "-c",
+        metavar="FILE",
         help="Your own YAML config with the book's keys (vocab_size, context_length, emb_dim, n_heads, "
-        "n_layers, drop_rate, qkv_bias) plus tie_weights. Not with --size.",
+        "n_layers, drop_rate, qkv_bias) plus tie_weights (default false: the book's separate output head). "
+        "Not with --size.",
         show_default=False,
     ),
 ]
+DeviceOption = Annotated[
+    str, typer.Option("--device", "-d", metavar="DEVICE", autocompletion=complete_device,
+                      help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
+]
+DtypeOption = Annotated[
+    str, typer.Option("--dtype", metavar="DTYPE", autocompletion=complete_dtype,
+                      help="auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, bfloat16 or float16.")
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+WeightsOption = Annotated[
+    str,
+    typer.Option(
+        "--weights",
+        "-w",
+        metavar="SOURCE",
+        help="Where the weights come from: auto, random (seeded init), a .safetensors file or folder, "
+        "or a Hugging Face hub id.",
+    ),
+]
+ThreadsOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--threads",
+        metavar="N",
+        min=1,
+        help="CPU threads for torch. Default: OMP_NUM_THREADS if set, else the cores this process may use "
+        "that other processes are not keeping busy (a busy core stalls every step).",
+        show_default=False,
+    ),
+]
 
 
 def stdout_is_terminal() -> bool:
+    """Whether stdout is a terminal: decides content, such as echoing the prompt by default."""
     return sys.stdout.isatty()
+
+
+def stdout_styled() -> bool:
+    """Whether stdout gets Rich output (colours, tables, bars), decided as Rich decides it.
+
+    TTY_COMPATIBLE=1/0 first, then FORCE_COLOR (set and not empty: yes, even in a pipe; set empty: no;
+    see force-color.org), else a terminal. NO_COLOR keeps the layout and drops the colours (Rich).
+    """
+    import os
+
+    tty_compatible = os.environ.get("TTY_COMPATIBLE", "")
+    if tty_compatible in ("0", "1"):
+        return tty_compatible == "1"
+    force_color = os.environ.get("FORCE_COLOR")
+    if force_color is not None:
+        return force_color != ""
+    return stdout_is_terminal()
 
 
 def err(message: str) -> None:
@@ -71,6 +150,106 @@ def user_errors(fn: F) -> F:
             raise typer.Exit(0) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def parse_number(option: str, value: str, kind: type) -> int | float:
+    """Parse an option's value ourselves, so a bad one gives our one-line error, not click's usage panel."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        what = "a whole number" if kind is int else "a number"
+        raise UserError(f"{option} expects {what}, got {value!r}") from None
+
+
+def usage_and_exit(ctx: typer.Context, hint: str) -> None:
+    """The usage, a hint and exit 2: for a command that would wait on a terminal for stdin."""
+    err(ctx.get_usage())
+    err("")
+    err(hint)
+    err(f"Try '{ctx.command_path} --help' for help.")
+    raise typer.Exit(2)
+
+
+def decode_utf8(raw: bytes, what: str) -> str:
+    """``raw`` as UTF-8 without a leading byte-order mark; a UserError naming ``what`` and the offset otherwise."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{what} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            "convert it first, e.g. with iconv -t UTF-8"
+        ) from None
+    return text.removeprefix("\ufeff")
+
+
+def read_stdin(strip_newline: bool = True, closed: str = "stdin is closed") -> str:
+    """All of stdin as UTF-8, with one trailing newline removed (the one `echo` adds) unless told not to.
+
+    ``closed``: the error when there is no stdin at all.
+    """
+    stream = sys.stdin
+    if stream is None:
+        raise UserError(closed)
+    raw = stream.buffer.read() if hasattr(stream, "buffer") else stream.read().encode("utf-8")
+    text = decode_utf8(raw, "stdin")
+    if not strip_newline:
+        return text
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith("\n") else text
+
+
+def read_text_file(path: str) -> str:
+    """A file's text as UTF-8 (a leading byte-order mark dropped); one-line UserErrors for what goes wrong."""
+    try:
+        raw = Path(path).expanduser().read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a file") from None
+    except PermissionError:
+        raise UserError(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    return decode_utf8(raw, path)
+
+
+def split_lines(text: str) -> list[str]:
+    """One item per line; a final newline ends the last line rather than starting an empty one."""
+    if not text:
+        return []
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def escape_line(text: str) -> str:
+    """Text on one line: backslash, newline and carriage return escaped, so each input line gets one output line."""
+    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+
+
+def load_for_command(*, size, config, weights: str, device_name: str, dtype_name: str, seed: int,
+                     quantize: str | None = None, threads: int | None = None, pack: bool = True) -> "LoadedModel":
+    """Set the thread count, resolve device and dtype, load the weights (notes on stderr), then prepare
+    them for decoding (quantize when asked; ``pack``: oneDNN's packed CPU layout, not under --compile)."""
+    import torch
+
+    from gptcli.devices import configure_threads, resolve_device, resolve_dtype
+    from gptcli.generate import prepare_model
+    from gptcli.weights import load_model
+
+    configure_threads(threads)
+    torch_device = resolve_device(device_name)
+    torch_dtype = resolve_dtype(dtype_name, torch_device)
+    if quantize and torch_dtype == torch.float32 and dtype_name == "auto":
+        torch_dtype = torch.bfloat16  # int8 runs with half-precision activations; auto means what it takes
+    loaded = load_model(size=size, config=config, weights=weights, device=torch_device, dtype=torch_dtype,
+                        seed=seed, note=note)
+    start = time.perf_counter()
+    prepare_model(loaded.model, torch_device, torch_dtype, quantize=quantize, pack=pack)
+    loaded.load_seconds += time.perf_counter() - start
+    return loaded
 
 
 def check_tokenizer_early(weights: str | None) -> None:
@@ -118,14 +297,16 @@ def print_table(
     ``footer_rows``: how many trailing rows are totals (drawn after a rule).
     """
     cells = [[str(c) for c in row] for row in rows]
-    if stdout_is_terminal():
+    if stdout_styled():
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=title, title_justify="left", show_footer=False)
+        # Text, not markup: a file name or a line of input like "[/x]" is shown as typed, never parsed.
+        table = Table(title=None if title is None else Text(title), title_justify="left", show_footer=False)
         for i, name in enumerate(columns):
-            table.add_column(name, justify="right" if i in right_align else "left")
+            table.add_column(Text(name), justify="right" if i in right_align else "left")
         for n, row in enumerate(cells):
-            table.add_row(*row, end_section=(n == len(cells) - footer_rows - 1 and footer_rows > 0))
+            table.add_row(*map(Text, row), end_section=(n == len(cells) - footer_rows - 1 and footer_rows > 0))
         stdout_console().print(table)
         return
     widths = [max(len(columns[i]), *(len(r[i]) for r in cells)) if cells else len(columns[i]) for i in range(len(columns))]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, List, Optional
 
@@ -12,63 +11,38 @@ import typer
 
 from gptcli.commands.common import (
     ConfigOption,
+    DeviceOption,
+    DtypeOption,
     SizeOption,
+    ThreadsOption,
+    WeightsOption,
     check_tokenizer_early,
     err,
+    escape_line,
+    load_for_command,
     note,
+    parse_number,
     print_json,
+    read_stdin,
     silence_stdout,
+    split_lines,
     stdout_is_terminal,
+    stdout_styled,
+    usage_and_exit,
     user_errors,
 )
 from gptcli.devices import check_device_name, check_dtype_name
 from gptcli.devices import dtype_name as name_of
 from gptcli.errors import UserError
-from gptcli.generate import FINISH_INTERRUPTED, SamplingOptions
+from gptcli.generate import FINISH_CLOSED, FINISH_INTERRUPTED, SamplingOptions
 
 if TYPE_CHECKING:
     from gptcli.generate import Timings
     from gptcli.weights import LoadedModel
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
-
-
-def _number(option: str, value: str, kind: type) -> int | float:
-    """Parse an option's value ourselves, so a bad one gives our one-line error, not click's usage panel."""
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        what = "a whole number" if kind is int else "a number"
-        raise UserError(f"{option} expects {what}, got {value!r}") from None
-
-
-def _usage_and_exit(ctx: typer.Context) -> None:
-    err(ctx.get_usage())
-    err("")
-    err("No prompt: give one as an argument, or pipe one in, e.g.  echo 'Once upon a time' | gptcli generate")
-    err(f"Try '{ctx.command_path} --help' for help.")
-    raise typer.Exit(2)
-
-
-def read_stdin_prompt(strip_newline: bool = True) -> str:
-    """All of stdin as UTF-8, with one trailing newline removed (the one `echo` adds) unless told not to."""
-    stream = sys.stdin
-    if stream is None:
-        raise UserError("no prompt: stdin is closed; give the prompt as an argument")
-    raw = stream.buffer.read() if hasattr(stream, "buffer") else stream.read().encode("utf-8")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(
-            f"stdin is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-            "convert it first, e.g. with iconv -t UTF-8"
-        ) from None
-    text = text.removeprefix("\ufeff")
-    if not strip_newline:
-        return text
-    if text.endswith("\r\n"):
-        return text[:-2]
-    return text[:-1] if text.endswith("\n") else text
+NO_PROMPT = "No prompt: give one as an argument, or pipe one in, e.g.  echo 'Once upon a time' | gptcli generate"
+STDIN_CLOSED = "no prompt: stdin is closed; give the prompt as an argument"
 
 
 class TextOutput:
@@ -80,8 +54,8 @@ class TextOutput:
     def prompt(self, text: str) -> None:
         if not text:
             return
-        if self.terminal:
-            # Dimmed via Rich on a terminal; soft_wrap so Rich doesn't insert line breaks,
+        if stdout_styled():
+            # Dimmed via Rich on a terminal (or with FORCE_COLOR); soft_wrap so Rich doesn't insert line breaks,
             # no markup/emoji/highlighting so the prompt shows exactly as typed.
             from rich.console import Console
             from rich.text import Text
@@ -118,16 +92,7 @@ def generate(
     ] = None,
     size: SizeOption = None,
     config: ConfigOption = None,
-    weights: Annotated[
-        str,
-        typer.Option(
-            "--weights",
-            "-w",
-            metavar="SOURCE",
-            help="Where the weights come from: auto, random (seeded init), a .safetensors file or folder, "
-            "or a Hugging Face hub id.",
-        ),
-    ] = "auto",
+    weights: WeightsOption = "auto",
     max_new_tokens: Annotated[
         str, typer.Option("--max-new-tokens", "-n", metavar="N", help="How many new tokens at most (0 or more).")
     ] = "50",
@@ -162,27 +127,22 @@ def generate(
         typer.Option("--echo/--no-echo", help="Print the prompt before the continuation. Default: dimmed on a "
                      "terminal, not in a pipe.", show_default=False),
     ] = None,
-    device: Annotated[
-        str, typer.Option("--device", "-d", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
-    ] = "auto",
-    dtype: Annotated[
-        str, typer.Option("--dtype", help="auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, "
-                          "bfloat16 or float16.")
-    ] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object at the end (text, ids, finish reason, timings) "
                            "instead of streaming.")
     ] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print load, prefill and decode timings on stderr.")] = False,
     compile_model: Annotated[
-        bool, typer.Option("--compile", help="Compile the decode step with torch.compile: 1.5x (float32) to 2.5x "
-                           "(bfloat16) faster decoding on CPU, after ~30 s of compiling (~4 s once the on-disk "
-                           "cache is warm). Pays off from a few hundred tokens.")
+        bool, typer.Option("--compile", help="Compile the decode step with torch.compile, after ~15-30 s of compiling "
+                           "(~2-4 s once the on-disk cache is warm). On a CPU with several threads it is the "
+                           "fastest float32/bfloat16 path; pays off from a few hundred tokens.")
     ] = False,
     quantize: Annotated[
         Optional[str], typer.Option("--quantize", metavar="int8", help="Weight-only int8 Linear layers (per output "
-                                    "channel): a quarter of float32's bytes per token, 2x faster than float32 on "
-                                    "CPU, logits within ~3%. Runs with bfloat16 activations (--dtype auto picks "
+                                    "channel): a quarter of float32's bytes per token, ~1.8x faster than float32 "
+                                    "on CPU, logits within ~3%. Runs with bfloat16 activations (--dtype auto picks "
                                     "it).", show_default=False)
     ] = None,
     each_line: Annotated[
@@ -193,6 +153,7 @@ def generate(
     batch_size: Annotated[
         str, typer.Option("--batch-size", "-b", metavar="N", help="Prompts per batch with --each-line.")
     ] = "8",
+    threads: ThreadsOption = None,
 ) -> None:
     """Continue a prompt with GPT-2, streaming each token as soon as it is decoded.
 
@@ -204,32 +165,24 @@ def generate(
 
     Examples:
 
+    \b
       gptcli generate "Hello, I am" -n 20
-
-      gptcli generate "Hello, I am" --config configs/book-124M.yaml --weights random -n 6   # the book's line
-
+      gptcli generate "Hello, I am" -c configs/book-124M.yaml -w random -n 6  # the book's
       gptcli generate "The meaning of life is" -t 0.8 --top-k 50 --top-p 0.95 --seed 7
-
       gptcli generate "Q: What is 2+2? A:" --stop "Q:" -n 30
-
       echo "Once upon a time" | gptcli generate -n 20
-
       gptcli generate -n 20 < story.txt > continuation.txt
-
       gptcli generate --json "Hello" -n 10 | jq -r .text
-
       gptcli generate "Hello" -n 100 --stats 2> stats.txt | head -c 80
-
-      gptcli generate "Hello" -n 200 --compile --quantize int8 --stats   # fastest on CPU
-
+      gptcli generate "Hello" -n 200 --compile --quantize int8 --stats  # fastest
       printf 'The sky is\\nMy name is\\n' | gptcli generate --each-line -n 10 --json
     """
     options = SamplingOptions(
-        max_new_tokens=int(_number("--max-new-tokens", max_new_tokens, int)),
-        temperature=float(_number("--temperature", temperature, float)),
-        top_k=None if top_k is None else int(_number("--top-k", top_k, int)),
-        top_p=None if top_p is None else float(_number("--top-p", top_p, float)),
-        seed=int(_number("--seed", seed, int)),
+        max_new_tokens=int(parse_number("--max-new-tokens", max_new_tokens, int)),
+        temperature=float(parse_number("--temperature", temperature, float)),
+        top_k=None if top_k is None else int(parse_number("--top-k", top_k, int)),
+        top_p=None if top_p is None else float(parse_number("--top-p", top_p, float)),
+        seed=int(parse_number("--seed", seed, int)),
         stop=tuple(stop or ()),
         ignore_eos=ignore_eos,
     ).validate()
@@ -242,7 +195,7 @@ def generate(
     if quantize is not None and dtype_name == "float32":
         raise UserError("--quantize int8 needs --dtype bfloat16 or float16 activations (int8 kernels take those)")
     speed = SpeedOptions(compile=compile_model, quantize="int8" if quantize else None,
-                         batch_size=int(_number("--batch-size", batch_size, int)))
+                         batch_size=int(parse_number("--batch-size", batch_size, int)), threads=threads)
     if speed.batch_size < 1:
         raise UserError(f"--batch-size must be 1 or more, got {speed.batch_size}")
     if each_line:
@@ -252,9 +205,10 @@ def generate(
             raise UserError("--compile works one prompt at a time; drop it with --each-line (batching is the "
                             "faster path there)")
         if sys.stdin is not None and sys.stdin.isatty():
-            _usage_and_exit(ctx)
+            usage_and_exit(ctx, NO_PROMPT)
         try:
-            _run_each_line(read_stdin_prompt(strip_newline=False), options, speed, size=size, config=config, weights=weights,
+            _run_each_line(read_stdin(strip_newline=False, closed=STDIN_CLOSED), options, speed, size=size,
+                           config=config, weights=weights,
                            device_name=device_name, dtype_name=dtype_name, json_output=json_output, stats=stats,
                            echo=bool(echo))
         except KeyboardInterrupt:
@@ -266,8 +220,8 @@ def generate(
 
     if prompt is None or prompt == "-":
         if prompt is None and sys.stdin is not None and sys.stdin.isatty():
-            _usage_and_exit(ctx)
-        prompt_text = read_stdin_prompt()
+            usage_and_exit(ctx, NO_PROMPT)
+        prompt_text = read_stdin(closed=STDIN_CLOSED)
     else:
         prompt_text = prompt
 
@@ -288,27 +242,7 @@ class SpeedOptions:
     compile: bool = False
     quantize: str | None = None  # "int8"
     batch_size: int = 8
-
-
-def _load(*, size, config, weights: str, device_name: str, dtype_name: str, seed: int,
-          speed: SpeedOptions) -> "LoadedModel":
-    """Resolve device and dtype, load the weights, then quantize them when asked."""
-    import torch
-
-    from gptcli.devices import resolve_device, resolve_dtype
-    from gptcli.generate import prepare_model
-    from gptcli.weights import load_model
-
-    torch_device = resolve_device(device_name)
-    torch_dtype = resolve_dtype(dtype_name, torch_device)
-    if speed.quantize and torch_dtype == torch.float32 and dtype_name == "auto":
-        torch_dtype = torch.bfloat16  # int8 runs with half-precision activations; auto means what it takes
-    loaded = load_model(size=size, config=config, weights=weights, device=torch_device, dtype=torch_dtype,
-                        seed=seed, note=note)
-    start = time.perf_counter()
-    prepare_model(loaded.model, torch_device, torch_dtype, quantize=speed.quantize)
-    loaded.load_seconds += time.perf_counter() - start
-    return loaded
+    threads: int | None = None  # --threads; None: gptcli.devices.configure_threads decides
 
 
 def _timings_json(load_s: float, t: "Timings", compile_s: float | None) -> dict:
@@ -325,10 +259,14 @@ def _timings_json(load_s: float, t: "Timings", compile_s: float | None) -> dict:
 
 def _stats_line(load_s: float, t: "Timings", compile_s: float | None, loaded: "LoadedModel", finish: str) -> str:
 
+    import torch
+
     compiled = "" if compile_s is None else f", compile {compile_s:.2f} s"
+    threads = torch.get_num_threads()
+    cpu = f" with {threads} thread{'s' * (threads != 1)}" if loaded.device.type == "cpu" else ""
     return (f"stats: load {load_s:.2f} s{compiled}, prefill {t.prefill_tokens} tokens in {t.prefill_s:.3f} s, "
             f"decode {t.decode_tokens} tokens in {t.decode_s:.3f} s ({_fmt_rate(t.decode_tokens_per_s)}), "
-            f"{name_of(loaded.dtype)} on {loaded.device}, finish {finish}")
+            f"{name_of(loaded.dtype)} on {loaded.device}{cpu}, finish {finish}")
 
 
 def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, size, config, weights: str,
@@ -338,8 +276,9 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
     check_tokenizer_early(weights)  # its error is quicker than loading a model
     if options.greedy and (options.top_k is not None or options.top_p is not None):
         note("--top-k and --top-p only apply when sampling (--temperature above 0); decoding greedily")
-    loaded = _load(size=size, config=config, weights=weights, device_name=device_name, dtype_name=dtype_name,
-                   seed=options.seed, speed=speed)
+    loaded = load_for_command(size=size, config=config, weights=weights, device_name=device_name,
+                              dtype_name=dtype_name, seed=options.seed, quantize=speed.quantize,
+                              threads=speed.threads, pack=not speed.compile)
     cfg, tokenizer = loaded.cfg, loaded.tokenizer
     ids = prompt_ids(prompt_text, tokenizer)
     decoder = make_decoder(loaded.model, loaded.device, loaded.dtype, compile=speed.compile)
@@ -374,6 +313,8 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
         # The reader went away (`| head -c 5`): stop generating, but still report on stderr.
         silence_stdout()
         pipe_closed = True
+        if generation.finish_reason is None:  # else it had ended already, and that is the reason
+            generation.finish_reason = FINISH_CLOSED
 
     t = generation.timings
     if json_output:
@@ -412,38 +353,45 @@ def result_record(prompt: str, prompt_ids: list[int], dropped: int, token_ids: l
     }
 
 
-def split_prompt_lines(text: str) -> list[str]:
-    """One prompt per line; a final newline ends the last line rather than starting an empty one."""
-    if not text:
-        return []
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return [line.removesuffix("\r") for line in lines]
-
-
-def escape_line(text: str) -> str:
-    """One completion on one line: backslash and newline escaped, so each input line gets one output line."""
-    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
-
-
 def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOptions, *, size, config, weights: str,
                    device_name: str, dtype_name: str, json_output: bool, stats: bool, echo: bool) -> None:
-    import json
+    from gptcli.generate import Timings, prompt_ids
 
-    from gptcli.batch import BatchDecoder, generate_batch
-    from gptcli.generate import Timings, crop_prompt, prompt_ids
-
-    prompts = split_prompt_lines(stdin_text)
+    prompts = split_lines(stdin_text)
     if options.greedy and (options.top_k is not None or options.top_p is not None):
         note("--top-k and --top-p only apply when sampling (--temperature above 0); decoding greedily")
     check_tokenizer_early(weights)
-    loaded = _load(size=size, config=config, weights=weights, device_name=device_name, dtype_name=dtype_name,
-                   seed=options.seed, speed=speed)
-    cfg, tokenizer = loaded.cfg, loaded.tokenizer
-    encoded = [prompt_ids(p, tokenizer) for p in prompts]
-    decoder = BatchDecoder(loaded.model, loaded.device, loaded.dtype)
+    loaded = load_for_command(size=size, config=config, weights=weights, device_name=device_name,
+                              dtype_name=dtype_name, seed=options.seed, quantize=speed.quantize,
+                              threads=speed.threads, pack=not speed.compile)
+    encoded = [prompt_ids(p, loaded.tokenizer) for p in prompts]
     total = Timings()
+    written = [0]  # prompts whose line is out, for the stats after a closed pipe
+    try:
+        _each_line_batches(prompts, encoded, options, speed, loaded, json_output, echo, total, written)
+    except BrokenPipeError:
+        # The reader went away (`| head -n 3`): stop, but still report on stderr.
+        silence_stdout()
+        if stats:
+            err(_stats_line(loaded.load_seconds, total, None, loaded,
+                            f"{FINISH_CLOSED} (stdout closed after {written[0]} of {len(prompts)} prompts)"))
+        raise typer.Exit(0) from None
+    if stats:
+        err(_stats_line(loaded.load_seconds, total, None, loaded, f"{len(prompts)} prompts in batches of "
+                        f"{speed.batch_size}"))
+
+
+def _each_line_batches(prompts: list[str], encoded: list[list[int]], options: SamplingOptions, speed: SpeedOptions,
+                       loaded: "LoadedModel", json_output: bool, echo: bool, total: "Timings",
+                       written: list[int]) -> None:
+    """Generate and write every batch, adding to ``total``; ``written[0]`` counts the prompts written."""
+    import json
+
+    from gptcli.batch import BatchDecoder, generate_batch
+    from gptcli.generate import crop_prompt
+
+    cfg, tokenizer = loaded.cfg, loaded.tokenizer
+    decoder = BatchDecoder(loaded.model, loaded.device, loaded.dtype)
     for first in range(0, len(prompts), speed.batch_size):
         batch = encoded[first : first + speed.batch_size]
         results, t = generate_batch(decoder, batch, options, eos_id=tokenizer.eot_id, token_bytes=tokenizer.token_bytes)
@@ -465,6 +413,4 @@ def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOption
                 line = escape_line((prompts[index] if echo else "") + result.text)
             sys.stdout.write(line + "\n")
         sys.stdout.flush()
-    if stats:
-        err(_stats_line(loaded.load_seconds, total, None, loaded, f"{len(prompts)} prompts in batches of "
-                        f"{speed.batch_size}"))
+        written[0] = first + len(batch)

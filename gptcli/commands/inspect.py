@@ -14,12 +14,15 @@ from gptcli.commands.common import (
     ConfigOption,
     JsonOption,
     SizeOption,
+    ThreadsOption,
     check_tokenizer_early,
+    complete_device,
+    complete_dtype,
     note,
     print_json,
     print_table,
     stdout_console,
-    stdout_is_terminal,
+    stdout_styled,
     user_errors,
 )
 from gptcli import checkpoint as ckpt
@@ -80,7 +83,7 @@ def _label(node: Node) -> tuple[str, str, str, str]:
 
 
 def render_tree(tree: Node, title: str) -> None:
-    if stdout_is_terminal():
+    if stdout_styled():
         from rich.text import Text
         from rich.tree import Tree
 
@@ -178,7 +181,7 @@ def _bar(prob: float, width: int = 20) -> str:
 
 def render_next_tokens(report: dict[str, Any]) -> None:
     prompt = report["prompt"]
-    terminal = stdout_is_terminal()
+    terminal = stdout_styled()
     rows = []
     for rank, t in enumerate(report["next_tokens"], 1):
         row = [rank, t["id"], show_token(t["token"]), f"{t['prob']:.4f}" if t['prob'] >= 1e-4 else f"{t['prob']:.1e}"]
@@ -202,15 +205,18 @@ def _device_and_dtype(device: str, dtype: str) -> tuple["torch.device", "torch.d
 
 
 def predict(
-    *, prompt: str, top: int, size: str | None, config: Any, weights: str | None, device: str, dtype: str, seed: int
+    *, prompt: str, top: int, size: str | None, config: Any, weights: str | None, device: str, dtype: str, seed: int,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """One forward pass: the prompt's ids and the top-``top`` next tokens, with the same weights as generate."""
+    from gptcli.devices import configure_threads
     from gptcli.inspection import next_tokens
     from gptcli.weights import load_model
 
     if not prompt:
         raise UserError("--prompt is empty: give at least one token of text")
     check_tokenizer_early(weights)
+    configure_threads(threads)
     dev, dt = _device_and_dtype(device, dtype)
     loaded = load_model(size=size, config=config, weights=weights or "auto", device=dev, dtype=dt, seed=seed,
                         note=note)
@@ -233,29 +239,38 @@ def inspect(
     config: ConfigOption = None,
     weights: Annotated[
         Optional[str],
-        typer.Option("--weights", "-w", show_default=False,
+        typer.Option("--weights", "-w", metavar="SOURCE", show_default=False,
                      help="A safetensors checkpoint to look into: FILE, a folder with model.safetensors, or a Hub id "
                      "(owner/name; downloaded into the Hugging Face cache when missing). Only its header is read. "
                      "Without --size/--config the config comes from it (config.json beside it, gptcli's metadata, "
                      "else its shapes). With --prompt these are the weights run, as in generate; there 'auto' "
-                     "(the default: released GPT-2 weights for a shipped size, else random) and 'random' work too."),
+                     "(the default: released GPT-2 weights for a shipped size, an error when they are neither cached nor "
+                     "downloadable; random for other configs) and 'random' work too."),
     ] = None,
     depth: Annotated[
         Optional[int],
-        typer.Option("--depth", show_default=False,
+        typer.Option("--depth", metavar="N", show_default=False,
                      help="Show the module tree this many levels deep (0 = the model line only). Default: all."),
     ] = None,
     prompt: Annotated[
         Optional[str],
-        typer.Option("--prompt", "-p", show_default=False,
+        typer.Option("--prompt", "-p", metavar="TEXT", show_default=False,
                      help="Run one forward pass on this text and show the most likely next tokens."),
     ] = None,
-    top: Annotated[int, typer.Option("--top", "-k", help="How many next tokens --prompt shows.")] = 10,
-    device: Annotated[str, typer.Option("--device", help="For --prompt: auto, cpu, cuda, cuda:1, mps.")] = "auto",
+    top: Annotated[int, typer.Option("--top", "-k", metavar="N", help="How many next tokens --prompt shows.")] = 10,
+    device: Annotated[str, typer.Option("--device", metavar="DEVICE", autocompletion=complete_device,
+                                        help="For --prompt: auto, cpu, cuda, cuda:1, mps.")] = "auto",
     dtype: Annotated[
-        str, typer.Option("--dtype", help="For --prompt: auto, float32, bfloat16 or float16.")
+        str, typer.Option("--dtype", metavar="DTYPE", autocompletion=complete_dtype,
+                          help="For --prompt: auto, float32, bfloat16 or float16.")
     ] = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="For --prompt with random weights: the init seed.")] = 123,
+    seed: Annotated[int, typer.Option("--seed", metavar="N",
+                                      help="For --prompt with random weights: the init seed.")] = 123,
+    threads: ThreadsOption = None,
+    details: Annotated[
+        bool, typer.Option("--details", help="With --prompt: print the module tree and figures (and a checkpoint's "
+                           "report) after the next-token table, which --prompt otherwise prints alone.")
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Look inside a model: its modules, parameters, memory, FLOPs, a checkpoint, its next token.
@@ -263,18 +278,16 @@ def inspect(
     The tree and the figures are arithmetic on the config (no model is built, torch is not imported);
     a checkpoint is read header-only, so even the 6 GB xl file answers at once.
 
+    With --prompt it runs the model once and prints the next-token table alone; --details (or --depth) adds the tree and figures after it.
+
     Examples:
 
-      gptcli inspect --size xl                       # collapsed tree, memory, FLOPs, KV cache
-
-      gptcli inspect --size small --depth 2          # just the top of the tree
-
-      gptcli inspect --weights ./gpt2/model.safetensors   # tensors, layout, tied head, verdict
-
-      gptcli inspect --weights ./ckpt --size 124M    # does this file fit the 124M config?
-
+    \b
+      gptcli inspect --size xl                         # tree, memory, FLOPs, KV cache
+      gptcli inspect --size small --depth 2            # the top of the tree
+      gptcli inspect --weights ./gpt2/model.safetensors  # tensors, layout, verdict
+      gptcli inspect --weights ./ckpt --size 124M      # does it fit 124M?
       gptcli inspect --prompt "The capital of France is" --top 5
-
       gptcli inspect --size xl --json | jq .kv_cache_bytes.full_context
     """
     if depth is not None and depth < 0:
@@ -306,14 +319,17 @@ def inspect(
     report["prompt"] = report["next_tokens"] = None
     if prompt is not None:
         report.update(predict(prompt=prompt, top=top, size=size, config=config, weights=weights, device=device,
-                              dtype=dtype, seed=seed))
+                              dtype=dtype, seed=seed, threads=threads))
 
     if json_output:
         print_json(report)
         return
+    if report["next_tokens"] is not None:
+        # The answer to --prompt first, and alone unless the rest is asked for (--details, or --depth).
+        render_next_tokens(report)
+        if not details and depth is None:
+            return
     render_tree(module_tree(cfg, depth), f"Modules of {_describe_config(cfg)}")
     render_figures(report)
     if report["checkpoint"] is not None:
         render_checkpoint(report["checkpoint"], cfg)
-    if report["next_tokens"] is not None:
-        render_next_tokens(report)

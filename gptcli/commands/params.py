@@ -48,10 +48,9 @@ def params(
 
     Examples:
 
+    \b
       gptcli params --size xl
-
       gptcli params --config configs/book-124M.yaml   # the book's 163,009,536
-
       gptcli params --all --json | jq '.[] | {config, total}'
     """
     if all_configs:

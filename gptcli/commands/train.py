@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, List, Optional
 
 import typer
 
-from gptcli.commands.common import ConfigOption, SizeOption, err, note, user_errors
+from gptcli.commands.common import ConfigOption, DeviceOption, SizeOption, ThreadsOption, err, note, user_errors
 from gptcli.errors import UserError
 
 if TYPE_CHECKING:
@@ -57,6 +57,8 @@ def train(
                         "warm-up then cosine decay to --min-lr.")] = None,
     warmup_steps: Annotated[Optional[int], _opt("--warmup-steps", metavar="N", help="Warm-up steps (cosine).")] = None,
     min_lr: Annotated[Optional[float], _opt("--min-lr", metavar="LR", help="Where cosine decay ends.")] = None,
+    decay_steps: Annotated[Optional[int], _opt("--decay-steps", metavar="N", help="The step where cosine decay "
+                           "reaches --min-lr (default: the run's last step).")] = None,
     weight_decay: Annotated[Optional[float], _opt("--weight-decay", metavar="WD", help="AdamW weight decay.")] = None,
     decay: Annotated[Optional[str], _opt("--decay", metavar="all|2d", help="Decay every parameter (the book) or "
                      "only 2-D weights (nanoGPT).")] = None,
@@ -81,12 +83,14 @@ def train(
     sample_tokens: Annotated[Optional[int], _opt("--sample-tokens", metavar="N", help="Tokens per sample.")] = None,
     save_every: Annotated[Optional[int], _opt("--save-every", metavar="N", help="Checkpoint every N steps (always "
                           "at the end and on Ctrl-C).")] = None,
+    init: Annotated[Optional[str], _opt("--init", metavar="book|gpt2", help="A new model's init: the book's "
+                    "(nn defaults, drawn in its order) or GPT-2's N(0, 0.02), as nanoGPT.")] = None,
     seed: Annotated[Optional[int], _opt("--seed", metavar="N", help="Seeds the init, the data order and dropout.")] = None,
-    device: Annotated[str, typer.Option("--device", "-d", help="auto (cuda, then mps, then cpu), cpu, cuda, "
-                      "cuda:N or mps.")] = "auto",
-    dtype: Annotated[Optional[str], _opt("--dtype", metavar="float32|bfloat16", help="float32, or bfloat16/float16 "
+    device: DeviceOption = "auto",
+    dtype: Annotated[Optional[str], _opt("--dtype", metavar="float32|bfloat16|float16", help="float32, or bfloat16/float16 "
                      "autocast (weights and AdamW state stay float32).")] = None,
     compile_model: Annotated[bool, typer.Option("--compile", help="Compile the model with torch.compile.")] = False,
+    threads: ThreadsOption = None,
     resume: Annotated[Optional[Path], _opt("--resume", metavar="DIR", help="Continue the run in DIR where it "
                       "stopped (bit for bit on the CPU).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the run already in --out.")] = False,
@@ -104,25 +108,25 @@ def train(
 
     Examples:
 
+    \b
       gptcli train the-verdict.txt --recipe book-ch05 --out runs/verdict
-
       gptcli train tinyshakespeare.txt --recipe shakespeare-char --out runs/shakespeare
-
       gptcli generate --weights runs/shakespeare "ROMEO:" -n 200 -t 0.8 --top-k 50
-
       gptcli train notes/ --weights gpt2 --epochs 2 --lr 5e-5 --out runs/notes
-
       gptcli train --resume runs/shakespeare --max-steps 3000
     """
     from gptcli import training
+    from gptcli.devices import configure_threads
 
+    configure_threads(threads)
     flags: dict[str, Any] = {
         "tokenizer": tokenizer, "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
         "grad_accum": grad_accum, "lr": lr, "schedule": schedule, "warmup_steps": warmup_steps, "min_lr": min_lr,
+        "decay_steps": decay_steps,
         "weight_decay": weight_decay, "decay": decay, "sampling": sampling, "stride": stride,
         "val_fraction": val_fraction, "eval_every": eval_every,
         "eval_batches": eval_batches, "sample_prompt": sample_prompt, "sample_tokens": sample_tokens,
-        "save_every": save_every, "seed": seed, "dtype": dtype,
+        "save_every": save_every, "seed": seed, "init": init, "dtype": dtype,
     }
     flags = {k: v for k, v in flags.items() if v is not None}
     if grad_clip is not None:
@@ -207,10 +211,11 @@ def _new_run(data, out, recipe_spec, flags, arch, beta1, beta2, *, size, config,
     weights = weights or (recipe.weights if recipe else None)
     model_size = size if size is not None or config is not None else (recipe.size if recipe else None)
     model_config = config if config is not None else (recipe.config if recipe and size is None else None)
-    if weights is not None and (set(arch) - {"drop_rate"} or (recipe and set(recipe.model) - {"drop_rate"})
-                                and weights != (recipe.weights if recipe else None)):
+    if weights is not None and set(arch) - {"drop_rate"}:
         raise UserError("--weights fine-tunes a model as it is; architecture changes (--context-length, --n-layers, "
                         "--n-heads, --emb-dim) need a new model (--size/--config)")
+    if weights is not None and recipe and set(recipe.model) - {"drop_rate"} and dist_main():
+        note(f"fine-tuning {weights}: the architecture in recipe {recipe.name!r} does not apply")
     _check_dtype(settings.dtype, torch_device)
 
     if settings.tokenizer == "char":
@@ -253,17 +258,19 @@ def _new_run(data, out, recipe_spec, flags, arch, beta1, beta2, *, size, config,
             p.requires_grad_(True)
         source = loaded.source
 
-    if force and dist.main:
-        training.clear_run(out)
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
     total_chars = sum(len(t.text) for t in texts)
     bar, progress = _progress_tokenizing(total_chars) if dist.main else (None, None)
     try:
-        train_ids, val_ids = training.prepare_data(texts, tok, settings, out, progress, write=dist.main)
+        train_ids, val_ids = training.encode_data(texts, tok, settings, progress)
     finally:
         if bar is not None:
             bar.stop()
+    training.check_data(train_ids, val_ids, settings, cfg.context_length)  # before anything is written
+    if dist.main:
+        if force:
+            training.clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        train_ids, val_ids = training.store_data(train_ids, val_ids, out, tok.vocab_size)
     if model is None:
         model = training.new_model(cfg, settings, torch_device)
     else:
@@ -327,6 +334,12 @@ def _resume_run(folder: Path, data, flags, arch, beta1, beta2, device, *, recipe
                         data_digest=state["data_digest"], dist=dist, resume_state=state)
 
 
+def dist_main() -> bool:
+    from gptcli.training import dist_from_env
+
+    return dist_from_env().main
+
+
 def _check_dtype(name: str, device) -> None:
     if name == "float16" and device.type == "cpu":
         raise UserError("--dtype float16 trains on GPUs only; on the CPU use bfloat16 or float32")
@@ -338,13 +351,14 @@ def _check_memory(cfg, settings, device, dist) -> None:
 
     need = estimate_memory(cfg, max(1, settings.batch_size // dist.world), settings.dtype != "float32")
     have = available_memory(device)
-    if have is not None and need["total"] * dist.world > have and device.type == "cpu" or \
-            have is not None and device.type != "cpu" and need["total"] > have:
+    # Processes on one CPU share its memory; each GPU has its own.
+    total = need["total"] * (dist.world if device.type == "cpu" else 1)
+    if have is not None and total > have:
         raise UserError(
-            f"training {cfg.name} needs about {human_bytes(need['total'] * (dist.world if device.type == 'cpu' else 1))}"
-            f" (weights {human_bytes(need['weights'])}, gradients {human_bytes(need['gradients'])}, AdamW "
-            f"{human_bytes(need['optimizer'])}, activations {human_bytes(need['activations'])}) but {device} has "
-            f"{human_bytes(have)} free; use a smaller model or batch")
+            f"training {cfg.name} needs about {human_bytes(total)} (weights {human_bytes(need['weights'])}, gradients "
+            f"{human_bytes(need['gradients'])}, AdamW {human_bytes(need['optimizer'])}, activations "
+            f"{human_bytes(need['activations'])}) but {device} has {human_bytes(have)} free; use a smaller model or "
+            "batch")
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,7 +426,13 @@ def _render(trainer, run: "Run", json_mode: bool) -> None:
     except KeyboardInterrupt:
         if progress is not None:
             progress.stop()
-        err(f"error: interrupted without saving; the last checkpoint in {run.out} is intact")
+        from gptcli.training import STATE_FILE
+
+        if (run.out / STATE_FILE).exists():
+            err(f"error: interrupted without saving this step; the last checkpoint in {run.out} is intact "
+                f"(gptcli train --resume {run.out})")
+        else:
+            err(f"error: interrupted before the first checkpoint; nothing to resume in {run.out}")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -439,13 +459,15 @@ def _print_above(progress, text: str) -> None:
 class _Bar:
     """The Rich progress bar: step/total, epoch, loss, lr, tokens/s, ETA."""
 
-    def __init__(self, start: dict, console):
+    def __init__(self, start: dict, console, redirect: bool = True):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(
             TextColumn("step"), MofNCompleteColumn(), BarColumn(),
             TextColumn("ep {task.fields[epoch]}  loss {task.fields[loss]}  lr {task.fields[lr]}  "
                        "{task.fields[rate]} tok/s"), TimeRemainingColumn(), console=console,
+            # On stderr, the bar must not capture stdout: that is where the JSON events go.
+            redirect_stdout=redirect, redirect_stderr=redirect,
         )
         self.task = self.progress.add_task("train", total=start["total_steps"], completed=start["step"],
                                            epoch="-", loss="-", lr="-", rate="-")
@@ -472,5 +494,5 @@ def _start_progress(start: dict, json_mode: bool):
     if not json_mode:
         return _Bar(start, Console(highlight=False))
     if sys.stderr.isatty():
-        return _Bar(start, Console(stderr=True, highlight=False))
+        return _Bar(start, Console(stderr=True, highlight=False), redirect=False)
     return None

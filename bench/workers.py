@@ -1,0 +1,73 @@
+"""What the benchmarks share: a worker process that answers one JSON line per command, and the
+results of one worker over interleaved rounds (medians and spread). Imported by bench/decode.py and
+bench/train.py, which run as scripts from this folder."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class WorkerFailed(Exception):
+    pass
+
+
+class Worker:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]):
+        self.name = name
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                     env=env)
+
+    def read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+            sys.stderr.write(line)
+        raise WorkerFailed(f"worker exited with code {self.proc.wait()} (its error is above)")
+
+    def ask(self, command: str) -> dict[str, Any]:
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except OSError as exc:
+            raise WorkerFailed(f"worker gone: {exc}") from None
+        return self.read()
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class Outcome:
+    """One worker's results: setup info (load_s, compile_s, peak_rss), one sample per round, or an error."""
+
+    info: dict[str, Any] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+    def values(self, key: str) -> list[float]:
+        return [s[key] for s in self.samples if s.get(key) is not None]
+
+    def median(self, key: str) -> float | None:
+        values = self.values(key)
+        return statistics.median(values) if values else None
+
+    def spread(self, key: str) -> float | None:
+        """(max - min) / median over the rounds: how much the machine moved the figure."""
+        values, median = self.values(key), self.median(key)
+        return (max(values) - min(values)) / median if len(values) > 1 and median else None

@@ -1,0 +1,39 @@
+"""Smoke tests of bench/batch_invariance.py and bench/threads.py: they run and print their tables with
+numbers in them. The figures themselves are not checked here (they are in BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_batch_invariance_quick_prints_kernels_model_and_cost():
+    proc = run(str(BENCH / "batch_invariance.py"), "--quick", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.startswith("## Batch invariance on ") and "- Command: `python bench/batch_invariance.py" in out
+    rows = [line for line in out.splitlines() if line.startswith("| oneDNN") or line.startswith("| F.linear")]
+    assert len(rows) == 3 * 5 * 2  # three routes, five shapes, two dtypes
+    assert re.search(r"model \(tiny, float32\): 56/56 row logits bit-identical", out)  # what the code promises
+    for label in ("(a) the matrices", "(b) attention", "(c) tiny float32"):
+        assert label in out
+    assert re.search(r"exact, packed weights \(generate now\): batch 1 \d+\.\d tok/s, batch 8 \d+\.\d tok/s", out)
+
+
+def test_threads_bench_prints_a_row_per_setting():
+    proc = run(str(BENCH / "threads.py"), "--size", "tiny", "--rounds", "1", "--new-tokens", "4", "--max-busy", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "- Machine: " in out and "cores in the affinity mask" in out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "---" not in line}
+    assert "1 thread" in rows and any(name.endswith("OMP_WAIT_POLICY=PASSIVE") for name in rows)
+    assert re.search(r"\| 1 thread \| \d+\.\d \(", rows["1 thread"])
+    assert re.search(r"\| \d+ \|$", rows["`configure_threads(None)` chose (each round)"])
