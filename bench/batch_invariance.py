@@ -31,21 +31,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from workers import cpu_model  # shared by the benchmarks; run as scripts, they find it beside them
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 def onednn(x, w, b):

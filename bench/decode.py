@@ -91,7 +91,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workers import Outcome, Worker, WorkerFailed  # noqa: E402 - shared with the other benchmarks, in this folder
+from workers import Outcome, Worker, WorkerFailed, cpu_model, peak_rss_bytes  # noqa: E402 - shared with the other benchmarks, in this folder
 
 if TYPE_CHECKING:
     from gptcli.generate import Timings
@@ -354,20 +354,6 @@ class BandwidthRunner:
         return {"gb_s": self.data.numel() * 4 / statistics.median(times) / 1e9}
 
 
-def peak_rss_bytes() -> int:
-    """VmHWM of this process; ru_maxrss (KiB on Linux) where /proc is missing."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def make_runner(name: str, work: Workload) -> Runner:
     if name == BANDWIDTH:
         return BandwidthRunner(work)
@@ -597,12 +583,7 @@ def variant_row(variant: Variant, outcomes: dict[str, Outcome], gb_s: float | No
 
 
 def machine_lines(threads: int) -> list[str]:
-    cpu = "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers"))
     git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     commit = git.stdout.strip() or "unknown"

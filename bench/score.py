@@ -45,6 +45,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from workers import cpu_model  # shared by the benchmarks; run as scripts, they find it beside them
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TEXT = "the-verdict.txt"
 TINY = {"n_positions": 128, "n_embd": 64, "n_layer": 2, "n_head": 2}
@@ -59,14 +61,6 @@ def load_average() -> str:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "unknown"
-
-
-def cpu_model() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
 
 
 def fail(message: str) -> None:

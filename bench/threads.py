@@ -30,21 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from workers import cpu_model  # shared by the benchmarks; run as scripts, they find it beside them
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = [15496, 11, 314, 716, 257, 3303, 2746, 11]  # "Hello, I am a language model," in GPT-2's tokens
 BUSY = "while True: pass"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 def worker(threads: int | None, size: str, new_tokens: int) -> None:

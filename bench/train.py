@@ -91,7 +91,7 @@ from pathlib import Path
 from typing import IO, Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workers import Outcome, Worker, WorkerFailed  # noqa: E402 - shared with the other benchmarks, in this folder
+from workers import Outcome, Worker, WorkerFailed, cpu_model, peak_rss_bytes  # noqa: E402 - shared with the other benchmarks, in this folder
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20
@@ -383,20 +383,6 @@ class TokenizeRunner:
         return out
 
 
-def peak_rss_bytes() -> int:
-    """VmHWM of this process; ru_maxrss (KiB on Linux) where /proc is missing."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def send(channel: IO[str], message: dict[str, Any]) -> None:
     channel.write(json.dumps(message) + "\n")
     channel.flush()
@@ -558,16 +544,16 @@ def fmt(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") ->
 
 
 def cpu_info() -> tuple[str, set[str]]:
-    model, flags = "unknown CPU", set()
+    """The CPU's name and its feature flags (avx512_bf16, amx_bf16, ...)."""
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
+            if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
+                break
     except OSError:
         pass
-    return model, flags
+    return cpu_model(), flags
 
 
 def load_average() -> str:

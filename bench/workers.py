@@ -1,6 +1,6 @@
-"""What the benchmarks share: a worker process that answers one JSON line per command, and the
-results of one worker over interleaved rounds (medians and spread). Imported by bench/decode.py and
-bench/train.py, which run as scripts from this folder."""
+"""What the benchmarks share: a worker process that answers one JSON line per command, the results of
+one worker over interleaved rounds (medians and spread), the CPU's name and a process's peak memory.
+The benchmarks run as scripts from this folder, so they import it as ``workers``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,35 @@ import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+
+def cpu_model() -> str:
+    """The CPU's name from /proc/cpuinfo; the platform's word for it elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM of this process; ru_maxrss (KiB on Linux) where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class WorkerFailed(Exception):
