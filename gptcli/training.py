@@ -21,6 +21,7 @@ A run folder holds:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -375,8 +376,6 @@ def plan_steps(s: TrainSettings, n_train_windows: int | None) -> tuple[int, int 
 
 def autocast(device: "torch.device", dtype: str):
     """bfloat16/float16 autocast (float32 weights and AdamW state), or nothing for float32."""
-    import contextlib
-
     import torch
 
     if dtype == "float32":
@@ -604,7 +603,7 @@ class Trainer:
                 else:
                     x, y = self._random_batch(run.train_ids, length)
                 sync = micro == s.grad_accum - 1 or run.dist.world == 1
-                ctx = train_model.no_sync() if not sync else _nullcontext()
+                ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
                 with ctx:
                     loss = self._loss(train_model, x, y)
                     (loss / s.grad_accum).backward()
@@ -664,12 +663,6 @@ class Trainer:
         yield {"event": "end", "step": step - 1, "reason": reason, "wall_s": round(wall, 3),
                "tokens_per_s": round(session_tokens / wall, 1) if wall > 0 else None,
                "best_val_loss": None if math.isinf(self.best_val) else self.best_val}
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _mean_across(value: float, device: "torch.device") -> float:

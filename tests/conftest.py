@@ -84,3 +84,9 @@ def tiny_config_file(tmp_path: Path):
         return path
 
     return make
+
+
+@pytest.fixture
+def tiny(tiny_config_file) -> list[str]:
+    """Options for a tiny random model (context 16), so runs take milliseconds."""
+    return ["--config", str(tiny_config_file()), "--weights", "random"]

@@ -21,12 +21,6 @@ runner = CliRunner()
 BOOK_IDS = [27018, 24086, 47843, 30961, 42348, 7267]
 
 
-@pytest.fixture
-def tiny(tiny_config_file) -> list[str]:
-    """Options for a tiny random model (context 16), so runs take milliseconds."""
-    return ["--config", str(tiny_config_file()), "--weights", "random"]
-
-
 def gen(*args, input=None):
     return runner.invoke(app, ["generate", *args], input=input)
 

@@ -30,12 +30,6 @@ def generated_text(n_words: int, seed: int = 0) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
 
 
-@pytest.fixture
-def tiny(tiny_config_file) -> list[str]:
-    """A tiny random model (context 16), so runs take milliseconds."""
-    return ["--config", str(tiny_config_file()), "--weights", "random"]
-
-
 def run(*args, input=None):
     return runner.invoke(app, ["score", *args], input=input)
 

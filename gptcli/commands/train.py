@@ -214,7 +214,7 @@ def _new_run(data, out, recipe_spec, flags, arch, beta1, beta2, *, size, config,
     if weights is not None and set(arch) - {"drop_rate"}:
         raise UserError("--weights fine-tunes a model as it is; architecture changes (--context-length, --n-layers, "
                         "--n-heads, --emb-dim) need a new model (--size/--config)")
-    if weights is not None and recipe and set(recipe.model) - {"drop_rate"} and dist_main():
+    if weights is not None and recipe and set(recipe.model) - {"drop_rate"} and dist.main:
         note(f"fine-tuning {weights}: the architecture in recipe {recipe.name!r} does not apply")
     _check_dtype(settings.dtype, torch_device)
 
@@ -332,12 +332,6 @@ def _resume_run(folder: Path, data, flags, arch, beta1, beta2, device, *, recipe
     return training.Run(out=folder, settings=settings, model=model, tokenizer=tok, train_ids=train_ids,
                         val_ids=val_ids, device=torch_device, weights_source=state["weights_source"],
                         data_digest=state["data_digest"], dist=dist, resume_state=state)
-
-
-def dist_main() -> bool:
-    from gptcli.training import dist_from_env
-
-    return dist_from_env().main
 
 
 def _check_dtype(name: str, device) -> None:
