@@ -7,8 +7,10 @@
 ``generate --each-line`` promises each line the ids it gets alone. That needs every kernel to give a
 row the same bits whatever the batch around it. This script prints, for this CPU:
 
-1. **Kernels.** For 124M's weight shapes and the two Linear routes (oneDNN's ``_linear_pointwise``,
-   gptcli's eager CPU path, and ``F.linear``, MKL's sgemm or gemv), whether row 0 computed alone
+1. **Kernels.** For 124M's weight shapes and each Linear route (oneDNN's ``_linear_pointwise`` on
+   plain weights, the untuned inference path, and every eager candidate of ``gptcli.kernels``:
+   ``onednn`` packed, ``blas`` = ``F.linear``, ``blas-t`` = ``x @ W`` with W stored (in, out),
+   called as ``generate`` calls them), whether row 0 computed alone
    (1 row) equals row 0 inside 2..8 rows, and whether row 0 among 2 rows equals row 0 among 3..8, 64
    and 512 rows (a decode step and a prefill). Then attention: one ``scaled_dot_product_attention``
    call over a left-padded batch under a mask against each row's lone call (what gptcli used to do),
@@ -44,12 +46,6 @@ def onednn(x, w, b):
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
 
 
-def flinear(x, w, b):
-    import torch.nn.functional as F
-
-    return F.linear(x, w, b)
-
-
 def kernel_table(shapes: list[tuple[int, int]], dtypes: list[str]) -> list[str]:
     import torch
 
@@ -63,11 +59,13 @@ def kernel_table(shapes: list[tuple[int, int]], dtypes: list[str]) -> list[str]:
             w = (torch.randn(out_f, in_f, generator=g) * 0.02).to(dtype)
             b = (torch.randn(out_f, generator=g) * 0.02).to(dtype)
             x = torch.randn(512, in_f, generator=g).to(dtype)
-            from gptcli.model import PACK_BATCH_HINT
+            from gptcli import kernels
 
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT)
-            for name, fn in (("oneDNN", onednn), ("oneDNN, packed", lambda x_, w_, b_: onednn(x_, packed, b_)),
-                             ("F.linear", flinear)):
+            routes = [("oneDNN, plain weights", onednn)]
+            for kernel_name in kernels.candidates(w, kernels.EAGER):
+                kernel = kernels.KERNELS[kernel_name](w)
+                routes.append((f"gptcli.kernels {kernel_name}", lambda x_, w_, b_, k=kernel: k(x_, b_)))
+            for name, fn in routes:
                 with torch.inference_mode():
                     alone = fn(x[:1], w, b)
                     pair = fn(x[:2], w, b)[:1]
@@ -157,14 +155,14 @@ def linear_cost(cfg, rounds: int) -> list[str]:
     """The matrices of one decode step: plain weights with 1, 2 and 8 rows against packed ones with 2 and 8."""
     import torch
 
-    from gptcli.model import PACK_BATCH_HINT
+    from gptcli.kernels import BATCH_ROWS
 
     d, V = cfg.emb_dim, cfg.vocab_size
     g = torch.Generator().manual_seed(0)
     mats = [torch.randn(o, i, generator=g) * 0.02 for o, i in [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]]
     plain = [(w, torch.zeros(w.shape[0])) for _ in range(cfg.n_layers) for w in mats]
     plain.append((torch.randn(V, d, generator=g) * 0.02, None))
-    packed = [(torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT), b) for w, b in plain]
+    packed = [(torch.ops.mkldnn._reorder_linear_weight(w, BATCH_ROWS), b) for w, b in plain]
     widths = [w.shape[1] for w, _ in plain]
 
     def run(weights, rows: int) -> Callable[[], None]:
@@ -234,6 +232,7 @@ def end_to_end(cfg, new_tokens: int, rounds: int) -> list[str]:
     """Batch-1 and batch-8 decode tok/s: before (emulated), exact with plain weights, exact and packed (now)."""
     import torch
 
+    import gptcli.kernels as kernels_module
     import gptcli.model as model_module
     from gptcli.batch import BatchDecoder, generate_batch
     from gptcli.generate import Decoder, Generation, SamplingOptions
@@ -242,21 +241,25 @@ def end_to_end(cfg, new_tokens: int, rounds: int) -> list[str]:
     cpu = torch.device("cpu")
     plain = random_model(cfg, 0).eval()
     packed = random_model(cfg, 0).eval()
-    packed.pack_linear_weights()
+    kernels_module.apply(packed, kernels_module.Plan(kernels_module.EAGER, {}))  # every layer on the default, oneDNN packed
+    tuned = random_model(cfg, 0).eval()
+    plan = kernels_module.tune(tuned)
+    kernels_module.apply(tuned, plan)
     prompt = [15496, 11, 314, 716, 257, 3303, 2746, 11]  # "Hello, I am a language model,"
     prompts = [prompt[i % 4:] for i in range(8)]  # 8, 7, 6, 5 tokens, twice: left-padded
     options = SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True)
-    exact = (model_module._onednn_linear, model_module._attend_rows)
+    exact = (kernels_module._onednn_linear, model_module._attend_rows)
     setups = {"before: one-row products, one masked attention call": (plain, (one_row_as_is, one_masked_call)),
               "exact, plain weights": (plain, exact),
-              "exact, packed weights (generate now)": (packed, exact)}
+              "exact, packed weights (the default kernel)": (packed, exact),
+              f"exact, tuned kernels (generate now: {', '.join(sorted(set(plan.summary().values())))})": (tuned, exact)}
     rates: dict[tuple[str, int], list[float]] = {}
 
     def measure(name: str, batch: int) -> Callable[[], None]:
         model, (linear, attend) = setups[name]
 
         def run() -> None:
-            model_module._onednn_linear, model_module._attend_rows = linear, attend
+            kernels_module._onednn_linear, model_module._attend_rows = linear, attend
             try:
                 if batch == 1:
                     t = Generation(Decoder(model, cpu, torch.float32), prompt, options,
@@ -265,7 +268,7 @@ def end_to_end(cfg, new_tokens: int, rounds: int) -> list[str]:
                     _, t = generate_batch(BatchDecoder(model, cpu, torch.float32), prompts, options,
                                           token_bytes=lambda i: b"")
             finally:
-                model_module._onednn_linear, model_module._attend_rows = exact
+                kernels_module._onednn_linear, model_module._attend_rows = exact
             rates.setdefault((name, batch), []).append(t.decode_tokens_per_s)
         return run
 

@@ -59,7 +59,11 @@ Columns
 - **TTFT ms**: time to the first new token on the 8-token prompt, the same way (batch 8: the first
   token of all rows).
 - **load s**: the worker's model load, after the imports: ``from_pretrained``; for gptcli
-  ``load_model`` + ``prepare_model`` (int8 quantizing included) + building the decoder.
+  ``load_model`` (memory-mapped, as ``gptcli generate`` loads) + ``prepare_model`` (int8 quantizing,
+  the kernel choice and the weights' new layouts included) + building the decoder.
+- **tune s**: of load s, the time ``gptcli.kernels.tune`` spent measuring kernels. All workers share
+  one fresh ``GPTCLI_CACHE_DIR``: the first worker of a dtype and mode (eager or compiled) measures,
+  the others read its choice (0.00). The **kernels** line under the table says what was chosen.
 - **compile s**: ``CompiledDecoder.warm_up()``, torch.compile of the decode step, cold: every worker
   gets an empty ``TORCHINDUCTOR_CACHE_DIR`` (the cache table below shows the warm figure).
 - **peak RSS MiB**: the worker's VmHWM at the end (Python, torch, the model, compile, every run).
@@ -301,12 +305,18 @@ class GptcliRunner(VariantRunner):
 
         v, cpu, dtype = self.variant, torch.device("cpu"), getattr(torch, self.variant.dtype)
         start = time.perf_counter()
-        loaded = load_model(size=None, config=None, weights=self.work.checkpoint, device=cpu, dtype=dtype, seed=0)
-        model = prepare_model(loaded.model, cpu, dtype, quantize=v.quantize, pack=not v.compile)  # as generate does
+        loaded = load_model(size=None, config=None, weights=self.work.checkpoint, device=cpu, dtype=dtype, seed=0,
+                            mapped=True)
+        kernels = "compiled" if v.compile else "eager"
+        prepared = prepare_model(loaded.model, cpu, dtype, quantize=v.quantize, kernels=kernels)  # as generate does
+        model = prepared.model
         self.context_length = loaded.cfg.context_length
         self.decoder = BatchDecoder(model, cpu, dtype) if v.batch > 1 else make_decoder(model, cpu, dtype,
                                                                                          compile=v.compile)
         info = {"load_s": time.perf_counter() - start}
+        if prepared.plan is not None:
+            info["tune_s"] = prepared.plan.tune_s if prepared.plan.source == "measured" else 0.0
+            info["kernels"] = prepared.counts
         if v.compile:
             info["compile_s"] = self.decoder.warm_up()
         self.measure()
@@ -403,7 +413,8 @@ def worker_argv(name: str, work: Workload, threads: int) -> list[str]:
 
 
 def describe(sample: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v:.4g}" for k, v in sample.items() if v is not None)
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                     for k, v in sample.items() if v is not None)
 
 
 def start_workers(names: Sequence[str], work: Workload, threads: int, scratch: Path,
@@ -412,7 +423,8 @@ def start_workers(names: Sequence[str], work: Workload, threads: int, scratch: P
     workers: dict[str, Worker] = {}
     for name in names:
         log(f"starting {name}")
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(scratch / f"inductor-{name}")}
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(scratch / f"inductor-{name}"),
+               "GPTCLI_CACHE_DIR": str(scratch / "gptcli-cache")}  # kernel choices: measured by the first worker
         worker = Worker(name, worker_argv(name, work, threads), env)
         try:
             outcomes[name].info.update(worker.read())
@@ -558,7 +570,7 @@ def fmt(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") ->
 
 
 VARIANT_HEADER = ["variant", "decode tok/s", "spread", "vs ref", "ref", "% limit", "limit tok/s", "prefill tok/s",
-                  "TTFT ms", "load s", "compile s", "peak RSS MiB"]
+                  "TTFT ms", "load s", "tune s", "compile s", "peak RSS MiB"]
 
 
 def variant_row(variant: Variant, outcomes: dict[str, Outcome], gb_s: float | None, shape: ModelShape) -> list[str]:
@@ -577,7 +589,7 @@ def variant_row(variant: Variant, outcomes: dict[str, Outcome], gb_s: float | No
         fmt(ratio, ".2f", suffix="×"), variant.reference or "—",
         fmt(decode / limit if decode and limit else None, ".0f", 100, "%"), fmt(limit, ".0f"),
         fmt(out.median("prefill_tok_s"), ".0f"), fmt(out.median("ttft_s"), ".0f", 1000),
-        fmt(out.info.get("load_s"), ".2f"), fmt(out.info.get("compile_s"), ".1f"),
+        fmt(out.info.get("load_s"), ".2f"), fmt(out.info.get("tune_s"), ".2f"), fmt(out.info.get("compile_s"), ".1f"),
         fmt(out.info.get("peak_rss"), ".0f", 1 / MIB),
     ]
 
@@ -620,9 +632,13 @@ def report(args: argparse.Namespace, shape: ModelShape, outcomes: dict[str, Outc
         "decode tok/s excludes the prompt; spread = (max - min) ÷ median of decode tok/s over the rounds; "
         "vs ref = decode tok/s ÷ the ref's; % limit = decode tok/s ÷ (bandwidth ÷ bytes of weights per token, "
         "× 8 for batch 8); prefill tok/s on the long prompt; TTFT = time to the first new token on the short "
-        "prompt; load s after imports; compile s = warm-up compile of the decode step; peak RSS = the worker's "
-        "VmHWM.",
+        "prompt; load s after imports; tune s = measuring kernels (first worker of a dtype and mode); compile s = "
+        "warm-up compile of the decode step; peak RSS = the worker's VmHWM.",
     ]
+    chosen = [f"{n}: {', '.join(f'{k} x{c}' for k, c in sorted(outcomes[n].info['kernels'].items()))}"
+              for n in args.variant_names if outcomes[n].info.get("kernels")]
+    if chosen:
+        lines += ["", "Kernels (Linear layers per kernel, gptcli.kernels): " + "; ".join(chosen) + "."]
     failures = [f"- {n}: {o.error}" for n, o in outcomes.items() if o.error]
     if failures:
         lines += ["", "Failures:", *failures]

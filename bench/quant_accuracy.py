@@ -68,7 +68,7 @@ def variants(base, dtypes: list[str]):
     for name in dtypes:
         model = copy.deepcopy(base)
         if name == "int8":
-            model = prepare_model(model.to(torch.bfloat16), torch.device("cpu"), torch.bfloat16, quantize="int8")
+            model = prepare_model(model.to(torch.bfloat16), torch.device("cpu"), torch.bfloat16, quantize="int8").model
         else:
             model = model.to(getattr(torch, name))
         out.append((name, model))

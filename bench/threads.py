@@ -10,7 +10,7 @@ Xeon, and 20.9 tok/s with one thread.
 
 How: one worker process per setting (``--threads N``, and the same with ``OMP_WAIT_POLICY=PASSIVE``),
 each loading the model once the way ``gptcli generate`` does (``gptcli.devices.configure_threads``,
-``prepare_model(pack=True)``), then decoding greedily from an 8-token prompt on request. The parent
+``prepare_model(kernels="eager")``), then decoding greedily from an 8-token prompt on request. The parent
 starts 0, 1, ... up to as many busy processes as there are cores in the affinity mask (each a
 Python ``while True: pass``), asks every worker in turn for one measurement, then stops them; the
 rounds repeat that, so the machine's own drift hits every setting alike. Figures are medians over
@@ -54,7 +54,7 @@ def worker(threads: int | None, size: str, new_tokens: int) -> None:
     else:
         cfg = shipped_config(size)
     cpu = torch.device("cpu")
-    model = prepare_model(random_model(cfg, 0).eval(), cpu, torch.float32, pack=True)
+    model = prepare_model(random_model(cfg, 0).eval(), cpu, torch.float32, kernels="eager").model
     options = SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True)
 
     def measure() -> float:

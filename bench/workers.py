@@ -9,21 +9,9 @@ import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-
-def cpu_model() -> str:
-    """The CPU's name from /proc/cpuinfo; the platform's word for it elsewhere."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
+from gptcli.devices import cpu_model  # noqa: F401 - the benchmarks import it from here
 
 
 def peak_rss_bytes() -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import codecs
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 from gptcli.errors import UserError
@@ -29,6 +29,7 @@ from gptcli.tokenizer import EOT_ID
 if TYPE_CHECKING:
     import torch
 
+    from gptcli.kernels import Plan
     from gptcli.model import GPTModel, KVCache
     from gptcli.tokenizer import Tokenizer
 
@@ -251,26 +252,41 @@ def cache_bucket(length: int, context_length: int, smallest: int = 256) -> int:
     return min(bucket, context_length)
 
 
+@dataclass
+class Prepared:
+    """A model made ready to decode with, and the kernels it got (``gptcli.kernels``)."""
+
+    model: "GPTModel"
+    plan: "Plan | None" = None  # None: plain Linear layers (not the CPU, quantized, or kernels=None)
+    counts: dict[str, int] = field(default_factory=dict)  # layers per kernel
+
+
 def prepare_model(
     model: "GPTModel", device: "torch.device", dtype: "torch.dtype", quantize: str | None = None,
-    pack: bool = False,
-) -> "GPTModel":
-    """Make a loaded model ready to decode with, in place; returns it.
+    kernels: str | None = None, tune: bool = True,
+) -> Prepared:
+    """Make a loaded model ready to decode with, in place.
 
     ``quantize="int8"``: weight-only int8 Linear layers (see gptcli.quantize).
-    ``pack``: on the CPU, keep the Linear weights in oneDNN's blocked layout
-    (``GPTModel.pack_linear_weights``): eager decoding then runs 2 to 8 rows at the speed of one.
-    Inference only, and not for ``--compile`` (its steps read the plain weights).
+    ``kernels``: on the CPU, give each Linear layer the kernel measured fastest for its shape on this
+    CPU (``gptcli.kernels``; ``"eager"`` or ``"compiled"`` for ``--compile``'s steps), measured once
+    and cached on disk; ``tune=False`` (``--no-tune``) takes the defaults without measuring.
+    Inference only: a layer whose kernel copied the weight releases the plain one (and, for a model
+    loaded ``mapped``, gives the file's pages under it back).
     """
     from gptcli.quantize import quantize_int8
 
     if quantize == "int8":
-        return quantize_int8(model, dtype)
+        return Prepared(quantize_int8(model, dtype))
     if quantize is not None:
         raise UserError(f"unknown --quantize {quantize!r}; choose int8")
-    if pack and device.type == "cpu":
-        model.pack_linear_weights()
-    return model
+    if kernels is None or device.type != "cpu":
+        return Prepared(model)
+    from gptcli import kernels as kernel_choice
+
+    plan = kernel_choice.tune(model, kernels, enabled=tune)
+    mapping = getattr(model, "mapped_file", None)
+    return Prepared(model, plan, kernel_choice.apply(model, plan, mapping.release if mapping is not None else None))
 
 
 def make_decoder(model: "GPTModel", device: "torch.device", dtype: "torch.dtype", *, compile: bool = False) -> Decoder:

@@ -23,90 +23,39 @@ from gptcli.config import GPTConfig
 
 # oneDNN's fused linear: present in CPU builds of torch with mkldnn (all the official ones).
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_ONEDNN_PACK = _ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 # Where left-padded rows attend one by one (_attend_rows), for batch invariance. Not on a GPU: its
 # matmuls are not batch-invariant anyway, and B small kernels per layer cost time there.
 ROW_ATTENTION_DEVICES = ("cpu",)
-# The batch size oneDNN's blocked weight layout is chosen for: decoding runs 2 rows (a lone
-# sequence, see _onednn_linear) to 8 (--each-line's default batch).
-PACK_BATCH_HINT = 8
-
-
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """oneDNN's linear over the rows of ``x`` (..., in), never with a single row.
-
-    Batch invariance: oneDNN gives a row the same bits among 2, 3, ... or 512 rows, but it runs a
-    lone row through another kernel (a matrix-vector product) whose rounding differs by ~1e-6. A
-    sequence decoded alone would then not get the ids it gets inside an ``--each-line`` batch. So
-    one row is multiplied as two equal rows and the first is kept. With plain weights that doubled
-    the matrices' time of a 124M step on this project's AMD EPYC (the two-row kernel reorders the
-    weight every call); with packed weights (``Linear.pack``) two rows cost what one did
-    (bench/batch_invariance.py).
-    """
-    if x.numel() == x.shape[-1]:
-        pair = x.reshape(1, x.shape[-1]).expand(2, -1).contiguous()  # (2, in)
-        y = torch.ops.mkldnn._linear_pointwise(pair, weight, bias, "none", [], "")  # (2, out)
-        return y[:1].view(*x.shape[:-1], out_features)
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and state_dict), with a matvec form that torch.compile vectorises.
+    """nn.Linear (same parameters and state_dict) with two hooks for faster kernels.
 
-    Decoding multiplies one row (or a few) by each weight matrix, a memory-bound job that the
-    default CPU kernel (MKL's sgemm, here on an AMD EPYC) does at 11-12 GB/s for one row and 5-10
-    GB/s for eight. Two faster routes, both CPU-only and inference-only (no autograd):
+    - ``decode_kernel``: set by ``gptcli.kernels.apply`` for decoding, the kernel measured fastest
+      for this weight's shape on this CPU, holding the weight in its own layout (inference only);
+    - ``train_kernel``: set by ``gptcli.speed.prepare``, float32 training matmuls through oneDNN
+      with their gradients.
 
-    - eager: oneDNN's linear (``_onednn_linear``: never one row alone, so that a row's result does
-      not depend on the batch), 15-24 GB/s for one row and 12-17 GB/s for eight, which took 124M
-      float32 decoding from 23 to 40 tok/s and a batch of 8 from 110 to 172 tok/s here; faster
-      still once ``pack`` has put the weight in oneDNN's blocked layout;
-    - under torch.compile, one row: an element-wise multiply and a sum (accumulated in float32),
-      which Inductor turns into its own vectorised, threaded reduction instead of a BLAS call.
-      In eager mode that form would allocate an (out, in) temporary, so it is compile-only.
-
-    Training sets ``train_kernel`` (``gptcli.speed.prepare``): float32 training matmuls through
-    oneDNN, with their gradients, where it is faster than torch's default.
+    Without either, CPU inference (no autograd) goes through oneDNN's linear, which beat MKL's
+    sgemm for one to eight rows on the AMD EPYC measured (bench/batch_invariance.py).
     """
 
     train_kernel = None  # a function (x, weight, bias) -> x W^T + b, for float32 training
-
-    packed_weight: torch.Tensor | None = None  # the weight in oneDNN's layout, after ``pack``
-
-    @torch.no_grad()
-    def pack(self, keep_weight: bool = False) -> bool:
-        """Store the weight in oneDNN's blocked layout, for eager CPU inference only; True if done.
-
-        oneDNN otherwise reorders a plain weight on every call with two rows or more. The plain
-        weight is then released (a meta tensor of the same shape takes its place, so a later use of
-        it fails loudly) unless ``keep_weight``: a head tied to the token embedding keeps it for the
-        lookup. After packing, the layer runs oneDNN's linear whatever the grad mode: no autograd.
-        """
-        w = self.weight
-        if not _ONEDNN_PACK or w.device.type != "cpu" or w.dtype not in _ONEDNN_DTYPES:
-            return False
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), PACK_BATCH_HINT)
-        if not keep_weight:
-            self.weight = nn.Parameter(torch.empty_like(w, device="meta"), requires_grad=False)
-        return True
+    decode_kernel = None  # a gptcli.kernels.Kernel: kernel(x, bias) -> x W^T + b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_weight is not None:
-            return _onednn_linear(x, self.packed_weight, self.bias, self.out_features)
+        if self.decode_kernel is not None:
+            return self.decode_kernel(x, self.bias)
         if torch.is_autocast_enabled(x.device.type):
             return F.linear(x, self.weight, self.bias)  # autocast casts x and the weight, and picks the kernel
         if self.train_kernel is not None and torch.is_grad_enabled() and x.dtype == torch.float32:
             return self.train_kernel(x, self.weight, self.bias)
-        if x.device.type == "cpu":
-            if torch.compiler.is_compiling():
-                if x.shape[-2] == 1:
-                    y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1)  # (..., 1, out)
-                    if self.bias is not None:
-                        y = y + self.bias.float()
-                    return y.to(x.dtype)
-            elif _ONEDNN_LINEAR and not torch.is_grad_enabled() and x.dtype in _ONEDNN_DTYPES:
-                return _onednn_linear(x, self.weight, self.bias, self.out_features)
+        if (x.device.type == "cpu" and _ONEDNN_LINEAR and not torch.is_grad_enabled() and x.dtype in _ONEDNN_DTYPES
+                and not torch.compiler.is_compiling()):
+            from gptcli.kernels import _onednn_linear
+
+            return _onednn_linear(x, self.weight, self.bias, self.out_features)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -322,22 +271,6 @@ class GPTModel(nn.Module):
         if self.cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
 
-    def pack_linear_weights(self) -> int:
-        """Put every Linear weight in oneDNN's blocked layout for eager CPU inference (``Linear.pack``).
-
-        For decoding only: the plain weights are released, so the model can no longer be saved,
-        moved or trained. A tied head packs a copy and leaves the token embedding as it is (one more
-        vocab_size x emb_dim matrix in memory). Returns how many layers were packed (0 where oneDNN
-        or the dtype does not allow it: the model is then unchanged).
-        """
-        tied_head = self.out_head if self.cfg.tie_weights else None
-        packed = 0
-        for module in self.modules():
-            if isinstance(module, Linear) and module.pack(keep_weight=module is tied_head):
-                packed += 1
-                _return_freed_memory()
-        return packed
-
     def forward(
         self,
         in_idx: torch.Tensor,
@@ -417,30 +350,6 @@ def _attend_rows(
         F.scaled_dot_product_attention(q[b : b + 1], k[b : b + 1, :, p:], v[b : b + 1, :, p:], dropout_p=dropout_p)
         for b, p in enumerate(pad_rows)
     ])  # (B, nh, 1, hs)
-
-
-def _return_freed_memory() -> None:
-    """Give the heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere).
-
-    After a load that freed large buffers, glibc serves matrices under 32 MB from its heap and keeps
-    them there once freed: packing 124M's weights one by one then left ~190 MB of freed plain weights
-    in the process's memory (peak RSS 1079 MB against 887 MB when trimmed after each layer).
-    """
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim  # noqa: B018 - glibc only
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
 
 
 def _padded_positions_and_mask(positions: torch.Tensor, pad: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,8 @@ from gptcli.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from gptcli.checkpoint import Header
+    from gptcli.checkpoint import Header, TensorInfo
+    from gptcli.kernels import Plan
     from gptcli.model import GPTModel
     from gptcli.tokenizer import Tokenizer
 
@@ -59,6 +60,8 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     checkpoint: Path | None = None  # the local .safetensors file, None for random weights
     tokenizer: "Tokenizer | None" = None  # what the checkpoint was trained with (GPT-2's BPE unless it says)
+    kernels: "Plan | None" = None  # the decode kernels chosen (gptcli.kernels), once prepared
+    kernel_counts: dict[str, int] = field(default_factory=dict)  # layers per kernel
 
 
 @dataclass(frozen=True)
@@ -409,10 +412,66 @@ def _open_for_reading(path: Path):
         return safe_open(str(path), framework="pt", device="cpu")
 
 
-def _place(tensor: "torch.Tensor", transpose: bool, device: "torch.device", dtype: "torch.dtype") -> "torch.Tensor":
-    """The tensor as the model wants it: transposed to (out, in), in ``dtype``, on ``device``, in one copy at most."""
+class MappedFile:
+    """A safetensors file mapped into memory (copy-on-write, read lazily): tensors are views of it.
+
+    For inference in the file's own dtype nothing is copied at load: a Hugging Face Conv1D weight,
+    stored (in, out), becomes the (out, in) transposed view nn.Linear expects, which BLAS reads as
+    it is (gptcli.kernels' ``blas``). A kernel that copies a weight into its own layout calls
+    ``release`` on the view, which gives its pages back (madvise), so memory holds one copy.
+    """
+
+    def __init__(self, path: Path, data_start: int):
+        import torch
+
+        self.path = path
+        self.data_start = data_start
+        self.bytes = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
+
+    def tensor(self, info: "TensorInfo", dtype: "torch.dtype") -> "torch.Tensor | None":
+        """The tensor as a view of the mapping; None when it is stored in another dtype or at an
+        offset that does not suit its dtype (the caller then reads a copy)."""
+        import torch
+
+        stored = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(info.dtype)
+        begin, end = (self.data_start + o for o in info.offsets)
+        if stored != dtype or begin % dtype.itemsize:
+            return None
+        return self.bytes[begin:end].view(dtype).view(info.shape)
+
+    def release(self, tensor: "torch.Tensor") -> None:
+        """Drop the resident pages under ``tensor`` (a view of this mapping); later reads fault them in again."""
+        base = self.bytes.data_ptr()
+        start = tensor.data_ptr()
+        if not base <= start < base + self.bytes.numel():
+            return
+        _madvise_dontneed(start, tensor.numel() * tensor.element_size())
+
+
+def _madvise_dontneed(address: int, length: int) -> None:
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    first = -(-address // page) * page  # whole pages inside the range only: neighbours may still be in use
+    last = (address + length) // page * page
+    if last <= first:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+    except (OSError, AttributeError):
+        pass
+
+
+def _place(tensor: "torch.Tensor", transpose: bool, device: "torch.device", dtype: "torch.dtype",
+           keep_layout: bool = False) -> "torch.Tensor":
+    """The tensor as the model wants it: transposed to (out, in), in ``dtype``, on ``device``, in one copy
+    at most; with ``keep_layout`` a transposed view when nothing else needs changing (no copy)."""
     import torch
 
+    if transpose and keep_layout and tensor.dtype == dtype and device.type == "cpu":
+        return tensor.t()
     if transpose:
         tensor = tensor.t()
     elif tensor.dtype == dtype and device.type == "cpu":
@@ -431,12 +490,17 @@ def load_checkpoint(
     config_json: str | Path | None = None,
     name: str | None = None,
     note: Note = _ignore,
+    mapped: bool = False,
 ) -> "GPTModel":
     """A GPTModel (eval mode) filled from a .safetensors file in the Hugging Face or gptcli layout.
 
     ``cfg`` is checked against the checkpoint; without it the architecture comes from ``config_json``,
     the file's metadata or its shapes. The model is built on the meta device and each tensor is read,
     converted and assigned once, so memory peaks at the weights plus one tensor. Raises UserError.
+
+    ``mapped`` (inference on the CPU): tensors already in ``dtype`` are views of the memory-mapped
+    file (``MappedFile``), Conv1D weights kept in the file's (in, out) orientation; nothing is read
+    until used. The model's ``mapped_file`` attribute is then the mapping.
     """
     import torch
 
@@ -460,11 +524,16 @@ def load_checkpoint(
     tensors = {n: info for n, info in present.items() if n in wanted}
     zero_biases = [info for n, info in present.items() if n in optional_tensors(cfg, layout)]
     state: dict[str, torch.Tensor] = {}
+    mapping = MappedFile(header.path, header.data_offset) if mapped and device.type == "cpu" else None
     try:
         with _open_for_reading(header.path) as f:
             for stored, info in sorted(tensors.items(), key=lambda item: item[1].offsets[0]):  # file order
                 ours, transpose = gptcli_name(stored, layout)
-                state[ours] = _place(f.get_tensor(info.name), transpose, device, dtype)
+                view = mapping.tensor(info, dtype) if mapping is not None else None
+                if view is not None:
+                    state[ours] = _place(view, transpose, device, dtype, keep_layout=True)
+                else:
+                    state[ours] = _place(f.get_tensor(info.name), transpose, device, dtype)
             for info in zero_biases:  # a bias-free model's export: dropping them must not change the maths
                 if bool(f.get_tensor(info.name).any()):
                     raise UserError(f"{header.path}: config {cfg.name!r} has no {info.name} but the checkpoint's "
@@ -478,6 +547,7 @@ def load_checkpoint(
     model = build_model(cfg, "meta")
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()  # assign replaced tok_emb's tensor; point the head at the new one
+    model.mapped_file = mapping
     return model.eval()
 
 
@@ -517,6 +587,7 @@ def load_model(
     dtype: "torch.dtype",
     seed: int = 123,
     note: Note = _ignore,
+    mapped: bool = False,
 ) -> LoadedModel:
     """Build the model for ``--size``/``--config`` and fill it from ``weights``.
 
@@ -526,6 +597,7 @@ def load_model(
     file, a folder holding model.safetensors (and maybe config.json), or a Hub id. With a checkpoint
     and no --size/--config the architecture comes from the checkpoint; with both they must agree.
     Raises UserError for anything the user can fix (bad config, bad checkpoint, unknown device).
+    ``mapped``: for inference, memory-map the checkpoint instead of reading it (``load_checkpoint``).
     """
     import torch
 
@@ -566,7 +638,7 @@ def load_model(
         source, checkpoint = f"random (seed {seed})", None
     else:
         model = load_checkpoint(located.path, wanted, device=device, dtype=dtype, config_json=located.config_json,
-                                name=located.hub_id or None, note=say)
+                                name=located.hub_id or None, note=say, mapped=mapped)
         cfg, source, checkpoint = model.cfg, located.source, located.path
     from gptcli.tokenizer import gpt2
 

@@ -66,19 +66,23 @@ def _logits_alone_and_batched(model, dtype, prompts, feed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-def test_batch_rows_are_bit_identical_to_lone_rows(dtype, packed):
+@pytest.mark.parametrize("kernels", ["plain", "tuned", "onednn"])
+def test_batch_rows_are_bit_identical_to_lone_rows(dtype, kernels):
     """--each-line's promise at the logits: a row's numbers do not depend on the rest of the batch.
 
     What it relies on (CPU, eager, float32/bfloat16): oneDNN's linear gives a row the same bits among
-    2..N rows, so a lone row is multiplied as two (model._onednn_linear); packed weights give the
-    bits plain ones do; attention runs each row over its own real keys (model._attend_rows). Checked
-    on an AMD EPYC, where one masked attention call or a one-row product moved logits by ~1e-6;
-    python bench/batch_invariance.py checks each kernel on another CPU.
+    2..N rows, so a lone row is multiplied as two (kernels._onednn_linear); the tuner never picks a
+    kernel whose rows change with the batch ("tuned": whichever kernels won on this CPU); attention
+    runs each row over its own real keys (model._attend_rows). Checked on an AMD EPYC, where one
+    masked attention call or a one-row product moved logits by ~1e-6; python bench/batch_invariance.py
+    checks each kernel on another CPU.
     """
+    from gptcli.kernels import Plan, apply, tune
+
     model = lively_model(4).to(dtype)
-    if packed:
-        assert model.pack_linear_weights() == 2 * 4 + 1  # 4 Linear per block, 2 blocks, the head
+    if kernels != "plain":
+        plan = tune(model) if kernels == "tuned" else Plan("eager", {})  # an empty plan: the default, oneDNN
+        assert sum(apply(model, plan).values()) == 2 * 4 + 1  # 4 Linear per block, 2 blocks, the head
     # Left-padded rows, two of one length (no padding between them), one longer than the context (16).
     prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11], [12, 13, 14], list(range(20, 40)), [7, 8, 9]]
     feed = [[(31 * step + 7 * row) % 300 for row in range(len(prompts))] for step in range(14)]  # past the window
@@ -86,17 +90,6 @@ def test_batch_rows_are_bit_identical_to_lone_rows(dtype, packed):
     for row in range(len(prompts)):
         for step, logits in enumerate(alone[row]):
             assert torch.equal(logits[0], batched[step][row]), (row, step)
-
-
-def test_packed_weights_are_released_and_give_the_plain_logits():
-    plain, packed = lively_model(5, tie=True), lively_model(5, tie=True)
-    packed.pack_linear_weights()
-    assert packed.trf_blocks[0].ff.layers[0].weight.is_meta  # the plain copy is gone
-    assert packed.out_head.packed_weight is not None and packed.tok_emb.weight.device.type == "cpu"  # tied: kept
-    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
-    with torch.inference_mode():
-        assert torch.equal(packed(ids), plain(ids))
-        assert torch.equal(packed(ids[:, :1]), plain(ids[:, :1]))  # one row: run as two either way
 
 
 def test_masked_batch_attention_still_matches_lone_rows(monkeypatch):

@@ -20,12 +20,14 @@ def test_batch_invariance_quick_prints_kernels_model_and_cost():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert out.startswith("## Batch invariance on ") and "- Command: `python bench/batch_invariance.py" in out
-    rows = [line for line in out.splitlines() if line.startswith("| oneDNN") or line.startswith("| F.linear")]
-    assert len(rows) == 3 * 5 * 2  # three routes, five shapes, two dtypes
+    rows = [line for line in out.splitlines() if line.startswith("| oneDNN") or line.startswith("| gptcli.kernels")]
+    assert len(rows) == 4 * 5 * 2  # plain oneDNN and the 3 eager kernels, five shapes, two dtypes
+    assert all(line.split("|")[4].strip() == "yes" for line in rows if "kernels onednn" in line)  # lone row as two
     assert re.search(r"model \(tiny, float32\): 56/56 row logits bit-identical", out)  # what the code promises
     for label in ("(a) the matrices", "(b) attention", "(c) tiny float32"):
         assert label in out
-    assert re.search(r"exact, packed weights \(generate now\): batch 1 \d+\.\d tok/s, batch 8 \d+\.\d tok/s", out)
+    assert re.search(r"exact, packed weights \(the default kernel\): batch 1 \d+\.\d tok/s, batch 8 \d+\.\d tok/s", out)
+    assert re.search(r"exact, tuned kernels \(generate now: [a-z, -]+\): batch 1 \d+\.\d tok/s", out)
 
 
 def test_threads_bench_prints_a_row_per_setting():

@@ -52,7 +52,7 @@ def test_quick_run_prints_the_tables(tmp_path: Path) -> None:
     variants, processes = markdown_tables(proc.stdout)
     header, rows = variants[0], {row[0]: dict(zip(variants[0], row)) for row in variants[1:]}
     assert header == ["variant", "decode tok/s", "spread", "vs ref", "ref", "% limit", "limit tok/s", "prefill tok/s",
-                      "TTFT ms", "load s", "compile s", "peak RSS MiB"]
+                      "TTFT ms", "load s", "tune s", "compile s", "peak RSS MiB"]
     assert list(rows) == VARIANTS
     for name, row in rows.items():
         for column in ("decode tok/s", "spread", "% limit", "limit tok/s", "TTFT ms", "load s", "peak RSS MiB"):
@@ -61,6 +61,8 @@ def test_quick_run_prints_the_tables(tmp_path: Path) -> None:
     assert rows["gptcli-fp32"]["ref"] == "hf-fp32" and is_number(rows["gptcli-fp32"]["vs ref"])
     assert rows["gptcli-fp32-batch8"]["ref"] == "gptcli-fp32" and is_number(rows["gptcli-fp32-batch8"]["vs ref"])
     assert is_number(rows["gptcli-fp32"]["prefill tok/s"]) and rows["gptcli-fp32-batch8"]["prefill tok/s"] == "—"
+    assert float(rows["gptcli-fp32"]["tune s"]) >= 0 and rows["hf-fp32"]["tune s"] == "—"
+    assert "Kernels (Linear layers per kernel, gptcli.kernels): gptcli-fp32: " in proc.stdout
 
     assert processes[0] == ["command", "median s", "min s", "status"]
     commands = [row[0] for row in processes[1:]]

@@ -143,6 +143,31 @@ def test_loaded_parameters_are_plain_contiguous_cpu_tensors(tmp_path, tiny_cfg):
         assert isinstance(p, torch.nn.Parameter)
 
 
+def test_mapped_load_keeps_the_conv1d_orientation_without_copies_and_gives_the_same_logits(tmp_path, tiny_cfg):
+    """For inference (``mapped``) a Conv1D weight is a transposed view of the mapped file: nothing is
+    copied or transposed at load, and the kernels read (in, out) as it is."""
+    from gptcli.generate import prepare_model
+
+    model = tiny_model(tiny_cfg())
+    save_hf(model, tmp_path / "hf")
+    mapped = load_model(size=None, config=None, weights=str(tmp_path / "hf"), device=CPU, dtype=torch.float32,
+                        mapped=True).model
+    mapping = mapped.mapped_file
+    base, end = mapping.bytes.data_ptr(), mapping.bytes.data_ptr() + mapping.bytes.numel()
+    w = mapped.trf_blocks[0].ff.layers[0].weight
+    assert not w.is_contiguous() and w.t().is_contiguous()  # (out, in) seen through the file's (in, out)
+    assert all(base <= p.data_ptr() < end for p in mapped.parameters())  # every tensor is the file's
+    torch.testing.assert_close(logits(mapped), logits(model), rtol=1e-6, atol=1e-6)
+    # The kernels that copy give the mapped pages back; the model still computes the same.
+    prepared = prepare_model(mapped, CPU, torch.float32, kernels="eager")
+    assert sum(prepared.counts.values()) == 2 * 4 + 1
+    torch.testing.assert_close(logits(mapped), logits(model), rtol=1e-5, atol=1e-5)
+    # In another dtype each tensor is read and converted: no mapping.
+    bf16 = load_model(size=None, config=None, weights=str(tmp_path / "hf"), device=CPU, dtype=torch.bfloat16,
+                      mapped=True).model
+    assert all(not (base <= p.data_ptr() < end) for p in bf16.parameters())
+
+
 @pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("wanted", [torch.float32, torch.bfloat16])
 def test_half_precision_checkpoints_load_and_cast(tmp_path, tiny_cfg, stored, wanted):

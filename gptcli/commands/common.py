@@ -89,6 +89,14 @@ WeightsOption = Annotated[
         "or a Hugging Face hub id.",
     ),
 ]
+NoTuneOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-tune",
+        help="Skip measuring this CPU's matrix kernels (done once, ~1-3 s, then cached in ~/.cache/gptcli) "
+        "and use the defaults. GPTCLI_NO_TUNE=1 does the same.",
+    ),
+]
 ThreadsOption = Annotated[
     Optional[int],
     typer.Option(
@@ -230,9 +238,12 @@ def escape_line(text: str) -> str:
 
 
 def load_for_command(*, size, config, weights: str, device_name: str, dtype_name: str, seed: int,
-                     quantize: str | None = None, threads: int | None = None, pack: bool = True) -> "LoadedModel":
+                     quantize: str | None = None, threads: int | None = None, kernels: str | None = "eager",
+                     tune: bool = True) -> "LoadedModel":
     """Set the thread count, resolve device and dtype, load the weights (notes on stderr), then prepare
-    them for decoding (quantize when asked; ``pack``: oneDNN's packed CPU layout, not under --compile)."""
+    them for decoding: quantize when asked, and on the CPU the fastest kernel per weight shape
+    (``kernels``: "eager", "compiled" for --compile, None for plain layers), measured on the first
+    run (a note on a terminal says so) and read from the cache after."""
     import torch
 
     from gptcli.devices import configure_threads, resolve_device, resolve_dtype
@@ -245,9 +256,17 @@ def load_for_command(*, size, config, weights: str, device_name: str, dtype_name
     if quantize and torch_dtype == torch.float32 and dtype_name == "auto":
         torch_dtype = torch.bfloat16  # int8 runs with half-precision activations; auto means what it takes
     loaded = load_model(size=size, config=config, weights=weights, device=torch_device, dtype=torch_dtype,
-                        seed=seed, note=note)
+                        seed=seed, note=note, mapped=kernels is not None)
     start = time.perf_counter()
-    prepare_model(loaded.model, torch_device, torch_dtype, quantize=quantize, pack=pack)
+    from gptcli.kernels import will_measure
+
+    # Progress for a person only: a script's stderr stays as it was (the JSON has tune_s).
+    if sys.stderr.isatty() and kernels and torch_device.type == "cpu" and not quantize and tune and \
+            will_measure(loaded.model, kernels):
+        note("measuring the matrix kernels of this CPU (once; cached for later runs, --no-tune skips it)...")
+    prepared = prepare_model(loaded.model, torch_device, torch_dtype, quantize=quantize, kernels=kernels, tune=tune)
+    loaded.kernels = prepared.plan
+    loaded.kernel_counts = prepared.counts
     loaded.load_seconds += time.perf_counter() - start
     return loaded
 

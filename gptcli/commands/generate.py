@@ -14,6 +14,7 @@ from gptcli.commands.common import (
     DeviceOption,
     DtypeOption,
     SizeOption,
+    NoTuneOption,
     ThreadsOption,
     WeightsOption,
     check_tokenizer_early,
@@ -154,6 +155,7 @@ def generate(
         str, typer.Option("--batch-size", "-b", metavar="N", help="Prompts per batch with --each-line.")
     ] = "8",
     threads: ThreadsOption = None,
+    no_tune: NoTuneOption = False,
 ) -> None:
     """Continue a prompt with GPT-2, streaming each token as soon as it is decoded.
 
@@ -195,7 +197,8 @@ def generate(
     if quantize is not None and dtype_name == "float32":
         raise UserError("--quantize int8 needs --dtype bfloat16 or float16 activations (int8 kernels take those)")
     speed = SpeedOptions(compile=compile_model, quantize="int8" if quantize else None,
-                         batch_size=int(parse_number("--batch-size", batch_size, int)), threads=threads)
+                         batch_size=int(parse_number("--batch-size", batch_size, int)), threads=threads,
+                         tune=not no_tune)
     if speed.batch_size < 1:
         raise UserError(f"--batch-size must be 1 or more, got {speed.batch_size}")
     if each_line:
@@ -243,11 +246,19 @@ class SpeedOptions:
     quantize: str | None = None  # "int8"
     batch_size: int = 8
     threads: int | None = None  # --threads; None: gptcli.devices.configure_threads decides
+    tune: bool = True  # measure this CPU's kernels on first use (--no-tune: the defaults)
+
+    @property
+    def kernels(self) -> str:
+        return "compiled" if self.compile else "eager"
 
 
-def _timings_json(load_s: float, t: "Timings", compile_s: float | None) -> dict:
+def _timings_json(load_s: float, t: "Timings", compile_s: float | None, loaded: "LoadedModel") -> dict:
+    plan = loaded.kernels
     return {
         "load_s": round(load_s, 6),
+        "tune_s": round(plan.tune_s, 6) if plan is not None and plan.source == "measured" else None,
+        "kernels": dict(loaded.kernel_counts) or None,
         "compile_s": None if compile_s is None else round(compile_s, 6),
         "prefill_s": round(t.prefill_s, 6),
         "decode_s": round(t.decode_s, 6),
@@ -262,6 +273,9 @@ def _stats_line(load_s: float, t: "Timings", compile_s: float | None, loaded: "L
     import torch
 
     compiled = "" if compile_s is None else f", compile {compile_s:.2f} s"
+    plan = loaded.kernels
+    if plan is not None and plan.source == "measured":
+        compiled = f" (kernels tuned in {plan.tune_s:.2f} s)" + compiled
     threads = torch.get_num_threads()
     cpu = f" with {threads} thread{'s' * (threads != 1)}" if loaded.device.type == "cpu" else ""
     return (f"stats: load {load_s:.2f} s{compiled}, prefill {t.prefill_tokens} tokens in {t.prefill_s:.3f} s, "
@@ -278,7 +292,7 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
         note("--top-k and --top-p only apply when sampling (--temperature above 0); decoding greedily")
     loaded = load_for_command(size=size, config=config, weights=weights, device_name=device_name,
                               dtype_name=dtype_name, seed=options.seed, quantize=speed.quantize,
-                              threads=speed.threads, pack=not speed.compile)
+                              threads=speed.threads, kernels=speed.kernels, tune=speed.tune)
     cfg, tokenizer = loaded.cfg, loaded.tokenizer
     ids = prompt_ids(prompt_text, tokenizer)
     decoder = make_decoder(loaded.model, loaded.device, loaded.dtype, compile=speed.compile)
@@ -321,7 +335,7 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
         print_json({
             **result_record(prompt_text, ids, dropped, generation.token_ids, generation.text,
                             generation.finish_reason, loaded, options),
-            "timings": _timings_json(loaded.load_seconds, t, compile_s),
+            "timings": _timings_json(loaded.load_seconds, t, compile_s, loaded),
         })
     if stats:
         err(_stats_line(loaded.load_seconds, t, compile_s, loaded, str(generation.finish_reason)))
@@ -363,7 +377,7 @@ def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOption
     check_tokenizer_early(weights)
     loaded = load_for_command(size=size, config=config, weights=weights, device_name=device_name,
                               dtype_name=dtype_name, seed=options.seed, quantize=speed.quantize,
-                              threads=speed.threads, pack=not speed.compile)
+                              threads=speed.threads, kernels=speed.kernels, tune=speed.tune)
     encoded = [prompt_ids(p, loaded.tokenizer) for p in prompts]
     total = Timings()
     written = [0]  # prompts whose line is out, for the stats after a closed pipe

@@ -14,6 +14,7 @@ from gptcli.commands.common import (
     DeviceOption,
     DtypeOption,
     SizeOption,
+    NoTuneOption,
     ThreadsOption,
     WeightsOption,
     check_tokenizer_early,
@@ -80,6 +81,7 @@ def score(
         bool, typer.Option("--json", help="Print one JSON object (JSON Lines with --each-line) instead of a table.")
     ] = False,
     threads: ThreadsOption = None,
+    no_tune: NoTuneOption = False,
 ) -> None:
     """Score texts with a model: loss (mean nats per token), perplexity and bits per byte.
 
@@ -124,7 +126,7 @@ def score(
 
     check_tokenizer_early(weights)
     loaded = load_for_command(size=size, config=config, weights=weights, device_name=device_name,
-                              dtype_name=dtype_name, seed=seed_value, threads=threads)
+                              dtype_name=dtype_name, seed=seed_value, threads=threads, tune=not no_tune)
     from gptcli.scoring import check_stride, default_stride, score_texts
 
     context = loaded.cfg.context_length

@@ -1,0 +1,142 @@
+"""Decode kernels chosen by measuring (gptcli.kernels): every kernel computes the same layer, the
+choice is cached per machine, and turning tuning off measures nothing. No test depends on which
+kernel wins: the winner differs between CPUs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gptcli import kernels
+from gptcli.cli import app
+from gptcli.generate import Decoder, Generation, SamplingOptions, prepare_model
+from helpers import lively_model
+
+CPU = torch.device("cpu")
+runner = CliRunner()
+
+
+def plan_of(name: str, model, mode: str = kernels.EAGER) -> kernels.Plan:
+    """Every layer of ``model`` on kernel ``name``."""
+    keys = {kernels.shape_key(layer.weight) for layer in kernels.linear_layers(model)}
+    return kernels.Plan(mode, {key: kernels.Choice(name) for key in keys})
+
+
+def _greedy(model, prompt, n=12):
+    options = SamplingOptions(max_new_tokens=n, ignore_eos=True)
+    return Generation(Decoder(model, CPU, next(model.parameters()).dtype), prompt, options,
+                      token_bytes=lambda i: b"").run().token_ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["onednn", "blas", "blas-t", "reduce"])
+def test_every_kernel_computes_the_plain_layer(name, dtype):
+    plain, fast = lively_model(7, tie=True).to(dtype), lively_model(7, tie=True).to(dtype)
+    mode = kernels.COMPILED if name == "reduce" else kernels.EAGER  # reduce is a compiled step's kernel
+    counts = kernels.apply(fast, plan_of(name, fast, mode))
+    assert counts == {name: 2 * 4 + 1}
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(ids), plain(ids), **tol)
+        torch.testing.assert_close(fast(ids[:, :1]), plain(ids[:, :1]), **tol)  # one row
+    assert fast.tok_emb.weight.device.type == "cpu"  # the tied head's embedding is kept for the lookup
+    copies = name in ("onednn", "blas-t")
+    assert fast.trf_blocks[0].ff.layers[0].weight.is_meta == copies  # a copied plain weight is released
+
+
+def test_a_tuned_model_decodes_the_plain_models_greedy_ids():
+    plain, tuned = lively_model(8), lively_model(8)
+    plan = kernels.tune(tuned)
+    assert plan.source == "measured" and set(plan.summary().values()) <= set(kernels.KERNELS)
+    kernels.apply(tuned, plan)
+    assert _greedy(tuned, [5, 6, 7]) == _greedy(plain, [5, 6, 7])
+
+
+def test_the_choice_is_measured_once_then_read_from_the_cache(monkeypatch):
+    model = lively_model(9)
+    assert kernels.will_measure(model)
+    first = kernels.tune(model)
+    assert first.source == "measured" and first.tune_s > 0
+    saved = json.loads(kernels.cache_path().read_text())
+    (machine, entry), = saved["machines"].items()
+    assert "threads" in machine and "torch" in machine and "eager" in machine
+    assert set(entry) == set(first.choices)
+    for choice in entry.values():
+        assert choice["kernel"] in choice["measured"]
+        assert {"one", "batch", "invariant"} <= set(choice["measured"][choice["kernel"]])
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(kernels, "measure", no_measuring)
+    assert not kernels.will_measure(model)
+    second = kernels.tune(model)
+    assert second.source == "cache" and second.summary() == first.summary()
+
+
+def test_no_tune_measures_nothing_and_writes_nothing(monkeypatch):
+    monkeypatch.setenv(kernels.NO_TUNE_ENV, "1")
+    model = lively_model(10)
+    plan = kernels.tune(model)
+    assert plan.source == "default" and not kernels.cache_path().exists()
+    assert kernels.apply(model, plan) == {kernels.DEFAULT_KERNEL[kernels.EAGER]: 9}
+    monkeypatch.delenv(kernels.NO_TUNE_ENV)
+    assert kernels.tune(lively_model(10), enabled=False).source == "default"
+    assert not kernels.cache_path().exists()
+
+
+def test_an_unreadable_cache_is_measured_again():
+    path = kernels.cache_path()
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    assert kernels.tune(lively_model(11)).source == "measured"
+    assert json.loads(path.read_text())["version"] == kernels.CACHE_VERSION
+
+
+def test_eager_choice_skips_kernels_whose_rows_depend_on_the_batch():
+    measured = {
+        "onednn": {"one": 10.0, "batch": 20.0, "invariant": True},
+        "blas": {"one": 5.0, "batch": 10.0, "invariant": False},  # fastest, but a row changes with the batch
+        "blas-t": {"one": 9.0, "batch": 40.0, "invariant": True},  # 9 + 40/8 = 14 > 10 + 20/8 = 12.5
+    }
+    assert kernels.choose(measured, kernels.EAGER) == "onednn"
+    assert kernels.choose({"reduce": {"one": 3.0}, "onednn": {"one": 4.0}}, kernels.COMPILED) == "reduce"
+
+
+def test_a_checkpoints_in_out_weight_costs_blas_no_copy():
+    w = torch.randn(48, 32).t()  # (out, in) as a view of a Conv1D's (in, out), as a checkpoint stores it
+    assert kernels.shape_key(w).endswith("in,out")
+    assert kernels.Blas(w).weight.data_ptr() == w.data_ptr()
+    assert "blas-t" not in kernels.candidates(w, kernels.EAGER)  # it would be blas again
+
+
+def test_prepare_model_reports_the_kernels():
+    prepared = prepare_model(lively_model(12), CPU, torch.float32, kernels="eager")
+    assert prepared.plan is not None and sum(prepared.counts.values()) == 9
+    assert prepare_model(lively_model(12), CPU, torch.float32).plan is None  # kernels=None: plain layers
+
+
+def test_cli_tunes_on_first_use_and_reports_it(tiny):
+    args = ["generate", *tiny, "Hello", "-n", "3", "--json"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.stderr
+    timings = json.loads(first.stdout)["timings"]
+    assert timings["tune_s"] > 0 and sum(timings["kernels"].values()) == 9
+    assert first.stderr == ""  # not a terminal: no progress note
+    second = runner.invoke(app, args)
+    assert json.loads(second.stdout)["timings"]["tune_s"] is None  # read from the cache
+    assert "measuring" not in second.stderr
+    assert json.loads(second.stdout)["token_ids"] == json.loads(first.stdout)["token_ids"]
+
+
+def test_cli_no_tune(tiny):
+    result = runner.invoke(app, ["generate", *tiny, "Hello", "-n", "3", "--json", "--no-tune"])
+    assert result.exit_code == 0, result.stderr
+    timings = json.loads(result.stdout)["timings"]
+    assert timings["tune_s"] is None and timings["kernels"] == {kernels.DEFAULT_KERNEL["eager"]: 9}
+    assert "measuring" not in result.stderr and not kernels.cache_path().exists()
+    assert "--no-tune" in runner.invoke(app, ["generate", "--help"]).stdout
