@@ -190,11 +190,13 @@ def generate(
         raise UserError(f"--seed must be 0 or more, got {options.seed}")
     device_name = check_device_name(device)
     dtype_name = check_dtype_name(dtype)
-    if quantize is not None and quantize.strip().lower() != "int8":
-        raise UserError(f"unknown --quantize {quantize!r}; the one scheme is int8")
-    if quantize is not None and dtype_name == "float32":
-        raise UserError("--quantize int8 needs --dtype bfloat16 or float16 activations (int8 kernels take those)")
-    speed = SpeedOptions(compile=compile_model, quantize="int8" if quantize else None,
+    scheme = None if quantize is None else quantize.strip().lower()
+    if scheme is not None and scheme not in ("int8", "int4"):
+        raise UserError(f"unknown --quantize {quantize!r}; the schemes are int8 and int4")
+    if scheme is not None and dtype_name == "float32":
+        raise UserError(f"--quantize {scheme} needs --dtype bfloat16 or float16 activations "
+                        f"({scheme} kernels take those)")
+    speed = SpeedOptions(compile=compile_model, quantize=scheme,
                          batch_size=int(parse_number("--batch-size", batch_size, int)), threads=threads)
     if speed.batch_size < 1:
         raise UserError(f"--batch-size must be 1 or more, got {speed.batch_size}")
@@ -240,7 +242,7 @@ def generate(
 @dataclass(frozen=True)
 class SpeedOptions:
     compile: bool = False
-    quantize: str | None = None  # "int8"
+    quantize: str | None = None  # "int8" or "int4"
     batch_size: int = 8
     threads: int | None = None  # --threads; None: gptcli.devices.configure_threads decides
 
