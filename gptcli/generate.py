@@ -258,19 +258,20 @@ def prepare_model(
     """Make a loaded model ready to decode with, in place; returns it.
 
     ``quantize="int8"``: weight-only int8 Linear layers; ``"int4"``: weight-only int4 in groups of
-    ``INT4_DEFAULT_GROUP_SIZE`` inputs, with a fast kernel on the CPU only (see gptcli.quantize).
+    ``INT4_DEFAULT_GROUP_SIZE`` inputs (``"int4-gN"``: groups of N), with a fast kernel on the CPU
+    only (see gptcli.quantize).
     ``pack``: on the CPU, keep the Linear weights in oneDNN's blocked layout
     (``GPTModel.pack_linear_weights``): eager decoding then runs 2 to 8 rows at the speed of one.
     Inference only, and not for ``--compile`` (its steps read the plain weights).
     """
-    from gptcli.quantize import quantize_int4, quantize_int8
+    from gptcli.quantize import int4_group_size, quantize_int4, quantize_int8
 
     if quantize == "int8":
         return quantize_int8(model, dtype)
-    if quantize == "int4":
-        return quantize_int4(model, dtype)
+    if quantize is not None and int4_group_size(quantize):
+        return quantize_int4(model, dtype, group_size=int4_group_size(quantize))
     if quantize is not None:
-        raise UserError(f"unknown --quantize {quantize!r}; choose int8 or int4")
+        raise UserError(f"unknown --quantize {quantize!r}; choose int8, int4 or int4-g32/64/128/256")
     if pack and device.type == "cpu":
         model.pack_linear_weights()
     return model

@@ -168,6 +168,15 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}"
 
 
+def int4_group_size(scheme: str) -> int | None:
+    """The group size a ``--quantize`` value names: ``int4`` (the default) or ``int4-gN``; else None."""
+    if scheme == "int4":
+        return INT4_DEFAULT_GROUP_SIZE
+    if scheme.startswith("int4-g") and scheme[len("int4-g"):] in {str(g) for g in INT4_GROUP_SIZES}:
+        return int(scheme[len("int4-g"):])
+    return None
+
+
 def check_int4_shape(in_features: int, group_size: int) -> None:
     if group_size not in INT4_GROUP_SIZES:
         sizes = ", ".join(map(str, INT4_GROUP_SIZES))

@@ -82,8 +82,17 @@ def test_quantize_int4_runs_in_bfloat16_eager_and_compiled(tiny):
     assert json.loads(compiled.stdout)["token_ids"] == data["token_ids"]
 
 
+def test_quantize_schemes_are_what_prepare_model_takes():
+    from gptcli.commands.generate import QUANTIZE_SCHEMES
+    from gptcli.quantize import INT4_DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES, int4_group_size
+
+    assert QUANTIZE_SCHEMES == ("int8", "int4", *(f"int4-g{g}" for g in INT4_GROUP_SIZES))
+    assert int4_group_size("int4") == INT4_DEFAULT_GROUP_SIZE and int4_group_size("int4-g128") == 128
+    assert int4_group_size("int4-g48") is None and int4_group_size("int8") is None
+
+
 def test_quantize_int4_with_each_line(tiny):
-    result = gen(*tiny, "--each-line", "-n", "3", "--quantize", "int4", "--json", input="a\nbb\n")
+    result = gen(*tiny, "--each-line", "-n", "3", "--quantize", "int4-g32", "--json", input="a\nbb\n")
     assert result.exit_code == 0, result.stderr
     assert [len(json.loads(line)["token_ids"]) for line in result.stdout.splitlines()] == [3, 3]
 
@@ -92,6 +101,8 @@ def test_quantize_int4_with_each_line(tiny):
     "args,message",
     [
         (["Hello", "--quantize", "int3"], "unknown --quantize 'int3'; the schemes are int8 and int4"),
+        (["Hello", "--quantize", "int4-g48"], "unknown --quantize 'int4-g48'"),
+        (["Hello", "--quantize", "int4-g64"], "in_features divisible by the group size 64; got a layer with 32"),
         (["Hello", "--quantize", "int8", "--dtype", "float32"], "--quantize int8 needs --dtype bfloat16"),
         (["Hello", "--quantize", "int4", "--dtype", "float32"], "--quantize int4 needs --dtype bfloat16"),
         (["--each-line", "--batch-size", "0"], "--batch-size must be 1 or more"),

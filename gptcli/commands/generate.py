@@ -140,10 +140,14 @@ def generate(
                            "fastest float32/bfloat16 path; pays off from a few hundred tokens.")
     ] = False,
     quantize: Annotated[
-        Optional[str], typer.Option("--quantize", metavar="int8", help="Weight-only int8 Linear layers (per output "
-                                    "channel): a quarter of float32's bytes per token, ~1.8x faster than float32 "
-                                    "on CPU, logits within ~3%. Runs with bfloat16 activations (--dtype auto picks "
-                                    "it).", show_default=False)
+        Optional[str], typer.Option("--quantize", metavar="int8|int4", help="Weight-only quantized Linear layers, "
+                                    "run with bfloat16 activations (--dtype auto picks it). int8 (a scale per "
+                                    "output channel): a quarter of float32's bytes per token, ~1.8x faster than "
+                                    "float32 on CPU, logits within ~3%. int4 (scale and zero per 32 inputs; fast "
+                                    "on CPU only): an eighth of the bytes, ~1.3x faster than int8, but logits move "
+                                    "by up to ~28% and greedy text soon differs from float32's; int4-g64/-g128/"
+                                    "-g256: larger groups, fewer bytes, less exact.",
+                                    show_default=False)
     ] = None,
     each_line: Annotated[
         bool, typer.Option("--each-line", help="Read one prompt per stdin line and write one completion per line "
@@ -191,8 +195,9 @@ def generate(
     device_name = check_device_name(device)
     dtype_name = check_dtype_name(dtype)
     scheme = None if quantize is None else quantize.strip().lower()
-    if scheme is not None and scheme not in ("int8", "int4"):
-        raise UserError(f"unknown --quantize {quantize!r}; the schemes are int8 and int4")
+    if scheme is not None and scheme not in QUANTIZE_SCHEMES:
+        raise UserError(f"unknown --quantize {quantize!r}; the schemes are int8 and int4 "
+                        "(int4-g64, -g128, -g256: larger groups)")
     if scheme is not None and dtype_name == "float32":
         raise UserError(f"--quantize {scheme} needs --dtype bfloat16 or float16 activations "
                         f"({scheme} kernels take those)")
@@ -239,10 +244,14 @@ def generate(
         raise typer.Exit(0) from None
 
 
+# What prepare_model accepts (gptcli.quantize.int4_group_size), spelled out here: the check must not import torch.
+QUANTIZE_SCHEMES = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "int4-g256")
+
+
 @dataclass(frozen=True)
 class SpeedOptions:
     compile: bool = False
-    quantize: str | None = None  # "int8" or "int4"
+    quantize: str | None = None  # one of QUANTIZE_SCHEMES
     batch_size: int = 8
     threads: int | None = None  # --threads; None: gptcli.devices.configure_threads decides
 
