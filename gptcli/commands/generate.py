@@ -178,7 +178,7 @@ def generate(
       gptcli generate -n 20 < story.txt > continuation.txt
       gptcli generate --json "Hello" -n 10 | jq -r .text
       gptcli generate "Hello" -n 100 --stats 2> stats.txt | head -c 80
-      gptcli generate "Hello" -n 200 --compile --quantize int8 --stats  # fastest
+      gptcli generate "Hello" -n 200 --compile --quantize int8 --stats  # fast, close to float32
       printf 'The sky is\\nMy name is\\n' | gptcli generate --each-line -n 10 --json
     """
     options = SamplingOptions(
