@@ -30,8 +30,8 @@ Variants: ``hf-fp32``, ``hf-bf16`` (transformers); ``gptcli-fp32``, ``gptcli-bf1
 ``gptcli-fp32-compile``, ``gptcli-bf16-compile`` (``make_decoder(compile=True)``); ``gptcli-int8`` and
 ``gptcli-int8-compile`` (``prepare_model(quantize="int8")``, bfloat16 activations); ``gptcli-int4`` and
 ``gptcli-int4-compile`` (``prepare_model(quantize="int4")``, the default group size, bfloat16
-activations); ``gptcli-fp32-batch8`` (8 prompts through ``generate_batch``). A variant that fails shows "failed" (its error is on stderr
-and under the table); the others go on.
+activations); ``gptcli-fp32-batch8`` (8 prompts through ``generate_batch``). A variant that fails
+shows "failed" (its error is on stderr and under the table); the others go on.
 
 Each measurement decodes greedily, batch 1, from an 8-token prompt ("Hello, I am a language model,")
 for ``--new-tokens`` (128) tokens with EOS ignored (gptcli: ``SamplingOptions(ignore_eos=True)``;

@@ -110,7 +110,7 @@ class Int4Linear(nn.Module):
     divisible by the group size (32, 64, 128 or 256) and out_features by 16; other out_features
     (GPT-2's vocabulary of 50257) are padded with zero rows and the output sliced back, 15 rows more
     for the head. The kernel takes float32 activations too, but ran ~40x slower with them than with
-    bfloat16 here (a scalar path), so int4 keeps int8's rule: bfloat16 or float16 activations.
+    bfloat16 here, so int4 keeps int8's rule: bfloat16 or float16 activations.
     Elsewhere (CUDA, MPS) the weight is kept as plain nibbles and dequantized on the fly: correct,
     not faster than bfloat16.
     """
