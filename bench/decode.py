@@ -7,7 +7,7 @@
     python bench/decode.py --output report.md                # also write the report to a file
 
 The report (markdown) goes to stdout, progress to stderr; the exit status is 1 when a variant failed.
-A full run takes several minutes (four cold compiles among them). Run it on an otherwise idle machine:
+A full run takes several minutes (five cold compiles among them). Run it on an otherwise idle machine:
 with 2 threads on 2 cores, any other busy process slows a step many times over (the **spread**
 column shows it).
 
@@ -28,9 +28,10 @@ in the same rotation. Figures are medians over the rounds.
 
 Variants: ``hf-fp32``, ``hf-bf16`` (transformers); ``gptcli-fp32``, ``gptcli-bf16`` (eager);
 ``gptcli-fp32-compile``, ``gptcli-bf16-compile`` (``make_decoder(compile=True)``); ``gptcli-int8`` and
-``gptcli-int8-compile`` (``prepare_model(quantize="int8")``, bfloat16 activations); ``gptcli-fp32-batch8``
-(8 prompts through ``generate_batch``). A variant that fails shows "failed" (its error is on stderr
-and under the table); the others go on.
+``gptcli-int8-compile`` (``prepare_model(quantize="int8")``, bfloat16 activations); ``gptcli-int4`` and
+``gptcli-int4-compile`` (``prepare_model(quantize="int4")``, the default group size, bfloat16
+activations); ``gptcli-fp32-batch8`` (8 prompts through ``generate_batch``). A variant that fails
+shows "failed" (its error is on stderr and under the table); the others go on.
 
 Each measurement decodes greedily, batch 1, from an 8-token prompt ("Hello, I am a language model,")
 for ``--new-tokens`` (128) tokens with EOS ignored (gptcli: ``SamplingOptions(ignore_eos=True)``;
@@ -46,11 +47,13 @@ Columns
 - **spread**: (max - min) / median of decode tok/s over the rounds; a large one means the machine
   was busy (rerun, or add rounds).
 - **vs ref**: decode tok/s divided by the reference variant's (named in **ref**): transformers at
-  the same dtype (float32 for int8, whose activations are bfloat16), and gptcli-fp32 for batch 8.
+  the same dtype (float32 for int8 and int4, whose activations are bfloat16), and gptcli-fp32 for batch 8.
 - **% limit** and **limit tok/s**: batch 1 decoding reads every weight once per token, so
   tok/s <= bandwidth / bytes read per token. Bytes per token = every Linear weight of the blocks
   plus the head matrix (the embedding lookups, biases, norms and the KV cache are left out) at the
-  variant's bytes per element: 4 (fp32), 2 (bf16), 1 (int8). Bandwidth is measured in the same run:
+  variant's bytes per element: 4 (fp32), 2 (bf16), 1 (int8; its per-row scales, 2 bytes per row,
+  are left out), 0.5 + 4 / group for int4 (half a byte, plus a bfloat16 scale and zero per group:
+  0.625 at group 32; the head's 15 padding rows are left out). Bandwidth is measured in the same run:
   the median time of ``t.sum()`` over a 1 GiB float32 tensor with ``--threads`` threads. For a
   batch of 8, one read serves 8 tokens, so its limit is 8 times higher.
 - **prefill tok/s**: prompt tokens / the time to the first new token, on the 512-token prompt
@@ -59,7 +62,7 @@ Columns
 - **TTFT ms**: time to the first new token on the 8-token prompt, the same way (batch 8: the first
   token of all rows).
 - **load s**: the worker's model load, after the imports: ``from_pretrained``; for gptcli
-  ``load_model`` (memory-mapped, as ``gptcli generate`` loads) + ``prepare_model`` (int8 quantizing,
+  ``load_model`` (memory-mapped, as ``gptcli generate`` loads) + ``prepare_model`` (int8/int4 quantizing,
   the kernel choice and the weights' new layouts included) + building the decoder.
 - **tune s**: of load s, the time ``gptcli.kernels.tune`` spent measuring kernels. All workers share
   one fresh ``GPTCLI_CACHE_DIR``: the first worker of a dtype and mode (eager or compiled) measures,
@@ -176,7 +179,11 @@ class Variant:
         return self.name.startswith("hf-")
 
     @property
-    def bytes_per_weight(self) -> int:
+    def bytes_per_weight(self) -> float:
+        if self.quantize == "int4":
+            from gptcli.quantize import INT4_DEFAULT_GROUP_SIZE
+
+            return 0.5 + 2 * 2 / INT4_DEFAULT_GROUP_SIZE  # a bfloat16 scale and zero per group
         return 1 if self.quantize == "int8" else {"float32": 4, "bfloat16": 2}[self.dtype]
 
 
@@ -189,6 +196,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("gptcli-bf16-compile", "bfloat16", "hf-bf16", compile=True),
     Variant("gptcli-int8", "bfloat16", "hf-fp32", quantize="int8"),
     Variant("gptcli-int8-compile", "bfloat16", "hf-fp32", compile=True, quantize="int8"),
+    Variant("gptcli-int4", "bfloat16", "hf-fp32", quantize="int4"),
+    Variant("gptcli-int4-compile", "bfloat16", "hf-fp32", compile=True, quantize="int4"),
     Variant("gptcli-fp32-batch8", "float32", "gptcli-fp32", batch=BATCH_ROWS),
 )}
 QUICK_VARIANTS = "hf-fp32,gptcli-fp32,gptcli-fp32-batch8"
@@ -624,7 +633,7 @@ def report(args: argparse.Namespace, shape: ModelShape, outcomes: dict[str, Outc
         "after a warm-up, one worker process per variant.",
         f"- Memory bandwidth (sum over {args.bandwidth_mib} MiB of float32, median): {fmt(gb_s, '.1f')} GB/s{spread}; "
         f"weights read per token: {per_token * 4 / 1e6:.0f} MB fp32, {per_token * 2 / 1e6:.0f} MB bf16, "
-        f"{per_token / 1e6:.0f} MB int8.",
+        f"{per_token / 1e6:.0f} MB int8, {per_token * VARIANTS['gptcli-int4'].bytes_per_weight / 1e6:.0f} MB int4.",
         "",
         markdown_table(VARIANT_HEADER, [variant_row(VARIANTS[n], outcomes, gb_s, shape)
                                         for n in args.variant_names], text_columns=(0, 4)),

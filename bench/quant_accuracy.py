@@ -1,7 +1,12 @@
-"""How close int8 (and bfloat16) decoding stays to float32, on a fixed set of prompts.
+"""How close int8, int4 (and bfloat16) decoding stays to float32, on a fixed set of prompts.
 
     python bench/quant_accuracy.py                      # 124M, random GPT-2-style weights
     python bench/quant_accuracy.py --weights DIR        # any checkpoint --weights accepts (real GPT-2 when cached)
+    python bench/quant_accuracy.py --variants int8,int4-g32,int4-g64,int4-g128,int4-g32-head8
+
+Variants: ``bfloat16``/``float16`` (the whole model in that dtype), any ``--quantize`` value
+(``int8``, ``int4``, ``int4-gN``: int4 in groups of N inputs), and ``int4-gN-head8`` (int4 blocks
+with an int8 output head). The quantized variants run with bfloat16 activations.
 
 For each prompt it reports, against float32 on the same weights:
 - the largest absolute logit error on the prompt's positions, and that error relative to the
@@ -63,12 +68,17 @@ def variants(base, dtypes: list[str]):
     import torch
 
     from gptcli.generate import prepare_model
+    from gptcli.quantize import Int8Linear
 
     out = [("float32", base)]
     for name in dtypes:
         model = copy.deepcopy(base)
-        if name == "int8":
-            model = prepare_model(model.to(torch.bfloat16), torch.device("cpu"), torch.bfloat16, quantize="int8").model
+        if name.startswith("int"):
+            scheme, head8, _ = name.partition("-head8")
+            model = model.to(torch.bfloat16)
+            if head8:
+                model.out_head = Int8Linear.from_linear(model.out_head, torch.bfloat16)  # int4 skips it: not nn.Linear
+            model = prepare_model(model, torch.device("cpu"), torch.bfloat16, quantize=scheme).model
         else:
             model = model.to(getattr(torch, name))
         out.append((name, model))
@@ -100,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", help="a checkpoint (FILE|DIR|HUB_ID); default: GPT-2-style random 124M")
     parser.add_argument("--size", default="124M")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--variants", default="bfloat16,int8")
+    parser.add_argument("--variants", default="bfloat16,int8,int4")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

@@ -267,19 +267,23 @@ def prepare_model(
 ) -> Prepared:
     """Make a loaded model ready to decode with, in place.
 
-    ``quantize="int8"``: weight-only int8 Linear layers (see gptcli.quantize).
+    ``quantize="int8"``: weight-only int8 Linear layers; ``"int4"``: weight-only int4 in groups of
+    ``INT4_DEFAULT_GROUP_SIZE`` inputs (``"int4-gN"``: groups of N), with a fast kernel on the CPU
+    only (see gptcli.quantize).
     ``kernels``: on the CPU, give each Linear layer the kernel measured fastest for its shape on this
     CPU (``gptcli.kernels``; ``"eager"`` or ``"compiled"`` for ``--compile``'s steps), measured once
     and cached on disk; ``tune=False`` (``--no-tune``) takes the defaults without measuring.
     Inference only: a layer whose kernel copied the weight releases the plain one (and, for a model
     loaded ``mapped``, gives the file's pages under it back).
     """
-    from gptcli.quantize import quantize_int8
+    from gptcli.quantize import int4_group_size, quantize_int4, quantize_int8
 
     if quantize == "int8":
         return Prepared(quantize_int8(model, dtype))
+    if quantize is not None and int4_group_size(quantize):
+        return Prepared(quantize_int4(model, dtype, group_size=int4_group_size(quantize)))
     if quantize is not None:
-        raise UserError(f"unknown --quantize {quantize!r}; choose int8")
+        raise UserError(f"unknown --quantize {quantize!r}; choose int8, int4 or int4-g32/64/128/256")
     if kernels is None or device.type != "cpu":
         return Prepared(model)
     from gptcli import kernels as kernel_choice

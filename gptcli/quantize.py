@@ -1,9 +1,11 @@
-"""Weight-only int8 quantization of the Linear layers, one scale per output channel.
+"""Weight-only quantization of the Linear layers: int8 (one scale per output channel) and int4
+(a scale and a zero point per group of input channels).
 
 Decoding at batch 1 reads every weight once per token, so int8 weights (1 byte) move a quarter of
-the bytes of float32. Activations stay in floating point: on CPU the kernel
-``torch._weight_int8pack_mm`` wants bfloat16 activations (with float32 ones it ran 5x slower here),
-so int8 runs with ``--dtype bfloat16``; the embeddings and norms stay in that dtype too.
+the bytes of float32, and int4 (half a byte, plus its group scales) about an eighth. Activations
+stay in floating point: on CPU the kernel ``torch._weight_int8pack_mm`` wants bfloat16 activations
+(with float32 ones it ran 5x slower here), so int8 runs with ``--dtype bfloat16``; the embeddings
+and norms stay in that dtype too. int4 follows the same rule (see Int4Linear).
 """
 
 from __future__ import annotations
@@ -66,4 +68,136 @@ def quantize_int8(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, child_name, Int8Linear.from_linear(child, dtype))
+    return model
+
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts
+INT4_DEFAULT_GROUP_SIZE = 32
+_INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu wants out_features divisible by 16
+
+
+def int4_group_quantize(weight: torch.Tensor, group_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric (min/max) 4-bit quantization of ``weight`` (N, K) in groups of ``group_size`` inputs.
+
+    Returns ``q`` (N, K) int32 in 0..15 and ``scales_and_zeros`` (K / group_size, N, 2) in ``dtype``,
+    the layout of torch's CPU int4 kernel, which dequantizes w = (q - 8) * scale + zero.
+    """
+    n, k = weight.shape
+    w = weight.detach().float().reshape(n, k // group_size, group_size)  # (N, G, group)
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (N, G)
+    # Round scale and zero to the activation dtype first, so q is chosen for the values in use.
+    scales = ((hi - lo).clamp(min=1e-8) / 15.0).to(dtype)  # (N, G)
+    zeros = (lo + 8.0 * scales.float()).to(dtype)  # (N, G): the value of q = 8
+    q = torch.round((w - zeros.float()[..., None]) / scales.float()[..., None] + 8.0).clamp(0, 15)
+    q = q.to(torch.int32).reshape(n, k)  # (N, K)
+    scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # (G, N, 2)
+    return q, scales_and_zeros
+
+
+def int4_dequantize(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The float32 (N, K) weights that ``int4_group_quantize``'s output stands for."""
+    n, k = q.shape
+    sz = scales_and_zeros.float().transpose(0, 1)  # (N, G, 2)
+    w = (q.float().reshape(n, k // group_size, group_size) - 8.0) * sz[..., :1] + sz[..., 1:]
+    return w.reshape(n, k)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T + bias, W stored as 4-bit integers with a scale and zero per group of inputs.
+
+    On the CPU it runs torch's kernel ``aten._weight_int4pack_mm_for_cpu``, which has a meta
+    implementation, so it traces under torch.compile (as an external call). Its shapes: in_features
+    divisible by the group size (32, 64, 128 or 256) and out_features by 16; other out_features
+    (GPT-2's vocabulary of 50257) are padded with zero rows and the output sliced back, 15 rows more
+    for the head. The kernel takes float32 activations too, but ran ~40x slower with them than with
+    bfloat16 here, so int4 keeps int8's rule: bfloat16 or float16 activations.
+    Elsewhere (CUDA, MPS) the weight is kept as plain nibbles and dequantized on the fly: correct,
+    not faster than bfloat16.
+    """
+
+    def __init__(self, weight: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
+                 in_features: int, out_features: int, group_size: int, cpu_kernel: bool):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.cpu_kernel = cpu_kernel
+        # (N_padded, K / 2) uint8: the CPU kernel's layout, or else two nibbles a byte, low one first.
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # (K / group, N_padded, 2)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype, group_size: int = INT4_DEFAULT_GROUP_SIZE,
+                    cpu_kernel: bool | None = None) -> "Int4Linear":
+        n, k = linear.weight.shape
+        check_int4_shape(k, group_size)
+        w = linear.weight.detach()  # (N, K)
+        if cpu_kernel is None:
+            cpu_kernel = w.device.type == "cpu"
+        padded = -n % _INT4_N_MULTIPLE if cpu_kernel else 0
+        if padded:
+            w = torch.cat([w, w.new_zeros(padded, k)])  # (N_padded, K)
+        q, scales_and_zeros = int4_group_quantize(w, group_size, dtype)
+        if cpu_kernel:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # innerKTiles: unused on CPU
+        else:
+            packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)  # (N, K / 2)
+        bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+        return cls(packed, scales_and_zeros, bias, k, n, group_size, cpu_kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_kernel:
+            x2 = x.reshape(-1, self.in_features)  # (M, K)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
+            if y.shape[-1] != self.out_features:
+                y = y[:, : self.out_features]  # drop the padding rows
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantized().to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def dequantized(self) -> torch.Tensor:
+        """The (N, K) float32 weights, from the plain-nibble layout (not the CPU kernel's)."""
+        q = torch.stack([self.weight & 15, self.weight >> 4], dim=-1).reshape(self.out_features, self.in_features)
+        return int4_dequantize(q, self.scales_and_zeros, self.group_size)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}"
+
+
+def int4_group_size(scheme: str) -> int | None:
+    """The group size a ``--quantize`` value names: ``int4`` (the default) or ``int4-gN``; else None."""
+    if scheme == "int4":
+        return INT4_DEFAULT_GROUP_SIZE
+    if scheme.startswith("int4-g") and scheme[len("int4-g"):] in {str(g) for g in INT4_GROUP_SIZES}:
+        return int(scheme[len("int4-g"):])
+    return None
+
+
+def check_int4_shape(in_features: int, group_size: int) -> None:
+    if group_size not in INT4_GROUP_SIZES:
+        sizes = ", ".join(map(str, INT4_GROUP_SIZES))
+        raise UserError(f"int4 group size must be one of {sizes}, got {group_size}")
+    if in_features % group_size:
+        raise UserError(f"int4 needs each Linear's in_features divisible by the group size {group_size}; "
+                        f"got a layer with {in_features}")
+
+
+def quantize_int4(model: nn.Module, dtype: torch.dtype, group_size: int = INT4_DEFAULT_GROUP_SIZE) -> nn.Module:
+    """Replace every nn.Linear in ``model`` (in place) by an Int4Linear; returns the model.
+
+    As with int8, a head tied to the token embedding gets its own int4 copy and the embedding stays
+    in ``dtype``. The shapes are checked before any layer is replaced, so a refusal leaves the model whole.
+    """
+    if dtype == torch.float32:
+        raise UserError("--quantize int4 needs --dtype bfloat16 or float16 activations (int4 kernels take those)")
+    linears = [(module, name, child) for module in model.modules() for name, child in module.named_children()
+               if isinstance(child, nn.Linear)]
+    for _, _, child in linears:
+        check_int4_shape(child.in_features, group_size)
+    for module, name, child in linears:
+        setattr(module, name, Int4Linear.from_linear(child, dtype, group_size))
     return model

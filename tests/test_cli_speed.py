@@ -1,4 +1,4 @@
-"""The speed options as users run them: --each-line, --quantize int8, --compile."""
+"""The speed options as users run them: --each-line, --quantize int8/int4, --compile."""
 
 from __future__ import annotations
 
@@ -72,11 +72,39 @@ def test_quantize_int8_runs_in_bfloat16(tiny):
     assert data["dtype"] == "bfloat16" and len(data["token_ids"]) == 5
 
 
+def test_quantize_int4_runs_in_bfloat16_eager_and_compiled(tiny):
+    eager = gen(*tiny, "Hello", "-n", "5", "--quantize", "INT4", "--json")
+    assert eager.exit_code == 0, eager.stderr
+    data = json.loads(eager.stdout)
+    assert data["dtype"] == "bfloat16" and len(data["token_ids"]) == 5
+    compiled = gen(*tiny, "Hello", "-n", "5", "--quantize", "int4", "--compile", "--json")
+    assert compiled.exit_code == 0, compiled.stderr
+    assert json.loads(compiled.stdout)["token_ids"] == data["token_ids"]
+
+
+def test_quantize_schemes_are_what_prepare_model_takes():
+    from gptcli.commands.generate import QUANTIZE_SCHEMES
+    from gptcli.quantize import INT4_DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES, int4_group_size
+
+    assert QUANTIZE_SCHEMES == ("int8", "int4", *(f"int4-g{g}" for g in INT4_GROUP_SIZES))
+    assert int4_group_size("int4") == INT4_DEFAULT_GROUP_SIZE and int4_group_size("int4-g128") == 128
+    assert int4_group_size("int4-g48") is None and int4_group_size("int8") is None
+
+
+def test_quantize_int4_with_each_line(tiny):
+    result = gen(*tiny, "--each-line", "-n", "3", "--quantize", "int4-g32", "--json", input="a\nbb\n")
+    assert result.exit_code == 0, result.stderr
+    assert [len(json.loads(line)["token_ids"]) for line in result.stdout.splitlines()] == [3, 3]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["Hello", "--quantize", "int4"], "unknown --quantize 'int4'"),
-        (["Hello", "--quantize", "int8", "--dtype", "float32"], "needs --dtype bfloat16"),
+        (["Hello", "--quantize", "int3"], "unknown --quantize 'int3'; the schemes are int8 and int4"),
+        (["Hello", "--quantize", "int4-g48"], "unknown --quantize 'int4-g48'"),
+        (["Hello", "--quantize", "int4-g64"], "in_features divisible by the group size 64; got a layer with 32"),
+        (["Hello", "--quantize", "int8", "--dtype", "float32"], "--quantize int8 needs --dtype bfloat16"),
+        (["Hello", "--quantize", "int4", "--dtype", "float32"], "--quantize int4 needs --dtype bfloat16"),
         (["--each-line", "--batch-size", "0"], "--batch-size must be 1 or more"),
         (["--each-line", "--compile"], "--compile works one prompt at a time"),
         (["Hello", "--each-line"], "don't pass a PROMPT"),
@@ -87,6 +115,7 @@ def test_bad_speed_options(tiny, args, message):
     assert result.exit_code == 2
     assert result.stdout == ""
     assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
 
 
 def test_compile_gives_the_eager_ids_and_reports_compile_time(tiny):
