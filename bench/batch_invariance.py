@@ -62,7 +62,7 @@ def kernel_table(shapes: list[tuple[int, int]], dtypes: list[str]) -> list[str]:
             from gptcli import kernels
 
             routes = [("oneDNN, plain weights", onednn)]
-            for kernel_name in kernels.candidates(w, kernels.EAGER):
+            for kernel_name in kernels.candidates(w):
                 kernel = kernels.KERNELS[kernel_name](w)
                 routes.append((f"gptcli.kernels {kernel_name}", lambda x_, w_, b_, k=kernel: k(x_, b_)))
             for name, fn in routes:

@@ -15,13 +15,19 @@ The candidates (``Kernel`` subclasses), each one object per layer holding the we
 - ``blas``: ``F.linear`` on the weight as stored, (out, in) or a transposed view of a checkpoint's
   (in, out), so it costs no copy; torch hands it to MKL.
 - ``blas-t``: ``x @ W`` with W stored (in, out), a copy when the checkpoint stored (out, in).
-- ``reduce`` (compiled steps only): an element-wise multiply and a sum, which Inductor turns into
-  its own vectorised reduction and fuses with the ops around it.
 
-A row's result must not depend on how many rows share the call (``--each-line`` promises each row
-the ids it gets alone), so a candidate whose row 0 differs alone, among 3 and among 8 rows is never
-chosen for eager decoding. Among the rest the cost is the time of one row plus an eighth of the
-time of eight rows: one token alone plus one token's share of a batch.
+Each is timed over enough layers of a shape to stream from memory as decoding does, with one row
+and with eight. A row's result must not depend on how many rows share the call (``--each-line``
+promises each row the ids it gets alone), so for eager decoding a candidate whose row 0 differs
+alone, among 3 and among 8 rows is never chosen; among the rest the cost is the time of one row
+plus an eighth of the time of eight rows (one token alone plus one token's share of a batch). A
+compiled decode step (``--compile``, one sequence) takes the fastest one-row candidate: each is one
+opaque call in Inductor's graph, so the same measurement serves it.
+
+Inductor's own reduction (an element-wise multiply and sum that it vectorises, which
+``--compile`` used before) is not a candidate: timing it needs a compile per shape (9 s for 124M,
+against the 3 s budget), and timed alone it picked shapes where the whole step then ran slower
+(124M bfloat16 on the AMD EPYC: every layer on it 72 tok/s, every layer on packed oneDNN 155).
 
 Tuning runs only on the CPU, in inference mode, and is skipped with ``GPTCLI_NO_TUNE=1`` (the CLI's
 ``--no-tune``): every layer then takes ``DEFAULT_KERNEL``.
@@ -43,8 +49,8 @@ import torch.nn.functional as F
 
 EAGER = "eager"
 COMPILED = "compiled"
-DEFAULT_KERNEL = {EAGER: "onednn", COMPILED: "onednn"}  # the winners on the AMD EPYC measured (BENCHMARKS.md)
-CACHE_VERSION = 1
+DEFAULT_KERNEL = "onednn"  # the winner on the AMD EPYC measured (BENCHMARKS.md)
+CACHE_VERSION = 2
 NO_TUNE_ENV = "GPTCLI_NO_TUNE"
 BATCH_ROWS = 8  # --each-line's default batch
 SAMPLE_BYTES = 256 * 2**20  # weights a candidate is timed over: more than a CPU's cache, so they stream as in decoding
@@ -99,7 +105,7 @@ class Kernel:
         self.out_features, self.in_features = weight.shape
 
     @staticmethod
-    def available(weight: torch.Tensor, mode: str) -> bool:
+    def available(weight: torch.Tensor) -> bool:
         return True
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -119,7 +125,7 @@ class OneDNN(Kernel):
         _PACKED.append(packed)
 
     @staticmethod
-    def available(weight: torch.Tensor, mode: str) -> bool:
+    def available(weight: torch.Tensor) -> bool:
         return _ONEDNN and weight.device.type == "cpu" and weight.dtype in _ONEDNN_DTYPES
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -150,7 +156,7 @@ class BlasTransposed(Kernel):
         self.weight_t = weight.detach().t().contiguous()  # (in, out); a copy only if stored (out, in)
 
     @staticmethod
-    def available(weight: torch.Tensor, mode: str) -> bool:
+    def available(weight: torch.Tensor) -> bool:
         return weight.is_contiguous()  # a transposed view already is (in, out): that is ``blas``
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -158,42 +164,13 @@ class BlasTransposed(Kernel):
         return y if bias is None else y + bias
 
 
-class Reduce(Kernel):
-    """One row under torch.compile: multiply and sum, accumulated in float32, which Inductor fuses
-    into a vectorised reduction. In eager mode that form would allocate an (out, in) temporary, so
-    eager calls (the prompt's prefill) take ``F.linear``."""
-
-    name = "reduce"
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__(weight)
-        self.weight = weight.detach()
-
-    @staticmethod
-    def available(weight: torch.Tensor, mode: str) -> bool:
-        return mode == COMPILED
-
-    @staticmethod
-    def compute(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        y = (x.unsqueeze(-2).float() * weight.float()).sum(-1)  # (..., 1, out)
-        if bias is not None:
-            y = y + bias.float()
-        return y.to(x.dtype)
-
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.shape[-2] == 1:
-            return self.compute(x, self.weight, bias)
-        return F.linear(x, self.weight, bias)
+KERNELS: dict[str, type[Kernel]] = {k.name: k for k in (OneDNN, Blas, BlasTransposed)}
 
 
-KERNELS: dict[str, type[Kernel]] = {k.name: k for k in (OneDNN, Blas, BlasTransposed, Reduce)}
-
-
-def candidates(weight: torch.Tensor, mode: str) -> list[str]:
-    """The kernels that can run this weight in this mode, the default first."""
-    names = [n for n, k in KERNELS.items() if k.available(weight, mode)]
-    default = DEFAULT_KERNEL[mode]
-    return sorted(names, key=lambda n: n != default)
+def candidates(weight: torch.Tensor) -> list[str]:
+    """The kernels that can run this weight, the default first."""
+    names = [n for n, k in KERNELS.items() if k.available(weight)]
+    return sorted(names, key=lambda n: n != DEFAULT_KERNEL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,9 +184,6 @@ class Choice:
     kernel: str
     measured: dict[str, dict[str, float | bool]] = field(default_factory=dict)  # name -> {one, batch, invariant}
 
-    def to_json(self) -> dict:
-        return {"kernel": self.kernel, "measured": self.measured}
-
 
 @dataclass
 class Plan:
@@ -222,9 +196,9 @@ class Plan:
 
     def kernel_for(self, weight: torch.Tensor) -> str:
         choice = self.choices.get(shape_key(weight))
-        if choice is not None and KERNELS[choice.kernel].available(weight, self.mode):
+        if choice is not None and KERNELS[choice.kernel].available(weight):
             return choice.kernel
-        return candidates(weight, self.mode)[0]
+        return candidates(weight)[0]
 
     def summary(self) -> dict[str, str]:
         return {key: c.kernel for key, c in self.choices.items()}
@@ -237,10 +211,10 @@ def shape_key(weight: torch.Tensor) -> str:
     return f"{out}x{inp} {str(weight.dtype).removeprefix('torch.')} {layout}"
 
 
-def _machine_key(mode: str) -> str:
+def _machine_key() -> str:
     from gptcli.devices import cpu_model
 
-    return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {mode}"
+    return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
 def cache_path() -> Path:
@@ -306,32 +280,14 @@ def _eager_call(kernel: Kernel, x: torch.Tensor, bias: torch.Tensor | None) -> t
     return kernel(x, bias)
 
 
-def _reduce_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return Reduce.compute(x, weight, bias)
-
-
-def _compiled_call(name: str) -> Callable[[Kernel, torch.Tensor, torch.Tensor | None], torch.Tensor]:
-    """Kernel ``name``'s call as a compiled decode step makes it. Only ``reduce`` needs compiling to be
-    timed (one graph per shape, the weight an input); the others are one opaque call in the graph."""
-    if name == Reduce.name:
-        fn = torch.compile(_reduce_step, fullgraph=True, dynamic=False)
-        return lambda kernel, x, bias: fn(x, kernel.weight, bias)
-    if name == OneDNN.name:
-        return lambda kernel, x, bias: torch.ops.gptcli.onednn_linear(x, bias, kernel.handle, kernel.out_features)
-    return _eager_call
-
-
-def measure(layers: Sequence[nn.Module], name: str, mode: str, dtype: torch.dtype) -> dict[str, float | bool]:
-    """Time kernel ``name`` over ``layers`` (one shape): one row, and (eager) a batch of 8 rows."""
+def measure(layers: Sequence[nn.Module], name: str, dtype: torch.dtype) -> dict[str, float | bool]:
+    """Time kernel ``name`` over ``layers`` (one shape) with one row and with 8; is row 0 batch-invariant?"""
     weight = layers[0].weight
     kernels = [KERNELS[name](layer.weight) for layer in layers]
     biases = [layer.bias.detach() if layer.bias is not None else None for layer in layers]
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn(BATCH_ROWS, weight.shape[1], generator=gen).to(dtype)  # (8, in)
     try:
-        if mode == COMPILED:
-            one = _time_sweeps(kernels, biases, rows[:1].view(1, 1, -1), _compiled_call(name))  # (1, 1, in)
-            return {"one": round(one, 2)}
         one = _time_sweeps(kernels, biases, rows[:1], _eager_call)
         batch = _time_sweeps(kernels, biases, rows, _eager_call)
         invariant = _invariant(kernels[0], biases[0], (rows[:1], rows[:3], rows), _eager_call)
@@ -341,17 +297,18 @@ def measure(layers: Sequence[nn.Module], name: str, mode: str, dtype: torch.dtyp
             kernel.release()
 
 
-def cost(measured: dict[str, float | bool]) -> float:
-    """One row alone plus one row's share of a batch of 8 (eager); the one-row time (compiled)."""
-    return float(measured["one"]) + float(measured.get("batch", 0.0)) / BATCH_ROWS
+def cost(measured: dict[str, float | bool], mode: str) -> float:
+    """Eager: one row alone plus one row's share of a batch of 8. Compiled (one sequence): one row."""
+    one = float(measured["one"])
+    return one if mode == COMPILED else one + float(measured["batch"]) / BATCH_ROWS
 
 
 def choose(measured: dict[str, dict[str, float | bool]], mode: str) -> str:
-    """The cheapest candidate; in eager mode only among those whose rows do not depend on the batch."""
+    """The cheapest candidate; for eager decoding only among those whose rows do not depend on the batch."""
     usable = {n: m for n, m in measured.items() if mode == COMPILED or m.get("invariant")}
     if not usable:
         return next(iter(measured))  # the default, first: nothing is invariant here
-    return min(usable, key=lambda n: cost(usable[n]))
+    return min(usable, key=lambda n: cost(usable[n], mode))
 
 
 def linear_layers(model: nn.Module) -> list[nn.Module]:
@@ -367,17 +324,23 @@ def _groups(layers: Sequence[nn.Module]) -> dict[str, list[nn.Module]]:
     return groups
 
 
-def _cached_choices(mode: str) -> dict:
-    return _read_cache(cache_path()).get("machines", {}).get(_machine_key(mode), {})
+def _cached_measurements() -> dict:
+    return _read_cache(cache_path()).get("machines", {}).get(_machine_key(), {})
 
 
-def will_measure(model: nn.Module, mode: str = EAGER) -> bool:
+def _usable(known: object, weight: torch.Tensor) -> bool:
+    """A cached entry with a measurement of every candidate this weight has."""
+    return isinstance(known, dict) and all(isinstance(known.get(n), dict) and "one" in known[n] and
+                                           "batch" in known[n] for n in candidates(weight))
+
+
+def will_measure(model: nn.Module) -> bool:
     """Whether ``tune`` would time kernels now (nothing cached for one of the model's shapes)."""
     layers = linear_layers(model)
     if tuning_disabled() or not layers or layers[0].weight.device.type != "cpu":
         return False
-    known = _cached_choices(mode)
-    return any(key not in known for key in _groups(layers))
+    known = _cached_measurements()
+    return any(not _usable(known.get(key), group[0].weight) for key, group in _groups(layers).items())
 
 
 def tune(model: nn.Module, mode: str = EAGER, *, enabled: bool = True, use_cache: bool = True) -> Plan:
@@ -392,27 +355,25 @@ def tune(model: nn.Module, mode: str = EAGER, *, enabled: bool = True, use_cache
     groups = _groups(layers)
     start = time.perf_counter()
     path = cache_path()
-    cache = _read_cache(path) if use_cache else {}
-    machine = cache.get("machines", {}).get(_machine_key(mode), {})
-    choices: dict[str, Choice] = {}
+    known = _cached_measurements() if use_cache else {}
+    measurements: dict[str, dict] = {}
     todo = {}
     for key, group in groups.items():
-        known = machine.get(key)
-        if isinstance(known, dict) and known.get("kernel") in candidates(group[0].weight, mode):
-            choices[key] = Choice(known["kernel"], known.get("measured", {}))
+        if _usable(known.get(key), group[0].weight):
+            measurements[key] = {n: known[key][n] for n in candidates(group[0].weight)}
         else:
             todo[key] = group
     if todo:
         dtype = layers[0].weight.dtype
         with torch.inference_mode():
             for key, group in _sample(todo).items():
-                measured = {name: measure(group, name, mode, dtype) for name in candidates(group[0].weight, mode)}
-                choices[key] = Choice(choose(measured, mode), measured)
+                measurements[key] = {name: measure(group, name, dtype) for name in candidates(group[0].weight)}
         if use_cache:
             cache = _read_cache(path) or {"version": CACHE_VERSION, "machines": {}}
-            entry = cache.setdefault("machines", {}).setdefault(_machine_key(mode), {})
-            entry.update({key: choices[key].to_json() for key in todo})
+            cache.setdefault("machines", {}).setdefault(_machine_key(), {}).update(
+                {key: measurements[key] for key in todo})
             _write_cache(path, cache)
+    choices = {key: Choice(choose(m, mode), m) for key, m in measurements.items()}
     return Plan(mode, choices, tune_s=time.perf_counter() - start, source="measured" if todo else "cache")
 
 
@@ -432,7 +393,7 @@ def apply(model: nn.Module, plan: Plan, release: Callable[[torch.Tensor], None] 
         kernel = KERNELS[name](layer.weight)
         layer.decode_kernel = kernel
         counts[name] = counts.get(name, 0) + 1
-        copied = not (isinstance(kernel, (Blas, Reduce)) or (isinstance(kernel, BlasTransposed)
+        copied = not (isinstance(kernel, Blas) or (isinstance(kernel, BlasTransposed)
                                                              and not layer.weight.is_contiguous()))
         if copied and id(layer.weight) not in embedding_weights:
             if release is not None:

@@ -32,11 +32,10 @@ def _greedy(model, prompt, n=12):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", ["onednn", "blas", "blas-t", "reduce"])
+@pytest.mark.parametrize("name", ["onednn", "blas", "blas-t"])
 def test_every_kernel_computes_the_plain_layer(name, dtype):
     plain, fast = lively_model(7, tie=True).to(dtype), lively_model(7, tie=True).to(dtype)
-    mode = kernels.COMPILED if name == "reduce" else kernels.EAGER  # reduce is a compiled step's kernel
-    counts = kernels.apply(fast, plan_of(name, fast, mode))
+    counts = kernels.apply(fast, plan_of(name, fast))
     assert counts == {name: 2 * 4 + 1}
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
@@ -63,11 +62,11 @@ def test_the_choice_is_measured_once_then_read_from_the_cache(monkeypatch):
     assert first.source == "measured" and first.tune_s > 0
     saved = json.loads(kernels.cache_path().read_text())
     (machine, entry), = saved["machines"].items()
-    assert "threads" in machine and "torch" in machine and "eager" in machine
+    assert "threads" in machine and "torch" in machine
     assert set(entry) == set(first.choices)
-    for choice in entry.values():
-        assert choice["kernel"] in choice["measured"]
-        assert {"one", "batch", "invariant"} <= set(choice["measured"][choice["kernel"]])
+    for key, measured in entry.items():
+        assert first.choices[key].kernel in measured
+        assert all({"one", "batch", "invariant"} <= set(m) for m in measured.values())
 
     def no_measuring(*args, **kwargs):
         raise AssertionError("measured again")
@@ -76,6 +75,7 @@ def test_the_choice_is_measured_once_then_read_from_the_cache(monkeypatch):
     assert not kernels.will_measure(model)
     second = kernels.tune(model)
     assert second.source == "cache" and second.summary() == first.summary()
+    assert kernels.tune(model, kernels.COMPILED).source == "cache"  # one measurement serves --compile too
 
 
 def test_no_tune_measures_nothing_and_writes_nothing(monkeypatch):
@@ -83,7 +83,7 @@ def test_no_tune_measures_nothing_and_writes_nothing(monkeypatch):
     model = lively_model(10)
     plan = kernels.tune(model)
     assert plan.source == "default" and not kernels.cache_path().exists()
-    assert kernels.apply(model, plan) == {kernels.DEFAULT_KERNEL[kernels.EAGER]: 9}
+    assert kernels.apply(model, plan) == {kernels.DEFAULT_KERNEL: 9}
     monkeypatch.delenv(kernels.NO_TUNE_ENV)
     assert kernels.tune(lively_model(10), enabled=False).source == "default"
     assert not kernels.cache_path().exists()
@@ -104,14 +104,14 @@ def test_eager_choice_skips_kernels_whose_rows_depend_on_the_batch():
         "blas-t": {"one": 9.0, "batch": 40.0, "invariant": True},  # 9 + 40/8 = 14 > 10 + 20/8 = 12.5
     }
     assert kernels.choose(measured, kernels.EAGER) == "onednn"
-    assert kernels.choose({"reduce": {"one": 3.0}, "onednn": {"one": 4.0}}, kernels.COMPILED) == "reduce"
+    assert kernels.choose(measured, kernels.COMPILED) == "blas"  # one sequence: the fastest single row
 
 
 def test_a_checkpoints_in_out_weight_costs_blas_no_copy():
     w = torch.randn(48, 32).t()  # (out, in) as a view of a Conv1D's (in, out), as a checkpoint stores it
     assert kernels.shape_key(w).endswith("in,out")
     assert kernels.Blas(w).weight.data_ptr() == w.data_ptr()
-    assert "blas-t" not in kernels.candidates(w, kernels.EAGER)  # it would be blas again
+    assert "blas-t" not in kernels.candidates(w)  # it would be blas again
 
 
 def test_prepare_model_reports_the_kernels():
@@ -137,6 +137,6 @@ def test_cli_no_tune(tiny):
     result = runner.invoke(app, ["generate", *tiny, "Hello", "-n", "3", "--json", "--no-tune"])
     assert result.exit_code == 0, result.stderr
     timings = json.loads(result.stdout)["timings"]
-    assert timings["tune_s"] is None and timings["kernels"] == {kernels.DEFAULT_KERNEL["eager"]: 9}
+    assert timings["tune_s"] is None and timings["kernels"] == {kernels.DEFAULT_KERNEL: 9}
     assert "measuring" not in result.stderr and not kernels.cache_path().exists()
     assert "--no-tune" in runner.invoke(app, ["generate", "--help"]).stdout

@@ -262,7 +262,7 @@ def load_for_command(*, size, config, weights: str, device_name: str, dtype_name
 
     # Progress for a person only: a script's stderr stays as it was (the JSON has tune_s).
     if sys.stderr.isatty() and kernels and torch_device.type == "cpu" and not quantize and tune and \
-            will_measure(loaded.model, kernels):
+            will_measure(loaded.model):
         note("measuring the matrix kernels of this CPU (once; cached for later runs, --no-tune skips it)...")
     prepared = prepare_model(loaded.model, torch_device, torch_dtype, quantize=quantize, kernels=kernels, tune=tune)
     loaded.kernels = prepared.plan
