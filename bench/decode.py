@@ -314,8 +314,9 @@ class GptcliRunner(VariantRunner):
 
         v, cpu, dtype = self.variant, torch.device("cpu"), getattr(torch, self.variant.dtype)
         start = time.perf_counter()
-        loaded = load_model(size=None, config=None, weights=self.work.checkpoint, device=cpu, dtype=dtype, seed=0,
-                            mapped=True)
+        load_dtype = torch.float32 if v.quantize else dtype  # quantized from float32, as gptcli generate does
+        loaded = load_model(size=None, config=None, weights=self.work.checkpoint, device=cpu, dtype=load_dtype,
+                            seed=0, mapped=True)
         kernels = "compiled" if v.compile else "eager"
         prepared = prepare_model(loaded.model, cpu, dtype, quantize=v.quantize, kernels=kernels)  # as generate does
         model = prepared.model

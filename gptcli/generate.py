@@ -269,7 +269,8 @@ def prepare_model(
 
     ``quantize="int8"``: weight-only int8 Linear layers; ``"int4"``: weight-only int4 in groups of
     ``INT4_DEFAULT_GROUP_SIZE`` inputs (``"int4-gN"``: groups of N), with a fast kernel on the CPU
-    only (see gptcli.quantize).
+    only (see gptcli.quantize). A model loaded in float32 (memory-mapped: each layer's pages go back
+    once quantized) is quantized from float32 and the rest cast to ``dtype``.
     ``kernels``: on the CPU, give each Linear layer the kernel measured fastest for its shape on this
     CPU (``gptcli.kernels``; ``"eager"`` or ``"compiled"`` for ``--compile``'s steps), measured once
     and cached on disk; ``tune=False`` (``--no-tune``) takes the defaults without measuring.
@@ -278,19 +279,25 @@ def prepare_model(
     """
     from gptcli.quantize import int4_group_size, quantize_int4, quantize_int8
 
-    if quantize == "int8":
-        return Prepared(quantize_int8(model, dtype))
-    if quantize is not None and int4_group_size(quantize):
-        return Prepared(quantize_int4(model, dtype, group_size=int4_group_size(quantize)))
+    mapping = getattr(model, "mapped_file", None)
+    release = mapping.release if mapping is not None else None
     if quantize is not None:
-        raise UserError(f"unknown --quantize {quantize!r}; choose int8, int4 or int4-g32/64/128/256")
+        if quantize == "int8":
+            quantize_int8(model, dtype, release)
+        elif int4_group_size(quantize):
+            quantize_int4(model, dtype, group_size=int4_group_size(quantize), release=release)
+        else:
+            raise UserError(f"unknown --quantize {quantize!r}; choose int8, int4 or int4-g32/64/128/256")
+        model.to(dtype)  # what stays in floating point (embeddings, norms, biases), if loaded in float32
+        if mapping is not None:
+            mapping.release(mapping.bytes)  # nothing reads the file any more
+        return Prepared(model)
     if kernels is None or device.type != "cpu":
         return Prepared(model)
     from gptcli import kernels as kernel_choice
 
     plan = kernel_choice.tune(model, kernels, enabled=tune)
-    mapping = getattr(model, "mapped_file", None)
-    return Prepared(model, plan, kernel_choice.apply(model, plan, mapping.release if mapping is not None else None))
+    return Prepared(model, plan, kernel_choice.apply(model, plan, release))
 
 
 def make_decoder(model: "GPTModel", device: "torch.device", dtype: "torch.dtype", *, compile: bool = False) -> Decoder:

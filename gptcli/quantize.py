@@ -10,11 +10,15 @@ and norms stay in that dtype too. int4 follows the same rule (see Int4Linear).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from gptcli.errors import UserError
+
+Release = Callable[[torch.Tensor], None]  # called with a float weight nothing needs any more
 
 
 class Int8Linear(nn.Module):
@@ -56,11 +60,12 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
-def quantize_int8(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def quantize_int8(model: nn.Module, dtype: torch.dtype, release: Release | None = None) -> nn.Module:
     """Replace every nn.Linear in ``model`` (in place) by an Int8Linear; returns the model.
 
     A head tied to the token embedding gets its own int8 copy; the embedding stays in ``dtype``
-    for the lookup.
+    for the lookup. ``release(weight)`` is called on each float weight once quantized (see
+    ``_released``).
     """
     if dtype == torch.float32:
         raise UserError("--quantize int8 needs --dtype bfloat16 or float16 activations (int8 kernels take those)")
@@ -68,7 +73,16 @@ def quantize_int8(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, child_name, Int8Linear.from_linear(child, dtype))
+                _released(model, child, release)
     return model
+
+
+def _released(model: nn.Module, linear: nn.Linear, release: Release | None) -> None:
+    """Hand a quantized layer's float weight to ``release`` (a memory-mapped checkpoint's pages go back,
+    so quantizing 1558M never holds its float weights whole), unless an embedding still uses it."""
+    if release is not None and all(m.weight is not linear.weight for m in model.modules()
+                                   if isinstance(m, nn.Embedding)):
+        release(linear.weight)
 
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts
@@ -186,7 +200,8 @@ def check_int4_shape(in_features: int, group_size: int) -> None:
                         f"got a layer with {in_features}")
 
 
-def quantize_int4(model: nn.Module, dtype: torch.dtype, group_size: int = INT4_DEFAULT_GROUP_SIZE) -> nn.Module:
+def quantize_int4(model: nn.Module, dtype: torch.dtype, group_size: int = INT4_DEFAULT_GROUP_SIZE,
+                  release: Release | None = None) -> nn.Module:
     """Replace every nn.Linear in ``model`` (in place) by an Int4Linear; returns the model.
 
     As with int8, a head tied to the token embedding gets its own int4 copy and the embedding stays
@@ -200,4 +215,5 @@ def quantize_int4(model: nn.Module, dtype: torch.dtype, group_size: int = INT4_D
         check_int4_shape(child.in_features, group_size)
     for module, name, child in linears:
         setattr(module, name, Int4Linear.from_linear(child, dtype, group_size))
+        _released(model, child, release)
     return model

@@ -168,6 +168,31 @@ def test_mapped_load_keeps_the_conv1d_orientation_without_copies_and_gives_the_s
     assert all(not (base <= p.data_ptr() < end) for p in bf16.parameters())
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantizing_a_mapped_checkpoint_reads_float32_layer_by_layer(tmp_path, tiny_cfg, scheme):
+    """--quantize loads float32 memory-mapped and gives each layer's pages back once it is quantized:
+    the same layers as quantizing the model in memory, the rest in the activation dtype."""
+    import copy
+
+    from gptcli.generate import prepare_model
+
+    model = tiny_model(tiny_cfg(tie_weights=True))
+    save_hf(model, tmp_path / "hf")
+    mapped = load_model(size=None, config=None, weights=str(tmp_path / "hf"), device=CPU, dtype=torch.float32,
+                        mapped=True).model
+    released = []
+    mapping = mapped.mapped_file
+    give_back = mapping.release
+    mapping.release = lambda t: (released.append(tuple(t.shape)), give_back(t))
+    prepare_model(mapped, CPU, torch.bfloat16, quantize=scheme)
+    in_memory = prepare_model(copy.deepcopy(model), CPU, torch.bfloat16, quantize=scheme).model
+    assert len(released) == 2 * 4 + 1  # every block's Linear weight (not the tied head's embedding), then the file
+    assert {p.dtype for p in mapped.parameters()} == {torch.bfloat16}
+    ids = torch.arange(10).unsqueeze(0) * 97
+    with torch.inference_mode():
+        assert torch.equal(mapped(ids), in_memory(ids))
+
+
 @pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("wanted", [torch.float32, torch.bfloat16])
 def test_half_precision_checkpoints_load_and_cast(tmp_path, tiny_cfg, stored, wanted):

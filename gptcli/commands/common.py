@@ -255,7 +255,10 @@ def load_for_command(*, size, config, weights: str, device_name: str, dtype_name
     torch_dtype = resolve_dtype(dtype_name, torch_device)
     if quantize and torch_dtype == torch.float32 and dtype_name == "auto":
         torch_dtype = torch.bfloat16  # int8 runs with half-precision activations; auto means what it takes
-    loaded = load_model(size=size, config=config, weights=weights, device=torch_device, dtype=torch_dtype,
+    # Quantizing reads float32 weights from the mapped file layer by layer: no half-precision copy of
+    # the whole model first (1558M int8 peaked at 5.3 GB that way).
+    load_dtype = torch.float32 if quantize and torch_device.type == "cpu" else torch_dtype
+    loaded = load_model(size=size, config=config, weights=weights, device=torch_device, dtype=load_dtype,
                         seed=seed, note=note, mapped=kernels is not None)
     start = time.perf_counter()
     from gptcli.kernels import will_measure
@@ -265,6 +268,7 @@ def load_for_command(*, size, config, weights: str, device_name: str, dtype_name
             will_measure(loaded.model):
         note("measuring the matrix kernels of this CPU (once; cached for later runs, --no-tune skips it)...")
     prepared = prepare_model(loaded.model, torch_device, torch_dtype, quantize=quantize, kernels=kernels, tune=tune)
+    loaded.dtype = torch_dtype
     loaded.kernels = prepared.plan
     loaded.kernel_counts = prepared.counts
     loaded.load_seconds += time.perf_counter() - start
