@@ -583,17 +583,33 @@ VARIANT_HEADER = ["variant", "decode tok/s", "spread", "vs ref", "ref", "% limit
                   "TTFT ms", "load s", "tune s", "compile s", "peak RSS MiB"]
 
 
+@dataclass(frozen=True)
+class Figures:
+    decode: float | None  # tok/s, median
+    ratio: float | None  # decode / the reference's
+    limit: float | None  # tok/s the bandwidth allows
+
+    @property
+    def of_limit(self) -> float | None:
+        return self.decode / self.limit if self.decode and self.limit else None
+
+
+def figures(variant: Variant, outcomes: dict[str, Outcome], gb_s: float | None, shape: ModelShape) -> Figures:
+    decode = outcomes[variant.name].median("decode_tok_s") if variant.name in outcomes else None
+    ref = outcomes.get(variant.reference or "")
+    ref_decode = ref.median("decode_tok_s") if ref else None
+    limit = None
+    if gb_s:
+        limit = variant.batch * gb_s * 1e9 / (shape.weights_read_per_token() * variant.bytes_per_weight)
+    return Figures(decode, decode / ref_decode if decode and ref_decode else None, limit)
+
+
 def variant_row(variant: Variant, outcomes: dict[str, Outcome], gb_s: float | None, shape: ModelShape) -> list[str]:
     out = outcomes[variant.name]
     if out.error and not out.samples:
         return [variant.name, "failed", *["—"] * (len(VARIANT_HEADER) - 2)]
-    decode = out.median("decode_tok_s")
-    ref = outcomes.get(variant.reference or "")
-    ref_decode = ref.median("decode_tok_s") if ref else None
-    ratio = decode / ref_decode if decode and ref_decode else None
-    limit = None
-    if gb_s:
-        limit = variant.batch * gb_s * 1e9 / (shape.weights_read_per_token() * variant.bytes_per_weight)
+    f = figures(variant, outcomes, gb_s, shape)
+    decode, ratio, limit = f.decode, f.ratio, f.limit
     return [
         variant.name, fmt(decode, ".1f"), fmt(out.spread("decode_tok_s"), ".0f", 100, "%"),
         fmt(ratio, ".2f", suffix="×"), variant.reference or "—",
@@ -602,6 +618,45 @@ def variant_row(variant: Variant, outcomes: dict[str, Outcome], gb_s: float | No
         fmt(out.info.get("load_s"), ".2f"), fmt(out.info.get("tune_s"), ".2f"), fmt(out.info.get("compile_s"), ".1f"),
         fmt(out.info.get("peak_rss"), ".0f", 1 / MIB),
     ]
+
+
+def targets_table(outcomes: dict[str, Outcome], gb_s: float | None, shape: ModelShape) -> str:
+    """Issue 13's decode targets, from this run's variants ("not run" where a variant is missing)."""
+
+    def get(name: str) -> Figures:
+        return figures(VARIANTS[name], outcomes, gb_s, shape)
+
+    def best(names: Sequence[str]) -> tuple[str, Figures] | None:
+        runs = [(n, get(n)) for n in names if get(n).decode]
+        return max(runs, key=lambda r: r[1].decode or 0) if runs else None
+
+    rows = []
+
+    def row(target: str, value: float | None, goal: float, shown: str) -> None:
+        status = "not run" if value is None else ("met" if value >= goal else "**not met**")
+        rows.append([target, shown if value is not None else "—", status])
+
+    f = get("gptcli-fp32")
+    row("eager float32 >= 1.2x transformers float32", f.ratio, 1.2, fmt(f.ratio, ".2f", suffix="×"))
+    f = get("gptcli-fp32-compile")
+    row("--compile float32 >= 85% of the limit", f.of_limit, 0.85, fmt(f.of_limit, ".0f", 100, "%"))
+    f = get("gptcli-bf16-compile")
+    row("--dtype bfloat16 --compile >= 75% of the bfloat16 limit", f.of_limit, 0.75, fmt(f.of_limit, ".0f", 100, "%"))
+    int8 = best(["gptcli-int8", "gptcli-int8-compile"])
+    row("the best int8 path >= 60% of the int8 limit", int8[1].of_limit if int8 else None, 0.6,
+        f"{fmt(int8[1].of_limit, '.0f', 100, '%')} ({int8[0]})" if int8 else "")
+    e8, c8 = get("gptcli-int8").decode, get("gptcli-int8-compile").decode
+    row("int8 --compile >= int8 eager", c8 / e8 if c8 and e8 else None, 1.0,
+        f"{fmt(c8, '.1f')} vs {fmt(e8, '.1f')} tok/s" if c8 and e8 else "")
+    int4 = best(["gptcli-int4", "gptcli-int4-compile"])
+    ratio4 = int4[1].decode / int8[1].decode if int4 and int8 and int8[1].decode else None
+    row("int4 >= 1.6x the best int8 path", ratio4, 1.6,
+        f"{fmt(ratio4, '.2f', suffix='×')} ({int4[0]} vs {int8[0]})" if ratio4 else "")
+    b8 = get("gptcli-fp32-batch8")
+    row("batch 8 >= 4x batch 1", b8.ratio, 4.0, fmt(b8.ratio, ".2f", suffix="×"))
+    return (f"Issue 13's decode targets on this run ({shape.name}; the 1558M load and first token: "
+            "`python bench/first_token.py`):\n\n" + markdown_table(["target", "measured", "status"], rows,
+                                                                   text_columns=(0, 1, 2)))
 
 
 def machine_lines(threads: int) -> list[str]:
@@ -649,6 +704,7 @@ def report(args: argparse.Namespace, shape: ModelShape, outcomes: dict[str, Outc
               for n in args.variant_names if outcomes[n].info.get("kernels")]
     if chosen:
         lines += ["", "Kernels (Linear layers per kernel, gptcli.kernels): " + "; ".join(chosen) + "."]
+    lines += ["", targets_table(outcomes, gb_s, shape)]
     failures = [f"- {n}: {o.error}" for n, o in outcomes.items() if o.error]
     if failures:
         lines += ["", "Failures:", *failures]

@@ -49,7 +49,11 @@ def test_quick_run_prints_the_tables(tmp_path: Path) -> None:
     assert "- Machine:" in proc.stdout and "- Command:" in proc.stdout
     assert re.search(r"Memory bandwidth .*: \d+\.\d GB/s", proc.stdout)
 
-    variants, processes = markdown_tables(proc.stdout)
+    variants, targets, processes = markdown_tables(proc.stdout)
+    assert targets[0] == ["target", "measured", "status"] and len(targets) == 1 + 7
+    statuses = {row[0]: row[2] for row in targets[1:]}
+    assert statuses["int4 >= 1.6x the best int8 path"] == "not run"  # --quick runs no int4 variant
+    assert statuses["batch 8 >= 4x batch 1"] in ("met", "**not met**")
     header, rows = variants[0], {row[0]: dict(zip(variants[0], row)) for row in variants[1:]}
     assert header == ["variant", "decode tok/s", "spread", "vs ref", "ref", "% limit", "limit tok/s", "prefill tok/s",
                       "TTFT ms", "load s", "tune s", "compile s", "peak RSS MiB"]
