@@ -336,7 +336,9 @@ def select_next(logits: "torch.Tensor", options: SamplingOptions, generator: "to
     import torch
 
     if options.greedy:
-        return torch.argmax(logits, dim=-1)  # (B,)
+        # Half-precision logits through float32 (exact): torch's CPU argmax over 50257 bfloat16 values
+        # took 167 us against 60 with the conversion, 5% of an int4 decode step.
+        return torch.argmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)  # (B,)
     # Sample in float32 on the CPU: same draws for a seed on any device and in any model dtype.
     scaled = logits.detach().float().cpu() / options.temperature  # (B, V)
     if options.top_k is not None and options.top_k < scaled.shape[-1]:
