@@ -63,7 +63,7 @@ def kernel_table(shapes: list[tuple[int, int]], dtypes: list[str]) -> list[str]:
 
             routes = [("oneDNN, plain weights", onednn)]
             for kernel_name in kernels.candidates(w):
-                kernel = kernels.KERNELS[kernel_name](w)
+                kernel = kernels.KERNELS[kernel_name](w).prepare()
                 routes.append((f"gptcli.kernels {kernel_name}", lambda x_, w_, b_, k=kernel: k(x_, b_)))
             for name, fn in routes:
                 with torch.inference_mode():

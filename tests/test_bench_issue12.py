@@ -1,4 +1,4 @@
-"""Smoke tests of bench/batch_invariance.py and bench/threads.py: they run and print their tables with
+"""Smoke tests of bench/batch_invariance.py, bench/threads.py and bench/kernels.py: they run and print their tables with
 numbers in them. The figures themselves are not checked here (they are in BENCHMARKS.md)."""
 
 from __future__ import annotations
@@ -39,3 +39,13 @@ def test_threads_bench_prints_a_row_per_setting():
     assert "1 thread" in rows and any(name.endswith("OMP_WAIT_POLICY=PASSIVE") for name in rows)
     assert re.search(r"\| 1 thread \| \d+\.\d \(", rows["1 thread"])
     assert re.search(r"\| \d+ \|$", rows["`configure_threads(None)` chose (each round)"])
+
+
+def test_kernels_bench_prints_each_candidate_and_the_tuning_time():
+    proc = run(str(BENCH / "kernels.py"), "--dtypes", "bfloat16", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("## Kernel tuning on ")
+    assert re.search(r"### bfloat16: first run \d+\.\d\d s \(measured\), cached run \d+\.\d ms \(cache\)", proc.stdout)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "bfloat16" in line]
+    assert len(rows) == 5 * 3  # 124M's five weight shapes, three candidates each
+    assert sum("**" in line.split("|")[6] for line in rows) == 5  # one eager choice per shape

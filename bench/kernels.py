@@ -1,0 +1,77 @@
+"""What ``gptcli.kernels.tune`` measures on this CPU, and how long it takes.
+
+    python bench/kernels.py                      # 124M, float32 and bfloat16, 2 threads
+    python bench/kernels.py --size 1558M --dtypes float32 --checkpoint DIR   # a checkpoint's own layout
+    python bench/kernels.py --threads 1
+
+For each dtype it builds the model (random weights, or ``--checkpoint`` loaded memory-mapped as
+``gptcli generate`` loads it, so a Hugging Face file's Conv1D weights keep their (in, out) layout),
+runs ``tune`` against an empty cache in a temporary folder (the cost a user's first run pays), then
+again (the cached run), and prints per weight shape every candidate's time for one row and for 8
+rows (microseconds per call, the best of the timed sweeps over layers of that shape), whether its
+row 0 is the same alone, among 3 and among 8 rows, and which kernel eager and compiled decoding get.
+The issue's budget for the first run's tuning is 3 s for 124M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workers import cpu_model  # noqa: E402 - shared with the other benchmarks, in this folder
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="124M")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--checkpoint", help="a checkpoint to load (memory-mapped) instead of random weights")
+    args = p.parse_args()
+
+    import torch
+
+    from gptcli import kernels
+    from gptcli.config import shipped_config
+    from gptcli.weights import load_model, random_model
+
+    torch.set_num_threads(args.threads)
+    print(f"## Kernel tuning on {cpu_model()}\n")
+    print(f"- torch {torch.__version__}, {args.threads} threads; {args.size}"
+          f"{', ' + args.checkpoint if args.checkpoint else ', random weights'}")
+    print(f"- Command: `python bench/kernels.py {' '.join(sys.argv[1:])}`".rstrip())
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["GPTCLI_CACHE_DIR"] = cache
+            if args.checkpoint:
+                model = load_model(size=None, config=None, weights=args.checkpoint, device=torch.device("cpu"),
+                                   dtype=dtype, mapped=True).model
+            else:
+                model = random_model(shipped_config(args.size), 0).to(dtype).eval()
+            start = time.perf_counter()
+            first = kernels.tune(model)
+            first_s = time.perf_counter() - start
+            start = time.perf_counter()
+            again = kernels.tune(model)
+            again_s = time.perf_counter() - start
+            compiled = kernels.tune(model, kernels.COMPILED)
+        print(f"\n### {dtype_name}: first run {first_s:.2f} s ({first.source}), "
+              f"cached run {again_s * 1e3:.1f} ms ({again.source})\n")
+        print("| weight (out x in, dtype, stored) | kernel | 1 row µs | 8 rows µs | row-invariant | eager gets | "
+              "compiled gets |")
+        print("|---|---|---:|---:|---|---|---|")
+        for key, choice in first.choices.items():
+            for name, m in choice.measured.items():
+                print(f"| {key} | {name} | {m['one']:.1f} | {m['batch']:.1f} | {'yes' if m['invariant'] else 'no'} | "
+                      f"{'**' + name + '**' if name == choice.kernel else ''} | "
+                      f"{'**' + name + '**' if name == compiled.choices[key].kernel else ''} |")
+
+
+if __name__ == "__main__":
+    main()
