@@ -41,7 +41,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -99,8 +99,8 @@ def _reserve_slot() -> int:
 # with a batch's: it multiplies the lone row as it is (20 us a call against 37 for the pair through
 # torch.library.custom_op, 0.7 ms of a 124M step). Defined with torch.library.Library, whose calls
 # cost less than custom_op's.
-_LIBRARY = torch.library.Library("gptcli", "DEF")
-_LIBRARY.define("onednn_linear(Tensor x, Tensor? bias, int handle, int out_features) -> Tensor")
+_LIBRARY = torch.library.Library("gptcli", "FRAGMENT")  # gptcli.speed defines training ops there too
+_LIBRARY.define("decode_linear(Tensor x, Tensor? bias, int handle, int out_features) -> Tensor")
 
 
 def _onednn_linear_rows(x: torch.Tensor, bias: torch.Tensor | None, handle: int, out_features: int) -> torch.Tensor:
@@ -110,10 +110,10 @@ def _onednn_linear_rows(x: torch.Tensor, bias: torch.Tensor | None, handle: int,
     return y.view(*x.shape[:-1], out_features)
 
 
-_LIBRARY.impl("onednn_linear", _onednn_linear_rows, "CPU")
+_LIBRARY.impl("decode_linear", _onednn_linear_rows, "CPU")
 
 
-@torch.library.register_fake("gptcli::onednn_linear")
+@torch.library.register_fake("gptcli::decode_linear")
 def _(x: torch.Tensor, bias: torch.Tensor | None, handle: int, out_features: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
 
@@ -163,7 +163,7 @@ class OneDNN(Kernel):
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return torch.ops.gptcli.onednn_linear(x, bias, self.handle, self.out_features)
+            return torch.ops.gptcli.decode_linear(x, bias, self.handle, self.out_features)
         return _onednn_linear(x, _PACKED[self.handle], bias, self.out_features)
 
     def release(self) -> None:
@@ -478,8 +478,5 @@ _LIBC = None
 
 
 def describe(counts: dict[str, int]) -> str:
+    """``onednn x48, blas x1``: layers per kernel, for --stats."""
     return ", ".join(f"{n} x{c}" for n, c in sorted(counts.items()))
-
-
-def kernel_names() -> Iterable[str]:
-    return KERNELS.keys()

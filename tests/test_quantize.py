@@ -33,22 +33,31 @@ def test_int8_linear_matches_dequantized_float():
     assert ((dequant - linear.weight.detach()).abs() <= step * 0.51).all()
 
 
-def test_quantized_model_stays_close_and_replaces_every_linear(tiny_config_file):
+@pytest.mark.parametrize("scheme,layer_type,max_rel,min_agree", [
+    ("int8", Int8Linear, 0.05, 0.9),
+    ("int4", Int4Linear, 0.15, 0.75),  # 16 levels a group: looser than int8
+])
+def test_quantized_model_stays_close_and_replaces_every_linear(tiny_config_file, scheme, layer_type, max_rel,
+                                                               min_agree):
     cfg = load_config_file(tiny_config_file(vocab_size=200, emb_dim=64, n_heads=4, tie_weights=True))
     torch.manual_seed(0)
     model = GPTModel(cfg).eval().to(torch.bfloat16)
     ids = torch.randint(0, 200, (1, 12))
     with torch.no_grad():
         reference = model(ids).float()
-        quantize_int8(model, torch.bfloat16)
+        if scheme == "int8":
+            quantize_int8(model, torch.bfloat16)
+        else:
+            quantize_int4(model, torch.bfloat16, group_size=32)
         quantized = model(ids).float()
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
-    assert isinstance(model.out_head, Int8Linear)
+    assert sum(isinstance(m, layer_type) for m in model.modules()) == 2 * 4 + 1  # qkv, out, 2 MLP a block; head
+    assert isinstance(model.out_head, layer_type) and model.out_head.out_features == 200
     assert model.tok_emb.weight.dtype == torch.bfloat16  # the lookup table stays in float
     rel = (quantized - reference).abs().max() / reference.abs().max()
-    assert rel < 0.05
+    assert rel < max_rel
     agree = (quantized.argmax(-1) == reference.argmax(-1)).float().mean()
-    assert agree >= 0.9
+    assert agree >= min_agree
 
 
 def test_float32_activations_are_refused(tiny_config_file):
@@ -98,25 +107,6 @@ def test_int4_cpu_kernel_is_exact_with_float32_activations():
     q, sz = int4_group_quantize(linear.weight, 64, torch.float32)
     x = torch.randn(5, 128)
     torch.testing.assert_close(layer(x), x @ int4_dequantize(q, sz, 64).T, atol=1e-5, rtol=1e-5)
-
-
-def test_int4_model_stays_close_and_replaces_every_linear(tiny_config_file):
-    cfg = load_config_file(tiny_config_file(vocab_size=200, emb_dim=64, n_heads=4, tie_weights=True))
-    torch.manual_seed(0)
-    model = GPTModel(cfg).eval().to(torch.bfloat16)
-    ids = torch.randint(0, 200, (1, 12))
-    with torch.no_grad():
-        reference = model(ids).float()
-        quantize_int4(model, torch.bfloat16, group_size=32)
-        quantized = model(ids).float()
-    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
-    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 2 * 4 + 1  # qkv, out, 2 MLP a block; head
-    assert isinstance(model.out_head, Int4Linear) and model.out_head.out_features == 200
-    assert model.tok_emb.weight.dtype == torch.bfloat16  # the lookup table stays in float
-    rel = (quantized - reference).abs().max() / reference.abs().max()
-    assert rel < 0.15  # 16 levels a group: looser than int8's 0.05
-    agree = (quantized.argmax(-1) == reference.argmax(-1)).float().mean()
-    assert agree >= 0.75
 
 
 @pytest.mark.parametrize(

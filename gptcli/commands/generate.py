@@ -285,8 +285,11 @@ def _stats_line(load_s: float, t: "Timings", compile_s: float | None, loaded: "L
 
     compiled = "" if compile_s is None else f", compile {compile_s:.2f} s"
     plan = loaded.kernels
-    if plan is not None and plan.source == "measured":
-        compiled = f" (kernels tuned in {plan.tune_s:.2f} s)" + compiled
+    if plan is not None:
+        from gptcli.kernels import describe
+
+        tuned = f", tuned in {plan.tune_s:.2f} s" if plan.source == "measured" else ""
+        compiled = f" (kernels {describe(loaded.kernel_counts)}{tuned})" + compiled
     threads = torch.get_num_threads()
     cpu = f" with {threads} thread{'s' * (threads != 1)}" if loaded.device.type == "cpu" else ""
     return (f"stats: load {load_s:.2f} s{compiled}, prefill {t.prefill_tokens} tokens in {t.prefill_s:.3f} s, "
