@@ -734,6 +734,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-processes", action="store_true", help="skip timing whole gptcli processes")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="skip the compile-cache runs (always skipped with --quick)")
+    p.add_argument("--first-token", action="store_true",
+                   help="also time load plus first token of whole gptcli and transformers processes on the same "
+                        "checkpoint (bench/first_token.py; issue 13's 1558M target)")
     p.add_argument("--output", type=Path, help="also write the report to this file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--write-checkpoint", type=Path, help=argparse.SUPPRESS)
@@ -797,7 +800,14 @@ def run_benchmark(args: argparse.Namespace) -> tuple[str, bool]:
         work = Workload(str(checkpoint), args.new_tokens, args.prefill_tokens, args.bandwidth_mib)
         outcomes = run_rounds([*args.variant_names, BANDWIDTH], work, args.threads, args.rounds, scratch)
         ok = not any(o.error for o in outcomes.values())
-        return report(args, shape, outcomes, cli_tables(args, checkpoint)), ok
+        tables = cli_tables(args, checkpoint)
+        if args.first_token:
+            from first_token import compare
+
+            log("timing load plus first token, whole processes")
+            tables.append("\n".join(compare(checkpoint, 3, args.threads, scratch,
+                                             shlex.join(["python", "bench/decode.py", *sys.argv[1:]])).lines))
+        return report(args, shape, outcomes, tables), ok
     finally:
         if args.keep and not args.checkpoint:
             for path in scratch.glob("inductor-*"):

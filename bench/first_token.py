@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -114,6 +115,65 @@ def weights_bytes(folder: Path) -> int:
     return sum(t.nbytes for name, t in header.tensors.items() if not name.endswith("attn.bias"))
 
 
+@dataclass
+class Comparison:
+    """Medians of interleaved whole-process runs: wall, load + first token, peak RSS, per side."""
+
+    lines: list[str]  # the markdown report
+    wall_ratio: float  # gptcli's wall time / transformers'
+    rss_ratio: float  # gptcli's peak RSS / the weights' bytes
+
+
+def compare(folder: Path, rounds: int, threads: int, scratch: Path, command: str) -> Comparison:
+    """Run both sides once unmeasured, then ``rounds`` interleaved rounds; ``scratch`` holds the caches."""
+    weights = weights_bytes(folder)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "GPTCLI_CACHE_DIR": str(scratch / "first-token-cache"),
+           "TORCHINDUCTOR_CACHE_DIR": str(scratch / "first-token-inductor")}
+    sides = {"gptcli": gptcli_argv(folder), "transformers": hf_argv(folder, threads)}
+    first = {}
+    for name, argv in sides.items():  # page cache and gptcli's kernel cache warm for both
+        first[name] = measure(argv, env)
+        print(f"warm-up {name}: {first[name]['wall_s']:.1f} s", file=sys.stderr)
+    tune_s = json.loads(first["gptcli"]["stdout"])["timings"].get("tune_s")
+    samples: dict[str, list[dict]] = {name: [] for name in sides}
+    for r in range(rounds):
+        for name in (list(sides) if r % 2 == 0 else list(reversed(sides))):
+            result = measure(sides[name], env)
+            out = json.loads(result["stdout"])
+            if name == "gptcli":
+                inside, token = out["timings"]["load_s"] + out["timings"]["prefill_s"], out["token_ids"][0]
+            else:
+                inside, token = out["load_s"] + out["first_token_s"], out["id"]
+            samples[name].append({"wall": result["wall_s"], "inside": inside, "rss": result["peak_rss"],
+                                  "token": token})
+            print(f"round {r + 1} {name}: {result['wall_s']:.2f} s wall, load + first token {inside:.2f} s, "
+                  f"peak RSS {result['peak_rss'] / 2**30:.2f} GiB", file=sys.stderr)
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(s[key] for s in samples[name])
+
+    ratio = med("gptcli", "wall") / med("transformers", "wall")
+    lines = [
+        "## Load plus first token, whole processes: gptcli generate against transformers",
+        "",
+        f"- Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {threads} threads; checkpoint {folder}, "
+        f"weights {weights / 1e9:.2f} GB; medians of {rounds} interleaved rounds, page cache warm",
+        f"- Command: `{command}`",
+        f"- gptcli's first run measured its kernels in {'—' if tune_s is None else f'{tune_s:.2f}'} s (once per "
+        f"machine; later runs read the cache); warm-up walls: gptcli {first['gptcli']['wall_s']:.1f} s, "
+        f"transformers {first['transformers']['wall_s']:.1f} s",
+        "",
+        "| process | wall s | load + first token s | peak RSS GiB | peak RSS ÷ weights | first id |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        *[f"| {name} | {med(name, 'wall'):.2f} | {med(name, 'inside'):.2f} | {med(name, 'rss') / 2**30:.2f} | "
+          f"{med(name, 'rss') / weights:.2f}× | {samples[name][0]['token']} |" for name in sides],
+        "",
+        f"gptcli's whole process takes {ratio:.2f}× transformers' wall time "
+        f"({'met' if ratio <= 1 else 'not met'}: target ≤ 1×).",
+    ]
+    return Comparison(lines, ratio, med("gptcli", "rss") / weights)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="1558M")
@@ -131,51 +191,9 @@ def main() -> None:
             start = time.perf_counter()
             write_folder(folder, args.size)
             print(f"wrote {folder} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-        weights = weights_bytes(folder)
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "GPTCLI_CACHE_DIR": str(scratch / "cache"),
-               "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor")}
-        sides = {"gptcli": gptcli_argv(folder), "transformers": hf_argv(folder, args.threads)}
-        first = {}
-        for name, argv in sides.items():  # page cache and gptcli's kernel cache warm for both
-            result = measure(argv, env)
-            first[name] = result
-            print(f"warm-up {name}: {result['wall_s']:.1f} s", file=sys.stderr)
-        tune_s = json.loads(first["gptcli"]["stdout"])["timings"].get("tune_s")
-        samples: dict[str, list[dict]] = {name: [] for name in sides}
-        for r in range(args.rounds):
-            order = list(sides) if r % 2 == 0 else list(reversed(sides))
-            for name in order:
-                result = measure(sides[name], env)
-                out = json.loads(result["stdout"])
-                if name == "gptcli":
-                    inside = out["timings"]["load_s"] + out["timings"]["prefill_s"]
-                    token = out["token_ids"][0]
-                else:
-                    inside = out["load_s"] + out["first_token_s"]
-                    token = out["id"]
-                samples[name].append({"wall": result["wall_s"], "inside": inside, "rss": result["peak_rss"],
-                                      "token": token})
-                print(f"round {r + 1} {name}: {result['wall_s']:.2f} s wall, load + first token {inside:.2f} s, "
-                      f"peak RSS {result['peak_rss'] / 2**30:.2f} GiB", file=sys.stderr)
-
-        def med(name: str, key: str) -> float:
-            return statistics.median(s[key] for s in samples[name])
-
-        print(f"## Load plus first token, whole processes: GPT-2 {args.size} float32\n")
-        print(f"- Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {args.threads} threads; "
-              f"weights {weights / 1e9:.2f} GB; medians of {args.rounds} interleaved rounds, page cache warm")
-        print(f"- Command: `python bench/first_token.py {' '.join(sys.argv[1:])}`")
-        print(f"- gptcli's first run measured its kernels in {tune_s if tune_s is None else round(tune_s, 2)} s "
-              f"(once per machine; later runs read the cache); warm-up walls: "
-              f"gptcli {first['gptcli']['wall_s']:.1f} s, transformers {first['transformers']['wall_s']:.1f} s\n")
-        print("| process | wall s | load + first token s | peak RSS GiB | peak RSS ÷ weights | first id |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
-        for name in sides:
-            print(f"| {name} | {med(name, 'wall'):.2f} | {med(name, 'inside'):.2f} | {med(name, 'rss') / 2**30:.2f} | "
-                  f"{med(name, 'rss') / weights:.2f}× | {samples[name][0]['token']} |")
-        ratio = med("gptcli", "wall") / med("transformers", "wall")
-        print(f"\ngptcli's whole process takes {ratio:.2f}× transformers' wall time "
-              f"({'met' if ratio <= 1 else 'not met'}: target ≤ 1×).")
+        result = compare(folder, args.rounds, args.threads, scratch,
+                         " ".join(["python", "bench/first_token.py", *sys.argv[1:]]))
+        print("\n".join(result.lines))
     finally:
         if args.keep and args.checkpoint is None:
             print(f"kept {folder}", file=sys.stderr)

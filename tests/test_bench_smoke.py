@@ -76,6 +76,22 @@ def test_quick_run_prints_the_tables(tmp_path: Path) -> None:
         assert is_number(row[1]) and row[3] == "ok", row
 
 
+def test_first_token_compares_whole_processes_on_the_same_checkpoint() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--variants", "gptcli-fp32", "--no-processes", "--rounds", "1",
+         "--first-token"], capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    first_token = markdown_tables(proc.stdout)[-1]
+    assert first_token[0] == ["process", "wall s", "load + first token s", "peak RSS GiB", "peak RSS ÷ weights",
+                              "first id"]
+    rows = {row[0]: row for row in first_token[1:]}
+    assert set(rows) == {"gptcli", "transformers"}
+    assert rows["gptcli"][5] == rows["transformers"][5]  # the same greedy first token from the same weights
+    assert all(is_number(cell) for row in rows.values() for cell in row[1:4])
+    assert re.search(r"gptcli's whole process takes \d+\.\d\d× transformers' wall time", proc.stdout)
+
+
 SCORE_BENCH = BENCH.parent / "score.py"
 
 
