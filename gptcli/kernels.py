@@ -11,18 +11,21 @@ The candidates (``Kernel`` subclasses), each one object per layer holding the we
 
 - ``onednn``: oneDNN's linear over weights packed once into its blocked layout. A lone row is
   multiplied as two equal rows, because oneDNN's one-row kernel rounds differently from its
-  many-row one (see ``_onednn_linear``). Under torch.compile it is one opaque op in the graph.
+  many-row one (see ``onednn_linear``). Under torch.compile it is one opaque op in the graph.
 - ``blas``: ``F.linear`` on the weight as stored, (out, in) or a transposed view of a checkpoint's
   (in, out), so it costs no copy; torch hands it to MKL.
 - ``blas-t``: ``x @ W`` with W stored (in, out), a copy when the checkpoint stored (out, in).
 
 Each is timed over enough layers of a shape to stream from memory as decoding does, with one row
 and with eight. A row's result must not depend on how many rows share the call (``--each-line``
-promises each row the ids it gets alone), so for eager decoding a candidate whose row 0 differs
-alone, among 3 and among 8 rows is never chosen; among the rest the cost is the time of one row
-plus an eighth of the time of eight rows (one token alone plus one token's share of a batch). A
-compiled decode step (``--compile``, one sequence) takes the fastest one-row candidate: each is one
-opaque call in Inductor's graph, so the same measurement serves it.
+promises each row the ids it gets alone), so eager decoding only takes a kernel that is
+row-invariant by the way it is called (``Kernel.row_invariant``: oneDNN, never given one row alone)
+and whose rows also matched their lone results here, 2 to 8 rows; among those the cost is the time
+of one row plus an eighth of the time of eight rows (one token alone plus one token's share of a
+batch). MKL's ``F.linear`` is not such a kernel: in float32 its rows differ from 2 or 4 rows on, and
+in bfloat16 they matched for some inputs and not for others. A compiled decode step (``--compile``,
+one sequence, never batched) takes the fastest one-row candidate: each is one opaque call in
+Inductor's graph, so the same measurement serves it.
 
 Inductor's own reduction (an element-wise multiply and sum that it vectorises, which
 ``--compile`` used before) is not a candidate: timing it needs a compile per shape (9 s for 124M,
@@ -38,7 +41,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -50,21 +55,23 @@ import torch.nn.functional as F
 EAGER = "eager"
 COMPILED = "compiled"
 DEFAULT_KERNEL = "onednn"  # the winner on the AMD EPYC measured (BENCHMARKS.md)
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 NO_TUNE_ENV = "GPTCLI_NO_TUNE"
 BATCH_ROWS = 8  # --each-line's default batch
 SAMPLE_BYTES = 256 * 2**20  # weights a candidate is timed over: more than a CPU's cache, so they stream as in decoding
 REPEATS = 3
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# oneDNN's fused linear and its weight packing: in CPU builds of torch with mkldnn (all the official ones).
+ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+          and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------
 # The candidates
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """oneDNN's linear over the rows of ``x`` (..., in), never with a single row.
 
     oneDNN gives a row the same bits among 2, 3, ... or 512 rows, but runs a lone row through a
@@ -84,15 +91,22 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 # Slots are reused lowest first, so the same model gets the same indices (and compiled graph) each run.
 _PACKED: list[torch.Tensor | None] = []
 _RESERVED = torch.empty(0)  # a slot whose packing is under way
+_SLOTS = threading.Lock()
 
 
 def _reserve_slot() -> int:
-    for i, packed in enumerate(_PACKED):
-        if packed is None:
-            _PACKED[i] = _RESERVED
-            return i
-    _PACKED.append(_RESERVED)
-    return len(_PACKED) - 1
+    with _SLOTS:
+        for i, packed in enumerate(_PACKED):
+            if packed is None:
+                _PACKED[i] = _RESERVED
+                return i
+        _PACKED.append(_RESERVED)
+        return len(_PACKED) - 1
+
+
+def _free_slot(handle: int) -> None:
+    with _SLOTS:
+        _PACKED[handle] = None
 
 
 # The op a compiled step calls. A compiled step decodes one sequence, so nothing compares its rows
@@ -122,6 +136,10 @@ class Kernel:
     """One Linear layer's weight in the layout a kernel wants, and that kernel: ``kernel(x, bias)``."""
 
     name = ""
+    # Whether a row's result is the same alone and among any number of rows, by how the kernel is
+    # called (not just on the inputs the tuner happened to try): only such kernels serve eager
+    # decoding, which --each-line batches.
+    row_invariant = False
 
     def __init__(self, weight: torch.Tensor):
         self.out_features, self.in_features = weight.shape
@@ -143,31 +161,38 @@ class Kernel:
 
 class OneDNN(Kernel):
     name = "onednn"
+    row_invariant = True  # never one row alone (onednn_linear); bench/batch_invariance.py checks 2..512 rows
 
     def __init__(self, weight: torch.Tensor):
         super().__init__(weight)
         self.handle = _reserve_slot()
         self._source: torch.Tensor | None = weight.detach()
+        # The packed weight lives as long as this kernel (the model that holds it), not the process.
+        self._finalizer = weakref.finalize(self, _free_slot, self.handle)
 
     def prepare(self) -> "OneDNN":
         # From (out, in) row-major: packing a transposed view directly gave a layout that oneDNN
         # reorders again on every call (8 ms instead of 0.4 for 1558M's (1600, 6400)).
         source, self._source = self._source, None
         if source is not None:
-            _PACKED[self.handle] = torch.ops.mkldnn._reorder_linear_weight(source.contiguous(), BATCH_ROWS)
+            try:
+                _PACKED[self.handle] = torch.ops.mkldnn._reorder_linear_weight(source.contiguous(), BATCH_ROWS)
+            except BaseException:
+                self._finalizer()
+                raise
         return self
 
     @staticmethod
     def available(weight: torch.Tensor) -> bool:
-        return _ONEDNN and weight.device.type == "cpu" and weight.dtype in _ONEDNN_DTYPES
+        return ONEDNN and weight.device.type == "cpu" and weight.dtype in ONEDNN_DTYPES
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return torch.ops.gptcli.decode_linear(x, bias, self.handle, self.out_features)
-        return _onednn_linear(x, _PACKED[self.handle], bias, self.out_features)
+        return onednn_linear(x, _PACKED[self.handle], bias, self.out_features)
 
     def release(self) -> None:
-        _PACKED[self.handle] = None
+        self._finalizer()
 
 
 class Blas(Kernel):
@@ -266,7 +291,10 @@ def _read_cache(path: Path) -> dict:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) and data.get("version") == CACHE_VERSION else {}
+    if not (isinstance(data, dict) and data.get("version") == CACHE_VERSION and isinstance(data.get("machines"), dict)
+            and all(isinstance(entry, dict) for entry in data["machines"].values())):
+        return {}  # another version, or not written by us: measure again (and overwrite it)
+    return data
 
 
 def _write_cache(path: Path, data: dict) -> None:
@@ -319,11 +347,12 @@ def _time_sweeps(kernels: Sequence[Kernel], biases: Sequence[torch.Tensor | None
     return best / len(kernels) * 1e6
 
 
-def _invariant(kernel: Kernel, bias: torch.Tensor | None, xs: Sequence[torch.Tensor],
+def _invariant(kernel: Kernel, bias: torch.Tensor | None, rows: torch.Tensor,
                call: Callable[[Kernel, torch.Tensor, torch.Tensor | None], torch.Tensor]) -> bool:
-    """Row 0's bits alone, among 3 rows and among 8 (the rows of ``xs`` share their first row)."""
-    alone = call(kernel, xs[0], bias)[0]
-    return all(torch.equal(alone, call(kernel, x, bias)[0]) for x in xs[1:])
+    """Every row's bits the same alone and among the first 2..8 rows of ``rows`` (8, in)."""
+    alone = [call(kernel, rows[i : i + 1], bias)[0] for i in range(rows.shape[0])]
+    return all(torch.equal(call(kernel, rows[:m], bias)[i], alone[i])
+               for m in range(2, rows.shape[0] + 1) for i in range(m))
 
 
 def _eager_call(kernel: Kernel, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -340,7 +369,7 @@ def measure(layers: Sequence[nn.Module], name: str, dtype: torch.dtype) -> dict[
     try:
         one = _time_sweeps(kernels, biases, rows[:1], _eager_call)
         batch = _time_sweeps(kernels, biases, rows, _eager_call)
-        invariant = _invariant(kernels[0], biases[0], (rows[:1], rows[:3], rows), _eager_call)
+        invariant = _invariant(kernels[0], biases[0], rows, _eager_call)
         return {"one": round(one, 2), "batch": round(batch, 2), "invariant": invariant}
     finally:
         for kernel in kernels:
@@ -354,8 +383,10 @@ def cost(measured: dict[str, float | bool], mode: str) -> float:
 
 
 def choose(measured: dict[str, dict[str, float | bool]], mode: str) -> str:
-    """The cheapest candidate; for eager decoding only among those whose rows do not depend on the batch."""
-    usable = {n: m for n, m in measured.items() if mode == COMPILED or m.get("invariant")}
+    """The cheapest candidate; for eager decoding only among those whose rows cannot depend on the batch
+    (``Kernel.row_invariant``) and did not here (the measured check)."""
+    usable = {n: m for n, m in measured.items()
+              if mode == COMPILED or (KERNELS[n].row_invariant and m.get("invariant"))}
     if not usable:
         return next(iter(measured))  # the default, first: nothing is invariant here
     return min(usable, key=lambda n: cost(usable[n], mode))
@@ -379,9 +410,13 @@ def _cached_measurements() -> dict:
 
 
 def _usable(known: object, weight: torch.Tensor) -> bool:
-    """A cached entry with a measurement of every candidate this weight has."""
-    return isinstance(known, dict) and all(isinstance(known.get(n), dict) and "one" in known[n] and
-                                           "batch" in known[n] for n in candidates(weight))
+    """A cached entry with a well-formed measurement of every candidate this weight has."""
+
+    def well_formed(m: object) -> bool:
+        return (isinstance(m, dict) and all(isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool)
+                                            for k in ("one", "batch")) and isinstance(m.get("invariant"), bool))
+
+    return isinstance(known, dict) and all(well_formed(known.get(n)) for n in candidates(weight))
 
 
 def will_measure(model: nn.Module) -> bool:

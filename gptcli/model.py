@@ -19,11 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptcli.config import GPTConfig
+from gptcli.kernels import ONEDNN, ONEDNN_DTYPES, onednn_linear
 
 
-# oneDNN's fused linear: present in CPU builds of torch with mkldnn (all the official ones).
-_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 # Where left-padded rows attend one by one (_attend_rows), for batch invariance. Not on a GPU: its
 # matmuls are not batch-invariant anyway, and B small kernels per layer cost time there.
 ROW_ATTENTION_DEVICES = ("cpu",)
@@ -51,11 +49,9 @@ class Linear(nn.Linear):
             return F.linear(x, self.weight, self.bias)  # autocast casts x and the weight, and picks the kernel
         if self.train_kernel is not None and torch.is_grad_enabled() and x.dtype == torch.float32:
             return self.train_kernel(x, self.weight, self.bias)
-        if (x.device.type == "cpu" and _ONEDNN_LINEAR and not torch.is_grad_enabled() and x.dtype in _ONEDNN_DTYPES
+        if (x.device.type == "cpu" and ONEDNN and not torch.is_grad_enabled() and x.dtype in ONEDNN_DTYPES
                 and not torch.compiler.is_compiling()):
-            from gptcli.kernels import _onednn_linear
-
-            return _onednn_linear(x, self.weight, self.bias, self.out_features)
+            return onednn_linear(x, self.weight, self.bias, self.out_features)
         return F.linear(x, self.weight, self.bias)
 
 

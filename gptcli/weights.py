@@ -460,7 +460,7 @@ def _madvise_dontneed(address: int, length: int) -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no libc madvise (Windows): the pages just stay
         pass
 
 

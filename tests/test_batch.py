@@ -71,7 +71,7 @@ def test_batch_rows_are_bit_identical_to_lone_rows(dtype, kernels):
     """--each-line's promise at the logits: a row's numbers do not depend on the rest of the batch.
 
     What it relies on (CPU, eager, float32/bfloat16): oneDNN's linear gives a row the same bits among
-    2..N rows, so a lone row is multiplied as two (kernels._onednn_linear); the tuner never picks a
+    2..N rows, so a lone row is multiplied as two (kernels.onednn_linear); the tuner never picks a
     kernel whose rows change with the batch ("tuned": whichever kernels won on this CPU); attention
     runs each row over its own real keys (model._attend_rows). Checked on an AMD EPYC, where one
     masked attention call or a one-row product moved logits by ~1e-6; python bench/batch_invariance.py

@@ -27,7 +27,7 @@ def gen(*args, input=None):
 def test_each_line_equals_one_by_one(tiny):
     """Exact equality of ids. It relies on batch-invariant CPU kernels in float32 (eager, oneDNN):
     oneDNN's linear gives a row the same bits among 2..N rows, and a lone row is multiplied as two
-    (model._onednn_linear); attention runs each row over its own keys with the call a lone sequence
+    (kernels.onednn_linear); attention runs each row over its own keys with the call a lone sequence
     makes (model._attend_rows); each row keeps its own cache until it outgrows the window
     (batch.BatchDecoder). test_batch.py checks the logits bit for bit; bench/batch_invariance.py
     checks each kernel on a given CPU. With one masked attention call for the batch this test failed.

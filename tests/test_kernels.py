@@ -97,14 +97,55 @@ def test_an_unreadable_cache_is_measured_again():
     assert json.loads(path.read_text())["version"] == kernels.CACHE_VERSION
 
 
-def test_eager_choice_skips_kernels_whose_rows_depend_on_the_batch():
+def test_eager_choice_takes_only_kernels_whose_rows_cannot_depend_on_the_batch():
     measured = {
         "onednn": {"one": 10.0, "batch": 20.0, "invariant": True},
         "blas": {"one": 5.0, "batch": 10.0, "invariant": False},  # fastest, but a row changes with the batch
-        "blas-t": {"one": 9.0, "batch": 40.0, "invariant": True},  # 9 + 40/8 = 14 > 10 + 20/8 = 12.5
+        "blas-t": {"one": 6.0, "batch": 9.0, "invariant": True},  # matched on the inputs tried: not enough
     }
     assert kernels.choose(measured, kernels.EAGER) == "onednn"
     assert kernels.choose(measured, kernels.COMPILED) == "blas"  # one sequence: the fastest single row
+    failed_here = {**measured, "onednn": {"one": 10.0, "batch": 20.0, "invariant": False}}
+    assert kernels.choose(failed_here, kernels.EAGER) == "onednn"  # nothing qualifies: the default, first
+
+
+def test_packed_weights_live_as_long_as_their_model():
+    import gc
+
+    def live_slots():
+        return sum(p is not None for p in kernels._PACKED)
+
+    gc.collect()
+    before = live_slots()
+    model = lively_model(13)
+    kernels.apply(model, kernels.Plan(kernels.EAGER, {}))
+    assert live_slots() == before + 9
+    del model
+    gc.collect()
+    assert live_slots() == before
+
+
+@pytest.mark.parametrize("text", [
+    '{"version": %d, "machines": []}',
+    '{"version": %d, "machines": {"x": 1}}',
+    None,  # an entry for this machine whose numbers are null
+])
+def test_a_cache_we_did_not_write_is_measured_again(text):
+    model = lively_model(14)
+    path = kernels.cache_path()
+    path.parent.mkdir(parents=True)
+    if text is None:
+        kernels.tune(model)
+        data = json.loads(path.read_text())
+        for entry in next(iter(data["machines"].values())).values():
+            for m in entry.values():
+                m["one"] = None
+        path.write_text(json.dumps(data))
+    else:
+        path.write_text(text % kernels.CACHE_VERSION)
+    assert kernels.will_measure(model)
+    assert kernels.tune(model).source == "measured"
+    assert not kernels.will_measure(model)
 
 
 def test_a_checkpoints_in_out_weight_costs_blas_no_copy():
