@@ -309,14 +309,13 @@ class GptcliRunner(VariantRunner):
         import torch
 
         from gptcli.batch import BatchDecoder
-        from gptcli.generate import make_decoder, prepare_model
+        from gptcli.generate import load_dtype, make_decoder, prepare_model
         from gptcli.weights import load_model
 
         v, cpu, dtype = self.variant, torch.device("cpu"), getattr(torch, self.variant.dtype)
         start = time.perf_counter()
-        load_dtype = torch.float32 if v.quantize else dtype  # quantized from float32, as gptcli generate does
-        loaded = load_model(size=None, config=None, weights=self.work.checkpoint, device=cpu, dtype=load_dtype,
-                            seed=0, mapped=True)
+        loaded = load_model(size=None, config=None, weights=self.work.checkpoint, device=cpu,
+                            dtype=load_dtype(v.quantize, cpu, dtype), seed=0, mapped=True)  # as generate loads
         kernels = "compiled" if v.compile else "eager"
         prepared = prepare_model(loaded.model, cpu, dtype, quantize=v.quantize, kernels=kernels)  # as generate does
         model = prepared.model

@@ -11,18 +11,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from gptcli.devices import cpu_model  # noqa: F401 - the benchmarks import it from here
+from gptcli.devices import cpu_model, proc_kib  # noqa: F401 - the benchmarks import cpu_model from here
 
 
 def peak_rss_bytes() -> int:
     """VmHWM of this process; ru_maxrss (KiB on Linux) where /proc is missing."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = proc_kib("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -105,18 +105,52 @@ def dtype_name(dtype: "torch.dtype") -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def cpu_model() -> str:
-    """The CPU's name from /proc/cpuinfo; the platform's word for it elsewhere."""
+def proc_field(path: str, key: str) -> str | None:
+    """The value after ``key:`` in a /proc file of ``key: value`` lines (cpuinfo, meminfo, status);
+    None where the file or the key is missing (not Linux)."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                name, sep, value = line.partition(":")
+                if sep and name.strip() == key:
+                    return value.strip()
     except OSError:
         pass
+    return None
+
+
+def proc_kib(path: str, key: str) -> int | None:
+    """A ``key: N kB`` field of a /proc file, in bytes."""
+    value = proc_field(path, key)
+    return int(value.split()[0]) * 1024 if value else None
+
+
+def cpu_model() -> str:
+    """The CPU's name from /proc/cpuinfo; the platform's word for it elsewhere."""
+    name = proc_field("/proc/cpuinfo", "model name")
+    if name:
+        return name
     import platform
 
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def libc():
+    """glibc through ctypes (malloc_trim, madvise), loaded once; None where there is none."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _LIBC.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError, TypeError):
+            _LIBC = False
+    return _LIBC or None
+
+
+_LIBC = None
 
 
 def available_cores() -> int:

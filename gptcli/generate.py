@@ -261,6 +261,15 @@ class Prepared:
     counts: dict[str, int] = field(default_factory=dict)  # layers per kernel
 
 
+def load_dtype(quantize: str | None, device: "torch.device", dtype: "torch.dtype") -> "torch.dtype":
+    """The dtype to load weights in before ``prepare_model``: float32 when quantizing on the CPU, so
+    each layer is quantized straight from the mapped file, with no half-precision copy of the whole
+    model first (1558M int8 peaked at 5.3 GB that way); ``dtype`` otherwise."""
+    import torch
+
+    return torch.float32 if quantize and device.type == "cpu" else dtype
+
+
 def prepare_model(
     model: "GPTModel", device: "torch.device", dtype: "torch.dtype", quantize: str | None = None,
     kernels: str | None = None, tune: bool = True,

@@ -143,6 +143,7 @@ class Kernel:
 
     def __init__(self, weight: torch.Tensor):
         self.out_features, self.in_features = weight.shape
+        self.copies_weight = True  # whether it holds the weight in a layout of its own (the plain one can go)
 
     @staticmethod
     def available(weight: torch.Tensor) -> bool:
@@ -201,6 +202,7 @@ class Blas(Kernel):
     def __init__(self, weight: torch.Tensor):
         super().__init__(weight)
         self.weight = weight.detach()  # (out, in), contiguous or a view of (in, out): no copy
+        self.copies_weight = False
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, self.weight, bias)
@@ -212,6 +214,7 @@ class BlasTransposed(Kernel):
     def __init__(self, weight: torch.Tensor):
         super().__init__(weight)
         self.weight_t = weight.detach().t()  # (in, out): a view until ``prepare``
+        self.copies_weight = weight.is_contiguous()  # stored (out, in): ``prepare`` copies it
 
     def prepare(self) -> "BlasTransposed":
         self.weight_t = self.weight_t.contiguous()  # a copy only if stored (out, in)
@@ -360,7 +363,7 @@ def _eager_call(kernel: Kernel, x: torch.Tensor, bias: torch.Tensor | None) -> t
 
 
 def measure(layers: Sequence[nn.Module], name: str, dtype: torch.dtype) -> dict[str, float | bool]:
-    """Time kernel ``name`` over ``layers`` (one shape) with one row and with 8; is row 0 batch-invariant?"""
+    """Time kernel ``name`` over ``layers`` (one shape) with one row and with 8; are its rows batch-invariant?"""
     weight = layers[0].weight
     kernels = list(prepare_all([KERNELS[name](layer.weight) for layer in layers]))
     biases = [layer.bias.detach() if layer.bias is not None else None for layer in layers]
@@ -407,6 +410,10 @@ def _groups(layers: Sequence[nn.Module]) -> dict[str, list[nn.Module]]:
     return groups
 
 
+def _tunable(layers: Sequence[nn.Module]) -> bool:
+    return not tuning_disabled() and bool(layers) and layers[0].weight.device.type == "cpu"
+
+
 def _cached_measurements() -> dict:
     return _read_cache(cache_path()).get("machines", {}).get(_machine_key(), {})
 
@@ -424,7 +431,7 @@ def _usable(known: object, weight: torch.Tensor) -> bool:
 def will_measure(model: nn.Module) -> bool:
     """Whether ``tune`` would time kernels now (nothing cached for one of the model's shapes)."""
     layers = linear_layers(model)
-    if tuning_disabled() or not layers or layers[0].weight.device.type != "cpu":
+    if not _tunable(layers):
         return False
     known = _cached_measurements()
     return any(not _usable(known.get(key), group[0].weight) for key, group in _groups(layers).items())
@@ -437,7 +444,7 @@ def tune(model: nn.Module, mode: str = EAGER, *, enabled: bool = True, use_cache
     plan is the defaults.
     """
     layers = linear_layers(model)
-    if not enabled or tuning_disabled() or not layers or layers[0].weight.device.type != "cpu":
+    if not enabled or not _tunable(layers):
         return Plan(mode, {}, source="default")
     groups = _groups(layers)
     start = time.perf_counter()
@@ -480,9 +487,7 @@ def apply(model: nn.Module, plan: Plan, release: Callable[[torch.Tensor], None] 
     for layer, kernel in zip(layers, prepare_all(kernels)):
         layer.decode_kernel = kernel
         counts[kernel.name] = counts.get(kernel.name, 0) + 1
-        copied = not (isinstance(kernel, Blas) or (isinstance(kernel, BlasTransposed)
-                                                             and not layer.weight.is_contiguous()))
-        if copied and id(layer.weight) not in embedding_weights:
+        if kernel.copies_weight and id(layer.weight) not in embedding_weights:
             if release is not None:
                 release(layer.weight)
             layer.weight = nn.Parameter(torch.empty_like(layer.weight, device="meta"), requires_grad=False)
@@ -497,21 +502,11 @@ def return_freed_memory() -> None:
     them there once freed: packing 124M's weights (oneDNN) one by one then left ~190 MB of freed plain weights
     in the process's memory (peak RSS 1079 MB against 887 MB when trimmed after each layer).
     """
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
+    from gptcli.devices import libc
 
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim  # noqa: B018 - glibc only
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
+    c = libc()
+    if c is not None:
+        c.malloc_trim(0)
 
 
 def describe(counts: dict[str, int]) -> str:

@@ -271,14 +271,9 @@ def available_memory(device: "torch.device") -> int | None:
         return int(torch.cuda.mem_get_info(device)[0])
     if device.type != "cpu":
         return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from gptcli.devices import proc_kib
+
+    return proc_kib("/proc/meminfo", "MemAvailable")
 
 
 # --------------------------------------------------------------------------------------------

@@ -452,16 +452,14 @@ def _madvise_dontneed(address: int, length: int) -> None:
     import ctypes
     import mmap
 
+    from gptcli.devices import libc
+
     page = mmap.PAGESIZE
     first = -(-address // page) * page  # whole pages inside the range only: neighbours may still be in use
     last = (address + length) // page * page
-    if last <= first:
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
-    except (OSError, AttributeError, TypeError):  # no libc madvise (Windows): the pages just stay
-        pass
+    c = libc()
+    if last > first and c is not None:  # no glibc (not Linux): the pages just stay
+        c.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
 
 
 def _place(tensor: "torch.Tensor", transpose: bool, device: "torch.device", dtype: "torch.dtype",

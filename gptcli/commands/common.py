@@ -248,7 +248,7 @@ def load_for_command(*, size, config, weights: str, device_name: str, dtype_name
     import torch
 
     from gptcli.devices import configure_threads, resolve_device, resolve_dtype
-    from gptcli.generate import prepare_model
+    from gptcli.generate import load_dtype, prepare_model
     from gptcli.weights import load_model
 
     configure_threads(threads)
@@ -256,11 +256,9 @@ def load_for_command(*, size, config, weights: str, device_name: str, dtype_name
     torch_dtype = resolve_dtype(dtype_name, torch_device)
     if quantize and torch_dtype == torch.float32 and dtype_name == "auto":
         torch_dtype = torch.bfloat16  # int8 runs with half-precision activations; auto means what it takes
-    # Quantizing reads float32 weights from the mapped file layer by layer: no half-precision copy of
-    # the whole model first (1558M int8 peaked at 5.3 GB that way).
-    load_dtype = torch.float32 if quantize and torch_device.type == "cpu" else torch_dtype
-    loaded = load_model(size=size, config=config, weights=weights, device=torch_device, dtype=load_dtype,
-                        seed=seed, note=note, mapped=kernels is not None)
+    loaded = load_model(size=size, config=config, weights=weights, device=torch_device,
+                        dtype=load_dtype(quantize, torch_device, torch_dtype), seed=seed, note=note,
+                        mapped=kernels is not None)
     start = time.perf_counter()
     from gptcli.kernels import will_measure
 
