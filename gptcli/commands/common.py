@@ -93,7 +93,7 @@ NoTuneOption = Annotated[
     bool,
     typer.Option(
         "--no-tune",
-        help="Skip measuring this CPU's matrix kernels (done once per model shape, ~0.5-2 s, then cached in "
+        help="Skip measuring this CPU's matrix kernels (done once per model shape, 0.5-2.5 s, then cached in "
         "~/.cache/gptcli, or $GPTCLI_CACHE_DIR) and use the default, oneDNN's packed weights. GPTCLI_NO_TUNE=1 "
         "does the same.",
     ),
