@@ -8,7 +8,7 @@
 row the same bits whatever the batch around it. This script prints, for this CPU:
 
 1. **Kernels.** For 124M's weight shapes and each Linear route (oneDNN's ``_linear_pointwise`` on
-   plain weights, the untuned inference path, and every eager candidate of ``gptcli.kernels``:
+   plain weights, the untuned inference path, and every eager candidate of ``gptcli.decode_kernels``:
    ``onednn`` packed, ``blas`` = ``F.linear``, ``blas-t`` = ``x @ W`` with W stored (in, out),
    called as ``generate`` calls them), whether row 0 computed alone
    (1 row) equals row 0 inside 2..8 rows, and whether row 0 among 2 rows equals row 0 among 3..8, 64
@@ -59,12 +59,12 @@ def kernel_table(shapes: list[tuple[int, int]], dtypes: list[str]) -> list[str]:
             w = (torch.randn(out_f, in_f, generator=g) * 0.02).to(dtype)
             b = (torch.randn(out_f, generator=g) * 0.02).to(dtype)
             x = torch.randn(512, in_f, generator=g).to(dtype)
-            from gptcli import kernels
+            from gptcli import decode_kernels as kernels
 
             routes = [("oneDNN, plain weights", onednn)]
             for kernel_name in kernels.candidates(w):
                 kernel = kernels.KERNELS[kernel_name](w).prepare()
-                routes.append((f"gptcli.kernels {kernel_name}", lambda x_, w_, b_, k=kernel: k(x_, b_)))
+                routes.append((f"gptcli.decode_kernels {kernel_name}", lambda x_, w_, b_, k=kernel: k(x_, b_)))
             for name, fn in routes:
                 with torch.inference_mode():
                     alone = fn(x[:1], w, b)
@@ -155,7 +155,7 @@ def linear_cost(cfg, rounds: int) -> list[str]:
     """The matrices of one decode step: plain weights with 1, 2 and 8 rows against packed ones with 2 and 8."""
     import torch
 
-    from gptcli.kernels import BATCH_ROWS
+    from gptcli.decode_kernels import BATCH_ROWS
 
     d, V = cfg.emb_dim, cfg.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -232,7 +232,7 @@ def end_to_end(cfg, new_tokens: int, rounds: int) -> list[str]:
     """Batch-1 and batch-8 decode tok/s: before (emulated), exact with plain weights, exact and packed (now)."""
     import torch
 
-    import gptcli.kernels as kernels_module
+    import gptcli.decode_kernels as kernels_module
     import gptcli.model as model_module
     from gptcli.batch import BatchDecoder, generate_batch
     from gptcli.generate import Decoder, Generation, SamplingOptions

@@ -16,8 +16,8 @@ Setup
 One checkpoint serves both sides: random GPT-2 weights drawn by transformers
 (``GPT2LMHeadModel(GPT2Config(...))`` after ``torch.manual_seed(0)``) and written with
 ``save_pretrained`` to a temporary folder (``--checkpoint DIR`` reuses such a folder, ``--keep`` keeps
-it). transformers loads it with ``from_pretrained``; gptcli with ``gptcli.weights.load_model``, then
-``prepare_model`` and ``make_decoder`` (or ``BatchDecoder``), as ``gptcli generate`` does.
+it). transformers loads it with ``from_pretrained``; gptcli with ``gptcli.runtime.load_for_inference``,
+then ``make_decoder`` (or ``BatchDecoder``), as ``gptcli generate`` does.
 
 Every variant lives in its own worker process (``bench/decode.py --worker VARIANT``), started one
 after another and kept alive. Each loads the model, warms up (one full measurement, after the
@@ -62,9 +62,9 @@ Columns
 - **TTFT ms**: time to the first new token on the 8-token prompt, the same way (batch 8: the first
   token of all rows).
 - **load s**: the worker's model load, after the imports: ``from_pretrained``; for gptcli
-  ``load_model`` (memory-mapped, as ``gptcli generate`` loads) + ``prepare_model`` (int8/int4 quantizing,
-  the kernel choice and the weights' new layouts included) + building the decoder.
-- **tune s**: of load s, the time ``gptcli.kernels.tune`` spent measuring kernels. All workers share
+  ``load_for_inference`` (memory-mapped, int8/int4 quantizing, the kernel choice and the weights' new
+  layouts included, as ``gptcli generate`` loads) + building the decoder.
+- **tune s**: of load s, the time ``gptcli.decode_kernels.tune`` spent measuring kernels. All workers share
   one fresh ``GPTCLI_CACHE_DIR``: the first worker of a dtype and mode (eager or compiled) measures,
   the others read its choice (0.00). The **kernels** line under the table says what was chosen.
 - **compile s**: ``CompiledDecoder.warm_up()``, torch.compile of the decode step, cold: every worker
@@ -309,23 +309,23 @@ class GptcliRunner(VariantRunner):
         import torch
 
         from gptcli.batch import BatchDecoder
-        from gptcli.generate import load_dtype, make_decoder, prepare_model
-        from gptcli.weights import load_model
+        from gptcli.generate import make_decoder
+        from gptcli.runtime import InferenceOptions, load_for_inference
 
-        v, cpu, dtype = self.variant, torch.device("cpu"), getattr(torch, self.variant.dtype)
+        v = self.variant
         start = time.perf_counter()
-        loaded = load_model(size=None, config=None, weights=self.work.checkpoint, device=cpu,
-                            dtype=load_dtype(v.quantize, cpu, dtype), seed=0, mapped=True)  # as generate loads
-        kernels = "compiled" if v.compile else "eager"
-        prepared = prepare_model(loaded.model, cpu, dtype, quantize=v.quantize, kernels=kernels)  # as generate does
-        model = prepared.model
-        self.context_length = loaded.cfg.context_length
+        # The front door generate uses; the worker keeps the thread count it was started with.
+        runtime = load_for_inference(InferenceOptions(
+            weights=self.work.checkpoint, device="cpu", dtype=v.dtype, seed=0, quantize=v.quantize,
+            threads=torch.get_num_threads(), kernels="compiled" if v.compile else "eager"))
+        model, cpu, dtype = runtime.model, runtime.device, runtime.dtype
+        self.context_length = runtime.cfg.context_length
         self.decoder = BatchDecoder(model, cpu, dtype) if v.batch > 1 else make_decoder(model, cpu, dtype,
                                                                                          compile=v.compile)
         info = {"load_s": time.perf_counter() - start}
-        if prepared.plan is not None:
-            info["tune_s"] = prepared.plan.tune_s if prepared.plan.source == "measured" else 0.0
-            info["kernels"] = prepared.counts
+        if runtime.kernel_plan is not None:
+            info["tune_s"] = runtime.tune_seconds or 0.0
+            info["kernels"] = runtime.kernel_counts
         if v.compile:
             info["compile_s"] = self.decoder.warm_up()
         self.measure()
@@ -702,7 +702,7 @@ def report(args: argparse.Namespace, shape: ModelShape, outcomes: dict[str, Outc
     chosen = [f"{n}: {', '.join(f'{k} x{c}' for k, c in sorted(outcomes[n].info['kernels'].items()))}"
               for n in args.variant_names if outcomes[n].info.get("kernels")]
     if chosen:
-        lines += ["", "Kernels (Linear layers per kernel, gptcli.kernels): " + "; ".join(chosen) + "."]
+        lines += ["", "Kernels (Linear layers per kernel, gptcli.decode_kernels): " + "; ".join(chosen) + "."]
     lines += ["", targets_table(outcomes, gb_s, shape)]
     failures = [f"- {n}: {o.error}" for n, o in outcomes.items() if o.error]
     if failures:

@@ -1,4 +1,4 @@
-"""What ``gptcli.kernels.tune`` measures on this CPU, and how long it takes.
+"""What ``gptcli.decode_kernels.tune`` measures on this CPU, and how long it takes.
 
     python bench/kernels.py                      # 124M, float32 and bfloat16, 2 threads
     python bench/kernels.py --size 1558M --dtypes float32 --checkpoint DIR   # a checkpoint's own layout
@@ -38,7 +38,7 @@ def main() -> None:
 
     import torch
 
-    from gptcli import kernels
+    from gptcli import decode_kernels as kernels
     from gptcli.config import shipped_config
     from gptcli.weights import load_model, random_model
 

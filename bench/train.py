@@ -22,7 +22,7 @@ and dtype:
   would drop one position per row), ``torch.optim.AdamW`` with torch's defaults for the CPU.
   bfloat16 is ``torch.autocast("cpu", torch.bfloat16)`` around forward and loss.
 - **gptcli**: what ``gptcli train`` runs: ``gptcli.training.new_model`` (the recipe's init), the
-  speed plan (``gptcli.speed.plan`` and ``prepare``: float32 matmuls through oneDNN, the chunked head
+  speed plan (``gptcli.train_kernels.plan`` and ``prepare``: float32 matmuls through oneDNN, the chunked head
   and cross-entropy, fused AdamW), ``training.batch_loss`` and ``training.make_optimizer``.
   ``-bf16`` is ``--dtype bfloat16``; ``-compile`` is ``--compile`` (``torch.compile`` of the model).
   ``-plain``, ``-onednn``, ``-onednn-head``, ``-onednn-head-fused``, ``-sdpa`` (not run by default)
@@ -267,7 +267,7 @@ class StepRunner:
     def _build_gptcli(self, cfg) -> None:
         import torch
 
-        from gptcli import speed, training
+        from gptcli import train_kernels as speed, training
 
         settings = training.TrainSettings(max_steps=1, lr=self.setting.lr, betas=self.setting.betas,
                                           weight_decay=0.1, decay="all", grad_clip=1.0, dtype=self.variant.dtype,
@@ -278,7 +278,7 @@ class StepRunner:
         device = torch.device("cpu")
         model = training.new_model(cfg, settings, device).train()
         self.model = model
-        self.plan = speed.plan(device) if self.variant.kernels is None else speed.Plan(*self.variant.kernels)
+        self.plan = speed.plan(device) if self.variant.kernels is None else speed.TrainPlan(*self.variant.kernels)
         speed.prepare(model, self.plan)
         self.optimizer = training.make_optimizer(model, settings, self.plan)
         train_model = speed.compile_for_training(model) if self.variant.compile else model

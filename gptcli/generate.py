@@ -29,7 +29,7 @@ from gptcli.tokenizer import EOT_ID
 if TYPE_CHECKING:
     import torch
 
-    from gptcli.kernels import Plan
+    from gptcli.decode_kernels import DecodePlan
     from gptcli.model import GPTModel, KVCache
     from gptcli.tokenizer import Tokenizer
 
@@ -254,10 +254,10 @@ def cache_bucket(length: int, context_length: int, smallest: int = 256) -> int:
 
 @dataclass
 class Prepared:
-    """A model made ready to decode with, and the kernels it got (``gptcli.kernels``)."""
+    """A model made ready to decode with, and the kernels it got (``gptcli.decode_kernels``)."""
 
     model: "GPTModel"
-    plan: "Plan | None" = None  # None: plain Linear layers (not the CPU, quantized, or kernels=None)
+    plan: "DecodePlan | None" = None  # None: plain Linear layers (not the CPU, quantized, or kernels=None)
     counts: dict[str, int] = field(default_factory=dict)  # layers per kernel
 
 
@@ -281,7 +281,7 @@ def prepare_model(
     only (see gptcli.quantize). A model loaded in float32 (memory-mapped: each layer's pages go back
     once quantized) is quantized from float32 and the rest cast to ``dtype``.
     ``kernels``: on the CPU, give each Linear layer the kernel measured fastest for its shape on this
-    CPU (``gptcli.kernels``; ``"eager"`` or ``"compiled"`` for ``--compile``'s steps), measured once
+    CPU (``gptcli.decode_kernels``; ``"eager"`` or ``"compiled"`` for ``--compile``'s steps), measured once
     and cached on disk; ``tune=False`` (``--no-tune``) takes the defaults without measuring.
     Inference only: a layer whose kernel copied the weight releases the plain one (and, for a model
     loaded ``mapped``, gives the file's pages under it back).
@@ -303,7 +303,7 @@ def prepare_model(
         return Prepared(model)
     if kernels is None or device.type != "cpu":
         return Prepared(model)
-    from gptcli import kernels as kernel_choice
+    from gptcli import decode_kernels as kernel_choice
 
     plan = kernel_choice.tune(model, kernels, enabled=tune)
     return Prepared(model, plan, kernel_choice.apply(model, plan, release))

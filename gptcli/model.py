@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptcli.config import GPTConfig
-from gptcli.kernels import ONEDNN, ONEDNN_DTYPES, onednn_linear
+from gptcli import onednn
 
 
 # Where left-padded rows attend one by one (_attend_rows), for batch invariance. Not on a GPU: its
@@ -30,9 +30,9 @@ ROW_ATTENTION_DEVICES = ("cpu",)
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state_dict) with two hooks for faster kernels.
 
-    - ``decode_kernel``: set by ``gptcli.kernels.apply`` for decoding, the kernel measured fastest
+    - ``decode_kernel``: set by ``gptcli.decode_kernels.apply`` for decoding, the kernel measured fastest
       for this weight's shape on this CPU, holding the weight in its own layout (inference only);
-    - ``train_kernel``: set by ``gptcli.speed.prepare``, float32 training matmuls through oneDNN
+    - ``train_kernel``: set by ``gptcli.train_kernels.prepare``, float32 training matmuls through oneDNN
       with their gradients.
 
     Without either, CPU inference (no autograd) goes through oneDNN's linear, which beat MKL's
@@ -40,7 +40,7 @@ class Linear(nn.Linear):
     """
 
     train_kernel = None  # a function (x, weight, bias) -> x W^T + b, for float32 training
-    decode_kernel = None  # a gptcli.kernels.Kernel: kernel(x, bias) -> x W^T + b
+    decode_kernel = None  # a gptcli.decode_kernels.Kernel: kernel(x, bias) -> x W^T + b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.decode_kernel is not None:
@@ -49,9 +49,9 @@ class Linear(nn.Linear):
             return F.linear(x, self.weight, self.bias)  # autocast casts x and the weight, and picks the kernel
         if self.train_kernel is not None and torch.is_grad_enabled() and x.dtype == torch.float32:
             return self.train_kernel(x, self.weight, self.bias)
-        if (x.device.type == "cpu" and ONEDNN and not torch.is_grad_enabled() and x.dtype in ONEDNN_DTYPES
+        if (x.device.type == "cpu" and onednn.AVAILABLE and not torch.is_grad_enabled() and x.dtype in onednn.DTYPES
                 and not torch.compiler.is_compiling()):
-            return onednn_linear(x, self.weight, self.bias, self.out_features)
+            return onednn.linear(x, self.weight, self.bias, self.out_features)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -131,7 +131,7 @@ class MultiHeadAttention(nn.Module):
         self.W_qkv = nn.utils.skip_init(Linear, d_in, 3 * d_out, bias=qkv_bias, device=torch.get_default_device())
         self._init_qkv_in_book_order(d_in, d_out, qkv_bias)
         self.out_proj = Linear(d_out, d_out, bias=bias)
-        # Training may set a faster causal attention (gptcli.speed.prepare): a function
+        # Training may set a faster causal attention (gptcli.train_kernels.prepare): a function
         # (q, k, v, dropout_p) -> the same as scaled_dot_product_attention(..., is_causal=True).
         self.train_kernel = None
 
@@ -289,7 +289,7 @@ class GPTModel(nn.Module):
           nothing else, and the head is the largest matrix).
         - ``head=False``: the final-normed hidden states (B, T, emb_dim) instead of logits, for callers
           that apply ``out_head`` to a few positions only (scoring) or fuse it with the loss
-          (``gptcli.speed.head_loss``).
+          (``gptcli.train_kernels.head_loss``).
         """
         B, T = in_idx.shape
         pad_rows = None

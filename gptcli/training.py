@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
     from gptcli.config import GPTConfig
     from gptcli.model import GPTModel
-    from gptcli.speed import Plan
+    from gptcli.train_kernels import TrainPlan as Plan
     from gptcli.tokenizer import Tokenizer
 
 STATE_FILE = "state.safetensors"
@@ -384,14 +384,14 @@ def batch_loss(model, x: "torch.Tensor", y: "torch.Tensor", *, device: "torch.de
 
     ``model`` may be wrapped (torch.compile, DDP). When training with a plan whose ``head_loss`` is
     on, the output head (``head_weight``) and the cross-entropy run as one chunked function
-    (``gptcli.speed.head_loss``) after the model's blocks; evaluation (no grad) takes the plain route.
+    (``gptcli.train_kernels.head_loss``) after the model's blocks; evaluation (no grad) takes the plain route.
     """
     import torch
     import torch.nn.functional as F
 
     x, y = x.to(device), y.to(device)
     if plan is not None and plan.head_loss and head_weight is not None and torch.is_grad_enabled():
-        from gptcli.speed import head_loss
+        from gptcli.train_kernels import head_loss
 
         with autocast(device, dtype):
             hidden = model(x, head=False)  # (B, T, emb_dim)
@@ -527,7 +527,7 @@ class Trainer:
             self.train_eval_loader = window_loader(train_set, eval_rows, shuffle=True, drop_last=True)
             self.val_loader = window_loader(val_set, eval_rows, shuffle=False, drop_last=False)
 
-        from gptcli import speed
+        from gptcli import train_kernels as speed
 
         self.plan = speed.plan(run.device)
         speed.prepare(model, self.plan)

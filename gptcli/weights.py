@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from gptcli.checkpoint import Header, TensorInfo
-    from gptcli.kernels import Plan
+    from gptcli.decode_kernels import DecodePlan
     from gptcli.model import GPTModel
     from gptcli.tokenizer import Tokenizer
 
@@ -60,8 +60,6 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     checkpoint: Path | None = None  # the local .safetensors file, None for random weights
     tokenizer: "Tokenizer | None" = None  # what the checkpoint was trained with (GPT-2's BPE unless it says)
-    kernels: "Plan | None" = None  # the decode kernels chosen (gptcli.kernels), once prepared
-    kernel_counts: dict[str, int] = field(default_factory=dict)  # layers per kernel
 
 
 @dataclass(frozen=True)
@@ -417,7 +415,7 @@ class MappedFile:
 
     For inference in the file's own dtype nothing is copied at load: a Hugging Face Conv1D weight,
     stored (in, out), becomes the (out, in) transposed view nn.Linear expects, which BLAS reads as
-    it is (gptcli.kernels' ``blas``). A kernel that copies a weight into its own layout calls
+    it is (gptcli.decode_kernels' ``blas``). A kernel that copies a weight into its own layout calls
     ``release`` on the view, which gives its pages back (madvise), so memory holds one copy.
     """
 

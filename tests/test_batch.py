@@ -77,7 +77,7 @@ def test_batch_rows_are_bit_identical_to_lone_rows(dtype, kernels):
     masked attention call or a one-row product moved logits by ~1e-6; python bench/batch_invariance.py
     checks each kernel on another CPU.
     """
-    from gptcli.kernels import Plan, apply, tune
+    from gptcli.decode_kernels import DecodePlan as Plan, apply, tune
 
     model = lively_model(4).to(dtype)
     if kernels != "plain":

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional, Sequence, TypeVar
 
@@ -18,7 +17,7 @@ import typer
 from gptcli.errors import UserError
 
 if TYPE_CHECKING:
-    from gptcli.weights import LoadedModel
+    from gptcli.runtime import InferenceOptions, Runtime
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -238,40 +237,16 @@ def escape_line(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
 
 
-def load_for_command(*, size, config, weights: str, device_name: str, dtype_name: str, seed: int,
-                     quantize: str | None = None, threads: int | None = None, kernels: str | None = "eager",
-                     tune: bool = True) -> "LoadedModel":
-    """Set the thread count, resolve device and dtype, load the weights (notes on stderr), then prepare
-    them for decoding: quantize when asked, and on the CPU the fastest kernel per weight shape
-    (``kernels``: "eager", "compiled" for --compile, None for plain layers), measured on the first
-    run (a note on a terminal says so) and read from the cache after."""
-    import torch
+def load_for_command(options: "InferenceOptions") -> "Runtime":
+    """``gptcli.runtime.load_for_inference`` with the loader's notes on stderr and, on a terminal, a note
+    while this CPU's kernels are measured (a script's stderr stays as it was; the JSON has tune_s)."""
+    from gptcli.runtime import load_for_inference
 
-    from gptcli.devices import configure_threads, resolve_device, resolve_dtype
-    from gptcli.generate import load_dtype, prepare_model
-    from gptcli.weights import load_model
+    def measuring() -> None:
+        if sys.stderr.isatty():
+            note("measuring the matrix kernels of this CPU (once; cached for later runs, --no-tune skips it)...")
 
-    configure_threads(threads)
-    torch_device = resolve_device(device_name)
-    torch_dtype = resolve_dtype(dtype_name, torch_device)
-    if quantize and torch_dtype == torch.float32 and dtype_name == "auto":
-        torch_dtype = torch.bfloat16  # int8 runs with half-precision activations; auto means what it takes
-    loaded = load_model(size=size, config=config, weights=weights, device=torch_device,
-                        dtype=load_dtype(quantize, torch_device, torch_dtype), seed=seed, note=note,
-                        mapped=kernels is not None)
-    start = time.perf_counter()
-    from gptcli.kernels import will_measure
-
-    # Progress for a person only: a script's stderr stays as it was (the JSON has tune_s).
-    if sys.stderr.isatty() and kernels and torch_device.type == "cpu" and not quantize and tune and \
-            will_measure(loaded.model):
-        note("measuring the matrix kernels of this CPU (once; cached for later runs, --no-tune skips it)...")
-    prepared = prepare_model(loaded.model, torch_device, torch_dtype, quantize=quantize, kernels=kernels, tune=tune)
-    loaded.dtype = torch_dtype
-    loaded.kernels = prepared.plan
-    loaded.kernel_counts = prepared.counts
-    loaded.load_seconds += time.perf_counter() - start
-    return loaded
+    return load_for_inference(options, note=note, on_measure=measuring)
 
 
 def check_tokenizer_early(weights: str | None) -> None:

@@ -39,7 +39,7 @@ from gptcli.generate import FINISH_CLOSED, FINISH_INTERRUPTED, SamplingOptions
 
 if TYPE_CHECKING:
     from gptcli.generate import Timings
-    from gptcli.weights import LoadedModel
+    from gptcli.runtime import InferenceOptions, Runtime
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 NO_PROMPT = "No prompt: give one as an argument, or pipe one in, e.g.  echo 'Once upon a time' | gptcli generate"
@@ -260,16 +260,18 @@ class SpeedOptions:
     threads: int | None = None  # --threads; None: gptcli.devices.configure_threads decides
     tune: bool = True  # measure this CPU's kernels on first use (--no-tune: the defaults)
 
-    @property
-    def kernels(self) -> str:
-        return "compiled" if self.compile else "eager"
+    def inference(self, **shared) -> "InferenceOptions":
+        """The front door's options: ``shared`` (size, config, weights, device, dtype, seed) and these."""
+        from gptcli.runtime import InferenceOptions
+
+        return InferenceOptions(**shared, quantize=self.quantize, threads=self.threads,
+                                kernels="compiled" if self.compile else "eager", tune=self.tune)
 
 
-def _timings_json(load_s: float, t: "Timings", compile_s: float | None, loaded: "LoadedModel") -> dict:
-    plan = loaded.kernels
+def _timings_json(load_s: float, t: "Timings", compile_s: float | None, loaded: "Runtime") -> dict:
     return {
         "load_s": round(load_s, 6),
-        "tune_s": round(plan.tune_s, 6) if plan is not None and plan.source == "measured" else None,
+        "tune_s": None if loaded.tune_seconds is None else round(loaded.tune_seconds, 6),
         "kernels": dict(loaded.kernel_counts) or None,
         "compile_s": None if compile_s is None else round(compile_s, 6),
         "prefill_s": round(t.prefill_s, 6),
@@ -280,16 +282,15 @@ def _timings_json(load_s: float, t: "Timings", compile_s: float | None, loaded: 
     }
 
 
-def _stats_line(load_s: float, t: "Timings", compile_s: float | None, loaded: "LoadedModel", finish: str) -> str:
+def _stats_line(load_s: float, t: "Timings", compile_s: float | None, loaded: "Runtime", finish: str) -> str:
 
     import torch
 
     compiled = "" if compile_s is None else f", compile {compile_s:.2f} s"
-    plan = loaded.kernels
-    if plan is not None:
-        from gptcli.kernels import describe
+    if loaded.kernel_plan is not None:
+        from gptcli.decode_kernels import describe
 
-        tuned = f", tuned in {plan.tune_s:.2f} s" if plan.source == "measured" else ""
+        tuned = "" if loaded.tune_seconds is None else f", tuned in {loaded.tune_seconds:.2f} s"
         compiled = f" (kernels {describe(loaded.kernel_counts)}{tuned})" + compiled
     threads = torch.get_num_threads()
     cpu = f" with {threads} thread{'s' * (threads != 1)}" if loaded.device.type == "cpu" else ""
@@ -305,9 +306,8 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
     check_tokenizer_early(weights)  # its error is quicker than loading a model
     if options.greedy and (options.top_k is not None or options.top_p is not None):
         note("--top-k and --top-p only apply when sampling (--temperature above 0); decoding greedily")
-    loaded = load_for_command(size=size, config=config, weights=weights, device_name=device_name,
-                              dtype_name=dtype_name, seed=options.seed, quantize=speed.quantize,
-                              threads=speed.threads, kernels=speed.kernels, tune=speed.tune)
+    loaded = load_for_command(speed.inference(size=size, config=config, weights=weights, device=device_name,
+                                              dtype=dtype_name, seed=options.seed))
     cfg, tokenizer = loaded.cfg, loaded.tokenizer
     ids = prompt_ids(prompt_text, tokenizer)
     decoder = make_decoder(loaded.model, loaded.device, loaded.dtype, compile=speed.compile)
@@ -362,7 +362,7 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
 
 
 def result_record(prompt: str, prompt_ids: list[int], dropped: int, token_ids: list[int], text: str,
-                  finish_reason: str | None, loaded: "LoadedModel", options: SamplingOptions) -> dict:
+                  finish_reason: str | None, loaded: "Runtime", options: SamplingOptions) -> dict:
     """The JSON fields of one completion, shared by single runs and --each-line."""
 
     return {
@@ -390,9 +390,8 @@ def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOption
     if options.greedy and (options.top_k is not None or options.top_p is not None):
         note("--top-k and --top-p only apply when sampling (--temperature above 0); decoding greedily")
     check_tokenizer_early(weights)
-    loaded = load_for_command(size=size, config=config, weights=weights, device_name=device_name,
-                              dtype_name=dtype_name, seed=options.seed, quantize=speed.quantize,
-                              threads=speed.threads, kernels=speed.kernels, tune=speed.tune)
+    loaded = load_for_command(speed.inference(size=size, config=config, weights=weights, device=device_name,
+                                              dtype=dtype_name, seed=options.seed))
     encoded = [prompt_ids(p, loaded.tokenizer) for p in prompts]
     total = Timings()
     written = [0]  # prompts whose line is out, for the stats after a closed pipe
@@ -411,7 +410,7 @@ def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOption
 
 
 def _each_line_batches(prompts: list[str], encoded: list[list[int]], options: SamplingOptions, speed: SpeedOptions,
-                       loaded: "LoadedModel", json_output: bool, echo: bool, total: "Timings",
+                       loaded: "Runtime", json_output: bool, echo: bool, total: "Timings",
                        written: list[int]) -> None:
     """Generate and write every batch, adding to ``total``; ``written[0]`` counts the prompts written."""
     import json

@@ -18,6 +18,7 @@ from gptcli.commands.common import (
     check_tokenizer_early,
     complete_device,
     complete_dtype,
+    load_for_command,
     note,
     print_json,
     print_table,
@@ -196,30 +197,20 @@ def render_next_tokens(report: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _device_and_dtype(device: str, dtype: str) -> tuple["torch.device", "torch.dtype"]:
-    """The same rules as generate (gptcli.devices)."""
-    from gptcli import devices
-
-    dev = devices.resolve_device(device)
-    return dev, devices.resolve_dtype(dtype, dev)
-
-
 def predict(
     *, prompt: str, top: int, size: str | None, config: Any, weights: str | None, device: str, dtype: str, seed: int,
     threads: int | None = None,
 ) -> dict[str, Any]:
     """One forward pass: the prompt's ids and the top-``top`` next tokens, with the same weights as generate."""
-    from gptcli.devices import configure_threads
     from gptcli.inspection import next_tokens
-    from gptcli.weights import load_model
+    from gptcli.runtime import InferenceOptions
 
     if not prompt:
         raise UserError("--prompt is empty: give at least one token of text")
     check_tokenizer_early(weights)
-    configure_threads(threads)
-    dev, dt = _device_and_dtype(device, dtype)
-    loaded = load_model(size=size, config=config, weights=weights or "auto", device=dev, dtype=dt, seed=seed,
-                        note=note)
+    # Plain layers, read into memory: one forward pass has nothing to gain from tuned kernels.
+    loaded = load_for_command(InferenceOptions(size=size, config=config, weights=weights or "auto", device=device,
+                                               dtype=dtype, seed=seed, threads=threads, kernels=None))
     ids = loaded.tokenizer.encode(prompt)
     if max(ids) >= loaded.cfg.vocab_size:
         raise UserError(f"the prompt has token id {max(ids)}, outside the model's vocabulary "

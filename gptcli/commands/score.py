@@ -34,10 +34,11 @@ from gptcli.commands.common import (
 from gptcli.devices import check_device_name, check_dtype_name
 from gptcli.devices import dtype_name as name_of
 from gptcli.errors import UserError
+from gptcli.runtime import InferenceOptions
 
 if TYPE_CHECKING:
     from gptcli.scoring import Score
-    from gptcli.weights import LoadedModel
+    from gptcli.runtime import Runtime
 
 EXIT_INTERRUPTED = 130
 STDIN = "-"
@@ -125,8 +126,9 @@ def score(
         texts = [stdin_text if name == STDIN else read_text_file(name) for name in names]  # type: ignore[misc]
 
     check_tokenizer_early(weights)
-    loaded = load_for_command(size=size, config=config, weights=weights, device_name=device_name,
-                              dtype_name=dtype_name, seed=seed_value, threads=threads, tune=not no_tune)
+    loaded = load_for_command(InferenceOptions(size=size, config=config, weights=weights, device=device_name,
+                                               dtype=dtype_name, seed=seed_value, threads=threads,
+                                               tune=not no_tune))
     from gptcli.scoring import check_stride, default_stride, score_texts
 
     context = loaded.cfg.context_length
@@ -170,7 +172,7 @@ def _cells(s: "Score") -> list[str]:
     return [str(s.tokens), str(s.bytes), num(s.loss, ".4f"), num(perplexity, ppl_spec), num(s.bits_per_byte, ".4f")]
 
 
-def _render_texts(names: list[str], scores: list["Score"], loaded: "LoadedModel", stride: int, bos: bool,
+def _render_texts(names: list[str], scores: list["Score"], loaded: "Runtime", stride: int, bos: bool,
                   json_output: bool) -> None:
     from gptcli.scoring import total
 

@@ -1,4 +1,4 @@
-"""gptcli.speed: the training kernels compute what the plain torch path computes (their speed is
+"""gptcli.train_kernels: the training kernels compute what the plain torch path computes (their speed is
 bench/train.py's business, never a test's)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptcli import speed
+from gptcli import train_kernels as speed
 from gptcli.config import shipped_config
 from gptcli.model import GPTModel, Linear, MultiHeadAttention
 
@@ -109,7 +109,7 @@ def test_plan_on_this_cpu_and_prepare_sets_the_linear_kernel():
     attentions = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
     assert linears and all((m.train_kernel is not None) == (plan.linear == "onednn") for m in linears)
     assert attentions and all(m.train_kernel is speed.attention_kernel for m in attentions)
-    speed.prepare(model, speed.Plan("torch", False, False, False))
+    speed.prepare(model, speed.TrainPlan("torch", False, False, False))
     assert all(m.train_kernel is None for m in linears + attentions)
 
 

@@ -52,6 +52,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptcli import onednn
+
 EAGER = "eager"
 COMPILED = "compiled"
 DEFAULT_KERNEL = "onednn"  # the winner on the AMD EPYC measured (BENCHMARKS.md)
@@ -60,31 +62,6 @@ NO_TUNE_ENV = "GPTCLI_NO_TUNE"
 BATCH_ROWS = 8  # --each-line's default batch
 SAMPLE_BYTES = 256 * 2**20  # weights a candidate is timed over: more than a CPU's cache, so they stream as in decoding
 REPEATS = 3
-
-# oneDNN's fused linear and its weight packing: in CPU builds of torch with mkldnn (all the official ones).
-ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-          and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-
-
-# ---------------------------------------------------------------------------------------------
-# The candidates
-
-
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """oneDNN's linear over the rows of ``x`` (..., in), never with a single row.
-
-    oneDNN gives a row the same bits among 2, 3, ... or 512 rows, but runs a lone row through a
-    matrix-vector kernel whose rounding differs by ~1e-6, so one row is multiplied as two equal
-    rows and the first is kept. With packed weights two rows cost what one did
-    (bench/batch_invariance.py).
-    """
-    if x.numel() == x.shape[-1]:
-        pair = x.reshape(1, x.shape[-1]).expand(2, -1).contiguous()  # (2, in)
-        y = torch.ops.mkldnn._linear_pointwise(pair, weight, bias, "none", [], "")  # (2, out)
-        return y[:1].view(*x.shape[:-1], out_features)
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
-
 
 # Packed oneDNN weights are opaque tensors that Inductor can only use as graph constants; a compiled
 # step passes an index into this list instead, through a custom op Inductor leaves as one call.
@@ -113,14 +90,14 @@ def _free_slot(handle: int) -> None:
 # with a batch's: it multiplies the lone row as it is (20 us a call against 37 for the pair through
 # torch.library.custom_op, 0.7 ms of a 124M step). Defined with torch.library.Library, whose calls
 # cost less than custom_op's.
-_LIBRARY = torch.library.Library("gptcli", "FRAGMENT")  # gptcli.speed defines training ops there too
+_LIBRARY = torch.library.Library("gptcli", "FRAGMENT")  # gptcli.train_kernels defines training ops there too
 _LIBRARY.define("decode_linear(Tensor x, Tensor? bias, int handle, int out_features) -> Tensor")
 
 
 def _onednn_linear_rows(x: torch.Tensor, bias: torch.Tensor | None, handle: int, out_features: int) -> torch.Tensor:
     weight = _PACKED[handle]
     assert weight is not None and weight is not _RESERVED, "a released packed weight was used"
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias, "none", [], "")
+    y = onednn.linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
     return y.view(*x.shape[:-1], out_features)
 
 
@@ -185,12 +162,12 @@ class OneDNN(Kernel):
 
     @staticmethod
     def available(weight: torch.Tensor) -> bool:
-        return ONEDNN and weight.device.type == "cpu" and weight.dtype in ONEDNN_DTYPES
+        return onednn.AVAILABLE and weight.device.type == "cpu" and weight.dtype in onednn.DTYPES
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return torch.ops.gptcli.decode_linear(x, bias, self.handle, self.out_features)
-        return onednn_linear(x, _PACKED[self.handle], bias, self.out_features)
+        return onednn.linear(x, _PACKED[self.handle], bias, self.out_features)
 
     def release(self) -> None:
         self._finalizer()
@@ -251,7 +228,7 @@ class Choice:
 
 
 @dataclass
-class Plan:
+class DecodePlan:
     """A kernel per weight shape key (``shape_key``), how long tuning took and where the choice came from."""
 
     mode: str
@@ -437,7 +414,7 @@ def will_measure(model: nn.Module) -> bool:
     return any(not _usable(known.get(key), group[0].weight) for key, group in _groups(layers).items())
 
 
-def tune(model: nn.Module, mode: str = EAGER, *, enabled: bool = True, use_cache: bool = True) -> Plan:
+def tune(model: nn.Module, mode: str = EAGER, *, enabled: bool = True, use_cache: bool = True) -> DecodePlan:
     """A kernel for each weight shape of ``model``'s Linear layers: from the cache, else measured now.
 
     Only CPU models are tuned; elsewhere, with ``enabled=False`` or with ``GPTCLI_NO_TUNE`` set, the
@@ -445,7 +422,7 @@ def tune(model: nn.Module, mode: str = EAGER, *, enabled: bool = True, use_cache
     """
     layers = linear_layers(model)
     if not enabled or not _tunable(layers):
-        return Plan(mode, {}, source="default")
+        return DecodePlan(mode, {}, source="default")
     groups = _groups(layers)
     start = time.perf_counter()
     path = cache_path()
@@ -468,10 +445,10 @@ def tune(model: nn.Module, mode: str = EAGER, *, enabled: bool = True, use_cache
                 {key: measurements[key] for key in todo})
             _write_cache(path, cache)
     choices = {key: Choice(choose(m, mode), m) for key, m in measurements.items()}
-    return Plan(mode, choices, tune_s=time.perf_counter() - start, source="measured" if todo else "cache")
+    return DecodePlan(mode, choices, tune_s=time.perf_counter() - start, source="measured" if todo else "cache")
 
 
-def apply(model: nn.Module, plan: Plan, release: Callable[[torch.Tensor], None] | None = None) -> dict[str, int]:
+def apply(model: nn.Module, plan: DecodePlan, release: Callable[[torch.Tensor], None] | None = None) -> dict[str, int]:
     """Give every Linear layer its planned kernel (``Linear.decode_kernel``); counts per kernel.
 
     A kernel that copied the weight into its own layout leaves the plain weight behind: it is then

@@ -1,4 +1,4 @@
-"""Training speed, beside the model: kernels the training loop selects at run time.
+"""Training kernels, beside the model: what the training loop selects at run time.
 
 ``gptcli.model`` reads like the book; this module makes its training steps faster without changing
 their maths. ``plan(device)`` says what the machine supports, ``prepare(model, plan)`` applies it:
@@ -41,9 +41,9 @@ HEAD_CHUNK_ROWS = 1024
 
 
 def onednn_available() -> bool:
-    import torch
+    from gptcli import onednn
 
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return onednn.AVAILABLE
 
 
 def _onednn_linear(a: "torch.Tensor", b: "torch.Tensor", bias: "torch.Tensor | None" = None) -> "torch.Tensor":
@@ -54,7 +54,9 @@ def _onednn_linear(a: "torch.Tensor", b: "torch.Tensor", bias: "torch.Tensor | N
 
     if torch.compiler.is_compiling():
         return torch.ops.gptcli.onednn_linear(a, b, bias)  # registered by prepare(), before any tracing
-    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+    from gptcli import onednn
+
+    return onednn.linear_pointwise(a, b, bias)
 
 
 def _onednn_mm_t(a: "torch.Tensor", b: "torch.Tensor") -> "torch.Tensor":
@@ -288,7 +290,7 @@ def head_loss(x: "torch.Tensor", weight: "torch.Tensor", targets: "torch.Tensor"
 
 
 @dataclass(frozen=True)
-class Plan:
+class TrainPlan:
     """The kernels a training run uses (in its start event)."""
 
     linear: str  # "onednn": float32 Linear layers through OneDNNLinear; "torch": F.linear
@@ -312,14 +314,14 @@ def fused_adamw_available(device: "torch.device") -> bool:
     return True
 
 
-def plan(device: "torch.device") -> Plan:
+def plan(device: "torch.device") -> TrainPlan:
     onednn = device.type == "cpu" and onednn_available()
     cpu = device.type == "cpu"
-    return Plan(linear="onednn" if onednn else "torch", head_loss=cpu, fused_adamw=fused_adamw_available(device),
+    return TrainPlan(linear="onednn" if onednn else "torch", head_loss=cpu, fused_adamw=fused_adamw_available(device),
                 attention=cpu)
 
 
-def prepare(model: "GPTModel", chosen: Plan) -> None:
+def prepare(model: "GPTModel", chosen: TrainPlan) -> None:
     """Point the model's Linear layers at the plan's training kernel (the model's maths is unchanged)."""
     from gptcli.model import Linear, MultiHeadAttention
 

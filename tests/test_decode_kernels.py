@@ -1,4 +1,4 @@
-"""Decode kernels chosen by measuring (gptcli.kernels): every kernel computes the same layer, the
+"""Decode kernels chosen by measuring (gptcli.decode_kernels): every kernel computes the same layer, the
 choice is cached per machine, and turning tuning off measures nothing. No test depends on which
 kernel wins: the winner differs between CPUs."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptcli import kernels
+from gptcli import decode_kernels as kernels
 from gptcli.cli import app
 from gptcli.generate import Decoder, Generation, SamplingOptions, prepare_model
 from helpers import lively_model
@@ -19,10 +19,10 @@ CPU = torch.device("cpu")
 runner = CliRunner()
 
 
-def plan_of(name: str, model, mode: str = kernels.EAGER) -> kernels.Plan:
+def plan_of(name: str, model, mode: str = kernels.EAGER) -> kernels.DecodePlan:
     """Every layer of ``model`` on kernel ``name``."""
     keys = {kernels.shape_key(layer.weight) for layer in kernels.linear_layers(model)}
-    return kernels.Plan(mode, {key: kernels.Choice(name) for key in keys})
+    return kernels.DecodePlan(mode, {key: kernels.Choice(name) for key in keys})
 
 
 def _greedy(model, prompt, n=12):
@@ -118,7 +118,7 @@ def test_packed_weights_live_as_long_as_their_model():
     gc.collect()
     before = live_slots()
     model = lively_model(13)
-    kernels.apply(model, kernels.Plan(kernels.EAGER, {}))
+    kernels.apply(model, kernels.DecodePlan(kernels.EAGER, {}))
     assert live_slots() == before + 9
     del model
     gc.collect()
