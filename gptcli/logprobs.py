@@ -1,0 +1,101 @@
+"""Log-probabilities of tokens, in OpenAI's legacy completions format. Never prints.
+
+They come from the model's own distribution: the log-softmax of the raw logits, in float32, before
+temperature, top-k or top-p change what is sampled (what vLLM reports by default). So the same text
+gets the same log-probabilities however it was generated, and they agree with ``gptcli score``.
+
+OpenAI's format (``/v1/completions`` with ``logprobs``) is four parallel lists: ``tokens`` (each
+token's text), ``token_logprobs`` (the chosen token's log-probability; None for a first prompt
+token, which nothing predicts), ``top_logprobs`` (the K likeliest tokens at that step, token text to
+log-probability; None where there is no prediction) and ``text_offset`` (where each token starts in
+the text, in characters). A token that is part of a UTF-8 character has no text of its own: it is
+written ``bytes:\\xe2\\x80`` as OpenAI writes such tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_LOGPROBS = 20  # OpenAI's legacy API takes 0-5; gptcli generate up to 20
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability and the ``k`` likeliest at its step (sorted, likeliest first)."""
+
+    token_id: int
+    logprob: float | None  # None: nothing predicted it (the first token of a text)
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def log_softmax(logits: "torch.Tensor") -> "torch.Tensor":
+    """Log-probabilities (..., V) in float32 from logits of any dtype."""
+    import torch
+
+    return torch.log_softmax(logits.detach().float(), dim=-1)
+
+
+def step_logprobs(logits: "torch.Tensor", chosen: Sequence[int], k: int) -> list[TokenLogprob]:
+    """For logits (B, V) of one step and the ids chosen for each row: each row's TokenLogprob."""
+    import torch
+
+    logp = log_softmax(logits)  # (B, V)
+    picked = logp.gather(-1, torch.tensor(list(chosen), device=logp.device).view(-1, 1)).squeeze(-1).tolist()
+    tops: list[tuple[tuple[int, float], ...]] = [()] * len(picked)
+    if k > 0:
+        values, index = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)  # (B, k), sorted descending
+        tops = [tuple(zip(i, v)) for i, v in zip(index.tolist(), values.tolist())]
+    return [TokenLogprob(int(t), p, top) for t, p, top in zip(chosen, picked, tops)]
+
+
+def sequence_logprobs(logits: "torch.Tensor", ids: Sequence[int], k: int) -> list[TokenLogprob]:
+    """For a text's ids (T,) and the model's logits at each of its positions (T, V): every token's
+    TokenLogprob, the first with none (nothing predicts it)."""
+    entries = [TokenLogprob(int(ids[0]), None)] if len(ids) else []
+    if len(ids) > 1:
+        entries += step_logprobs(logits[:-1], ids[1:], k)
+    return entries
+
+
+def token_text(token_bytes: bytes) -> str:
+    """A token's text, or ``bytes:\\xNN...`` when its bytes are not whole UTF-8 characters."""
+    try:
+        return token_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in token_bytes)
+
+
+def openai_logprobs(entries: Sequence[TokenLogprob], token_bytes: Callable[[int], bytes],
+                    start_offset: int = 0) -> dict:
+    """OpenAI's ``logprobs`` object for these tokens; offsets count characters from ``start_offset``.
+
+    A token that ends inside a UTF-8 character moves the offset only when the character is complete,
+    so ``text_offset`` always points into the decoded text.
+    """
+    import codecs
+
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    offset = start_offset
+    for entry in entries:
+        raw = token_bytes(entry.token_id)
+        tokens.append(token_text(raw))
+        token_logprobs.append(entry.logprob)
+        top_logprobs.append(None if entry.logprob is None else
+                            _top_dict(entry.top, token_bytes))
+        offsets.append(offset)
+        offset += len(utf8.decode(raw))
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": offsets}
+
+
+def _top_dict(top: Sequence[tuple[int, float]], token_bytes: Callable[[int], bytes]) -> dict[str, float]:
+    """Token text to log-probability, likeliest first; two ids with the same text keep the likelier."""
+    out: dict[str, float] = {}
+    for token_id, logprob in top:
+        out.setdefault(token_text(token_bytes(token_id)), logprob)
+    return out
