@@ -148,3 +148,19 @@ def text_logprobs(model, ids: Sequence[int], *, stride: int | None = None, k: in
                 targets = [int(t) for t in ids[at : at + logits.shape[0]]]
                 entries[at : at + len(targets)] = step_logprobs(logits, targets, k)
     return entries
+
+
+def score_tokens(model, tokenizer, texts: Sequence[str], *, stride: int | None = None, bos: bool = False,
+                 names: Sequence[str] | None = None, k: int = 1) -> list[list[TokenLogprob]]:
+    """Each text's tokens with their log-probabilities (``text_logprobs``), encoded as ``gptcli score``
+    encodes them (``<|endoftext|>`` first with ``bos``)."""
+    from gptcli.scoring import encode_texts
+
+    return [text_logprobs(model, ids, stride=stride, k=k)
+            for ids in encode_texts(tokenizer, texts, bos=bos, names=names)]
+
+
+def least_likely(entries: Sequence[TokenLogprob], n: int) -> list[int]:
+    """Positions of the ``n`` least likely scored tokens, most surprising first (ties: the earlier first)."""
+    scored = [i for i, e in enumerate(entries) if e.logprob is not None]
+    return sorted(scored, key=lambda i: (entries[i].logprob, i))[:n]
