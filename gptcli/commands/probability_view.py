@@ -2,8 +2,8 @@
 --show`` and the interactive session. Rendering only; the log-probabilities come from gptcli.logprobs.
 
 Colours are shown only where stdout gets Rich output (a terminal, or FORCE_COLOR; see
-``stdout_styled``) and follow Rich's rules, so NO_COLOR prints the text plain. In a pipe nothing here
-is used and stdout is exactly what it is without the option.
+``stdout_styled``) and NO_COLOR is not set (non-empty, as Rich reads it). Otherwise nothing here
+writes: stdout is exactly what it is without the option, and there is no legend.
 """
 
 from __future__ import annotations
@@ -31,6 +31,15 @@ def colour_for(prob: float | None) -> str | None:
     if prob is None:
         return None
     return next(colour for lowest, colour, _ in BANDS if prob >= lowest)
+
+
+def colours_wanted() -> bool:
+    """Whether to colour by probability: Rich output on stdout, and no NO_COLOR."""
+    import os
+
+    from gptcli.commands.common import stdout_styled
+
+    return stdout_styled() and os.environ.get("NO_COLOR", "") == ""
 
 
 def probability(entry: "TokenLogprob | None") -> float | None:
@@ -119,11 +128,10 @@ class StreamView:
     as ``Generation(observe=...)``, colours for its pieces, and the JSON ``logprobs`` object."""
 
     def __init__(self, logprobs_k: int | None, show_probs: bool):
-        from gptcli.commands.common import stdout_styled
         from gptcli.logprobs import Recorder
 
         self.k = logprobs_k
-        self.colours = ColouredOutput() if show_probs and stdout_styled() else None
+        self.colours = ColouredOutput() if show_probs and colours_wanted() else None
         self.recorder = Recorder(logprobs_k or 0) if logprobs_k is not None or self.colours is not None else None
         if self.colours is not None:
             print_legend()

@@ -214,9 +214,9 @@ class TokenViews:
 
     def render(self, names: list[str]) -> None:
         from gptcli.commands import score_tokens as view
-        from gptcli.commands.probability_view import print_legend
+        from gptcli.commands.probability_view import colours_wanted, print_legend
 
-        if self.show and stdout_styled():
+        if self.show and colours_wanted():
             print_legend()
         for name, entries in zip(names, self.entries):
             if self.show:

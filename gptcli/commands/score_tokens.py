@@ -70,16 +70,20 @@ def render_worst(name: str, entries: Sequence["TokenLogprob"], tokenizer: "Token
 
 
 def render_show(entries: Sequence["TokenLogprob"], tokenizer: "Tokenizer") -> None:
-    """The text coloured by probability, then a newline; only where stdout gets Rich output."""
+    """The text coloured by probability, then a blank line; only on a terminal (Rich output), and
+    plain with NO_COLOR."""
     import sys
 
-    from gptcli.commands.probability_view import ColouredOutput, coloured_chunks
+    from gptcli.commands.probability_view import ColouredOutput, coloured_chunks, colours_wanted
 
     if not stdout_styled():
         return
-    out = ColouredOutput()
-    for text, prob in coloured_chunks(entries, tokenizer.token_bytes):
-        out.write(text, prob)
+    if colours_wanted():
+        out = ColouredOutput()
+        for text, prob in coloured_chunks(entries, tokenizer.token_bytes):
+            out.write(text, prob)
+    else:
+        sys.stdout.write(tokenizer.decode([e.token_id for e in entries]))
     sys.stdout.write("\n\n")
     sys.stdout.flush()
 
