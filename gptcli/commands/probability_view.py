@@ -127,13 +127,13 @@ class StreamView:
     """What ``--logprobs`` and ``--show-probs`` need from one streamed generation: a Recorder to pass
     as ``Generation(observe=...)``, colours for its pieces, and the JSON ``logprobs`` object."""
 
-    def __init__(self, logprobs_k: int | None, show_probs: bool):
+    def __init__(self, logprobs_k: int | None, show_probs: bool, legend: bool = True):
         from gptcli.logprobs import Recorder
 
         self.k = logprobs_k
         self.colours = ColouredOutput() if show_probs and colours_wanted() else None
         self.recorder = Recorder(logprobs_k or 0) if logprobs_k is not None or self.colours is not None else None
-        if self.colours is not None:
+        if self.colours is not None and legend:
             print_legend()
 
     def write(self, piece: str) -> bool:
