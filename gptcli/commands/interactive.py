@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
+import typer
+
 from gptcli.commands.common import check_tokenizer_early, err, load_for_command, note
 from gptcli.errors import UserError
 
@@ -15,6 +17,7 @@ if TYPE_CHECKING:
     from gptcli.session import Session, TurnStats
 
 PROMPT = "> "
+EXIT_INTERRUPTED = 130
 HISTORY_LINES = 1000
 HELP = """\
 Type text and press Enter: it is added to the running text and the model continues it. An empty line
@@ -38,7 +41,10 @@ def run_session(prompt: str | None, options: "SamplingOptions", inference: "Infe
     check_tokenizer_early(inference.weights)
     if options.greedy and (options.top_k is not None or options.top_p is not None):
         note("--top-k and --top-p only apply when sampling (--temperature above 0); decoding greedily")
-    loaded = load_for_command(inference)
+    try:
+        loaded = load_for_command(inference)
+    except KeyboardInterrupt:  # while loading: nothing to keep
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     session = Session(loaded, options)
     terminal = sys.stdin is not None and sys.stdin.isatty()
     history = _start_readline() if terminal else None
@@ -57,11 +63,15 @@ def run_session(prompt: str | None, options: "SamplingOptions", inference: "Infe
             except KeyboardInterrupt:  # at the prompt: a fresh line, as a shell does
                 sys.stdout.write("\n")
                 continue
-            if line.startswith("/") and not line.startswith("//"):
-                if not _command(session, line):
-                    break
-                continue
-            _turn(session, unescape(line.removeprefix("/") if line.startswith("//") else line), stats, show_probs)
+            try:
+                if line.startswith("/") and not line.startswith("//"):
+                    if not _command(session, line):
+                        break
+                    continue
+                _turn(session, unescape(line.removeprefix("/") if line.startswith("//") else line), stats,
+                      show_probs)
+            except KeyboardInterrupt:  # between the steps of a turn (a notes line, say): the session goes on
+                sys.stdout.write("\n")
     finally:
         if history is not None:
             _save_history(history)
