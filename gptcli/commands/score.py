@@ -28,7 +28,6 @@ from gptcli.commands.common import (
     read_text_file,
     split_lines,
     stdout_is_terminal,
-    stdout_styled,
     usage_and_exit,
     user_errors,
 )
@@ -38,6 +37,7 @@ from gptcli.errors import UserError
 from gptcli.runtime import InferenceOptions
 
 if TYPE_CHECKING:
+    from gptcli.commands.score_tokens import TokenViews
     from gptcli.scoring import Score
     from gptcli.runtime import Runtime
 
@@ -175,6 +175,8 @@ def score(
         if s.tokens == 0:
             why = "it is empty" if not text else "its one token has no prediction; --bos scores it"
             note(f"{name}: 0 tokens scored ({why})")
+    from gptcli.commands.score_tokens import TokenViews
+
     views = None if entries is None else TokenViews(entries, loaded.tokenizer, tokens, worst_n, show)
     _render_texts(names, scores, loaded, used_stride, bos, json_output, views)
 
@@ -201,34 +203,8 @@ def _cells(s: "Score") -> list[str]:
     return [str(s.tokens), str(s.bytes), num(s.loss, ".4f"), num(perplexity, ppl_spec), num(s.bits_per_byte, ".4f")]
 
 
-class TokenViews:
-    """--tokens, --worst and --show: each text's token log-probabilities and what to render of them."""
-
-    def __init__(self, entries: list, tokenizer, tokens: bool, worst: int | None, show: bool):
-        self.entries, self.tokenizer, self.tokens, self.worst, self.show = entries, tokenizer, tokens, worst, show
-
-    def json(self, n: int) -> dict:
-        from gptcli.commands.score_tokens import json_fields
-
-        return json_fields(self.entries[n], self.tokenizer, tokens=self.tokens, worst=self.worst)
-
-    def render(self, names: list[str]) -> None:
-        from gptcli.commands import score_tokens as view
-        from gptcli.commands.probability_view import colours_wanted, print_legend
-
-        if self.show and colours_wanted():
-            print_legend()
-        for name, entries in zip(names, self.entries):
-            if self.show:
-                view.render_show(entries, self.tokenizer)
-            if self.tokens:
-                view.render_tokens(name, entries, self.tokenizer)
-            if self.worst is not None:
-                view.render_worst(name, entries, self.tokenizer, self.worst)
-
-
 def _render_texts(names: list[str], scores: list["Score"], loaded: "Runtime", stride: int, bos: bool,
-                  json_output: bool, views: TokenViews | None = None) -> None:
+                  json_output: bool, views: "TokenViews | None" = None) -> None:
     from gptcli.scoring import total
 
     overall = total(scores)

@@ -103,3 +103,26 @@ def json_fields(entries: Sequence["TokenLogprob"], tokenizer: "Tokenizer", *, to
                          "logprob": entries[i].logprob, "text_offset": offsets[i]}
                         for i in least_likely(entries, worst)]
     return out
+
+
+class TokenViews:
+    """--tokens, --worst and --show: each text's token log-probabilities and what to render of them."""
+
+    def __init__(self, entries: list, tokenizer, tokens: bool, worst: int | None, show: bool):
+        self.entries, self.tokenizer, self.tokens, self.worst, self.show = entries, tokenizer, tokens, worst, show
+
+    def json(self, n: int) -> dict:
+        return json_fields(self.entries[n], self.tokenizer, tokens=self.tokens, worst=self.worst)
+
+    def render(self, names: list[str]) -> None:
+        from gptcli.commands.probability_view import colours_wanted, print_legend
+
+        if self.show and colours_wanted():
+            print_legend()
+        for name, entries in zip(names, self.entries):
+            if self.show:
+                render_show(entries, self.tokenizer)
+            if self.tokens:
+                render_tokens(name, entries, self.tokenizer)
+            if self.worst is not None:
+                render_worst(name, entries, self.tokenizer, self.worst)
