@@ -86,6 +86,7 @@ def test_stdin_count_and_text_json():
     (["--decode", "12", "x"], "error: --decode expects token ids (whole numbers), got 'x'\n"),
     (["two", "words"], "error: give the text as one argument (quote it): got 2 arguments\n"),
     (["--weights", "nowhere/model.safetensors", "hi"], "error: nowhere/model.safetensors: no such file\n"),
+    (["a\udcffb"], "error: the text is not valid UTF-8 (character 1); convert it first, e.g. with iconv -t UTF-8\n"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     result = tok(*args)
