@@ -12,6 +12,7 @@ from gptcli.generate import Decoder, Generation, SamplingOptions, prompt_ids
 from gptcli.runtime import Runtime
 from gptcli.session import Session, apply_setting
 from gptcli.tokenizer import CharTokenizer, gpt2
+from helpers import lively_char_model
 
 CPU = torch.device("cpu")
 CHARS = "".join(sorted(set("abcdefghijklmnopqrstuvwxyz .,")))
@@ -23,16 +24,7 @@ def runtime(model, tokenizer) -> Runtime:
 
 
 def char_runtime(context: int = 24) -> Runtime:
-    from gptcli.model import GPTModel
-
-    cfg = GPTConfig(vocab_size=len(CHARS), context_length=context, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
-                    qkv_bias=True, tie_weights=True, name="char")
-    torch.manual_seed(3)
-    model = GPTModel(cfg).eval()
-    with torch.no_grad():
-        model.tok_emb.weight.mul_(0.05)
-        model.pos_emb.weight.mul_(0.05)
-    return runtime(model, CharTokenizer(CHARS))
+    return runtime(lively_char_model(CHARS, context), CharTokenizer(CHARS))
 
 
 def generate_text(rt: Runtime, text: str, n: int) -> str:
