@@ -181,13 +181,14 @@ class Session:
 
     def turn(self, typed: str, observe: Callable | None = None) -> Iterator[str]:
         """Append ``typed`` and continue the running text; yields the new text as it becomes printable.
+        A text the tokenizer cannot encode raises UserError (on the first ``next``) and changes nothing.
 
         ``observe`` is ``Generation``'s hook (gptcli.logprobs.Recorder). Each turn samples with seed
         ``seed + turn``, so a seeded session repeats and its turns differ.
         """
         tokenizer = self.runtime.tokenizer
+        ids = prompt_ids(self.text + typed, tokenizer)  # UserError (a character not in the vocabulary): no change
         self.text += typed
-        ids = self.token_ids()
         self._dropped = crop_prompt(ids, self.context_length)[1]
         self.turns += 1
         options = dataclasses.replace(self.options, seed=self.options.seed + self.turns - 1)

@@ -105,6 +105,8 @@ def test_interactive_session_in_a_terminal(char_checkpoint, tmp_path):
     assert s.text() == text1  # greedy: the same first turn again
 
     assert "unknown command /nope" in s.send("/nope")
+    assert "error: character 'X' is not in this model's vocabulary" in s.send("X")
+    assert s.text() == text1  # unchanged
     assert "error: temperature cannot be 'hot'" in s.send("/set temperature hot")
     s.child.sendeof()
     s.child.expect(pexpect.EOF)

@@ -108,6 +108,17 @@ def test_an_interrupted_turn_keeps_a_consistent_session():
     assert "".join(session.turn(" ok")) == generate_text(rt, text, 20)
 
 
+def test_text_the_tokenizer_cannot_encode_changes_nothing():
+    rt = char_runtime(context=48)
+    session = Session(rt, SamplingOptions(max_new_tokens=4))
+    "".join(session.turn("hello"))
+    before = session.text
+    with pytest.raises(UserError, match="character 'X' is not in this model's vocabulary"):
+        "".join(session.turn(" X"))
+    assert session.text == before
+    assert "".join(session.turn(" ok")) == generate_text(rt, before + " ok", 4)
+
+
 def test_settings():
     options = SamplingOptions()
     assert apply_setting(options, "temperature", "0.8").temperature == 0.8

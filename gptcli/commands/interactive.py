@@ -72,6 +72,8 @@ def run_session(prompt: str | None, options: "SamplingOptions", inference: "Infe
                       show_probs)
             except KeyboardInterrupt:  # between the steps of a turn (a notes line, say): the session goes on
                 sys.stdout.write("\n")
+            except UserError as exc:  # a character outside a character model's vocabulary, say
+                err(f"error: {exc}")
     finally:
         if history is not None:
             _save_history(history)
