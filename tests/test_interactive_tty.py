@@ -107,6 +107,11 @@ def test_interactive_session_in_a_terminal(char_checkpoint, tmp_path):
     assert "unknown command /nope" in s.send("/nope")
     assert "error: character 'X' is not in this model's vocabulary" in s.send("X")
     assert s.text() == text1  # unchanged
+    s.child.send("half a line")  # Ctrl-C while typing clears the line, as in a shell
+    s.child.expect_exact("half a line")  # readline has it (echoed)
+    s.child.sendintr()
+    s.prompt()
+    assert s.text() == text1
     assert "error: temperature cannot be 'hot'" in s.send("/set temperature hot")
     s.child.sendeof()
     s.child.expect(pexpect.EOF)

@@ -62,6 +62,7 @@ def run_session(prompt: str | None, options: "SamplingOptions", inference: "Infe
                 break
             except KeyboardInterrupt:  # at the prompt: a fresh line, as a shell does
                 sys.stdout.write("\n")
+                sys.stdout.flush()
                 continue
             try:
                 if line.startswith("/") and not line.startswith("//"):
@@ -72,6 +73,7 @@ def run_session(prompt: str | None, options: "SamplingOptions", inference: "Infe
                       show_probs)
             except KeyboardInterrupt:  # between the steps of a turn (a notes line, say): the session goes on
                 sys.stdout.write("\n")
+                sys.stdout.flush()
             except UserError as exc:  # a character outside a character model's vocabulary, say
                 err(f"error: {exc}")
     finally:
