@@ -510,8 +510,10 @@ class Generation:
         eos_id: int | None = EOT_ID,
         token_bytes: Callable[[int], bytes] | None = None,
         context_length: int | None = None,
+        observe: "Callable[[torch.Tensor, list[int]], None] | None" = None,
     ):
         self.decoder = decoder
+        self.observe = observe  # sees each step's logits (1, V) and the id picked (gptcli.logprobs.Recorder)
         self.prompt_token_ids = list(prompt_token_ids)
         self.options = options
         self.eos_id = eos_id
@@ -546,6 +548,8 @@ class Generation:
         logits = self.decoder.prefill(self.prompt_token_ids, opts.max_new_tokens)  # (1, V)
         for i in range(opts.max_new_tokens):
             next_id = int(select_next(logits, opts, generator)[0])  # .item() also waits for the device
+            if self.observe is not None:
+                self.observe(logits, [next_id])
             elapsed = time.perf_counter() - start
             if i == 0:
                 self.timings.prefill_s = elapsed

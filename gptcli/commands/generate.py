@@ -49,8 +49,9 @@ STDIN_CLOSED = "no prompt: stdin is closed; give the prompt as an argument"
 class TextOutput:
     """Where streamed text goes: plain writes to stdout, flushed per piece, never through Rich's wrapping."""
 
-    def __init__(self, terminal: bool):
+    def __init__(self, terminal: bool, view=None):
         self.terminal = terminal
+        self.view = view  # a probability_view.StreamView that colours pieces (--show-probs), or None
 
     def prompt(self, text: str) -> None:
         if not text:
@@ -68,11 +69,14 @@ class TextOutput:
             self.write(text)
 
     def write(self, piece: str) -> None:
+        if self.view is not None and self.view.write(piece):
+            return
         sys.stdout.write(piece)
         sys.stdout.flush()
 
     def end(self) -> None:
-        self.write("\n")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 def _fmt_rate(rate: float | None) -> str:
@@ -160,6 +164,21 @@ def generate(
     ] = "8",
     threads: ThreadsOption = None,
     no_tune: NoTuneOption = False,
+    logprobs: Annotated[
+        Optional[str], typer.Option("--logprobs", metavar="K", show_default=False,
+                                    help="With --json: each new token's log-probability and the K likeliest "
+                                    "alternatives (0-20), in OpenAI's completions format; the model's own "
+                                    "distribution, before temperature, top-k and top-p.")
+    ] = None,
+    show_probs: Annotated[
+        bool, typer.Option("--show-probs", help="On a terminal, colour each token by the probability the model "
+                           "gave it (a legend goes to stderr). In a pipe, or with NO_COLOR, the text is unchanged.")
+    ] = False,
+    interactive: Annotated[
+        bool, typer.Option("--interactive", "-i", help="A session: type text, the model continues it, type again "
+                           "(PROMPT, if given, is the first turn). Ctrl-C stops a continuation, Ctrl-D ends; "
+                           "/help lists the commands (/reset, /set temperature 0.8, /tokens).")
+    ] = False,
 ) -> None:
     """Continue a prompt with GPT-2, streaming each token as soon as it is decoded.
 
@@ -182,6 +201,9 @@ def generate(
       gptcli generate "Hello" -n 100 --stats 2> stats.txt | head -c 80
       gptcli generate "Hello" -n 200 --compile --quantize int8 --stats  # fast, close to float32
       printf 'The sky is\\nMy name is\\n' | gptcli generate --each-line -n 10 --json
+      gptcli generate "Hello" -n 5 --json --logprobs 3 | jq .logprobs.top_logprobs
+      gptcli generate "The capital of France is" --show-probs    # coloured by probability
+      gptcli generate --interactive -n 40                         # type, it continues, type again
     """
     options = SamplingOptions(
         max_new_tokens=int(parse_number("--max-new-tokens", max_new_tokens, int)),
@@ -208,6 +230,19 @@ def generate(
                          tune=not no_tune)
     if speed.batch_size < 1:
         raise UserError(f"--batch-size must be 1 or more, got {speed.batch_size}")
+    from gptcli.commands.probability_view import check_view_options
+
+    logprobs_k = check_view_options(logprobs, show_probs=show_probs, json_output=json_output, each_line=each_line,
+                                    interactive=interactive)
+    if interactive:
+        from gptcli.commands.interactive import run_session
+
+        if compile_model:
+            raise UserError("--compile works one prompt at a time; drop it with --interactive")
+        run_session(None if prompt == "-" else prompt, options,
+                    speed.inference(size=size, config=config, weights=weights, device=device_name,
+                                    dtype=dtype_name, seed=options.seed), stats=stats, show_probs=show_probs)
+        return
     if each_line:
         if prompt not in (None, "-"):
             raise UserError("--each-line reads the prompts from stdin; don't pass a PROMPT argument")
@@ -220,7 +255,7 @@ def generate(
             _run_each_line(read_stdin(strip_newline=False, closed=STDIN_CLOSED), options, speed, size=size,
                            config=config, weights=weights,
                            device_name=device_name, dtype_name=dtype_name, json_output=json_output, stats=stats,
-                           echo=bool(echo))
+                           echo=bool(echo), logprobs_k=logprobs_k)
         except KeyboardInterrupt:
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except BrokenPipeError:
@@ -237,7 +272,8 @@ def generate(
 
     try:
         _run(prompt_text, options, speed, size=size, config=config, weights=weights, device_name=device_name,
-             dtype_name=dtype_name, json_output=json_output, stats=stats, echo=echo)
+             dtype_name=dtype_name, json_output=json_output, stats=stats, echo=echo, logprobs_k=logprobs_k,
+             show_probs=show_probs)
     except KeyboardInterrupt:
         # Ctrl-C before generation started (while loading); nothing to keep.
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -299,7 +335,9 @@ def _stats_line(load_s: float, t: "Timings", compile_s: float | None, loaded: "R
 
 
 def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, size, config, weights: str,
-         device_name: str, dtype_name: str, json_output: bool, stats: bool, echo: bool | None) -> None:
+         device_name: str, dtype_name: str, json_output: bool, stats: bool, echo: bool | None,
+         logprobs_k: int | None = None, show_probs: bool = False) -> None:
+    from gptcli.commands.probability_view import StreamView
     from gptcli.generate import Generation, crop_prompt, make_decoder, prompt_ids
 
     check_tokenizer_early(weights)  # its error is quicker than loading a model
@@ -319,9 +357,10 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
         note(f"the prompt has {len(ids)} tokens, more than the context of {cfg.context_length}; "
              f"dropped the first {dropped}")
 
+    view = StreamView(logprobs_k, show_probs and not json_output)
     generation = Generation(decoder, ids, options, context_length=cfg.context_length, eos_id=tokenizer.eot_id,
-                            token_bytes=tokenizer.token_bytes)
-    out = TextOutput(terminal=stdout_is_terminal())
+                            token_bytes=tokenizer.token_bytes, observe=view.recorder)
+    out = TextOutput(terminal=stdout_is_terminal(), view=view)
     interrupted = False
     if not json_output and (echo or (echo is None and out.terminal)):
         out.prompt(prompt_text)
@@ -349,6 +388,7 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
         print_json({
             **result_record(prompt_text, ids, dropped, generation.token_ids, generation.text,
                             generation.finish_reason, loaded, options),
+            **view.json(tokenizer, start_offset=len(prompt_text)),
             "timings": _timings_json(loaded.load_seconds, t, compile_s, loaded),
         })
     if stats:
@@ -382,7 +422,8 @@ def result_record(prompt: str, prompt_ids: list[int], dropped: int, token_ids: l
 
 
 def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOptions, *, size, config, weights: str,
-                   device_name: str, dtype_name: str, json_output: bool, stats: bool, echo: bool) -> None:
+                   device_name: str, dtype_name: str, json_output: bool, stats: bool, echo: bool,
+                   logprobs_k: int | None = None) -> None:
     from gptcli.generate import Timings, prompt_ids
 
     prompts = split_lines(stdin_text)
@@ -395,7 +436,7 @@ def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOption
     total = Timings()
     written = [0]  # prompts whose line is out, for the stats after a closed pipe
     try:
-        _each_line_batches(prompts, encoded, options, speed, loaded, json_output, echo, total, written)
+        _each_line_batches(prompts, encoded, options, speed, loaded, json_output, echo, total, written, logprobs_k)
     except BrokenPipeError:
         # The reader went away (`| head -n 3`): stop, but still report on stderr.
         silence_stdout()
@@ -410,18 +451,21 @@ def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOption
 
 def _each_line_batches(prompts: list[str], encoded: list[list[int]], options: SamplingOptions, speed: SpeedOptions,
                        loaded: "Runtime", json_output: bool, echo: bool, total: "Timings",
-                       written: list[int]) -> None:
+                       written: list[int], logprobs_k: int | None = None) -> None:
     """Generate and write every batch, adding to ``total``; ``written[0]`` counts the prompts written."""
     import json
 
     from gptcli.batch import BatchDecoder, generate_batch
     from gptcli.generate import crop_prompt
+    from gptcli.logprobs import Recorder, openai_logprobs
 
     cfg, tokenizer = loaded.cfg, loaded.tokenizer
     decoder = BatchDecoder(loaded.model, loaded.device, loaded.dtype)
     for first in range(0, len(prompts), speed.batch_size):
         batch = encoded[first : first + speed.batch_size]
-        results, t = generate_batch(decoder, batch, options, eos_id=tokenizer.eot_id, token_bytes=tokenizer.token_bytes)
+        recorder = None if logprobs_k is None else Recorder(logprobs_k, rows=len(batch))
+        results, t = generate_batch(decoder, batch, options, eos_id=tokenizer.eot_id, token_bytes=tokenizer.token_bytes,
+                                    observe=recorder)
         total.prefill_s += t.prefill_s
         total.decode_s += t.decode_s
         total.prefill_tokens += t.prefill_tokens
@@ -435,7 +479,9 @@ def _each_line_batches(prompts: list[str], encoded: list[list[int]], options: Sa
             if json_output:
                 line = json.dumps({"line": index + 1, **result_record(
                     prompts[index], result.prompt_token_ids, dropped, result.token_ids, result.text,
-                    result.finish_reason, loaded, options)}, ensure_ascii=False)
+                    result.finish_reason, loaded, options),
+                    **({} if recorder is None else {"logprobs": openai_logprobs(
+                        recorder.entries[n], tokenizer.token_bytes, len(prompts[index]))})}, ensure_ascii=False)
             else:
                 line = escape_line((prompts[index] if echo else "") + result.text)
             sys.stdout.write(line + "\n")
