@@ -119,7 +119,9 @@ class Engine:
         self._draining = False  # no new work; what runs finishes
         self._closing = False  # stop now
         self._thread = threading.Thread(target=self._run, name="gptcli-engine", daemon=True)
-        self.steps = 0  # decode steps run so far (for tests and stats)
+        # Counts since start, for /health: decode steps, rows admitted, rows that joined a batch
+        # already running, and the most rows ever decoded together.
+        self.steps = self.admitted = self.joined = self.peak_rows = 0
 
     # ------------------------------------------------------------------ the caller's side
 
@@ -166,9 +168,10 @@ class Engine:
         return future
 
     def load(self) -> dict[str, int]:
-        """Rows running and rows waiting, now."""
+        """Rows running and waiting now, and the counts since start."""
         with self._lock:
-            return {"running": len(self._active), "waiting": len(self._waiting)}
+            return {"running": len(self._active), "waiting": len(self._waiting), "steps": self.steps,
+                    "admitted": self.admitted, "joined": self.joined, "peak_rows": self.peak_rows}
 
     def drain(self) -> None:
         """Take no new work; what waits is refused (an ``error`` event), what runs goes on to its end."""
@@ -258,7 +261,10 @@ class Engine:
             return
         logits = self._decoder.admit([r.request.prompt_ids for r in starting],
                                      [r.request.options.max_new_tokens for r in starting])  # (k, V)
+        self.admitted += len(starting)
+        self.joined += len(starting) if self._active else 0
         self._active += starting
+        self.peak_rows = max(self.peak_rows, len(self._active))
         for k, row in enumerate(starting):
             self._accept(row, logits[k : k + 1])
 

@@ -314,6 +314,11 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.engine.drain()
         super().handle_exit(sig, frame)
+        # uvicorn re-raises the signal once it has shut down, which kills the process before the
+        # command can say it stopped; the shutdown was clean, so the exit is 0.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
