@@ -84,7 +84,7 @@ def serve(
     \b
       gptcli serve --size 124M
       curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
-        -d '{"model": "gpt2", "prompt": "Hello, I am", "max_tokens": 10, "temperature": 0}'
+        -d '{"model": "openai-community/gpt2", "prompt": "Hello, I am", "max_tokens": 10, "temperature": 0}'
       GPTCLI_API_KEY=secret gptcli serve --weights runs/my-run --host 0.0.0.0
     """
     if compile_model:
