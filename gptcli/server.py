@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
@@ -36,6 +37,7 @@ from gptcli.completions import (
     usage_chunk,
 )
 from gptcli.engine import Engine, EngineClosed, QueueFull, RowEvent
+from gptcli.errors import UserError
 
 if TYPE_CHECKING:
     from gptcli.runtime import Runtime
@@ -62,7 +64,7 @@ class ServeSettings:
     created: int = field(default_factory=now)
 
 
-def default_model_id(runtime: "Runtime", weights: str) -> str:
+def default_model_id(runtime: "Runtime") -> str:
     """The id /v1/models lists: the hub id, a local checkpoint's folder (or file) name, or random-SIZE."""
     from pathlib import Path
 
@@ -291,7 +293,7 @@ async def _stream(req, choices: list[Choice], events: "asyncio.Queue[RowEvent]",
                 logprobs = choice.logprobs_object(choice.entries[before:], choice.offsets[before:])
             if event.finish_reason is not None:
                 open_rows -= 1
-            if event.text or logprobs is not None or event.finish_reason is not None:
+            if event.text or logprobs is not None or event.finish_reason is not None or req.return_token_ids:
                 ids = ([event.token_id] if event.token_id is not None else []) if req.return_token_ids else None
                 yield _sse(stream_chunk(req, completion_id, created, choice.index, event.text, logprobs,
                                         choice.finish_reason if event.finish_reason is not None else None, ids))
@@ -328,10 +330,20 @@ class _Server(uvicorn.Server):
             self.on_ready(f"http://{shown}:{port}")
 
 
-def run_server(runtime: "Runtime", settings: ServeSettings, *, on_ready: Callable[[str], None]) -> None:
-    """Serve until SIGINT/SIGTERM; then take no new work, let running requests end, and return.
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads so that a port in use fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=128)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
-    ``on_ready`` gets the base URL once the socket listens (with port 0, the port the system chose).
+
+def run_server(runtime: "Runtime", settings: ServeSettings, sock: socket.socket, *,
+               on_ready: Callable[[str], None]) -> None:
+    """Serve on ``sock`` until SIGINT/SIGTERM; then take no new work, let running requests end, and return.
+
+    ``on_ready`` gets the base URL once the server accepts connections (with port 0, the port the system chose).
     """
     engine = Engine(runtime, max_batch=settings.max_batch, max_queue=settings.max_queue).start()
     try:
@@ -342,6 +354,7 @@ def run_server(runtime: "Runtime", settings: ServeSettings, *, on_ready: Callabl
             limit_concurrency=settings.max_queue + settings.max_batch + 64,
             timeout_graceful_shutdown=settings.graceful_shutdown_s, timeout_keep_alive=5,
         )
-        _Server(config, engine, on_ready).run()
+        _Server(config, engine, on_ready).run(sockets=[sock])
     finally:
         engine.close(timeout=10)
+        sock.close()

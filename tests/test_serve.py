@@ -513,6 +513,15 @@ def test_bad_options_are_one_line_errors(args, message, env):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_a_port_in_use_is_a_one_line_error_before_loading(env, checkpoint):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "gptcli", "serve", "--weights", str(checkpoint), "--port",
+                               str(port)], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_the_checked_batch_sizes_are_the_kernel_checks():
     from gptcli.commands.serve import CHECKED_BATCH_ROWS
     from gptcli.decode_kernels import BATCH_ROWS
