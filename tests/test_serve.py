@@ -108,6 +108,13 @@ def test_streaming_gives_the_same_text_in_pieces(client):
     assert [c.choices[0].finish_reason for c in text_chunks][-1] == "length"
     assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    with_ids = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0.9,
+                                         seed=4, extra_body={"return_token_ids": True})
+    streamed_ids = [t for c in client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12,
+                                                         temperature=0.9, seed=4, stream=True,
+                                                         extra_body={"return_token_ids": True})
+                    for t in extra(c.choices[0], "token_ids")]
+    assert streamed_ids == extra(with_ids.choices[0], "token_ids") and len(streamed_ids) == 12
 
 
 def test_n_choices_are_seed_seed_plus_one_and_so_on(client):
