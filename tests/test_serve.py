@@ -529,6 +529,26 @@ def test_a_port_in_use_is_a_one_line_error_before_loading(env, checkpoint):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_only_loopback_addresses_count_as_private():
+    from gptcli.commands.serve import is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.5", "example.com"))
+
+
+def test_another_address_without_a_key_warns_before_anything_else(env, tmp_path):
+    """The warning comes before the model loads (here, a missing tokenizer stops it before binding)."""
+    no_tokenizer = {**env, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty")}
+    proc = subprocess.run([sys.executable, "-m", "gptcli", "serve", "--host", "0.0.0.0", "--weights", "random"],
+                          capture_output=True, text=True, env=no_tokenizer, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[0].startswith("warning: listening on 0.0.0.0 with no --api-key")
+    assert lines[1].startswith("error: ")
+    keyed = subprocess.run([sys.executable, "-m", "gptcli", "serve", "--host", "0.0.0.0", "--weights", "random"],
+                           capture_output=True, text=True, env={**no_tokenizer, "GPTCLI_API_KEY": "k"}, timeout=60)
+    assert keyed.returncode == 2 and "warning" not in keyed.stderr
+
+
 def test_the_checked_batch_sizes_are_the_kernel_checks():
     from gptcli.commands.serve import CHECKED_BATCH_ROWS
     from gptcli.decode_kernels import BATCH_ROWS

@@ -29,7 +29,18 @@ from gptcli.errors import UserError
 API_KEY_ENV = "GPTCLI_API_KEY"
 EXIT_INTERRUPTED = 130
 CHECKED_BATCH_ROWS = 8  # gptcli.decode_kernels.BATCH_ROWS, the rows its invariance check covers (no torch here)
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach ``host`` (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 @user_errors
@@ -99,7 +110,7 @@ def serve(
                         "(int4-g64, -g128, -g256: larger groups)")
     if api_key is not None and not api_key.strip():
         raise UserError(f"--api-key (or {API_KEY_ENV}) must not be empty")
-    if host not in LOOPBACK and api_key is None:
+    if not is_loopback(host) and api_key is None:
         err(f"warning: listening on {host} with no --api-key: anyone who can reach this address can use the model")
     if max_batch > CHECKED_BATCH_ROWS:
         err(f"warning: --max-batch {max_batch}: batch invariance was checked for batches of 1 to "
