@@ -4,6 +4,7 @@ the real `openai` client, raw HTTP for the wire format and the error objects, an
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -473,23 +474,24 @@ def test_a_flood_past_the_queue_gets_503_with_retry_after_and_then_service(check
         srv.stop()
 
 
-def test_sigterm_lets_the_running_stream_end_and_exits_cleanly(checkpoint, env):
-    srv = Server(["--weights", str(checkpoint), "--max-tokens-cap", "500"], env)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_lets_the_running_stream_end_and_exits_cleanly(checkpoint, env, sig):
+    srv = Server(["--weights", str(checkpoint), "--max-tokens-cap", "200"], env)
     sock = socket.create_connection(("127.0.0.1", srv.port), timeout=60)
-    body = json.dumps(ok_body(max_tokens=500, temperature=1.0, stream=True, ignore_eos=True,
+    body = json.dumps(ok_body(max_tokens=200, temperature=1.0, stream=True, ignore_eos=True,
                               stream_options={"include_usage": True})).encode()
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     received = b""
     while b"data: " not in received:
         received += sock.recv(4096)
-    srv.proc.terminate()
+    srv.proc.send_signal(sig)
     while chunk := sock.recv(65536):  # the server closes the connection once the stream has ended
         received += chunk
     sock.close()
     assert received.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), received[-200:]
     assert b'"finish_reason": "length"' in received
-    assert b'"completion_tokens": 500' in received  # it ran to its end
+    assert b'"completion_tokens": 200' in received  # it ran to its end
     code, stderr = srv.stop(timeout=60)
     assert code == 0, stderr
     assert "note: stopped" in stderr and "Traceback" not in stderr
