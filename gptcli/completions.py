@@ -270,7 +270,7 @@ def _stream_options(body: dict, stream: bool) -> bool:
         return False
     if not stream:
         raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options", "invalid_value")
-    if not isinstance(value, dict) or set(value) - {"include_usage", "continuous_usage_stats"}:
+    if not isinstance(value, dict) or set(value) - {"include_usage"}:
         raise bad("'stream_options' must be an object with 'include_usage'", "stream_options", "invalid_type")
     return _boolean(value, "include_usage", False)
 
