@@ -159,8 +159,8 @@ def create_app(engine: Engine, runtime: "Runtime", settings: ServeSettings) -> F
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = {404: f"no such endpoint: {request.method} {request.url.path}",
                    405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return _error_response(ApiError(exc.status_code, message, code={404: "not_found", 405: "method_not_allowed"}
-                                        .get(exc.status_code)))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return _error_response(ApiError(exc.status_code, message, code=code, headers=dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def server_error(_request: Request, exc: Exception) -> JSONResponse:

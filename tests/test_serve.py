@@ -408,6 +408,8 @@ def test_bad_requests_get_a_4xx_and_openais_error_object(server, case):
     assert error["param"] == param
     if status == 401:
         assert response_headers["www-authenticate"] == "Bearer"
+    if status == 405:
+        assert response_headers["allow"] == "POST"
 
 
 def test_after_all_the_bad_requests_a_good_one_is_still_right(server, client):
