@@ -313,7 +313,11 @@ def test_eight_requests_at_once_get_what_each_gets_alone_and_what_generate_print
     the window, and newcomers are prefilled in a call of their own and spliced into the cache
     (gptcli.batch.ContinuousBatchDecoder); every row samples from its own generator seeded like
     `gptcli generate --seed`. The log-probabilities are compared exactly too: they are the logits'
-    log-softmax, so a change in a logit's last bit shows there even when no id changes.
+    log-softmax, so a change in a logit's last bit shows there even when no id changes (running
+    attention as one masked call for the batch, for one, fails this test here).
+
+    The load: a long sampled stream runs first, then the 8 requests leave a barrier together, so each
+    joins a batch under way, and their different lengths make rows leave it mid-run.
     """
     alone = [_complete(server.base_url, spec, logprobs=2) for spec in LOAD]
     before = wait_idle(server)
