@@ -6,6 +6,9 @@ draws from one generator per row, seeded like a single run, so sampled rows matc
 
 Each row is cached while it fits in the context window and recomputed from its own last
 ``context_length`` tokens once it has outgrown it, as ``Decoder`` does for one sequence.
+
+``ContinuousBatchDecoder`` lets rows join and leave a running batch between steps, by the same rules
+(``gptcli serve``'s continuous batching, driven by ``gptcli.engine``).
 """
 
 from __future__ import annotations
@@ -86,15 +89,17 @@ class BatchDecoder:
             out[torch.tensor(rows, device=first.device)] = logits
         return out
 
-    def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> "torch.Tensor":
+    def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int]) -> "torch.Tensor":
+        """Start the batch; ``max_new_tokens``: one count for every row, or one per row."""
         import torch
 
         from gptcli.model import KVCache
 
         ctx = self.context_length
         self._rows = [crop_prompt(p, ctx)[0] for p in prompts]
+        news = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         # Decoder's rule: a cache when the prompt leaves room in the window and a step will follow.
-        self._cached = [i for i, r in enumerate(self._rows) if len(r) < ctx and max_new_tokens > 1]
+        self._cached = [i for i, r in enumerate(self._rows) if len(r) < ctx and news[i] > 1]
         self._cache = self._pad = None
         parts = []
         with torch.inference_mode():
@@ -103,7 +108,8 @@ class BatchDecoder:
                 ids, self._pad = self._padded(rows)
                 width = ids.shape[1]
                 # Room for each row's own steps while it fits: its padding plus what it would cache alone.
-                room = max(width - len(r) + min(ctx, len(r) + max_new_tokens - 1) for r in rows)
+                room = max(width - len(self._rows[i]) + min(ctx, len(self._rows[i]) + news[i] - 1)
+                           for i in self._cached)
                 self._cache = KVCache.empty(self.cfg, batch_size=len(rows), max_len=room, device=self.device,
                                             dtype=self.dtype)
                 parts.append((self._cached, self.model(ids, self._cache, pad=self._pad, last_only=True)[:, -1, :]))
@@ -126,18 +132,23 @@ class BatchDecoder:
         self._pad = self._pad.index_select(0, index)
         self._cached = [self._cached[k] for k in keep]
 
+    def _fit_cache(self) -> None:
+        """Before a step: rows that outgrew the window leave the cache; a cache with no room left
+        (more steps than prefill was told) is given up, and every row is recomputed."""
+        if self._cache is None:
+            return
+        if self._cache.length >= self._cache.max_len:
+            self._drop_from_cache([])
+        else:
+            self._drop_from_cache([k for k, i in enumerate(self._cached) if len(self._rows[i]) <= self.context_length])
+
     def step(self, token_ids: Sequence[int]) -> "torch.Tensor":
         import torch
 
         for row, token_id in zip(self._rows, token_ids):
             row.append(token_id)
         with torch.inference_mode():
-            if self._cache is not None:
-                if self._cache.length >= self._cache.max_len:  # more steps than prefill was told: recompute
-                    self._drop_from_cache([])
-                else:
-                    self._drop_from_cache([k for k, i in enumerate(self._cached)
-                                           if len(self._rows[i]) <= self.context_length])
+            self._fit_cache()
             parts = []
             if self._cached:
                 x = torch.tensor([[token_ids[i]] for i in self._cached], dtype=torch.long, device=self.device)
@@ -146,6 +157,115 @@ class BatchDecoder:
             if windowed:
                 parts.append((windowed, self._windows(windowed)))
             return self._merge(parts)  # (B, V)
+
+
+class ContinuousBatchDecoder(BatchDecoder):
+    """A batch whose rows join (``admit``) and leave (``release``) between steps: ``gptcli serve``.
+
+    Each row still gets the ids it gets alone, by ``BatchDecoder``'s rule. Newcomers are prefilled
+    in a forward call of their own (as a batch of their own) and their keys and values spliced into
+    the running cache; every row's cached positions end at the cache's length, so a shorter row
+    simply has more padding on the left. Padding is masked out and takes no position, so adding
+    some does not change a row's numbers. The cache's common left padding is cut off whenever the
+    rows that needed it have left, so its length stays at the longest cached row's, within the
+    window, however long the batch runs.
+    """
+
+    @property
+    def size(self) -> int:
+        """How many rows are in the batch."""
+        return len(self._rows)
+
+    def admit(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int]) -> "torch.Tensor":
+        """Add rows at the end of the batch; logits (len(prompts), V) for each one's first new token.
+
+        The running rows' last ids are not fed here: the next ``step`` takes one id for every row.
+        """
+        if not self._rows:
+            return self.prefill(prompts, max_new_tokens)
+        newcomers = BatchDecoder(self.model, self.device, self.dtype, self.pad_id)
+        logits = newcomers.prefill(prompts, max_new_tokens)
+        offset = len(self._rows)
+        self._rows += newcomers._rows
+        self._splice(newcomers, [offset + i for i in newcomers._cached])
+        return logits
+
+    def _splice(self, newcomers: BatchDecoder, rows: list[int]) -> None:
+        """Append ``newcomers``' cache rows (batch rows ``rows``) to the cache, both right-aligned."""
+        import torch
+
+        from gptcli.model import KVCache
+
+        if not rows:
+            return
+        if self._cache is None:
+            self._cache, self._pad, self._cached = newcomers._cache, newcomers._pad, rows
+            return
+        old, new = self._cache, newcomers._cache
+        length = max(old.length, new.length)
+        headroom = max(old.max_len - old.length, new.max_len - new.length, 1)
+        room = max(length, min(self.context_length, length + headroom))
+        cache = KVCache.empty(self.cfg, batch_size=len(self._cached) + len(rows), max_len=room, device=self.device,
+                              dtype=self.dtype)
+        split = len(self._cached)
+        for layer in range(self.cfg.n_layers):
+            for dst, a, b in ((cache.keys[layer], old.keys[layer], new.keys[layer]),
+                              (cache.values[layer], old.values[layer], new.values[layer])):
+                dst[:split, :, length - old.length : length] = a[:, :, : old.length]
+                dst[split:, :, length - new.length : length] = b[:, :, : new.length]
+        cache.length = length
+        self._pad = torch.cat([self._pad + (length - old.length), newcomers._pad + (length - new.length)])
+        self._cache = cache
+        self._cached = self._cached + rows
+
+    def release(self, keep: Sequence[int]) -> None:
+        """Keep only these rows (indices into the batch, in order); the others leave it now."""
+        position = {row: k for k, row in enumerate(keep)}
+        self._rows = [self._rows[i] for i in keep]
+        if self._cache is not None:
+            still = [k for k, i in enumerate(self._cached) if i in position]
+            renumbered = [position[self._cached[k]] for k in still]
+            if len(still) != len(self._cached):
+                self._drop_from_cache(still)
+            if self._cache is not None:
+                self._cached = renumbered
+                self._trim()
+
+    def _trim(self) -> None:
+        """Cut the padding every cached row has on the left: those positions belong to no row now."""
+        cut = int(self._pad.min())
+        if cut > 0:
+            cache = self._cache
+            cache.keys = [k[:, :, cut:] for k in cache.keys]
+            cache.values = [v[:, :, cut:] for v in cache.values]
+            cache.length -= cut
+            self._pad = self._pad - cut
+
+    def _fit_cache(self) -> None:
+        """Before a step: rows that outgrew the window leave the cache, its common padding goes,
+        and a full cache grows (never dropped: recomputing a row that fits would change its numbers)."""
+        from gptcli.model import KVCache
+
+        if self._cache is None:
+            return
+        fits = [k for k, i in enumerate(self._cached) if len(self._rows[i]) <= self.context_length]
+        if len(fits) < len(self._cached):
+            self._drop_from_cache(fits)
+        if self._cache is None:
+            return
+        self._trim()
+        cache = self._cache
+        if cache.length < cache.max_len:
+            return
+        # Only the longest row, at most context_length - 1 positions, is cached in full.
+        room = min(self.context_length, max(cache.length + 1, 2 * cache.max_len))
+        grown = KVCache.empty(self.cfg, batch_size=len(self._cached), max_len=room, device=self.device,
+                              dtype=self.dtype)
+        for layer in range(self.cfg.n_layers):
+            grown.keys[layer][:, :, : cache.length] = cache.keys[layer][:, :, : cache.length]
+            grown.values[layer][:, :, : cache.length] = cache.values[layer][:, :, : cache.length]
+        grown.length = cache.length
+        self._cache = grown
 
 
 @dataclass

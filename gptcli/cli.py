@@ -14,6 +14,7 @@ from gptcli.commands.params import params
 from gptcli.commands.train import train
 from gptcli.commands.score import score
 from gptcli.commands.tokenize import tokenize
+from gptcli.commands.serve import serve
 
 app = typer.Typer(
     name="gptcli",
@@ -53,6 +54,7 @@ app.command("inspect")(inspect)
 app.command("train")(train)
 app.command("score")(score)
 app.command("tokenize")(tokenize)
+app.command("serve")(serve)
 
 
 def _click_class(name: str) -> type:

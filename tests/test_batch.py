@@ -105,3 +105,70 @@ def test_masked_batch_attention_still_matches_lone_rows(monkeypatch):
     for row in range(len(prompts)):
         for step, logits in enumerate(alone[row]):
             torch.testing.assert_close(logits[0], batched[step][row], atol=1e-5, rtol=1e-5)
+
+
+def _run_continuously(model, jobs, max_rows):
+    """Decode ``jobs`` (prompt, options, arrival step) with rows joining and leaving a ContinuousBatchDecoder
+    between steps, at most ``max_rows`` at once; each job's ids, and the most rows seen together."""
+    from gptcli.batch import ContinuousBatchDecoder
+    from gptcli.generate import Continuation, make_generator, select_next
+
+    decoder = ContinuousBatchDecoder(model, CPU, torch.float32)
+    waiting, active, results, step, peak, joined = list(range(len(jobs))), [], {}, 0, 0, 0
+
+    def pick(row, logits):
+        options = jobs[row[0]][1]
+        row[3] = int(select_next(logits, options, row[2])[0])
+        row[1].accept(row[3])
+
+    def release_finished():
+        nonlocal active
+        keep = [k for k, row in enumerate(active) if not row[1].done]
+        for row in active:
+            if row[1].done:
+                results[row[0]] = row[1].token_ids
+        if len(keep) < len(active):
+            decoder.release(keep)
+            active = [active[k] for k in keep]
+
+    while waiting or active:
+        arrived = [j for j in waiting if jobs[j][2] <= step][: max_rows - len(active)]
+        if arrived:
+            joined += len(arrived) if active else 0
+            for j in arrived:
+                waiting.remove(j)
+            logits = decoder.admit([jobs[j][0] for j in arrived], [jobs[j][1].max_new_tokens for j in arrived])
+            for k, j in enumerate(arrived):
+                options = jobs[j][1]
+                row = [j, Continuation(options, None, fake_bytes), None if options.greedy else make_generator(options.seed), -1]
+                active.append(row)
+                pick(row, logits[k : k + 1])
+            release_finished()
+        peak = max(peak, len(active))
+        step += 1
+        if active:
+            logits = decoder.step([row[3] for row in active])
+            for k, row in enumerate(active):
+                pick(row, logits[k : k + 1])
+            release_finished()
+    return results, peak, joined
+
+
+def test_rows_that_join_and_leave_a_running_batch_get_the_ids_they_get_alone():
+    """gptcli serve's continuous batching: rows are prefilled on their own and spliced into the running
+    cache, leave it when done, and outgrow the window at their own time; each still gets its lone ids."""
+    import random
+
+    model = lively_model(3)
+    rng = random.Random(0)
+    jobs = []
+    for j in range(14):
+        prompt = [rng.randrange(300) for _ in range(rng.randint(1, 20))]  # some longer than the window (16)
+        options = SamplingOptions(max_new_tokens=rng.randint(1, 30), temperature=rng.choice([0.0, 1.0]), seed=j,
+                                  ignore_eos=True)
+        jobs.append((prompt, options, rng.randint(0, 20)))
+    results, peak, joined = _run_continuously(model, jobs, max_rows=4)
+    assert peak == 4 and joined > 3  # the batch was full and rows joined it while others ran
+    for j, (prompt, options, _) in enumerate(jobs):
+        alone = Generation(Decoder(model, CPU, torch.float32), prompt, options, eos_id=None, token_bytes=fake_bytes).run()
+        assert results[j] == alone.token_ids, j

@@ -1,0 +1,101 @@
+"""Running `gptcli serve` in tests: a tiny checkpoint, a server subprocess on 127.0.0.1, raw HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+CONTEXT = 16
+
+
+def write_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
+    """A tiny GPT-2-vocabulary model (context 16) whose greedy and sampled text varies, saved as
+    ``folder/model.safetensors``; GPT-2's small embedding scale keeps it from echoing its input."""
+    import torch
+
+    from gptcli.config import GPTConfig
+    from gptcli.model import GPTModel
+    from helpers import save_checkpoint
+
+    cfg = GPTConfig(vocab_size=50257, context_length=CONTEXT, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
+                    qkv_bias=True, tie_weights=True, name="tiny")
+    torch.manual_seed(seed)
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(0.05)
+        model.pos_emb.weight.mul_(0.05)
+    return save_checkpoint(model, folder)
+
+
+def server_env(tiktoken_cache: Path | None, cache_dir: Path) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NO_COLOR": "1",
+           "GPTCLI_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}
+    if tiktoken_cache is not None:
+        env["TIKTOKEN_CACHE_DIR"] = str(tiktoken_cache)
+    env.pop("GPTCLI_API_KEY", None)
+    return env
+
+
+class Server:
+    """`gptcli serve ARGS --port 0` in a subprocess; ``port`` is read from its 'serving ... at URL' note."""
+
+    def __init__(self, args: list[str], env: dict[str, str], timeout: float = 120):
+        self.proc = subprocess.Popen([sys.executable, "-m", "gptcli", "serve", "--port", "0", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.stderr_lines: list[str] = []
+        deadline = time.monotonic() + timeout
+        self.port = None
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.stderr_lines.append(line)
+            if line.startswith("note: serving "):
+                self.port = int(line.split(" at http://127.0.0.1:")[1].split("/")[0])
+                break
+        if self.port is None:
+            self.proc.kill()
+            raise RuntimeError("the server did not start:\n" + "".join(self.stderr_lines) + self.proc.stderr.read())
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+
+    def request(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+                headers: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+            conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+            response = conn.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        finally:
+            conn.close()
+
+    def json(self, method: str, path: str, body: Any = None, **kwargs) -> tuple[int, Any]:
+        status, _, data = self.request(method, path, body, **kwargs)
+        return status, json.loads(data)
+
+    def stop(self, timeout: float = 60) -> tuple[int, str]:
+        """SIGTERM; the exit code and the rest of stderr."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return self.proc.returncode, "".join(self.stderr_lines) + err
+
+
+def sse_events(data: bytes) -> list[str]:
+    """The ``data:`` payloads of a server-sent-events body, checking its framing on the way."""
+    text = data.decode()
+    assert text.endswith("\n\n"), text[-100:]
+    events = text[:-2].split("\n\n")
+    assert all(e.startswith("data: ") and "\n" not in e for e in events), events
+    return [e[len("data: "):] for e in events]
