@@ -30,7 +30,6 @@ import http.client
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile

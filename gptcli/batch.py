@@ -6,6 +6,9 @@ draws from one generator per row, seeded like a single run, so sampled rows matc
 
 Each row is cached while it fits in the context window and recomputed from its own last
 ``context_length`` tokens once it has outgrown it, as ``Decoder`` does for one sequence.
+
+``ContinuousBatchDecoder`` lets rows join and leave a running batch between steps, by the same rules
+(``gptcli serve``'s continuous batching, driven by ``gptcli.engine``).
 """
 
 from __future__ import annotations

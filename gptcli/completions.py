@@ -249,7 +249,7 @@ def parse_completion(body: Any, tokenizer: "Tokenizer", limits: Limits, model_id
     return_token_ids = _boolean(body, "return_token_ids", False)
     stops = _stops(body)
     include_usage = _stream_options(body, stream)
-    if isinstance(body.get("user"), (dict, list)):
+    if body.get("user") is not None and not isinstance(body["user"], str):
         raise bad("'user' must be a string", "user", "invalid_type")
     ids, texts = _prompts(body, tokenizer, limits)
     if len(ids) * n > limits.max_rows:
@@ -270,7 +270,7 @@ def _stream_options(body: dict, stream: bool) -> bool:
         return False
     if not stream:
         raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options", "invalid_value")
-    if not isinstance(value, dict) or set(value) - {"include_usage", "continuous_usage_stats"}:
+    if not isinstance(value, dict) or set(value) - {"include_usage"}:
         raise bad("'stream_options' must be an object with 'include_usage'", "stream_options", "invalid_type")
     return _boolean(value, "include_usage", False)
 

@@ -187,10 +187,6 @@ class Engine:
         for _, future in calls:
             future.set_exception(EngineClosed("the server is shutting down"))
 
-    def idle(self) -> bool:
-        with self._lock:
-            return not self._active and not self._waiting and not self._calls
-
     def close(self, timeout: float | None = None) -> None:
         """Stop the thread; rows still running get an ``error`` event."""
         self.drain()

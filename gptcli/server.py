@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
@@ -24,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gptcli.completions import (
     ApiError,
     Choice,
+    CompletionRequest,
     Limits,
     bad,
     completion_response,
@@ -35,7 +37,8 @@ from gptcli.completions import (
     stream_chunk,
     usage_chunk,
 )
-from gptcli.engine import Engine, EngineClosed, QueueFull, RowEvent
+from gptcli.engine import Engine, EngineClosed, QueueFull, RowEvent, Ticket
+from gptcli.errors import UserError
 from gptcli.playground import HEADERS as PAGE_HEADERS, playground_html
 
 if TYPE_CHECKING:
@@ -63,7 +66,7 @@ class ServeSettings:
     created: int = field(default_factory=now)
 
 
-def default_model_id(runtime: "Runtime", weights: str) -> str:
+def default_model_id(runtime: "Runtime") -> str:
     """The id /v1/models lists: the hub id, a local checkpoint's folder (or file) name, or random-SIZE."""
     from pathlib import Path
 
@@ -213,24 +216,8 @@ def create_app(engine: Engine, runtime: "Runtime", settings: ServeSettings) -> F
         req = parse_completion(await read_json(request, settings.max_body_bytes), tokenizer, limits,
                                settings.model_id)
         prompt_entries = await _prompt_logprobs(engine, req) if req.echo and req.logprobs is not None else None
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[RowEvent] = asyncio.Queue()
-
-        def sink(event: RowEvent) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-                pass
-
-        rows = req.rows()
-        try:
-            ticket = engine.submit(rows, sink)
-        except QueueFull:
-            raise overloaded(f"the server is busy ({engine.max_batch} rows running, the queue is full); "
-                             f"retry after {RETRY_AFTER_S} s") from None
-        except EngineClosed as exc:
-            raise overloaded(str(exc)) from None
-        choices = [Choice(i, tokenizer.token_bytes) for i in range(len(rows))]
+        ticket, events = _submit(engine, req)
+        choices = [Choice(i, tokenizer.token_bytes) for i in range(len(ticket.rows))]
         for choice in choices:
             p = req.prompt_of(choice.index)
             choice.start(req.echo_texts[p] if req.echo else None,
@@ -240,20 +227,8 @@ def create_app(engine: Engine, runtime: "Runtime", settings: ServeSettings) -> F
             return StreamingResponse(_stream(req, choices, events, ticket, completion_id, created),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            open_rows = len(choices)
-            while open_rows:
-                try:
-                    event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return Response(status_code=499)  # nobody reads it; the rows are freed below
-                    continue
-                choices[event.row].add(event)
-                if event.finish_reason is not None:
-                    open_rows -= 1
-        finally:
-            ticket.cancel()  # frees what still runs (a client gone); nothing once every row finished
+        if not await _collect(request, choices, events, ticket):
+            return Response(status_code=499)  # the client went away; nobody reads this
         failed = next((c.error for c in choices if c.error), None)
         if failed:
             raise ApiError(503 if "shutting down" in failed else 500, failed, type="server_error")
@@ -262,7 +237,46 @@ def create_app(engine: Engine, runtime: "Runtime", settings: ServeSettings) -> F
     return app
 
 
-async def _prompt_logprobs(engine: Engine, req) -> list:
+def _submit(engine: Engine, req: CompletionRequest) -> tuple[Ticket, "asyncio.Queue[RowEvent]"]:
+    """Queue the request's rows; their events arrive on the returned asyncio queue (503 when full)."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[RowEvent] = asyncio.Queue()
+
+    def sink(event: RowEvent) -> None:  # called in the engine's thread
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            pass
+
+    try:
+        return engine.submit(req.rows(), sink), events
+    except QueueFull:
+        raise overloaded(f"the server is busy ({engine.max_batch} rows running, the queue is full); "
+                         f"retry after {RETRY_AFTER_S} s") from None
+    except EngineClosed as exc:
+        raise overloaded(str(exc)) from None
+
+
+async def _collect(request: Request, choices: list[Choice], events: "asyncio.Queue[RowEvent]", ticket: Ticket) -> bool:
+    """Gather every row's events into ``choices``; False when the client went away first (its rows are freed)."""
+    try:
+        open_rows = len(choices)
+        while open_rows:
+            try:
+                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return False
+                continue
+            choices[event.row].add(event)
+            if event.finish_reason is not None:
+                open_rows -= 1
+        return True
+    finally:
+        ticket.cancel()  # frees what still runs; nothing once every row has finished
+
+
+async def _prompt_logprobs(engine: Engine, req: CompletionRequest) -> list:
     try:
         futures = [engine.prompt_logprobs(p, req.logprobs) for p in req.prompts]
     except QueueFull:
@@ -272,8 +286,8 @@ async def _prompt_logprobs(engine: Engine, req) -> list:
     return [await asyncio.wrap_future(f) for f in futures]
 
 
-async def _stream(req, choices: list[Choice], events: "asyncio.Queue[RowEvent]", ticket, completion_id: str,
-                  created: int) -> AsyncIterator[str]:
+async def _stream(req: CompletionRequest, choices: list[Choice], events: "asyncio.Queue[RowEvent]", ticket: Ticket,
+                  completion_id: str, created: int) -> AsyncIterator[str]:
     """Server-sent events: a chunk per piece of text (per token with logprobs), finish_reason on each
     choice's last, usage with stream_options.include_usage, then ``data: [DONE]``."""
     with_logprobs = req.logprobs is not None
@@ -296,7 +310,7 @@ async def _stream(req, choices: list[Choice], events: "asyncio.Queue[RowEvent]",
                 logprobs = choice.logprobs_object(choice.entries[before:], choice.offsets[before:])
             if event.finish_reason is not None:
                 open_rows -= 1
-            if event.text or logprobs is not None or event.finish_reason is not None:
+            if event.text or logprobs is not None or event.finish_reason is not None or req.return_token_ids:
                 ids = ([event.token_id] if event.token_id is not None else []) if req.return_token_ids else None
                 yield _sse(stream_chunk(req, completion_id, created, choice.index, event.text, logprobs,
                                         choice.finish_reason if event.finish_reason is not None else None, ids))
@@ -333,10 +347,20 @@ class _Server(uvicorn.Server):
             self.on_ready(f"http://{shown}:{port}")
 
 
-def run_server(runtime: "Runtime", settings: ServeSettings, *, on_ready: Callable[[str], None]) -> None:
-    """Serve until SIGINT/SIGTERM; then take no new work, let running requests end, and return.
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads so that a port in use fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=128)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
-    ``on_ready`` gets the base URL once the socket listens (with port 0, the port the system chose).
+
+def run_server(runtime: "Runtime", settings: ServeSettings, sock: socket.socket, *,
+               on_ready: Callable[[str], None]) -> None:
+    """Serve on ``sock`` until SIGINT/SIGTERM; then take no new work, let running requests end, and return.
+
+    ``on_ready`` gets the base URL once the server accepts connections (with port 0, the port the system chose).
     """
     engine = Engine(runtime, max_batch=settings.max_batch, max_queue=settings.max_queue).start()
     try:
@@ -347,6 +371,7 @@ def run_server(runtime: "Runtime", settings: ServeSettings, *, on_ready: Callabl
             limit_concurrency=settings.max_queue + settings.max_batch + 64,
             timeout_graceful_shutdown=settings.graceful_shutdown_s, timeout_keep_alive=5,
         )
-        _Server(config, engine, on_ready).run()
+        _Server(config, engine, on_ready).run(sockets=[sock])
     finally:
         engine.close(timeout=10)
+        sock.close()

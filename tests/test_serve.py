@@ -4,6 +4,7 @@ the real `openai` client, raw HTTP for the wire format and the error objects, an
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -108,6 +109,13 @@ def test_streaming_gives_the_same_text_in_pieces(client):
     assert [c.choices[0].finish_reason for c in text_chunks][-1] == "length"
     assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    with_ids = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0.9,
+                                         seed=4, extra_body={"return_token_ids": True})
+    streamed_ids = [t for c in client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12,
+                                                         temperature=0.9, seed=4, stream=True,
+                                                         extra_body={"return_token_ids": True})
+                    for t in extra(c.choices[0], "token_ids")]
+    assert streamed_ids == extra(with_ids.choices[0], "token_ids") and len(streamed_ids) == 12
 
 
 def test_n_choices_are_seed_seed_plus_one_and_so_on(client):
@@ -466,23 +474,24 @@ def test_a_flood_past_the_queue_gets_503_with_retry_after_and_then_service(check
         srv.stop()
 
 
-def test_sigterm_lets_the_running_stream_end_and_exits_cleanly(checkpoint, env):
-    srv = Server(["--weights", str(checkpoint), "--max-tokens-cap", "500"], env)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_lets_the_running_stream_end_and_exits_cleanly(checkpoint, env, sig):
+    srv = Server(["--weights", str(checkpoint), "--max-tokens-cap", "200"], env)
     sock = socket.create_connection(("127.0.0.1", srv.port), timeout=60)
-    body = json.dumps(ok_body(max_tokens=500, temperature=1.0, stream=True, ignore_eos=True,
+    body = json.dumps(ok_body(max_tokens=200, temperature=1.0, stream=True, ignore_eos=True,
                               stream_options={"include_usage": True})).encode()
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     received = b""
     while b"data: " not in received:
         received += sock.recv(4096)
-    srv.proc.terminate()
+    srv.proc.send_signal(sig)
     while chunk := sock.recv(65536):  # the server closes the connection once the stream has ended
         received += chunk
     sock.close()
     assert received.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), received[-200:]
     assert b'"finish_reason": "length"' in received
-    assert b'"completion_tokens": 500' in received  # it ran to its end
+    assert b'"completion_tokens": 200' in received  # it ran to its end
     code, stderr = srv.stop(timeout=60)
     assert code == 0, stderr
     assert "note: stopped" in stderr and "Traceback" not in stderr
@@ -511,6 +520,35 @@ def test_bad_options_are_one_line_errors(args, message, env):
                           timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_port_in_use_is_a_one_line_error_before_loading(env, checkpoint):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "gptcli", "serve", "--weights", str(checkpoint), "--port",
+                               str(port)], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_only_loopback_addresses_count_as_private():
+    from gptcli.commands.serve import is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.5", "example.com"))
+
+
+def test_another_address_without_a_key_warns_before_anything_else(env, tmp_path):
+    """The warning comes before the model loads (here, a missing tokenizer stops it before binding)."""
+    no_tokenizer = {**env, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty")}
+    proc = subprocess.run([sys.executable, "-m", "gptcli", "serve", "--host", "0.0.0.0", "--weights", "random"],
+                          capture_output=True, text=True, env=no_tokenizer, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[0].startswith("warning: listening on 0.0.0.0 with no --api-key")
+    assert lines[1].startswith("error: ")
+    keyed = subprocess.run([sys.executable, "-m", "gptcli", "serve", "--host", "0.0.0.0", "--weights", "random"],
+                           capture_output=True, text=True, env={**no_tokenizer, "GPTCLI_API_KEY": "k"}, timeout=60)
+    assert keyed.returncode == 2 and "warning" not in keyed.stderr
 
 
 def test_the_checked_batch_sizes_are_the_kernel_checks():

@@ -27,8 +27,20 @@ from gptcli.devices import check_device_name, check_dtype_name
 from gptcli.errors import UserError
 
 API_KEY_ENV = "GPTCLI_API_KEY"
+EXIT_INTERRUPTED = 130
 CHECKED_BATCH_ROWS = 8  # gptcli.decode_kernels.BATCH_ROWS, the rows its invariance check covers (no torch here)
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach ``host`` (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 @user_errors
@@ -98,26 +110,35 @@ def serve(
                         "(int4-g64, -g128, -g256: larger groups)")
     if api_key is not None and not api_key.strip():
         raise UserError(f"--api-key (or {API_KEY_ENV}) must not be empty")
-    if host not in LOOPBACK and api_key is None:
+    if not is_loopback(host) and api_key is None:
         err(f"warning: listening on {host} with no --api-key: anyone who can reach this address can use the model")
     if max_batch > CHECKED_BATCH_ROWS:
         err(f"warning: --max-batch {max_batch}: batch invariance was checked for batches of 1 to "
             f"{CHECKED_BATCH_ROWS} rows only")
     check_tokenizer_early(weights)
+    try:
+        _serve(size=size, config=config, weights=weights, host=host, port=port, max_batch=max_batch,
+               max_queue=max_queue, max_tokens_cap=max_tokens_cap, api_key=api_key, model_name=model_name,
+               device_name=device_name, dtype_name=dtype_name, scheme=scheme, threads=threads, tune=not no_tune)
+    except KeyboardInterrupt:  # Ctrl-C while loading; once serving, Ctrl-C is a clean shutdown
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
+
+def _serve(*, size: str | None, config, weights: str, host: str, port: int, max_batch: int, max_queue: int,
+           max_tokens_cap: int, api_key: str | None, model_name: str | None, device_name: str, dtype_name: str,
+           scheme: str | None, threads: int | None, tune: bool) -> None:
+    from gptcli.completions import Limits
     from gptcli.runtime import InferenceOptions
+    from gptcli.server import ServeSettings, default_model_id, listen, run_server
 
+    sock = listen(host, port)  # before loading: a port in use fails at once
     runtime = load_for_command(InferenceOptions(size=size, config=config, weights=weights, device=device_name,
                                                 dtype=dtype_name, quantize=scheme, threads=threads,
-                                                kernels="eager", tune=not no_tune))
+                                                kernels="eager", tune=tune))
     if runtime.device.type != "cpu":
         note(f"on {runtime.device.type} a row's numbers can depend on the batch: text may differ under load")
-
-    from gptcli.completions import Limits
-    from gptcli.server import ServeSettings, default_model_id, run_server
-
     settings = ServeSettings(
-        model_id=model_name or default_model_id(runtime, weights),
+        model_id=model_name or default_model_id(runtime),
         limits=Limits(context_length=runtime.cfg.context_length, vocab_size=runtime.cfg.vocab_size,
                       max_tokens=max_tokens_cap, max_rows=max(max_queue, max_batch)),
         api_key=api_key, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
@@ -126,5 +147,5 @@ def serve(
     def ready(url: str) -> None:
         note(f"serving {settings.model_id} ({runtime.source}) at {url}/v1 (pid {os.getpid()}); Ctrl-C stops")
 
-    run_server(runtime, settings, on_ready=ready)
+    run_server(runtime, settings, sock, on_ready=ready)
     note("stopped")
