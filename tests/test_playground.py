@@ -196,9 +196,10 @@ def page_errors(driver) -> list[str]:
     return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
 
-def shoot(driver, artifacts: Path, name: str) -> Path:
+def shoot(driver, artifacts: Path, name: str, *, tooltip: bool = False) -> Path:
     path = artifacts / name
-    driver.execute_script("document.getElementById('tip').hidden = true")
+    if not tooltip:
+        driver.execute_script("document.getElementById('tip').hidden = true")
     assert driver.save_screenshot(str(path)), path
     assert path.stat().st_size > 10_000  # a real picture of the page, not an empty frame
     return path
@@ -246,7 +247,7 @@ def test_generate_streams_tokens_coloured_by_the_apis_probabilities(browser, ser
     assert [c for c, p in zip(cells, probs) if p >= 0.001] == [f"{100 * p:.1f}%" for p in probs if p >= 0.001]
     assert probs[0] >= 0.001 and all(c.endswith("%") for c in cells)
     assert "chosen" in rows[0].get_attribute("class")  # greedy: the likeliest
-    shoot(browser, artifacts, "playground-hover.png")
+    shoot(browser, artifacts, "playground-hover.png", tooltip=True)
     assert page_errors(browser) == []
 
     for theme in ("light", "dark"):
@@ -345,7 +346,7 @@ def test_with_an_api_key_the_page_asks_for_it_and_works_once_given(keyed_server,
         set_field(driver, "key", KEY)
         by_id(driver, "usekey").click()
         wait_for(driver, lambda d: by_id(d, "model").text.startswith(MODEL), "the right key did not connect")
-        assert not error.is_displayed()
+        assert not error.is_displayed() and "accepted" in by_id(driver, "keyhint").text
         assert driver.execute_script("return sessionStorage.getItem('gptcli-playground-key')") == KEY
 
         generate(driver, PROMPT, max_tokens=6)
