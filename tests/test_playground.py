@@ -248,7 +248,10 @@ def test_generate_streams_tokens_coloured_by_the_apis_probabilities(browser, ser
     assert probs[0] >= 0.001 and all(c.endswith("%") for c in cells)
     assert "chosen" in rows[0].get_attribute("class")  # greedy: the likeliest
     shoot(browser, artifacts, "playground-hover.png", tooltip=True)
-    assert page_errors(browser) == []
+    assert page_errors(browser) == []  # no script error, no request the page's policy refused
+    # Everything the page loaded came from its own server (no CDN, fonts or images from elsewhere).
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map((e) => e.name)")
+    assert loaded and all(url.startswith(root_url(server)) for url in loaded), loaded
 
     for theme in ("light", "dark"):
         browser.execute_script(f"applyTheme('{theme}')")
@@ -259,15 +262,45 @@ def test_generate_streams_tokens_coloured_by_the_apis_probabilities(browser, ser
 
 @needs_browser
 def test_sampled_streams_match_the_api_with_the_same_seed(browser, server):
+    from selenium.webdriver.common.keys import Keys
+
     open_page(browser, server)
     set_field(browser, "seed", "7")
-    generate(browser, "The sky", max_tokens=12, temperature="0.9")
+    set_field(browser, "prompt", "The sky")
+    set_field(browser, "max_tokens", "12")
+    set_field(browser, "temperature", "0.9")
+    by_id(browser, "prompt").send_keys(Keys.CONTROL, Keys.ENTER)  # the keyboard's Generate
     wait_for(browser, lambda d: by_id(d, "out").get_attribute("data-done") == "true", "the stream did not end")
     set_field(browser, "seed", "")
     api = completion(server, "The sky", max_tokens=12, temperature=0.9, top_p=1, seed=7, logprobs=5)["choices"][0]
     spans = tokens_on_page(browser)
     assert "".join(s["text"] for s in spans) == api["text"]
     assert [lp for s in spans for lp in s["logprobs"]] == pytest.approx(api["logprobs"]["token_logprobs"], abs=1e-12)
+
+
+@needs_browser
+def test_stop_ends_the_stream_and_the_server_frees_the_row(browser, server):
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, server)
+    steps_before = server.json("GET", "/health")[1]["steps"]
+    generate(browser, PROMPT, max_tokens=1024, temperature="1")  # the cap: seconds of tokens
+    button = by_id(browser, "generate")
+    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#out .tok")) >= 3, "no streamed token")
+    assert button.text == "Stop"
+    button.click()
+    wait_for(browser, lambda d: by_id(d, "stats").text.startswith("stopped after"), "Stop did not stop the stream")
+    assert button.text == "Generate" and not by_id(browser, "error").is_displayed()
+    shown = len(browser.find_elements(By.CSS_SELECTOR, "#out .tok"))
+    assert 3 <= shown < 1024
+
+    def idle(_):
+        status, body = server.json("GET", "/health")
+        return status == 200 and body["running"] == 0 and body["waiting"] == 0
+
+    wait_for(browser, idle, "the server still decodes the stopped request", timeout=30)
+    steps = server.json("GET", "/health")[1]["steps"] - steps_before
+    assert steps < 1000, f"{steps} decode steps: the row ran on after the page stopped reading"
 
 
 @needs_browser
