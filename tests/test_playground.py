@@ -370,6 +370,7 @@ def test_with_an_api_key_the_page_asks_for_it_and_works_once_given(keyed_server,
         wait_for(driver, lambda d: keybox.is_displayed() and error.is_displayed(), "the page did not ask for a key")
         assert "needs an API key (401)" in error.text and "send 'Authorization: Bearer KEY'" in error.text
         assert by_id(driver, "key").get_attribute("type") == "password"
+        shoot(driver, artifacts, "playground-needs-key.png")
 
         set_field(driver, "key", "not-the-key")
         by_id(driver, "usekey").click()
