@@ -372,6 +372,10 @@ def test_with_an_api_key_the_page_asks_for_it_and_works_once_given(keyed_server,
         assert by_id(driver, "key").get_attribute("type") == "password"
         shoot(driver, artifacts, "playground-needs-key.png")
 
+        set_field(driver, "key", "clé")  # no HTTP header carries it: said on the page, not sent
+        by_id(driver, "usekey").click()
+        wait_for(driver, lambda d: "only printable ASCII" in error.text, "an unsendable key was not reported")
+
         set_field(driver, "key", "not-the-key")
         by_id(driver, "usekey").click()
         wait_for(driver, lambda d: "Incorrect API key provided." in error.text, "a wrong key was not reported")
