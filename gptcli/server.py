@@ -5,7 +5,7 @@ module translates: HTTP and JSON in, ``gptcli.completions`` to check them, the e
 JSON or server-sent events out. Every refusal is OpenAI's error object with a 4xx (``ApiError``);
 nothing here prints (uvicorn's own log is kept at warnings).
 
-``GET /`` is left free on purpose (a playground page may live there).
+``GET /`` is the playground page (``gptcli.playground``); it needs no key, the API calls it makes do.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptcli.completions import (
@@ -39,6 +39,7 @@ from gptcli.completions import (
 )
 from gptcli.engine import Engine, EngineClosed, QueueFull, RowEvent, Ticket
 from gptcli.errors import UserError
+from gptcli.playground import HEADERS as PAGE_HEADERS, playground_html
 
 if TYPE_CHECKING:
     from gptcli.runtime import Runtime
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: a context window of text is far less
 RETRY_AFTER_S = 1
 DISCONNECT_POLL_S = 0.25  # how often a waiting (not streaming) request checks that its client is still there
-PUBLIC_PATHS = ("/health",)
+PUBLIC_PATHS = ("/health", "/")  # "/" is the playground page, which asks for the key itself
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,10 @@ def create_app(engine: Engine, runtime: "Runtime", settings: ServeSettings) -> F
 
     if settings.api_key is not None:
         app.add_middleware(_KeyCheck, api_key=settings.api_key)
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        return HTMLResponse(playground_html(), headers=PAGE_HEADERS)
 
     @app.get("/health")
     async def health() -> dict:
