@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 SELF_DRAFTS = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "int4-g256")  # --draft that quantizes the model
 MIN_DRAFT_TOKENS, MAX_DRAFT_TOKENS = 1, 16
 DEFAULT_DRAFT_TOKENS = 4  # bench/speculative.py: the best K for the trained pair and int8 (BENCHMARKS.md)
+DRAFT_CONFIDENCE = 0.0  # a model draft stops guessing after a guess it gives less probability (0: never)
 DEFAULT_LOOKUP_TOKENS = 8  # a repeating text accepts long runs; a miss costs the same few rows
 
 
@@ -137,8 +138,9 @@ class ModelDrafter:
 
     exact_draws = False
 
-    def __init__(self, decoder: RollbackDecoder):
+    def __init__(self, decoder: RollbackDecoder, confidence: float = 0.0):
         self.decoder = decoder
+        self.confidence = confidence  # stop guessing after a guess the draft gives less than this probability
         self._pending: list[int] = []
         self._guesses: list[int] = []  # the last proposal's, all but the last of them fed
 
@@ -162,9 +164,18 @@ class ModelDrafter:
             if not options.greedy:
                 probs.append(full_probs(logits, options)[0])
             self._guesses.append(token)
-            if i < k - 1:
-                logits = self.decoder.feed([token])  # (1, V)
+            if i == k - 1 or (self.confidence > 0 and self._doubtful(logits, token, probs)):
+                break
+            logits = self.decoder.feed([token])  # (1, V)
         return Proposal(list(self._guesses), torch.stack(probs) if probs else None)
+
+    def _doubtful(self, logits: "torch.Tensor", token: int, probs: list) -> bool:
+        """Whether the draft gave its guess less than ``confidence``: later guesses would likely be wasted.
+        It depends on the draft alone, so the sampling rule stays exact."""
+        import torch
+
+        q = probs[-1] if probs else torch.softmax(logits[0].float(), dim=-1)
+        return float(q[token]) < self.confidence
 
     def accepted(self, n: int, next_id: int) -> None:
         if not self._guesses:
@@ -496,15 +507,19 @@ def check_same_vocabulary(target: "Runtime", draft: "Runtime", source: str) -> N
 
 
 def speculative_generation(spec: SpeculativeOptions, target: "Runtime", draft: "Runtime | None",
-                           prompt_token_ids: Sequence[int], options: SamplingOptions) -> SpeculativeGeneration:
-    """The generation for ``spec``: ``draft`` is the loaded draft model (None for ``--lookup``)."""
+                           prompt_token_ids: Sequence[int], options: SamplingOptions, *,
+                           confidence: float | None = None) -> SpeculativeGeneration:
+    """The generation for ``spec``: ``draft`` is the loaded draft model (None for ``--lookup``);
+    ``confidence``: a model draft stops guessing after a guess it gives less (default ``DRAFT_CONFIDENCE``)."""
     drafter: Drafter
     if spec.lookup:
         drafter, name = LookupDrafter(), "lookup"
     else:
         assert draft is not None and spec.draft is not None
         check_same_vocabulary(target, draft, spec.draft)
-        drafter, name = ModelDrafter(RollbackDecoder(draft.model, draft.device, draft.dtype)), spec.draft
+        drafter = ModelDrafter(RollbackDecoder(draft.model, draft.device, draft.dtype),
+                               DRAFT_CONFIDENCE if confidence is None else confidence)
+        name = spec.draft
     decoder = RollbackDecoder(target.model, target.device, target.dtype)
     return SpeculativeGeneration(decoder, drafter, prompt_token_ids, options, draft_tokens=spec.tokens,
                                  draft_name=name, eos_id=target.tokenizer.eot_id,
