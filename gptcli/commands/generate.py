@@ -396,9 +396,9 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
 
 
 def _speculative_json(generation, draft: "Runtime | None") -> dict:
-    """``speculative`` for --json: null without a draft (gptcli.speculative.SpeculativeStats)."""
+    """``speculative`` for --json, only with a draft (gptcli.speculative.SpeculativeStats)."""
     if not isinstance(generation, SpeculativeGeneration):
-        return {"speculative": None}
+        return {}
     t = generation.timings
     record = generation.stats.to_json(t.decode_tokens, t.decode_s)
     if draft is not None:
