@@ -46,7 +46,7 @@ def test_quick_run_prints_the_tables(tmp_path: Path) -> None:
             if name != "plain":
                 assert is_number(row["tokens/forward"]) and row["× plain"].endswith("×"), (name, row)
     names = [row[0] for row in main[1:]]
-    assert names == ["plain", "pair-k2", "pair-k2-c0.3", "int8-k2", "int4-k2"]
+    assert names == ["plain", "pair-k2", "pair-k2-c0.3", "pair-k2-bf16", "int8-k2", "int4-k2"]
     assert [row[0] for row in repeating[1:]] == ["plain", "lookup-k2", "lookup-k8"]
     assert len(xl_costs) == 4 and all(re.match(r"^\d+\.\d+$", row[1]) for row in xl_costs[1:])
     assert [row[0] for row in predicted[1:]] == ["0.6", "0.7", "0.8"]
