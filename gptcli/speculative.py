@@ -55,8 +55,8 @@ if TYPE_CHECKING:
 
 SELF_DRAFTS = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "int4-g256")  # --draft that quantizes the model
 MIN_DRAFT_TOKENS, MAX_DRAFT_TOKENS = 1, 16
-DEFAULT_DRAFT_TOKENS = 4  # bench/speculative.py: the best K for the trained pair and int8 (BENCHMARKS.md)
-DRAFT_CONFIDENCE = 0.0  # a model draft stops guessing after a guess it gives less probability (0: never)
+DEFAULT_DRAFT_TOKENS = 6  # bench/speculative.py: the trained pair gained most at K 6 (with DRAFT_CONFIDENCE)
+DRAFT_CONFIDENCE = 0.3  # a model draft stops guessing after a guess it gives less probability (0: never)
 DEFAULT_LOOKUP_TOKENS = 8  # a repeating text accepts long runs; a miss costs the same few rows
 
 

@@ -33,10 +33,10 @@ def test_quick_run_prints_the_tables(tmp_path: Path) -> None:
     assert "- Machine:" in proc.stdout and "- Command:" in proc.stdout and "load average" in proc.stdout
     assert (tmp_path / "models" / "quick" / "target" / "model.safetensors").is_file()  # trained and cached
 
-    main, repeating, non_repeating, xl_costs, predicted, targets = markdown_tables(proc.stdout)
+    main, loop, repeating, non_repeating, xl_costs, predicted, targets = markdown_tables(proc.stdout)
     header = ["variant", "draft", "K", "acceptance", "tokens/forward", "tok/s", "× plain", "× best plain",
               "draft share", "ids identical"]
-    for table in (main, repeating, non_repeating):
+    for table in (main, loop, repeating, non_repeating):
         assert table[0] == header
         rows = {row[0]: dict(zip(header, row)) for row in table[1:]}
         assert "plain" in rows
@@ -46,7 +46,7 @@ def test_quick_run_prints_the_tables(tmp_path: Path) -> None:
             if name != "plain":
                 assert is_number(row["tokens/forward"]) and row["× plain"].endswith("×"), (name, row)
     names = [row[0] for row in main[1:]]
-    assert names == ["plain", "pair-k2", "pair-k2-c0.3", "pair-k2-bf16", "int8-k2", "int4-k2"]
+    assert names == ["plain", "pair-k2", "pair-k2-c0.0", "pair-k2-bf16", "int8-k2", "int4-k2"]
     assert [row[0] for row in repeating[1:]] == ["plain", "lookup-k2", "lookup-k8"]
     assert len(xl_costs) == 4 and all(re.match(r"^\d+\.\d+$", row[1]) for row in xl_costs[1:])
     assert [row[0] for row in predicted[1:]] == ["0.6", "0.7", "0.8"]

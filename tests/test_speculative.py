@@ -341,7 +341,7 @@ def test_stats_report_acceptance_tokens_per_forward_and_the_drafts_share(tiny):
     result = gen("Hello", *tiny, "-n", "12", "--draft", "int8", "--stats")
     assert result.exit_code == 0, result.stderr
     line = [x for x in result.stderr.splitlines() if x.startswith("speculative: ")]
-    assert len(line) == 1 and "draft int8, K 4: acceptance " in line[0]
+    assert len(line) == 1 and "draft int8, K 6: acceptance " in line[0]
     assert "tokens per model forward" in line[0] and "of the decode time" in line[0]
 
 
