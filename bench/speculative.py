@@ -12,8 +12,8 @@ about acceptance, so the pair is trained here with ``gptcli train`` (the same co
   The Verdict (``$GPTCLI_DATA_DIR/the-verdict.txt``, else ``../shared/data``);
 - **draft**: the same recipe with 2 layers, emb_dim 256 and 4 heads (27.4M parameters, 25.7M of them
   the token embedding and the untied head: a sixth of the target's bytes), trained for
-  ``--draft-epochs`` epochs (default 60: the recipe's 10 leave it at a training loss of 5.4, and it
-  guessed 6% of the target's tokens).
+  ``--draft-epochs`` epochs (default 60: the recipe's 10 leave it at a training loss of 5.4, and a
+  half-trained target, at step 50, kept 6% of its guesses).
 
 Both are cached in ``$GPTCLI_CACHE_DIR/bench-speculative`` (default ``~/.cache/gptcli/...``); the first
 run trains them (minutes of CPU). Prompts come from The Verdict.
