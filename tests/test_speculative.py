@@ -396,3 +396,18 @@ def test_help_says_each_line_uses_plain_decoding():
     text = " ".join(result.stdout.split())
     assert "Plain decoding only (no --draft, --lookup)" in text
     assert "--draft" in text and "--lookup" in text and "--draft-tokens" in text
+
+
+def test_the_draft_loads_through_the_front_door_with_the_models_own_options():
+    from gptcli.runtime import InferenceOptions
+    from gptcli.speculative import SpeculativeOptions, draft_inference_options
+
+    target = InferenceOptions(size="124M", weights="auto", device="cpu", dtype="float32", seed=9, threads=1)
+    own = draft_inference_options(SpeculativeOptions(draft="INT8"), target)
+    assert (own.size, own.weights, own.seed, own.threads, own.quantize, own.dtype) == ("124M", "auto", 9, 1, "int8",
+                                                                                         "auto")  # bfloat16 on the CPU
+    half = draft_inference_options(SpeculativeOptions(draft="int4"), InferenceOptions(size="124M", dtype="bfloat16"))
+    assert (half.quantize, half.dtype) == ("int4", "bfloat16")
+    other = draft_inference_options(SpeculativeOptions(draft=" gpt2 "), target)
+    assert (other.size, other.config, other.weights, other.quantize, other.dtype) == (None, None, "gpt2", None,
+                                                                                     "float32")
