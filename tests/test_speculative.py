@@ -7,7 +7,6 @@ error line and exit code 2."""
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import math
 
