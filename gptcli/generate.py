@@ -348,7 +348,17 @@ def select_next(logits: "torch.Tensor", options: SamplingOptions, generator: "to
         # Half-precision logits through float32 (exact): torch's CPU argmax over 50257 bfloat16 values
         # took 167 us against 60 with the conversion, 5% of an int4 decode step.
         return torch.argmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)  # (B,)
-    # Sample in float32 on the CPU: same draws for a seed on any device and in any model dtype.
+    probs, index = sampling_candidates(logits, options)  # (B, k) each
+    choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1), index into the kept tokens
+    return index.gather(-1, choice).squeeze(-1).to(logits.device)  # (B,)
+
+
+def sampling_candidates(logits: "torch.Tensor", options: SamplingOptions) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """The distribution ``select_next`` samples from: probabilities (B, k) over the ids ``index`` (B, k),
+    most likely first (zeros where top-p cut). On the CPU in float32, whatever the logits' device and
+    dtype, so a seed draws the same way everywhere. ``gptcli.speculative`` needs it as numbers."""
+    import torch
+
     scaled = logits.detach().float().cpu() / options.temperature  # (B, V)
     if options.top_k is not None and options.top_k < scaled.shape[-1]:
         values, index = torch.topk(scaled, options.top_k, dim=-1)  # (B, k), sorted descending
@@ -358,9 +368,7 @@ def select_next(logits: "torch.Tensor", options: SamplingOptions, generator: "to
         probs = torch.softmax(values, dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
         values = values.masked_fill(before >= options.top_p, float("-inf"))  # the top token always stays
-    probs = torch.softmax(values, dim=-1)  # (B, k)
-    choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1), index into the kept tokens
-    return index.gather(-1, choice).squeeze(-1).to(logits.device)  # (B,)
+    return torch.softmax(values, dim=-1), index  # (B, k) each
 
 
 # ---------------------------------------------------------------------------------------------

@@ -206,6 +206,10 @@ class MultiHeadAttention(nn.Module):
         elif T == 1:
             # One new query sees every cached position: no mask needed.
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        elif x.device.type in ROW_ATTENTION_DEVICES:
+            # Several new queries after a cached prefix (speculative decoding's verify pass): each
+            # query attends alone, with the call a one-token step makes (``_attend_queries``).
+            y = _attend_queries(q, k, v, past, dropout_p)
         else:
             # Several new queries after a cached prefix: query i sees keys [0, past + i].
             causal = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
@@ -346,6 +350,22 @@ def _attend_rows(
         F.scaled_dot_product_attention(q[b : b + 1], k[b : b + 1, :, p:], v[b : b + 1, :, p:], dropout_p=dropout_p)
         for b, p in enumerate(pad_rows)
     ])  # (B, nh, 1, hs)
+
+
+def _attend_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, dropout_p: float) -> torch.Tensor:
+    """Attention (B, nh, T, hs) for T new queries after ``past`` cached positions, one query at a time.
+
+    Query i sees keys [0, past + i] and makes exactly the unmasked call a one-token cached step
+    makes at that position, so its output has the same bits as that step's: one call for all T
+    queries under a causal mask rounded differently (~1e-6 in float32), and speculative decoding
+    promises the ids of plain decoding.
+    """
+    T = q.shape[2]
+    return torch.cat([
+        F.scaled_dot_product_attention(q[:, :, i : i + 1], k[:, :, : past + i + 1], v[:, :, : past + i + 1],
+                                       dropout_p=dropout_p)
+        for i in range(T)
+    ], dim=2)  # (B, nh, T, hs)
 
 
 def _padded_positions_and_mask(positions: torch.Tensor, pad: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:

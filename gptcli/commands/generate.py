@@ -36,6 +36,7 @@ from gptcli.devices import check_device_name, check_dtype_name
 from gptcli.devices import dtype_name as name_of
 from gptcli.errors import UserError
 from gptcli.generate import FINISH_CLOSED, FINISH_INTERRUPTED, SamplingOptions
+from gptcli.speculative import SpeculativeGeneration, SpeculativeOptions, draft_inference_options, speculative_generation
 
 if TYPE_CHECKING:
     from gptcli.generate import Timings
@@ -157,7 +158,8 @@ def generate(
     each_line: Annotated[
         bool, typer.Option("--each-line", help="Read one prompt per stdin line and write one completion per line "
                            "(JSON Lines with --json), in input order, generating --batch-size prompts at once. "
-                           "Newlines and backslashes inside a plain-text completion are written as \\n and \\\\.")
+                           "Newlines and backslashes inside a plain-text completion are written as \\n and \\\\. "
+                           "Plain decoding only (no --draft, --lookup).")
     ] = False,
     batch_size: Annotated[
         str, typer.Option("--batch-size", "-b", metavar="N", help="Prompts per batch with --each-line.")
@@ -179,6 +181,23 @@ def generate(
                            "(PROMPT, if given, is the first turn). Ctrl-C stops a continuation, Ctrl-D ends; "
                            "/help lists the commands (/reset, /set temperature 0.8, /tokens).")
     ] = False,
+    draft: Annotated[
+        Optional[str], typer.Option("--draft", metavar="SOURCE", help="Speculative decoding: a cheap draft guesses "
+                                    "--draft-tokens tokens, the model checks them in one pass and keeps the ones it "
+                                    "would have chosen, so greedy ids are the plain ones. SOURCE: int8 or int4 (the "
+                                    "model's own quantized copy drafts for it: float32's text near int8's speed), or "
+                                    "a smaller model with the same tokenizer (a path, a Hub id: --draft gpt2 for "
+                                    "--size xl).", show_default=False)
+    ] = None,
+    lookup: Annotated[
+        bool, typer.Option("--lookup", help="Speculative decoding with no draft model: guess the tokens that followed "
+                           "the last few tokens where they appeared before (prompt lookup). Pays off where the text "
+                           "repeats (code, quotes, greedy loops); switches itself off while it keeps missing.")
+    ] = False,
+    draft_tokens: Annotated[
+        Optional[str], typer.Option("--draft-tokens", metavar="K", help="Tokens the draft guesses per check, 1 to 16 "
+                                    "(default 6 with --draft, 8 with --lookup).", show_default=False)
+    ] = None,
 ) -> None:
     """Continue a prompt with GPT-2, streaming each token as soon as it is decoded.
 
@@ -204,6 +223,8 @@ def generate(
       gptcli generate "Hello" -n 5 --json --logprobs 3 | jq .logprobs.top_logprobs
       gptcli generate "The capital of France is" --show-probs    # coloured by probability
       gptcli generate --interactive -n 40                         # type, it continues, type again
+      gptcli generate "Hello" -n 200 --draft int8 --stats  # float32's ids, drafted by its int8 copy
+      gptcli generate "Hello" --size xl --draft gpt2 -n 100  # 124M drafts for 1558M
     """
     options = SamplingOptions(
         max_new_tokens=int(parse_number("--max-new-tokens", max_new_tokens, int)),
@@ -230,6 +251,14 @@ def generate(
                          tune=not no_tune)
     if speed.batch_size < 1:
         raise UserError(f"--batch-size must be 1 or more, got {speed.batch_size}")
+    spec = SpeculativeOptions(draft=draft, lookup=lookup, draft_tokens=None if draft_tokens is None else int(
+        parse_number("--draft-tokens", draft_tokens, int))).validate(scheme)
+    if spec.enabled and (each_line or compile_model):
+        raise UserError(f"{'--draft' if draft is not None else '--lookup'} decodes one sequence eagerly; "
+                        f"{'--each-line uses plain decoding' if each_line else 'drop --compile'}")
+    if spec.enabled and (interactive or logprobs is not None or show_probs):
+        which = "--interactive" if interactive else "--logprobs" if logprobs is not None else "--show-probs"
+        raise UserError(f"{which} uses plain decoding for now; drop {'--draft' if draft is not None else '--lookup'}")
     from gptcli.commands.probability_view import check_view_options
 
     logprobs_k = check_view_options(logprobs, show_probs=show_probs, json_output=json_output, each_line=each_line,
@@ -273,7 +302,7 @@ def generate(
     try:
         _run(prompt_text, options, speed, size=size, config=config, weights=weights, device_name=device_name,
              dtype_name=dtype_name, json_output=json_output, stats=stats, echo=echo, logprobs_k=logprobs_k,
-             show_probs=show_probs)
+             show_probs=show_probs, spec=spec)
     except KeyboardInterrupt:
         # Ctrl-C before generation started (while loading); nothing to keep.
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -336,17 +365,20 @@ def _stats_line(load_s: float, t: "Timings", compile_s: float | None, loaded: "R
 
 def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, size, config, weights: str,
          device_name: str, dtype_name: str, json_output: bool, stats: bool, echo: bool | None,
-         logprobs_k: int | None = None, show_probs: bool = False) -> None:
+         logprobs_k: int | None = None, show_probs: bool = False,
+         spec: SpeculativeOptions = SpeculativeOptions()) -> None:
     from gptcli.commands.probability_view import StreamView
     from gptcli.generate import Generation, crop_prompt, make_decoder, prompt_ids
 
     check_tokenizer_early(weights)  # its error is quicker than loading a model
     if options.greedy and (options.top_k is not None or options.top_p is not None):
         note("--top-k and --top-p only apply when sampling (--temperature above 0); decoding greedily")
-    loaded = load_for_command(speed.inference(size=size, config=config, weights=weights, device=device_name,
-                                              dtype=dtype_name, seed=options.seed))
+    inference = speed.inference(size=size, config=config, weights=weights, device=device_name, dtype=dtype_name,
+                                seed=options.seed)
+    loaded = load_for_command(inference)
     cfg, tokenizer = loaded.cfg, loaded.tokenizer
     ids = prompt_ids(prompt_text, tokenizer)
+    draft = load_for_command(draft_inference_options(spec, inference)) if spec.draft is not None else None
     decoder = make_decoder(loaded.model, loaded.device, loaded.dtype, compile=speed.compile)
     compile_s = None
     if speed.compile:
@@ -360,6 +392,8 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
     view = StreamView(logprobs_k, show_probs and not json_output)
     generation = Generation(decoder, ids, options, context_length=cfg.context_length, eos_id=tokenizer.eot_id,
                             token_bytes=tokenizer.token_bytes, observe=view.recorder)
+    if spec.enabled:  # the same protocol, with a draft (gptcli.speculative)
+        generation = speculative_generation(spec, loaded, draft, ids, options)
     out = TextOutput(terminal=stdout_is_terminal(), view=view)
     interrupted = False
     if not json_output and (echo or (echo is None and out.terminal)):
@@ -390,14 +424,29 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
                             generation.finish_reason, loaded, options),
             **view.json(tokenizer, start_offset=len(prompt_text)),
             "timings": _timings_json(loaded.load_seconds, t, compile_s, loaded),
+            **_speculative_json(generation, draft),
         })
     if stats:
         err(_stats_line(loaded.load_seconds, t, compile_s, loaded, str(generation.finish_reason)))
+        if isinstance(generation, SpeculativeGeneration):
+            err(generation.stats.line(t.decode_tokens, t.decode_s))
     if pipe_closed:
         raise typer.Exit(0)
     if interrupted:
         note(f"interrupted after {len(generation.token_ids)} new tokens")
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _speculative_json(generation, draft: "Runtime | None") -> dict:
+    """``speculative`` for --json, only with a draft (gptcli.speculative.SpeculativeStats)."""
+    if not isinstance(generation, SpeculativeGeneration):
+        return {}
+    t = generation.timings
+    record = generation.stats.to_json(t.decode_tokens, t.decode_s)
+    if draft is not None:
+        record.update(draft_weights=draft.source, draft_dtype=name_of(draft.dtype), draft_quantize=draft.quantize,
+                      draft_load_s=round(draft.load_seconds, 6))
+    return {"speculative": record}
 
 
 def result_record(prompt: str, prompt_ids: list[int], dropped: int, token_ids: list[int], text: str,
