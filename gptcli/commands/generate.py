@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
@@ -23,6 +24,7 @@ from gptcli.commands.common import (
     load_for_command,
     note,
     parse_number,
+    parse_seed,
     print_json,
     read_stdin,
     silence_stdout,
@@ -35,10 +37,10 @@ from gptcli.commands.common import (
 from gptcli.devices import check_device_name, check_dtype_name
 from gptcli.devices import dtype_name as name_of
 from gptcli.errors import UserError
-from gptcli.generate import FINISH_CLOSED, FINISH_INTERRUPTED, SamplingOptions
+from gptcli.generate import FINISH_CLOSED, FINISH_INTERRUPTED, MAX_SEED, SamplingOptions
 
 if TYPE_CHECKING:
-    from gptcli.generate import Timings
+    from gptcli.generate import Generation, Timings
     from gptcli.runtime import InferenceOptions, Runtime
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -55,7 +57,8 @@ class TextOutput:
     def prompt(self, text: str) -> None:
         if not text:
             return
-        if stdout_styled():
+        if stdout_styled() and not os.environ.get("NO_COLOR"):
+            # NO_COLOR (set and not empty, no-color.org) asks for no styling at all, dimming included.
             # Dimmed via Rich on a terminal (or with FORCE_COLOR); soft_wrap so Rich doesn't insert line breaks,
             # no markup/emoji/highlighting so the prompt shows exactly as typed.
             from rich.console import Console
@@ -112,6 +115,24 @@ def generate(
         typer.Option("--top-p", metavar="P", help="Sample only among the most likely tokens whose probabilities add "
                      "up to P, in (0, 1].", show_default=False),
     ] = None,
+    min_p: Annotated[
+        Optional[str],
+        typer.Option("--min-p", metavar="P", help="Sample only among tokens at least P times as likely as the most "
+                     "likely one, P in [0, 1] (0.05-0.1 is usual; applied after --top-k and --top-p, as in "
+                     "transformers).", show_default=False),
+    ] = None,
+    repetition_penalty: Annotated[
+        str,
+        typer.Option("--repetition-penalty", metavar="R", help="Make every token already in the prompt or the text "
+                     "less likely: its logit is divided by R if positive, multiplied by R if negative (CTRL's "
+                     "penalty, as transformers applies it; greedy too). 1 is off; 1.1-1.3 stops most loops."),
+    ] = "1",
+    num_samples: Annotated[
+        str,
+        typer.Option("--num-samples", metavar="N", help="Generate N samples of the prompt, seeded --seed, --seed+1, "
+                     "...; each is labelled (a '--- sample i of N (seed S) ---' line before it; with --json one "
+                     "JSON object per line, with \"sample\"). With --each-line, N lines per prompt."),
+    ] = "1",
     seed: Annotated[
         str, typer.Option("--seed", metavar="N", help="Seeds random weights and sampling: same seed, same text.")
     ] = "123",
@@ -177,6 +198,7 @@ def generate(
       gptcli generate "Hello, I am" -c configs/book-124M.yaml -w random -n 6  # the book's
       gptcli generate "The meaning of life is" -t 0.8 --top-k 50 --top-p 0.95 --seed 7
       gptcli generate "Q: What is 2+2? A:" --stop "Q:" -n 30
+      gptcli generate "Once upon a time" -t 0.8 --min-p 0.05 --repetition-penalty 1.2 --num-samples 3
       echo "Once upon a time" | gptcli generate -n 20
       gptcli generate -n 20 < story.txt > continuation.txt
       gptcli generate --json "Hello" -n 10 | jq -r .text
@@ -189,12 +211,20 @@ def generate(
         temperature=float(parse_number("--temperature", temperature, float)),
         top_k=None if top_k is None else int(parse_number("--top-k", top_k, int)),
         top_p=None if top_p is None else float(parse_number("--top-p", top_p, float)),
-        seed=int(parse_number("--seed", seed, int)),
+        seed=parse_seed(seed),
         stop=tuple(stop or ()),
         ignore_eos=ignore_eos,
+        repetition_penalty=float(parse_number("--repetition-penalty", repetition_penalty, float)),
+        min_p=None if min_p is None else float(parse_number("--min-p", min_p, float)),
     ).validate()
-    if options.seed < 0:
-        raise UserError(f"--seed must be 0 or more, got {options.seed}")
+    samples = int(parse_number("--num-samples", num_samples, int))
+    if samples < 1:
+        raise UserError(f"--num-samples must be 1 or more, got {samples}")
+    if options.seed + samples - 1 > MAX_SEED:
+        raise UserError(f"--num-samples {samples} from --seed {options.seed} needs seeds up to "
+                        f"{options.seed + samples - 1}, past the largest, 2**64 - 1")
+    if samples > 1 and options.greedy:
+        note("greedy decoding (--temperature 0) gives every sample the same text; add e.g. --temperature 0.8")
     device_name = check_device_name(device)
     dtype_name = check_dtype_name(dtype)
     scheme = None if quantize is None else quantize.strip().lower()
@@ -221,7 +251,7 @@ def generate(
             _run_each_line(read_stdin(strip_newline=False, closed=STDIN_CLOSED), options, speed, size=size,
                            config=config, weights=weights,
                            device_name=device_name, dtype_name=dtype_name, json_output=json_output, stats=stats,
-                           echo=bool(echo))
+                           echo=bool(echo), samples=samples)
         except KeyboardInterrupt:
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except BrokenPipeError:
@@ -238,7 +268,7 @@ def generate(
 
     try:
         _run(prompt_text, options, speed, size=size, config=config, weights=weights, device_name=device_name,
-             dtype_name=dtype_name, json_output=json_output, stats=stats, echo=echo)
+             dtype_name=dtype_name, json_output=json_output, stats=stats, echo=echo, samples=samples)
     except KeyboardInterrupt:
         # Ctrl-C before generation started (while loading); nothing to keep.
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -300,12 +330,12 @@ def _stats_line(load_s: float, t: "Timings", compile_s: float | None, loaded: "R
 
 
 def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, size, config, weights: str,
-         device_name: str, dtype_name: str, json_output: bool, stats: bool, echo: bool | None) -> None:
+         device_name: str, dtype_name: str, json_output: bool, stats: bool, echo: bool | None,
+         samples: int = 1) -> None:
     from gptcli.generate import Generation, crop_prompt, make_decoder, prompt_ids
 
     check_tokenizer_early(weights)  # its error is quicker than loading a model
-    if options.greedy and (options.top_k is not None or options.top_p is not None):
-        note("--top-k and --top-p only apply when sampling (--temperature above 0); decoding greedily")
+    greedy_note(options)
     loaded = load_for_command(speed.inference(size=size, config=config, weights=weights, device=device_name,
                                               dtype=dtype_name, seed=options.seed))
     cfg, tokenizer = loaded.cfg, loaded.tokenizer
@@ -320,10 +350,25 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
         note(f"the prompt has {len(ids)} tokens, more than the context of {cfg.context_length}; "
              f"dropped the first {dropped}")
 
-    generation = Generation(decoder, ids, options, context_length=cfg.context_length, eos_id=tokenizer.eot_id,
-                            token_bytes=tokenizer.token_bytes)
     out = TextOutput(terminal=stdout_is_terminal())
+    for sample in range(1, samples + 1):
+        sample_options = options if samples == 1 else replace(options, seed=options.seed + sample - 1)
+        generation = Generation(decoder, ids, sample_options, context_length=cfg.context_length,
+                                eos_id=tokenizer.eot_id, token_bytes=tokenizer.token_bytes)
+        label = None if samples == 1 else {"sample": sample, "num_samples": samples}
+        _stream_one(generation, prompt_text, ids, dropped, loaded, compile_s, out, label, json_output=json_output,
+                    stats=stats, echo=echo)
+
+
+def _stream_one(generation: "Generation", prompt_text: str, ids: list[int], dropped: int, loaded: "Runtime",
+                compile_s: float | None, out: TextOutput, label: dict | None, *, json_output: bool, stats: bool,
+                echo: bool | None) -> None:
+    """Stream one generation (one of --num-samples when ``label`` is set) and report it; exits on Ctrl-C or
+    a closed pipe."""
+    options = generation.options
     interrupted = False
+    if label is not None and not json_output:
+        out.write(f"--- sample {label['sample']} of {label['num_samples']} (seed {options.seed}) ---\n")
     if not json_output and (echo or (echo is None and out.terminal)):
         out.prompt(prompt_text)
     pipe_closed = False
@@ -347,11 +392,16 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
 
     t = generation.timings
     if json_output:
-        print_json({
+        record = {
+            **(label or {}),
             **result_record(prompt_text, ids, dropped, generation.token_ids, generation.text,
                             generation.finish_reason, loaded, options),
             "timings": _timings_json(loaded.load_seconds, t, compile_s, loaded),
-        })
+        }
+        if label is None:
+            print_json(record)
+        else:  # JSON Lines: one object per sample, as --each-line writes one per prompt
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
     if stats:
         err(_stats_line(loaded.load_seconds, t, compile_s, loaded, str(generation.finish_reason)))
     if pipe_closed:
@@ -359,6 +409,15 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
     if interrupted:
         note(f"interrupted after {len(generation.token_ids)} new tokens")
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def greedy_note(options: SamplingOptions) -> None:
+    """Say so when sampling-only options were given for greedy decoding."""
+    unused = [name for name, value in (("--top-k", options.top_k), ("--top-p", options.top_p),
+                                       ("--min-p", options.min_p)) if value is not None]
+    if options.greedy and unused:
+        names = unused[0] if len(unused) == 1 else f"{', '.join(unused[:-1])} and {unused[-1]}"
+        note(f"{names} only apply when sampling (--temperature above 0); decoding greedily")
 
 
 def result_record(prompt: str, prompt_ids: list[int], dropped: int, token_ids: list[int], text: str,
@@ -377,18 +436,19 @@ def result_record(prompt: str, prompt_ids: list[int], dropped: int, token_ids: l
         "device": str(loaded.device),
         "dtype": name_of(loaded.dtype),
         "seed": options.seed,
-        "sampling": {"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p},
+        "sampling": {"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p,
+                     "min_p": options.min_p, "repetition_penalty": options.repetition_penalty},
         "stop": list(options.stop),
     }
 
 
 def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOptions, *, size, config, weights: str,
-                   device_name: str, dtype_name: str, json_output: bool, stats: bool, echo: bool) -> None:
+                   device_name: str, dtype_name: str, json_output: bool, stats: bool, echo: bool,
+                   samples: int = 1) -> None:
     from gptcli.generate import Timings, prompt_ids
 
     prompts = split_lines(stdin_text)
-    if options.greedy and (options.top_k is not None or options.top_p is not None):
-        note("--top-k and --top-p only apply when sampling (--temperature above 0); decoding greedily")
+    greedy_note(options)
     check_tokenizer_early(weights)
     loaded = load_for_command(speed.inference(size=size, config=config, weights=weights, device=device_name,
                                               dtype=dtype_name, seed=options.seed))
@@ -396,7 +456,7 @@ def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOption
     total = Timings()
     written = [0]  # prompts whose line is out, for the stats after a closed pipe
     try:
-        _each_line_batches(prompts, encoded, options, speed, loaded, json_output, echo, total, written)
+        _each_line_batches(prompts, encoded, options, speed, loaded, json_output, echo, total, written, samples)
     except BrokenPipeError:
         # The reader went away (`| head -n 3`): stop, but still report on stderr.
         silence_stdout()
@@ -411,34 +471,38 @@ def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOption
 
 def _each_line_batches(prompts: list[str], encoded: list[list[int]], options: SamplingOptions, speed: SpeedOptions,
                        loaded: "Runtime", json_output: bool, echo: bool, total: "Timings",
-                       written: list[int]) -> None:
-    """Generate and write every batch, adding to ``total``; ``written[0]`` counts the prompts written."""
-    import json
+                       written: list[int], samples: int = 1) -> None:
+    """Generate and write every batch, adding to ``total``; ``written[0]`` counts the prompts written.
 
+    With ``samples`` > 1 every prompt is ``samples`` rows, seeded ``options.seed``, +1, ..., written in that order."""
     from gptcli.batch import BatchDecoder, generate_batch
     from gptcli.generate import crop_prompt
 
     cfg, tokenizer = loaded.cfg, loaded.tokenizer
     decoder = BatchDecoder(loaded.model, loaded.device, loaded.dtype)
-    for first in range(0, len(prompts), speed.batch_size):
-        batch = encoded[first : first + speed.batch_size]
-        results, t = generate_batch(decoder, batch, options, eos_id=tokenizer.eot_id, token_bytes=tokenizer.token_bytes)
+    rows = [(index, sample) for index in range(len(prompts)) for sample in range(samples)]
+    for first in range(0, len(rows), speed.batch_size):
+        chunk = rows[first : first + speed.batch_size]
+        batch = [encoded[index] for index, _ in chunk]
+        results, t = generate_batch(decoder, batch, options, eos_id=tokenizer.eot_id, token_bytes=tokenizer.token_bytes,
+                                    seeds=[options.seed + sample for _, sample in chunk])
         total.prefill_s += t.prefill_s
         total.decode_s += t.decode_s
         total.prefill_tokens += t.prefill_tokens
         total.decode_tokens += t.decode_tokens
-        for n, result in enumerate(results):
-            index = first + n
+        for (index, sample), result in zip(chunk, results):
             dropped = crop_prompt(result.prompt_token_ids, cfg.context_length)[1]
-            if dropped:
+            if dropped and sample == 0:
                 note(f"line {index + 1}: the prompt has {len(result.prompt_token_ids)} tokens, more than the "
                      f"context of {cfg.context_length}; dropped the first {dropped}")
             if json_output:
-                line = json.dumps({"line": index + 1, **result_record(
+                label = {} if samples == 1 else {"sample": sample + 1, "num_samples": samples}
+                line = json.dumps({"line": index + 1, **label, **result_record(
                     prompts[index], result.prompt_token_ids, dropped, result.token_ids, result.text,
-                    result.finish_reason, loaded, options)}, ensure_ascii=False)
+                    result.finish_reason, loaded, replace(options, seed=options.seed + sample))},
+                    ensure_ascii=False)
             else:
                 line = escape_line((prompts[index] if echo else "") + result.text)
             sys.stdout.write(line + "\n")
         sys.stdout.flush()
-        written[0] = first + len(batch)
+        written[0] = chunk[-1][0] + 1 if chunk[-1][1] == samples - 1 else chunk[-1][0]
