@@ -413,10 +413,8 @@ def _stream_one(generation: "Generation", prompt_text: str, ids: list[int], drop
 
 def greedy_note(options: SamplingOptions) -> None:
     """Say so when sampling-only options were given for greedy decoding."""
-    unused = [name for name, value in (("--top-k", options.top_k), ("--top-p", options.top_p),
-                                       ("--min-p", options.min_p)) if value is not None]
-    if options.greedy and unused:
-        names = unused[0] if len(unused) == 1 else f"{', '.join(unused[:-1])} and {unused[-1]}"
+    if options.greedy and (options.top_k is not None or options.top_p is not None or options.min_p is not None):
+        names = "--top-k, --top-p and --min-p" if options.min_p is not None else "--top-k and --top-p"
         note(f"{names} only apply when sampling (--temperature above 0); decoding greedily")
 
 
