@@ -21,9 +21,10 @@ and dtype:
   logits (upcast to float32) against the shifted ids (as gptcli; transformers' own ``labels=`` loss
   would drop one position per row), ``torch.optim.AdamW`` with torch's defaults for the CPU.
   bfloat16 is ``torch.autocast("cpu", torch.bfloat16)`` around forward and loss.
-- **gptcli**: what ``gptcli train`` runs: ``gptcli.training.new_model`` (the recipe's init), the
-  speed plan (``gptcli.train_kernels.plan`` and ``prepare``: float32 matmuls through oneDNN, the chunked head
-  and cross-entropy, fused AdamW), ``training.batch_loss`` and ``training.make_optimizer``.
+- **gptcli**: what ``gptcli train`` runs: ``gptcli.training.new_model`` (the recipe's init) in a
+  ``training.Trainer`` (its training kernels, ``gptcli.train_kernels``: float32 matmuls through oneDNN,
+  the chunked head and cross-entropy, fused AdamW; its optimizer and compile wrapper), timing
+  ``Trainer.optimizer_step`` on random batches of the same random ids.
   ``-bf16`` is ``--dtype bfloat16``; ``-compile`` is ``--compile`` (``torch.compile`` of the model).
   ``-plain``, ``-onednn``, ``-onednn-head``, ``-onednn-head-fused``, ``-sdpa`` (not run by default)
   fix the plan to show what each part buys: ``-plain`` is gptcli before the plan existed (F.linear,
@@ -84,10 +85,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
 from typing import IO, Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -265,31 +266,35 @@ class StepRunner:
         self.loss_fn = loss_fn
 
     def _build_gptcli(self, cfg) -> None:
+        import numpy as np
         import torch
 
-        from gptcli import train_kernels as speed, training
+        from gptcli import train_kernels, training
+        from gptcli.tokenizer import gpt2
 
-        settings = training.TrainSettings(max_steps=1, lr=self.setting.lr, betas=self.setting.betas,
-                                          weight_decay=0.1, decay="all", grad_clip=1.0, dtype=self.variant.dtype,
-                                          compile=self.variant.compile, device="cpu")
+        settings = training.TrainSettings(max_steps=1_000_000, batch_size=self.setting.batch, lr=self.setting.lr,
+                                          betas=self.setting.betas, weight_decay=0.1, decay="all", grad_clip=1.0,
+                                          sampling="random", dtype=self.variant.dtype, compile=self.variant.compile,
+                                          device="cpu", sample_prompt=None)
         # The recipe's init; GPT-2's N(0, 0.02) for the 124M rows (pretraining as nanoGPT does it).
         recipe = training.load_recipe(self.setting.recipe).settings if self.setting.recipe else {"init": "gpt2"}
         settings.init = recipe.get("init", "book")
         device = torch.device("cpu")
         model = training.new_model(cfg, settings, device).train()
-        self.model = model
-        self.plan = speed.plan(device) if self.variant.kernels is None else speed.TrainPlan(*self.variant.kernels)
-        speed.prepare(model, self.plan)
-        self.optimizer = training.make_optimizer(model, settings, self.plan)
-        train_model = speed.compile_for_training(model) if self.variant.compile else model
-
-        def loss_fn():
-            return training.batch_loss(train_model, self.x, self.y, device=device, dtype=self.variant.dtype,
-                                       plan=self.plan, head_weight=model.out_head.weight)
-
-        self.loss_fn = loss_fn
+        ids = np.concatenate([self.x.numpy().ravel(), self.y[:, -1].numpy()]).astype(np.uint16)  # the batch's tokens
+        run = training.Run(out=Path("unused"), settings=settings, model=model, tokenizer=gpt2(), train_ids=ids,
+                           val_ids=ids, device=device, weights_source="random")
+        plan = None if self.variant.kernels is None else train_kernels.TrainPlan(*self.variant.kernels)
+        # The Trainer gptcli train runs (its kernels, AdamW, compile wrapper), one optimizer step at a time.
+        self.trainer = training.Trainer(run, plan=plan)
+        self.model, self.plan = model, self.trainer.plan
 
     def step(self) -> float:
+        if not self.variant.is_hf:
+            return self.trainer.optimizer_step(self.setting.lr)
+        return self._hf_step()
+
+    def _hf_step(self) -> float:
         import torch
 
         loss = self.loss_fn()

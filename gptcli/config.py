@@ -32,15 +32,12 @@ class GPTConfig:
         return self.emb_dim // self.n_heads
 
     def to_dict(self) -> dict[str, Any]:
-        """The YAML keys, in the book's order (no ``name``); ``bias`` only when it is off, its rare value."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
-        if out["bias"]:
-            del out["bias"]
-        return out
+        """Every YAML key, in the book's order (no ``name``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
 
     def replace(self, **changes: Any) -> "GPTConfig":
         """A copy with some keys changed, validated like a YAML file."""
-        raw = {**self.to_dict(), "bias": self.bias, **changes}
+        raw = {**self.to_dict(), **changes}
         return validate(raw, "config overrides", name=self.name)
 
 

@@ -3,11 +3,12 @@
 - ``read_texts`` reads DATA arguments (files, folders of ``*.txt``, ``-`` for stdin) as UTF-8.
 - ``split_text`` cuts the text into training and validation parts at a fraction of its characters,
   as the book (chapter 5) and nanoGPT's ``shakespeare_char`` do, before tokenizing.
-- ``tokenize_to_file`` writes the ids as a flat uint16 (or uint32) array, and ``load_ids`` maps it
-  back without reading it into memory.
-- Two ways to make batches: ``WindowDataset`` (the book's GPTDatasetV1: windows at a fixed stride,
-  fed through torch's DataLoader, shuffled each epoch) and ``random_batch`` (nanoGPT's ``get_batch``:
-  windows at random offsets).
+- ``encode`` tokenizes on threads; ``save_ids`` writes the ids as a flat uint16 (or uint32) array,
+  and ``load_ids`` maps it back without reading it into memory.
+- Two ways to make batches, behind one small interface (``Batches``: ``next``, ``epoch_done``,
+  ``evaluation``): ``WindowBatches`` (the book's GPTDatasetV1: windows at a fixed stride, fed through
+  torch's DataLoader, shuffled each epoch) and ``RandomBatches`` (nanoGPT's ``get_batch``: windows at
+  random offsets). ``make_batches`` picks one for a run's ``sampling``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 from gptcli.errors import UserError
 
@@ -271,3 +272,123 @@ def random_batch(ids: "np.ndarray", length: int, batch_size: int, generator: "to
     index = starts[:, None] + np.arange(length + 1)[None, :]  # (b, length+1)
     chunk = torch.from_numpy(np.asarray(ids[index], dtype=np.int64))  # (b, length+1)
     return chunk[:, :-1], chunk[:, 1:]
+
+
+# --------------------------------------------------------------------------------------------
+# Batches for a training run: one interface, two sampling modes
+
+Batch = tuple["torch.Tensor", "torch.Tensor"]  # inputs (b, T) and targets (b, T)
+
+
+class Batches(Protocol):
+    """Where a training loop gets its micro-batches and its evaluation batches.
+
+    ``next()``: this process's rows of the next micro-batch. ``epoch_done()``: whether the last one
+    ended an epoch (then the next starts the next epoch). ``evaluation(split, n)``: up to ``n``
+    batches of ``"train"`` or ``"val"``, each an optimizer step's rows, the same in every process.
+    ``generator`` draws random batches; ``batch_in_epoch`` and ``epoch_rng`` place the run in its
+    epoch. These three are what a checkpoint stores to resume bit for bit.
+    """
+
+    generator: "torch.Generator"
+    batch_in_epoch: int
+    epoch_rng: "torch.Tensor | None"
+
+    def next(self) -> Batch: ...
+
+    def epoch_done(self) -> bool: ...
+
+    def evaluation(self, split: str, n: int) -> Iterator[Batch]: ...
+
+
+class WindowBatches:
+    """The book's batches: fixed windows through torch's DataLoader, reshuffled each epoch.
+
+    Each pass draws its shuffle seed from the global RNG when it starts, so the RNG state from just
+    before is kept (``epoch_rng``): a resumed run redraws the same order and skips the batches done.
+    Evaluation sees whole batches in every process (the same ones), so every process computes the
+    losses one process would, with no communication.
+    """
+
+    def __init__(self, train_ids: "np.ndarray", val_ids: "np.ndarray", length: int, stride: int, batch_size: int,
+                 grad_accum: int, generator: "torch.Generator", *, rank: int = 0, world: int = 1):
+        train_set = WindowDataset(train_ids, length, stride)
+        val_set = WindowDataset(val_ids, length, stride)
+        self.train_loader = window_loader(train_set, batch_size, shuffle=True, drop_last=True, rank=rank,
+                                          world=world)
+        eval_rows = batch_size * grad_accum  # an optimizer step's rows
+        self.eval_loaders = {"train": window_loader(train_set, eval_rows, shuffle=True, drop_last=True),
+                             "val": window_loader(val_set, eval_rows, shuffle=False, drop_last=False)}
+        # Micro-batches in an epoch: whole optimizer steps of the loader's batches (drop_last).
+        self.per_epoch = (len(train_set) // batch_size) // grad_accum * grad_accum
+        self.generator = generator
+        self.batch_in_epoch = 0  # micro-batches of this epoch already consumed
+        self.epoch_rng: "torch.Tensor | None" = None
+        self._batches: Iterator | None = None
+
+    def next(self) -> Batch:
+        import torch
+
+        if self._batches is None:
+            if self.batch_in_epoch == 0 or self.epoch_rng is None:
+                self.epoch_rng = torch.get_rng_state()
+                self._batches = iter(self.train_loader)
+            else:  # resuming mid-epoch: the same shuffle, then skip what was done
+                now = torch.get_rng_state()
+                torch.set_rng_state(self.epoch_rng)
+                self._batches = iter(self.train_loader)
+                for _ in range(self.batch_in_epoch):
+                    next(self._batches)
+                torch.set_rng_state(now)
+        self.batch_in_epoch += 1
+        return next(self._batches)
+
+    def epoch_done(self) -> bool:
+        if self.batch_in_epoch < self.per_epoch:
+            return False
+        self.batch_in_epoch, self._batches = 0, None
+        return True
+
+    def evaluation(self, split: str, n: int) -> Iterator[Batch]:
+        # The book's calc_loss_loader: iterate afresh (so the training loader reshuffles).
+        loader = self.eval_loaders[split]
+        for i, batch in enumerate(loader):
+            if i >= min(n, len(loader)):
+                break
+            yield batch
+
+
+class RandomBatches:
+    """nanoGPT's batches: windows at random offsets, drawn from the run's own generator. No epochs."""
+
+    def __init__(self, train_ids: "np.ndarray", val_ids: "np.ndarray", length: int, batch_size: int,
+                 grad_accum: int, generator: "torch.Generator", *, rank: int = 0, world: int = 1):
+        self.ids = {"train": train_ids, "val": val_ids}
+        self.length, self.batch_size, self.grad_accum = length, batch_size, grad_accum
+        self.rank, self.world = rank, world
+        self.generator = generator
+        self.batch_in_epoch = 0
+        self.epoch_rng = None
+
+    def next(self) -> Batch:
+        return random_batch(self.ids["train"], self.length, self.batch_size, self.generator, rank=self.rank,
+                            world=self.world)
+
+    def epoch_done(self) -> bool:
+        return False
+
+    def evaluation(self, split: str, n: int) -> Iterator[Batch]:
+        for _ in range(n):  # an optimizer step's rows, all of them in every process
+            yield random_batch(self.ids[split], self.length, self.batch_size * self.grad_accum, self.generator)
+
+
+def make_batches(sampling: str, train_ids: "np.ndarray", val_ids: "np.ndarray", *, length: int, stride: int,
+                 batch_size: int, grad_accum: int, seed: int, rank: int = 0, world: int = 1) -> Batches:
+    """``"windows"`` (the book's) or ``"random"`` (nanoGPT's) batches; ``seed`` seeds the batch generator."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    if sampling == "windows":
+        return WindowBatches(train_ids, val_ids, length, stride, batch_size, grad_accum, generator, rank=rank,
+                             world=world)
+    return RandomBatches(train_ids, val_ids, length, batch_size, grad_accum, generator, rank=rank, world=world)

@@ -134,7 +134,7 @@ def save_pretrained(model: "GPTModel", folder: str | Path, tokenizer: "Tokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    info = {"format": "pt", METADATA_CONFIG_KEY: json.dumps({**model.cfg.to_dict(), "bias": model.cfg.bias}),
+    info = {"format": "pt", METADATA_CONFIG_KEY: json.dumps(model.cfg.to_dict()),
             **to_metadata(tokenizer), **(metadata or {})}
     save_safetensors(hf_state_dict(model), folder / MODEL_FILE, info)
     write_json(hf_config(model, tokenizer), folder / CONFIG_FILE)

@@ -25,7 +25,7 @@ def test_book_config_is_gpt_config_124m():
     cfg = shipped_config("book")
     assert cfg.to_dict() == {
         "vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12, "n_layers": 12,
-        "drop_rate": 0.1, "qkv_bias": False, "tie_weights": False,
+        "drop_rate": 0.1, "qkv_bias": False, "tie_weights": False, "bias": True,
     }
 
 

@@ -258,7 +258,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, corpus):
     from gptcli.training import read_state
 
     state = read_state(out / "state.safetensors")
-    assert state["step"] == end["step"] + 1 >= 1
+    assert state.position.step == end["step"] + 1 >= 1
 
 
 def test_a_kill_during_a_save_leaves_the_previous_file_loadable(tmp_path):
@@ -376,7 +376,7 @@ def test_bad_resume_folders(tmp_path, corpus):
 def test_memory_estimate_refuses_before_building(tmp_path, corpus, monkeypatch):
     from gptcli import training
 
-    monkeypatch.setattr(training, "available_memory", lambda device: 1 << 30)
+    monkeypatch.setattr(training.setup, "available_memory", lambda device: 1 << 30)
     line = one_error_line(train(str(corpus), "--size", "124M", "--max-steps", "1", "--out", str(tmp_path / "r")))
     assert "needs about" in line and "AdamW" in line
     assert not (tmp_path / "r").exists()

@@ -1,12 +1,14 @@
-"""`gptcli train`: pretrain or fine-tune on your own text. Parsing and rendering only; the loop is gptcli.training."""
+"""`gptcli train`: pretrain or fine-tune on your own text. Parsing and rendering only: gptcli.training
+assembles the run (``prepare_run``) and runs the loop (``Trainer``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, List, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator, List, Optional
 
 import typer
 
@@ -138,13 +140,10 @@ def train(
     arch = {k: v for k, v in {"context_length": context_length, "n_layers": n_layers, "n_heads": n_heads,
                                "emb_dim": emb_dim, "drop_rate": drop_rate}.items() if v is not None}
     json_mode = json_output or not sys.stdout.isatty()
-
-    if resume is not None:
-        run = _resume_run(resume, data, flags, arch, beta1, beta2, device, recipe=recipe, size=size, config=config,
-                          weights=weights, out=out, force=force)
-    else:
-        run = _new_run(data, out, recipe, flags, arch, beta1, beta2, size=size, config=config, weights=weights,
-                       device=device, force=force)
+    request = training.RunRequest(data=tuple(data or ()), out=out, recipe=recipe, settings=flags, arch=arch,
+                                  beta1=beta1, beta2=beta2, size=size, config=config, weights=weights,
+                                  device=device, force=force, resume=resume)
+    run = training.prepare_run(request, note=note, tokenizing=_tokenizing_bar)
     try:
         _render(training.Trainer(run), run, json_mode)
     finally:
@@ -160,14 +159,12 @@ def _sample_every(value: str) -> str | int:
         raise UserError(f"--sample-every expects 'epoch' or a number of steps, got {value!r}") from None
 
 
-def _betas(current: tuple[float, float], beta1: float | None, beta2: float | None) -> tuple[float, float]:
-    return (current[0] if beta1 is None else beta1, current[1] if beta2 is None else beta2)
-
-
-def _progress_tokenizing(total_chars: int):
-    """A progress callback for tokenizing, drawn on stderr when it is a terminal and the text is large."""
+@contextlib.contextmanager
+def _tokenizing_bar(total_chars: int) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar for tokenizing on a terminal's stderr, for large texts; no callback otherwise."""
     if total_chars < 5_000_000 or not sys.stderr.isatty():
-        return None, None
+        yield None
+        return
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -175,184 +172,10 @@ def _progress_tokenizing(total_chars: int):
                    console=Console(stderr=True), transient=True)
     task = bar.add_task("tokenize", total=total_chars)
     bar.start()
-    return bar, (lambda done, total: bar.update(task, completed=done))
-
-
-def _new_run(data, out, recipe_spec, flags, arch, beta1, beta2, *, size, config, weights, device, force) -> "Run":
-    import dataclasses
-
-    import torch
-
-    from gptcli import training
-    from gptcli.config import resolve_config
-    from gptcli.data import digest, read_texts
-    from gptcli.devices import check_device_name, resolve_device
-    from gptcli.tokenizer import CharTokenizer, gpt2
-
-    recipe = training.load_recipe(recipe_spec) if recipe_spec else None
-    base = dict(recipe.settings) if recipe else {}
-    settings = training.TrainSettings(**{**base, **flags})
-    settings.betas = _betas(tuple(settings.betas), beta1, beta2)
-    settings.device = check_device_name(device)
-    settings.validate()
-    if not data:
-        raise UserError("no training data: pass one or more text files, folders of *.txt, or - for stdin "
-                        "(or --resume DIR to continue a run)")
-    name = recipe.name if recipe else Path(data[0]).stem if data[0] != "-" else "stdin"
-    out = out or Path("runs") / name
-    torch_device = resolve_device(settings.device)
-    dist = training.dist_from_env()
-    training.check_batch_split(settings, dist)
-    torch_device = training.init_distributed(dist, torch_device)
-    training.check_out_dir(out, resume=False, force=force)
-    training.barrier(dist)  # every process has looked before the first one writes
-    texts = read_texts(data)
-
-    weights = weights or (recipe.weights if recipe else None)
-    model_size = size if size is not None or config is not None else (recipe.size if recipe else None)
-    model_config = config if config is not None else (recipe.config if recipe and size is None else None)
-    if weights is not None and set(arch) - {"drop_rate"}:
-        raise UserError("--weights fine-tunes a model as it is; architecture changes (--context-length, --n-layers, "
-                        "--n-heads, --emb-dim) need a new model (--size/--config)")
-    if weights is not None and recipe and set(recipe.model) - {"drop_rate"} and dist.main:
-        note(f"fine-tuning {weights}: the architecture in recipe {recipe.name!r} does not apply")
-    _check_dtype(settings.dtype, torch_device)
-
-    if settings.tokenizer == "char":
-        tok = CharTokenizer.from_text("".join(t.text for t in texts))
-    else:
-        tok = gpt2()
-        tok.encode("")  # load the BPE file now: a missing tokenizer fails before anything is built
-
-    if weights is None:
-        overrides = {**(recipe.model if recipe else {}), **arch}
-        cfg = resolve_config(model_size, model_config)
-        if settings.tokenizer == "char":
-            overrides["vocab_size"] = tok.vocab_size
-        cfg = cfg.replace(**overrides) if overrides else cfg
-        if recipe and not (size or config):
-            cfg = dataclasses.replace(cfg, name=recipe.name)
-        from gptcli.weights import check_vocab
-
-        check_vocab(cfg, f"config {cfg.name!r}", tok)
-        _check_memory(cfg, settings, torch_device, dist)
-        source = f"random ({settings.init} init, seed {settings.seed})"
-        model = None
-    else:
-        from gptcli.weights import load_model
-
-        loaded = load_model(size=size, config=config, weights=weights, device=torch.device("cpu"),
-                            dtype=torch.float32, seed=settings.seed, note=note if dist.main else (lambda _: None))
-        if loaded.tokenizer.name != settings.tokenizer or loaded.tokenizer.vocab_size != tok.vocab_size:
-            if settings.tokenizer == "char" and loaded.tokenizer.name == "char":
-                tok = loaded.tokenizer  # fine-tuning a character model: keep its vocabulary
-            else:
-                raise UserError(f"{weights} was trained with the {loaded.tokenizer.name} tokenizer, not "
-                                f"{settings.tokenizer}; pass --tokenizer {loaded.tokenizer.name}")
-        cfg = loaded.cfg
-        _check_memory(cfg, settings, torch_device, dist)
-        model = loaded.model
-        if "drop_rate" in arch:
-            training.set_dropout(model, arch["drop_rate"])
-        for p in model.parameters():
-            p.requires_grad_(True)
-        source = loaded.source
-
-    total_chars = sum(len(t.text) for t in texts)
-    bar, progress = _progress_tokenizing(total_chars) if dist.main else (None, None)
     try:
-        train_ids, val_ids = training.encode_data(texts, tok, settings, progress)
+        yield lambda done, total: bar.update(task, completed=done)
     finally:
-        if bar is not None:
-            bar.stop()
-    training.check_data(train_ids, val_ids, settings, cfg.context_length)  # before anything is written
-    if dist.main:
-        if force:
-            training.clear_run(out)
-        out.mkdir(parents=True, exist_ok=True)
-        train_ids, val_ids = training.store_data(train_ids, val_ids, out, tok.vocab_size)
-    if model is None:
-        model = training.new_model(cfg, settings, torch_device)
-    else:
-        import torch as _torch
-
-        _torch.manual_seed(settings.seed)
-        model = model.to(torch_device)
-    model.train()
-    return training.Run(out=out, settings=settings, model=model, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,
-                        device=torch_device, weights_source=source, data_digest=digest(texts), dist=dist)
-
-
-def _resume_run(folder: Path, data, flags, arch, beta1, beta2, device, *, recipe, size, config, weights, out,
-                force) -> "Run":
-    from gptcli import training
-    from gptcli.data import digest, load_ids, read_texts
-    from gptcli.devices import check_device_name, resolve_device
-
-    training.check_out_dir(folder, resume=True, force=False)
-    clashing = [name for name, value in (("--recipe", recipe), ("--size", size), ("--config", config),
-                                         ("--weights", weights), ("--out", out)) if value is not None]
-    clashing += [f"--{k.replace('_', '-')}" for k in arch]
-    clashing += [f"--{k.replace('_', '-')}" for k in flags if k not in ("epochs", "max_steps", "tokenizer")]
-    if beta1 is not None or beta2 is not None:
-        clashing.append("--beta1/--beta2")
-    if force:
-        clashing.append("--force")
-    if clashing:
-        raise UserError(f"--resume continues the run as it was set up; drop {', '.join(clashing)} (only --epochs and "
-                        "--max-steps may change)")
-    state = training.read_state(folder / training.STATE_FILE)
-    settings: training.TrainSettings = state["settings"]
-    tok = state["tokenizer"]
-    if "tokenizer" in flags and flags["tokenizer"] != tok.name:
-        raise UserError(f"--resume {folder}: the run was trained with the {tok.name} tokenizer, not {flags['tokenizer']}")
-    if data:
-        texts = read_texts(data)
-        if digest(texts) != state["data_digest"]:
-            raise UserError(f"--resume {folder}: DATA differs from the text this run was trained on; resume "
-                            "without DATA (the run keeps its tokens in data/)")
-    for key in ("epochs", "max_steps"):
-        if key in flags:
-            setattr(settings, key, flags[key])
-    settings.device = check_device_name(device) if device != "auto" else settings.device
-    settings.validate()
-    torch_device = resolve_device(settings.device)
-    dist = training.dist_from_env()
-    training.check_batch_split(settings, dist)
-    torch_device = training.init_distributed(dist, torch_device)
-    try:
-        train_ids = load_ids(folder / training.DATA_DIR / "train.bin", tok.vocab_size)
-        val_ids = load_ids(folder / training.DATA_DIR / "val.bin", tok.vocab_size)
-    except OSError:
-        raise UserError(f"--resume {folder}: its data/ folder is missing; the run cannot continue") from None
-    model = training.model_from_state(state, torch_device)
-    model.train()
-    if dist.main:
-        training.rewrite_log(folder, state["step"])
-    return training.Run(out=folder, settings=settings, model=model, tokenizer=tok, train_ids=train_ids,
-                        val_ids=val_ids, device=torch_device, weights_source=state["weights_source"],
-                        data_digest=state["data_digest"], dist=dist, resume_state=state)
-
-
-def _check_dtype(name: str, device) -> None:
-    if name == "float16" and device.type == "cpu":
-        raise UserError("--dtype float16 trains on GPUs only; on the CPU use bfloat16 or float32")
-
-
-def _check_memory(cfg, settings, device, dist) -> None:
-    from gptcli.params import human_bytes
-    from gptcli.training import available_memory, estimate_memory
-
-    need = estimate_memory(cfg, max(1, settings.batch_size // dist.world), settings.dtype != "float32")
-    have = available_memory(device)
-    # Processes on one CPU share its memory; each GPU has its own.
-    total = need["total"] * (dist.world if device.type == "cpu" else 1)
-    if have is not None and total > have:
-        raise UserError(
-            f"training {cfg.name} needs about {human_bytes(total)} (weights {human_bytes(need['weights'])}, gradients "
-            f"{human_bytes(need['gradients'])}, AdamW {human_bytes(need['optimizer'])}, activations "
-            f"{human_bytes(need['activations'])}) but {device} has {human_bytes(have)} free; use a smaller model or "
-            "batch")
+        bar.stop()
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,246 @@
+"""The training loop: the book's ``train_model_simple`` (chapter 5) grown nanoGPT's options. Never prints.
+
+``Trainer(run)`` builds what the loop needs (batches, training kernels, AdamW, the resumed place, the
+torch.compile and DDP wrappers); ``Trainer.events()`` is one flat loop that yields plain dicts, the
+same objects ``train.jsonl`` holds: ``start``, ``step`` (progress only, not logged), ``eval``,
+``sample``, ``checkpoint`` and ``end``. The CLI renders them.
+
+Options beyond the book: gradient accumulation, clipping, warm-up plus cosine learning rate, weight
+decay on 2-D weights only, bfloat16 autocast, torch.compile and DistributedDataParallel under
+torchrun. With the book's recipe it draws from the global RNG in the book's order (init, each
+DataLoader pass, dropout), so the figures are the book's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from gptcli.errors import UserError
+from gptcli.training.distributed import barrier, mean_across
+from gptcli.training.optimizer import learning_rate, make_optimizer
+from gptcli.training.run_folder import BEST_DIR
+from gptcli.training.setup import Run, check_data
+from gptcli.training.state import STATE_FILE, Position, restore_optimizer, restore_position, write_state
+
+if TYPE_CHECKING:
+    import torch
+
+    from gptcli.train_kernels import TrainPlan
+
+
+def autocast(device: "torch.device", dtype: str):
+    """bfloat16/float16 autocast (float32 weights and AdamW state), or nothing for float32."""
+    import torch
+
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+def batch_loss(model, x: "torch.Tensor", y: "torch.Tensor", *, device: "torch.device", dtype: str,
+               plan: "TrainPlan | None" = None, head_weight: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """The book's calc_loss_batch: mean cross-entropy over every position of the batch.
+
+    ``model`` may be wrapped (torch.compile, DDP). When training with a plan whose ``head_loss`` is
+    on, the output head (``head_weight``) and the cross-entropy run as one chunked function
+    (``gptcli.train_kernels.head_loss``) after the model's blocks; evaluation (no grad) takes the plain route.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    x, y = x.to(device), y.to(device)
+    if plan is not None and plan.head_loss and head_weight is not None and torch.is_grad_enabled():
+        from gptcli.train_kernels import head_loss
+
+        with autocast(device, dtype):
+            hidden = model(x, head=False)  # (B, T, emb_dim)
+        return head_loss(hidden.flatten(0, 1).float(), head_weight, y.flatten(), dtype=getattr(torch, dtype))
+    with autocast(device, dtype):
+        logits = model(x)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+class Trainer:
+    """Trains ``run``: ``events()`` yields what happens; ``request_stop()`` (Ctrl-C) ends it after the
+    current step with a checkpoint. ``plan`` overrides the training kernels (benchmarks)."""
+
+    def __init__(self, run: Run, plan: "TrainPlan | None" = None):
+        from gptcli import train_kernels
+        from gptcli.data import make_batches
+
+        self.run, self.settings, self.model = run, run.settings, run.model
+        s, cfg = run.settings, run.model.cfg
+        self._stop = False
+        self.total_steps, self.steps_per_epoch = check_data(run.train_ids, run.val_ids, s, cfg.context_length)
+        if run.resume_state is not None and run.resume_state.position.step >= self.total_steps:
+            done = run.resume_state.position.step
+            raise UserError(f"the run in {run.out} already finished its {done} steps; pass --max-steps (or "
+                            f"--epochs) beyond that to continue it")
+        self.batches = make_batches(s.sampling, run.train_ids, run.val_ids, length=cfg.context_length,
+                                    stride=s.stride or cfg.context_length, batch_size=s.batch_size,
+                                    grad_accum=s.grad_accum, seed=s.seed, rank=run.dist.rank, world=run.dist.world)
+        self.plan = plan or train_kernels.plan(run.device)
+        train_kernels.prepare(self.model, self.plan)
+        self.optimizer = make_optimizer(self.model, s, self.plan)
+        self.position = Position()
+        if run.resume_state is not None:
+            restore_optimizer(self.optimizer, run.resume_state)
+            self.position = restore_position(run.resume_state, self.batches)
+        self.train_model = train_kernels.compile_for_training(self.model) if s.compile else self.model
+        if run.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [run.device.index] if run.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def loss(self, model, x: "torch.Tensor", y: "torch.Tensor") -> "torch.Tensor":
+        return batch_loss(model, x, y, device=self.run.device, dtype=self.settings.dtype, plan=self.plan,
+                          head_weight=self.model.out_head.weight)
+
+    def optimizer_step(self, lr: float) -> float:
+        """One optimizer step at ``lr``: ``grad_accum`` micro-batches, gradients averaged; the mean loss."""
+        import torch
+
+        s = self.settings
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for micro in range(s.grad_accum):
+            x, y = self.batches.next()
+            sync = micro == s.grad_accum - 1 or self.run.dist.world == 1
+            with self.train_model.no_sync() if not sync else contextlib.nullcontext():
+                loss = self.loss(self.train_model, x, y)
+                (loss / s.grad_accum).backward()
+            step_loss += loss.item() / s.grad_accum
+        if s.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+        self.optimizer.step()
+        return mean_across(step_loss, self.run.device) if self.run.dist.world > 1 else step_loss
+
+    def evaluate(self) -> tuple[float, float]:
+        """The book's evaluate_model: mean loss over ``eval_batches`` batches of each split, in eval mode."""
+        import torch
+
+        self.model.eval()
+        out = []
+        with torch.no_grad():
+            for split in ("train", "val"):
+                losses = [self.loss(self.model, x, y).item()
+                          for x, y in self.batches.evaluation(split, self.settings.eval_batches)]
+                out.append(sum(losses) / len(losses))
+        self.model.train()
+        return out[0], out[1]
+
+    def sample(self) -> dict:
+        """Greedy continuation of the sample prompt, as the book's generate_and_print_sample."""
+        from gptcli.generate import Decoder, Generation, SamplingOptions, prompt_ids
+
+        model, tok, s = self.model, self.run.tokenizer, self.settings
+        model.eval()
+        ids = prompt_ids(s.sample_prompt or "", tok)
+        options = SamplingOptions(max_new_tokens=s.sample_tokens, ignore_eos=True)
+        gen = Generation(Decoder(model, self.run.device, next(model.parameters()).dtype), ids, options,
+                         eos_id=tok.eot_id, token_bytes=tok.token_bytes, context_length=model.cfg.context_length)
+        gen.run()
+        model.train()
+        return {"prompt": s.sample_prompt, "text": gen.text, "token_ids": gen.token_ids}
+
+    def save(self) -> Path:
+        """Write state.safetensors (all that resuming needs), then the last weights' export."""
+        from gptcli.export import save_pretrained
+
+        run = self.run
+        write_state(run.out / STATE_FILE, self.model, self.optimizer, settings=self.settings,
+                    tokenizer=run.tokenizer, position=self.position, batches=self.batches,
+                    weights_source=run.weights_source, data_digest=run.data_digest, world_size=run.dist.world)
+        save_pretrained(self.model, run.out, run.tokenizer)
+        return run.out
+
+    def _save_best(self, step: int, val_loss: float) -> None:
+        from gptcli.export import save_pretrained
+
+        self.position.best_val = val_loss
+        if self.run.dist.main:
+            save_pretrained(self.model, self.run.out / BEST_DIR, self.run.tokenizer,
+                            {"gptcli.step": str(step), "gptcli.val_loss": repr(val_loss)})
+
+    def _checkpoint(self, step: int) -> Iterator[dict]:
+        if self.run.dist.main:
+            yield {"event": "checkpoint", "step": step, "path": str(self.save())}
+        barrier(self.run.dist)
+
+    def _sample_due(self, step: int, epoch_end: bool, last: bool) -> bool:
+        s = self.settings
+        if s.sample_prompt is None or s.sample_tokens <= 0 or not self.run.dist.main:
+            return False
+        if s.sample_every == "epoch":
+            return epoch_end
+        return isinstance(s.sample_every, int) and s.sample_every > 0 and (
+            (step and step % s.sample_every == 0) or last)
+
+    def start_event(self) -> dict:
+        run, cfg = self.run, self.model.cfg
+        return {"event": "start", "step": self.position.step, "total_steps": self.total_steps,
+                "steps_per_epoch": self.steps_per_epoch, "train_tokens": len(run.train_ids),
+                "val_tokens": len(run.val_ids), "params": sum(p.numel() for p in self.model.parameters()),
+                "config": cfg.to_dict(), "tokenizer": run.tokenizer.name, "vocab_size": run.tokenizer.vocab_size,
+                "weights": run.weights_source, "device": str(run.device), "world_size": run.dist.world,
+                "settings": self.settings.to_dict(), "kernels": self.plan.to_dict(),
+                "resumed": run.resume_state is not None}
+
+    def events(self) -> Iterator[dict]:
+        """The loop: optimizer steps until ``total_steps``, evaluating, sampling and saving on schedule."""
+        s, pos, total = self.settings, self.position, self.total_steps
+        yield self.start_event()
+        start_time, session_tokens, saved_step = time.perf_counter(), 0, pos.step
+        step_tokens = s.batch_size * self.model.cfg.context_length * s.grad_accum  # over all processes
+        self.model.train()
+        reason = "done"
+        while pos.step < total:
+            if self._stop:
+                reason = "interrupted"
+                break
+            lr = learning_rate(pos.step, s, total)
+            epoch_of_step = pos.epoch
+            loss = self.optimizer_step(lr)
+            pos.tokens_seen += step_tokens
+            session_tokens += step_tokens
+            done_step = pos.step  # 0-based index of the step just taken
+            pos.step += 1
+            epoch_end = self.batches.epoch_done()
+            pos.epoch += epoch_end
+            if self.steps_per_epoch is not None:
+                shown_epoch = epoch_of_step + 1
+            else:
+                shown_epoch = pos.tokens_seen // max(1, len(self.run.train_ids)) + 1
+            elapsed = time.perf_counter() - start_time
+            yield {"event": "step", "step": done_step, "epoch": shown_epoch, "loss": loss, "lr": lr,
+                   "tokens_seen": pos.tokens_seen, "tokens_per_s": session_tokens / elapsed if elapsed > 0 else None,
+                   "total_steps": total}
+
+            last = pos.step == total
+            if done_step % s.eval_every == 0 or last:
+                train_loss, val_loss = self.evaluate()
+                yield {"event": "eval", "step": done_step, "epoch": shown_epoch, "tokens_seen": pos.tokens_seen,
+                       "train_loss": train_loss, "val_loss": val_loss, "lr": lr}
+                if val_loss < pos.best_val:
+                    self._save_best(done_step, val_loss)
+            if self._sample_due(done_step, epoch_end, last):
+                yield {"event": "sample", "step": done_step, "epoch": shown_epoch, **self.sample()}
+            if (s.save_every and done_step and done_step % s.save_every == 0) or last or self._stop:
+                saved_step = pos.step
+                yield from self._checkpoint(done_step)
+        if reason == "interrupted" and saved_step != pos.step:  # stopped between a step's save check and the next
+            yield from self._checkpoint(pos.step - 1)
+        wall = time.perf_counter() - start_time
+        yield {"event": "end", "step": pos.step - 1, "reason": reason, "wall_s": round(wall, 3),
+               "tokens_per_s": round(session_tokens / wall, 1) if wall > 0 else None,
+               "best_val_loss": None if math.isinf(pos.best_val) else pos.best_val}

@@ -1,0 +1,160 @@
+"""A run's settings: ``TrainSettings`` (every key also a ``gptcli train`` flag) and recipes, YAML files
+of the same keys (``configs/recipes/``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gptcli.errors import UserError
+
+
+@dataclass
+class TrainSettings:
+    """Hyperparameters of a run: a recipe's keys, each also a command-line flag."""
+
+    tokenizer: str = "gpt2"  # gpt2 | char
+    epochs: int | None = None  # passes over the training windows (sampling: windows)
+    max_steps: int | None = None  # optimizer steps; with epochs, whichever ends first
+    batch_size: int = 2  # rows per micro-batch, summed over processes
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 4e-4
+    schedule: str = "constant"  # constant | cosine (linear warm-up, cosine decay to min_lr)
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    decay_steps: int | None = None  # where cosine reaches min_lr; default: the last step
+    weight_decay: float = 0.1
+    decay: str = "all"  # all (the book: every parameter) | 2d (nanoGPT: matrices and embeddings only)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = None
+    val_fraction: float = 0.1
+    sampling: str = "windows"  # windows (the book's DataLoader) | random (nanoGPT's get_batch)
+    stride: int | None = None  # windows: default context_length
+    eval_every: int = 5
+    eval_batches: int = 5
+    sample_prompt: str | None = "Every effort moves you"
+    sample_every: str | int = "epoch"  # "epoch", N steps, or 0 for never
+    sample_tokens: int = 50
+    save_every: int = 0  # steps between checkpoints; 0: only at the end and on Ctrl-C
+    seed: int = 123
+    init: str = "book"  # book (chapter 4's nn defaults) | gpt2 (N(0, 0.02), as GPT-2 and nanoGPT)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast: float32 weights and AdamW state) | float16
+    compile: bool = False
+    device: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+    def validate(self) -> "TrainSettings":
+        def positive(name: str, value: Any, zero_ok: bool = False) -> None:
+            if value is None:
+                return
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if zero_ok else 1):
+                raise UserError(f"--{name.replace('_', '-')} must be a whole number {'>= 0' if zero_ok else '>= 1'}, "
+                                f"got {value!r}")
+
+        for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "epochs", "max_steps", "stride",
+                     "decay_steps"):
+            positive(name, getattr(self, name))
+        for name in ("warmup_steps", "save_every", "sample_tokens", "seed"):
+            positive(name, getattr(self, name), zero_ok=True)
+        if self.epochs is None and self.max_steps is None:
+            raise UserError("say how long to train: --epochs N or --max-steps N")
+        if self.tokenizer not in ("gpt2", "char"):
+            raise UserError(f"unknown tokenizer {self.tokenizer!r}; choose gpt2 or char")
+        if self.schedule not in ("constant", "cosine"):
+            raise UserError(f"unknown schedule {self.schedule!r}; choose constant or cosine")
+        if self.decay not in ("all", "2d"):
+            raise UserError(f"unknown weight-decay scope {self.decay!r}; choose all or 2d")
+        if self.sampling not in ("windows", "random"):
+            raise UserError(f"unknown sampling {self.sampling!r}; choose windows or random")
+        if self.init not in ("book", "gpt2"):
+            raise UserError(f"unknown init {self.init!r}; choose book or gpt2")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise UserError(f"--lr must be above 0, got {self.lr!r}")
+        if not (isinstance(self.min_lr, (int, float)) and 0 <= self.min_lr <= self.lr):
+            raise UserError(f"--min-lr must be in [0, lr], got {self.min_lr!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise UserError(f"--weight-decay must be 0 or more, got {self.weight_decay!r}")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise UserError(f"betas must be two numbers in [0, 1), got {list(self.betas)!r}")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
+            raise UserError(f"--grad-clip must be above 0 (or null for none), got {self.grad_clip!r}")
+        if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
+            raise UserError(f"--val-fraction must be in (0, 1), got {self.val_fraction!r}")
+        if isinstance(self.sample_every, str) and self.sample_every != "epoch":
+            raise UserError(f"--sample-every must be 'epoch' or a number of steps, got {self.sample_every!r}")
+        if isinstance(self.sample_every, int):
+            positive("sample_every", self.sample_every, zero_ok=True)
+        if self.sample_every == "epoch" and self.sampling != "windows":
+            raise UserError("--sample-every 'epoch' needs sampling: windows (random batches have no epochs); "
+                            "give a number of steps")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"unknown training dtype {self.dtype!r}; choose float32, bfloat16 or float16")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        return self
+
+
+SETTING_NAMES = {f.name for f in dataclasses.fields(TrainSettings)}
+# Recipe keys that choose the model rather than how it trains.
+MODEL_KEYS = ("size", "config", "model", "weights")
+RECIPE_KEYS = {"description", *MODEL_KEYS, *SETTING_NAMES} - {"dtype", "compile", "device"}
+
+
+@dataclass
+class Recipe:
+    name: str
+    settings: dict[str, Any]  # TrainSettings keys
+    size: str | None = None
+    config: str | None = None
+    model: dict[str, Any] = field(default_factory=dict)  # architecture overrides
+    weights: str | None = None
+    description: str = ""
+
+
+def recipes_dir() -> Path:
+    from gptcli.config import configs_dir
+
+    return configs_dir() / "recipes"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def load_recipe(spec: str) -> Recipe:
+    """A shipped recipe by name (``book-ch05``) or a YAML file of the same keys."""
+    import yaml
+
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        shipped = recipes_dir() / f"{spec}.yaml"
+        if not shipped.is_file():
+            raise UserError(f"unknown recipe {spec!r}: not a file, and the shipped recipes are "
+                            f"{', '.join(recipe_names())}")
+        path = shipped
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read recipe: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    if raw is None:
+        raise UserError(f"{path}: the recipe file is empty")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of recipe keys")
+    unknown = sorted(set(raw) - RECIPE_KEYS)
+    if unknown:
+        raise UserError(f"{path}: unknown recipe key {unknown[0]!r} (allowed: {', '.join(sorted(RECIPE_KEYS))})")
+    model = raw.get("model") or {}
+    if not isinstance(model, dict):
+        raise UserError(f"{path}: 'model' must be a mapping of config keys")
+    settings = {k: v for k, v in raw.items() if k in SETTING_NAMES}
+    if "betas" in settings and isinstance(settings["betas"], list):
+        settings["betas"] = tuple(settings["betas"])
+    return Recipe(name=path.stem, settings=settings, size=raw.get("size"), config=raw.get("config"), model=model,
+                  weights=raw.get("weights"), description=str(raw.get("description", "")))

@@ -1,0 +1,419 @@
+"""Assembling a run: from what ``gptcli train`` was asked (``RunRequest``) to a ``Run`` ready to train.
+
+``prepare_run`` makes a new run (recipe and flags into settings, the tokenizer, the model's config,
+distributed start, the data read, tokenized and stored, the model seeded) or resumes one from its
+folder. Everything that can be refused is refused here, before the first step. Never prints: notes
+and tokenizing progress go through callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
+
+from gptcli.errors import UserError
+from gptcli.training import run_folder
+from gptcli.training.distributed import Dist, barrier, check_batch_split, dist_from_env, init_distributed
+from gptcli.training.settings import TrainSettings, load_recipe
+from gptcli.training.state import STATE_FILE, TrainingState, model_from_state, read_state
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from gptcli.config import GPTConfig
+    from gptcli.data import Text
+    from gptcli.model import GPTModel
+    from gptcli.tokenizer import Tokenizer
+
+Note = Callable[[str], None]
+# Tokenizing progress: given the characters to tokenize, a context that yields a (done, total) callback or None.
+Tokenizing = Callable[[int], ContextManager["Callable[[int, int], None] | None"]]
+
+
+def _ignore(_message: str) -> None:
+    pass
+
+
+def _no_progress(_total: int) -> ContextManager[None]:
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What ``gptcli train`` was asked, before any of it is checked. ``settings`` holds the flags that
+    override the recipe's TrainSettings; ``arch`` the config overrides (--context-length, ...)."""
+
+    data: tuple[str, ...] = ()
+    out: Path | None = None
+    recipe: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    arch: dict[str, Any] = field(default_factory=dict)
+    beta1: float | None = None
+    beta2: float | None = None
+    size: str | None = None
+    config: str | Path | None = None
+    weights: str | None = None
+    device: str = "auto"
+    force: bool = False
+    resume: Path | None = None
+
+
+@dataclass
+class Run:
+    """Everything a training run needs, assembled by ``prepare_run`` (or a test)."""
+
+    out: Path
+    settings: TrainSettings
+    model: "GPTModel"
+    tokenizer: "Tokenizer"
+    train_ids: "np.ndarray"
+    val_ids: "np.ndarray"
+    device: "torch.device"
+    weights_source: str  # "random (seed 123)", a path, a Hub id
+    data_digest: str = ""
+    dist: Dist = field(default_factory=Dist)
+    resume_state: TrainingState | None = None  # the run folder's state when resuming
+
+
+def plan_steps(s: TrainSettings, n_train_windows: int | None) -> tuple[int, int | None]:
+    """(total optimizer steps, steps per epoch or None). Windows: epochs of len(loader) // grad_accum steps."""
+    per_epoch = None
+    if s.sampling == "windows":
+        batches = n_train_windows // s.batch_size  # drop_last
+        per_epoch = batches // s.grad_accum
+        if per_epoch == 0:
+            raise UserError(f"the training text makes {n_train_windows} window(s), fewer than one step "
+                            f"(batch size {s.batch_size} x {s.grad_accum} accumulation)")
+    totals = []
+    if s.epochs is not None:
+        if per_epoch is None:
+            raise UserError("--epochs needs sampling: windows; with random batches give --max-steps")
+        totals.append(s.epochs * per_epoch)
+    if s.max_steps is not None:
+        totals.append(s.max_steps)
+    return min(totals), per_epoch
+
+
+def init_gpt2(model: "GPTModel") -> None:
+    """GPT-2's (and nanoGPT's) init: weights N(0, 0.02), biases zero, residual projections N(0, 0.02/sqrt(2L))."""
+    import torch
+    import torch.nn as nn
+
+    std_proj = 0.02 / math.sqrt(2 * model.cfg.n_layers)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("out_proj.weight", "ff.layers.2.weight")):
+                nn.init.normal_(p, 0.0, std_proj)
+            elif p.dim() >= 2:
+                nn.init.normal_(p, 0.0, 0.02)
+            elif name.endswith(("scale",)):
+                nn.init.ones_(p)
+            else:
+                nn.init.zeros_(p)
+
+
+def estimate_memory(cfg: "GPTConfig", micro_batch: int, autocast: bool) -> dict[str, int]:
+    """Bytes a training step needs: float32 weights, gradients and AdamW's two moments (16 per parameter),
+    activations kept for backward (Korthikanti et al. 2022, doubled for float32), and the logits."""
+    from gptcli.params import count_params
+
+    n = count_params(cfg).total
+    T, d, L = cfg.context_length, cfg.emb_dim, cfg.n_layers
+    act_bytes = 1 if autocast else 2  # the formula's 16-bit activations; float32 doubles them
+    activations = micro_batch * T * L * (34 * d + 5 * cfg.n_heads * T) * act_bytes
+    logits = micro_batch * T * cfg.vocab_size * 4 * 3  # logits, log-softmax, their gradient
+    return {"weights": 4 * n, "gradients": 4 * n, "optimizer": 8 * n, "activations": activations + logits,
+            "total": 16 * n + activations + logits}
+
+
+def available_memory(device: "torch.device") -> int | None:
+    """Bytes free for the run: MemAvailable on Linux for the CPU, the GPU's free memory for CUDA."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    from gptcli.devices import proc_kib
+
+    return proc_kib("/proc/meminfo", "MemAvailable")
+
+
+def set_dropout(model: "GPTModel", p: float) -> None:
+    """Change every dropout rate of a built model (the config's drop_rate)."""
+    import torch.nn as nn
+
+    from gptcli.model import MultiHeadAttention
+
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        elif isinstance(m, MultiHeadAttention):
+            m.dropout = p
+    model.cfg = dataclasses.replace(model.cfg, drop_rate=p)
+
+
+def encode_data(texts, tokenizer: "Tokenizer", s: TrainSettings, progress=None) -> tuple["np.ndarray", "np.ndarray"]:
+    """Split and tokenize: (training ids, validation ids), in memory."""
+    from gptcli import data
+
+    text = data.join_texts(texts, tokenizer.name)
+    train_text, val_text = data.split_text(text, s.val_fraction)
+    total = len(text)
+
+    def report(n: int, base: int) -> None:
+        if progress is not None:
+            progress(base + n, total)
+
+    train = data.encode(train_text, tokenizer, lambda n, _: report(n, 0))
+    val = data.encode(val_text, tokenizer, lambda n, _: report(n, len(train_text)))
+    return train, val
+
+
+def check_data(train_ids, val_ids, s: TrainSettings, context_length: int) -> tuple[int, int | None]:
+    """Is there enough text for this run? (total steps, steps per epoch); UserError naming what is short."""
+    from gptcli.data import n_windows
+
+    stride = s.stride or context_length
+    if s.sampling == "windows":
+        if n_windows(len(val_ids), context_length, stride) == 0:
+            raise UserError(f"the validation text has {len(val_ids)} tokens, too few for one window of "
+                            f"{context_length} (+1); use more text or a larger --val-fraction")
+        return plan_steps(s, n_windows(len(train_ids), context_length, stride))
+    for name, ids in (("training", train_ids), ("validation", val_ids)):
+        if len(ids) <= context_length:
+            raise UserError(f"the {name} text has {len(ids)} tokens, too few for one window of {context_length} (+1)")
+    return plan_steps(s, None)
+
+
+def new_model(cfg: "GPTConfig", s: TrainSettings, device: "torch.device") -> "GPTModel":
+    """A seeded model: torch.manual_seed(seed), then built in the book's draw order (then GPT-2's
+    init, when asked), as the book's chapter 5 does before training."""
+    import torch
+
+    from gptcli.model import GPTModel
+
+    torch.manual_seed(s.seed)
+    with torch.device("cpu"):
+        model = GPTModel(cfg)
+    if s.init == "gpt2":
+        init_gpt2(model)
+    return model.to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks before anything is written
+
+
+def check_dtype(name: str, device: "torch.device") -> None:
+    if name == "float16" and device.type == "cpu":
+        raise UserError("--dtype float16 trains on GPUs only; on the CPU use bfloat16 or float32")
+
+
+def check_memory(cfg: "GPTConfig", settings: TrainSettings, device: "torch.device", dist: Dist) -> None:
+    """Refuse a run that will not fit: estimate_memory per process against what the device has free."""
+    from gptcli.params import human_bytes
+
+    need = estimate_memory(cfg, max(1, settings.batch_size // dist.world), settings.dtype != "float32")
+    have = available_memory(device)
+    # Processes on one CPU share its memory; each GPU has its own.
+    total = need["total"] * (dist.world if device.type == "cpu" else 1)
+    if have is not None and total > have:
+        raise UserError(
+            f"training {cfg.name} needs about {human_bytes(total)} (weights {human_bytes(need['weights'])}, gradients "
+            f"{human_bytes(need['gradients'])}, AdamW {human_bytes(need['optimizer'])}, activations "
+            f"{human_bytes(need['activations'])}) but {device} has {human_bytes(have)} free; use a smaller model or "
+            "batch")
+
+
+# --------------------------------------------------------------------------------------------
+# New runs and resumed ones
+
+
+def prepare_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing = _no_progress) -> Run:
+    """The run ``request`` asks for, new or resumed (``request.resume``); UserError for what cannot be."""
+    if request.resume is not None:
+        return resume_run(request, note=note)
+    return new_run(request, note=note, tokenizing=tokenizing)
+
+
+def _settings(request: RunRequest, recipe_settings: dict[str, Any]) -> TrainSettings:
+    from gptcli.devices import check_device_name
+
+    settings = TrainSettings(**{**recipe_settings, **request.settings})
+    settings.betas = (settings.betas[0] if request.beta1 is None else request.beta1,
+                      settings.betas[1] if request.beta2 is None else request.beta2)
+    settings.device = check_device_name(request.device)
+    return settings.validate()
+
+
+def _start_distributed(settings: TrainSettings) -> tuple["torch.device", Dist]:
+    from gptcli.devices import resolve_device
+
+    dist = dist_from_env()
+    check_batch_split(settings, dist)
+    return init_distributed(dist, resolve_device(settings.device)), dist
+
+
+def _tokenizer(settings: TrainSettings, texts: "list[Text]") -> "Tokenizer":
+    from gptcli.tokenizer import CharTokenizer, gpt2
+
+    if settings.tokenizer == "char":
+        return CharTokenizer.from_text("".join(t.text for t in texts))
+    tok = gpt2()
+    tok.encode("")  # load the BPE file now: a missing tokenizer fails before anything is built
+    return tok
+
+
+def _new_config(request: RunRequest, recipe, settings: TrainSettings, tok: "Tokenizer") -> "GPTConfig":
+    """A new model's config: --size/--config or the recipe's, with the recipe's and the flags' changes."""
+    from gptcli.config import resolve_config
+    from gptcli.weights import check_vocab
+
+    size, config = request.size, request.config
+    model_size = size if size is not None or config is not None else (recipe.size if recipe else None)
+    model_config = config if config is not None else (recipe.config if recipe and size is None else None)
+    overrides = {**(recipe.model if recipe else {}), **request.arch}
+    cfg = resolve_config(model_size, model_config)
+    if settings.tokenizer == "char":
+        overrides["vocab_size"] = tok.vocab_size
+    cfg = cfg.replace(**overrides) if overrides else cfg
+    if recipe and not (size or config):
+        cfg = dataclasses.replace(cfg, name=recipe.name)
+    check_vocab(cfg, f"config {cfg.name!r}", tok)
+    return cfg
+
+
+def _fine_tuned(request: RunRequest, weights: str, settings: TrainSettings, tok: "Tokenizer",
+                note: Note) -> tuple["GPTModel", "Tokenizer", str]:
+    """The model to fine-tune (on the CPU, float32, trainable), the tokenizer to keep, and its source."""
+    import torch
+
+    from gptcli.weights import load_model
+
+    loaded = load_model(size=request.size, config=request.config, weights=weights, device=torch.device("cpu"),
+                        dtype=torch.float32, seed=settings.seed, note=note)
+    if loaded.tokenizer.name != settings.tokenizer or loaded.tokenizer.vocab_size != tok.vocab_size:
+        if settings.tokenizer == "char" and loaded.tokenizer.name == "char":
+            tok = loaded.tokenizer  # fine-tuning a character model: keep its vocabulary
+        else:
+            raise UserError(f"{weights} was trained with the {loaded.tokenizer.name} tokenizer, not "
+                            f"{settings.tokenizer}; pass --tokenizer {loaded.tokenizer.name}")
+    model = loaded.model
+    if "drop_rate" in request.arch:
+        set_dropout(model, request.arch["drop_rate"])
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model, tok, loaded.source
+
+
+def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing = _no_progress) -> Run:
+    """A new run: settings from the recipe and flags, the data tokenized and stored in the run folder,
+    a seeded new model (or the weights to fine-tune). Only rank 0 writes."""
+    import torch
+
+    from gptcli.data import digest, read_texts
+
+    recipe = load_recipe(request.recipe) if request.recipe else None
+    settings = _settings(request, dict(recipe.settings) if recipe else {})
+    if not request.data:
+        raise UserError("no training data: pass one or more text files, folders of *.txt, or - for stdin "
+                        "(or --resume DIR to continue a run)")
+    first = request.data[0]
+    out = request.out or Path("runs") / (recipe.name if recipe else Path(first).stem if first != "-" else "stdin")
+    device, dist = _start_distributed(settings)
+    say = note if dist.main else _ignore
+    run_folder.check_out_dir(out, resume=False, force=request.force)
+    barrier(dist)  # every process has looked before the first one writes
+    texts = read_texts(request.data)
+
+    weights = request.weights or (recipe.weights if recipe else None)
+    if weights is not None and set(request.arch) - {"drop_rate"}:
+        raise UserError("--weights fine-tunes a model as it is; architecture changes (--context-length, --n-layers, "
+                        "--n-heads, --emb-dim) need a new model (--size/--config)")
+    if weights is not None and recipe and set(recipe.model) - {"drop_rate"}:
+        say(f"fine-tuning {weights}: the architecture in recipe {recipe.name!r} does not apply")
+    check_dtype(settings.dtype, device)
+    tok = _tokenizer(settings, texts)
+    model = None
+    if weights is None:
+        cfg = _new_config(request, recipe, settings, tok)
+        source = f"random ({settings.init} init, seed {settings.seed})"
+    else:
+        model, tok, source = _fine_tuned(request, weights, settings, tok, say)
+        cfg = model.cfg
+    check_memory(cfg, settings, device, dist)
+
+    with tokenizing(sum(len(t.text) for t in texts) if dist.main else 0) as progress:
+        train_ids, val_ids = encode_data(texts, tok, settings, progress)
+    check_data(train_ids, val_ids, settings, cfg.context_length)  # before anything is written
+    if dist.main:
+        if request.force:
+            run_folder.clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        train_ids, val_ids = run_folder.store_data(train_ids, val_ids, out, tok.vocab_size)
+    if model is None:
+        model = new_model(cfg, settings, device)
+    else:
+        torch.manual_seed(settings.seed)
+        model = model.to(device)
+    model.train()
+    return Run(out=out, settings=settings, model=model, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,
+               device=device, weights_source=source, data_digest=digest(texts), dist=dist)
+
+
+def _refuse_changes(request: RunRequest) -> None:
+    """A resumed run keeps its setup: only --epochs and --max-steps may change."""
+    clashing = [name for name, value in (("--recipe", request.recipe), ("--size", request.size),
+                                         ("--config", request.config), ("--weights", request.weights),
+                                         ("--out", request.out)) if value is not None]
+    clashing += [f"--{k.replace('_', '-')}" for k in request.arch]
+    clashing += [f"--{k.replace('_', '-')}" for k in request.settings if k not in ("epochs", "max_steps", "tokenizer")]
+    if request.beta1 is not None or request.beta2 is not None:
+        clashing.append("--beta1/--beta2")
+    if request.force:
+        clashing.append("--force")
+    if clashing:
+        raise UserError(f"--resume continues the run as it was set up; drop {', '.join(clashing)} (only --epochs and "
+                        "--max-steps may change)")
+
+
+def resume_run(request: RunRequest, *, note: Note = _ignore) -> Run:
+    """The run in ``request.resume``, from its state file and data/, to continue where it stopped."""
+    from gptcli.data import digest, load_ids, read_texts
+    from gptcli.devices import check_device_name
+
+    folder = request.resume
+    run_folder.check_out_dir(folder, resume=True, force=False)
+    _refuse_changes(request)
+    state = read_state(folder / STATE_FILE)
+    settings, tok = state.settings, state.tokenizer
+    wanted = request.settings.get("tokenizer")
+    if wanted is not None and wanted != tok.name:
+        raise UserError(f"--resume {folder}: the run was trained with the {tok.name} tokenizer, not {wanted}")
+    if request.data and digest(read_texts(request.data)) != state.data_digest:
+        raise UserError(f"--resume {folder}: DATA differs from the text this run was trained on; resume "
+                        "without DATA (the run keeps its tokens in data/)")
+    for key in ("epochs", "max_steps"):
+        if key in request.settings:
+            setattr(settings, key, request.settings[key])
+    settings.device = check_device_name(request.device) if request.device != "auto" else settings.device
+    settings.validate()
+    device, dist = _start_distributed(settings)
+    try:
+        train_ids = load_ids(folder / run_folder.DATA_DIR / "train.bin", tok.vocab_size)
+        val_ids = load_ids(folder / run_folder.DATA_DIR / "val.bin", tok.vocab_size)
+    except OSError:
+        raise UserError(f"--resume {folder}: its data/ folder is missing; the run cannot continue") from None
+    model = model_from_state(state, device)
+    model.train()
+    if dist.main:
+        run_folder.rewrite_log(folder, state.position.step)
+    return Run(out=folder, settings=settings, model=model, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,
+               device=device, weights_source=state.weights_source, data_digest=state.data_digest, dist=dist,
+               resume_state=state)
