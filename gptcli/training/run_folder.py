@@ -68,6 +68,9 @@ def check_out_dir(out: Path, *, resume: bool, force: bool) -> bool:
         return True
     is_run = any(m in entries for m in RUN_MARKERS)
     if is_run and not force:
+        if STATE_FILE not in entries:
+            raise UserError(f"--out {out}: holds a training run that saved no checkpoint (nothing to resume) and "
+                            "other files; pass --force to replace the run's files, or another --out")
         raise UserError(f"--out {out}: holds another training run; pass --resume {out} to continue it, "
                         "--force to replace it, or another --out")
     if not is_run:
