@@ -325,13 +325,11 @@ def _render(trainer, run: "Run", json_mode: bool) -> None:
                     else:
                         note(f"{ev['params']:,} parameters, {ev['train_tokens']:,} training and "
                              f"{ev['val_tokens']:,} validation tokens ({ev['tokenizer']}), {ev['total_steps']} "
-                             f"steps on {ev['device']}; writing {run.out}")
+                             f"step{'s' * (ev['total_steps'] != 1)} on {ev['device']}; writing {run.out}")
                 if kind == "step":
                     if progress is not None:
                         progress.advance(ev)
                     continue
-                if kind == "checkpoint" and stopper.quit_after_save:
-                    break
                 if json_mode:
                     sys.stdout.write(json.dumps(ev, ensure_ascii=False) + "\n")
                     sys.stdout.flush()
@@ -343,6 +341,8 @@ def _render(trainer, run: "Run", json_mode: bool) -> None:
                     _print_above(progress, sample_line(ev, run.tokenizer.name), label=sample_label(ev))
                 if kind == "end":
                     end = ev
+                if kind == "checkpoint" and stopper.quit_after_save:
+                    break  # the second signal's wish, now that the checkpoint is whole
     except KeyboardInterrupt:
         if progress is not None:
             progress.stop()
@@ -363,10 +363,15 @@ def _render(trainer, run: "Run", json_mode: bool) -> None:
     if main and end is not None:
         rate = f", {end['tokens_per_s']:,.0f} tokens/s" if end.get("tokens_per_s") else ""
         if end["reason"] == "interrupted":
-            note(f"stopped after step {end['step']}; saved {run.out}; continue with: gptcli train --resume "
-                 f"{run.out}")
+            from gptcli.training import STATE_FILE
+
+            if not (run.out / STATE_FILE).exists():  # stopped before the first step: nothing was trained
+                err("error: stopped before the first step; nothing to resume (the same command starts again)")
+            else:
+                note(f"stopped after step {end['step']}; saved {run.out}; continue with: gptcli train --resume "
+                     f"{run.out}")
             raise typer.Exit(stopper.exit_code)
-        note(f"done: {end['step'] + 1} steps in {end['wall_s']:.1f} s{rate}{final_summary(final)}; weights in "
+        note(f"done: {end['step'] + 1} step{'s' * (end['step'] != 0)} in {end['wall_s']:.1f} s{rate}{final_summary(final)}; weights in "
              f"{run.out} (best in {run.out / 'best'}); try: gptcli generate --weights {run.out} \"...\"")
 
 

@@ -248,13 +248,14 @@ def check_sample_prompt(settings: TrainSettings, tok: "Tokenizer", note: Note) -
         settings.sample_prompt = None
 
 
-def check_folder_room(out: Path, cfg: "GPTConfig", n_tokens: int, vocab_size: int) -> None:
-    """The run folder's disk can take this run's checkpoints (``run_folder.folder_bytes``)."""
+def check_folder_room(out: Path, cfg: "GPTConfig", n_tokens: int, vocab_size: int, resuming: bool = False) -> None:
+    """The run folder's disk can take this run's checkpoints (``run_folder.folder_bytes``); a resumed
+    run's folder holds them already and needs the room to rewrite one."""
     from gptcli.data import id_dtype
     from gptcli.params import count_params
 
     need = run_folder.folder_bytes(count_params(cfg).total, n_tokens, id_dtype(vocab_size).itemsize)
-    run_folder.check_room(out, need)
+    run_folder.check_room(out, need, already=need["total"] - need["rewrite"] if resuming else 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,7 +464,7 @@ def resume_run(request: RunRequest, *, note: Note = _ignore) -> Run:
     settings.validate()
     check_sample_prompt(settings, tok, note)
     run_folder.check_writable(folder)
-    check_folder_room(folder, state.cfg, 0, tok.vocab_size)  # the room to rewrite a checkpoint
+    check_folder_room(folder, state.cfg, len(train_ids) + len(val_ids), tok.vocab_size, resuming=True)
     device, dist = _start_distributed(settings)
     model = model_from_state(state, device)
     model.train()
