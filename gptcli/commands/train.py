@@ -371,8 +371,9 @@ def _render(trainer, run: "Run", json_mode: bool) -> None:
                 note(f"stopped after step {end['step']}; saved {run.out}; continue with: gptcli train --resume "
                      f"{run.out}")
             raise typer.Exit(stopper.exit_code)
-        note(f"done: {end['step'] + 1} step{'s' * (end['step'] != 0)} in {end['wall_s']:.1f} s{rate}{final_summary(final)}; weights in "
-             f"{run.out} (best in {run.out / 'best'}); try: gptcli generate --weights {run.out} \"...\"")
+        steps = f"{end['step'] + 1} step{'s' * (end['step'] != 0)}"
+        note(f"done: {steps} in {end['wall_s']:.1f} s{rate}{final_summary(final)}; weights in {run.out} (best in "
+             f"{run.out / 'best'}); try: gptcli generate --weights {run.out} \"...\"")
 
 
 def _print_above(progress, text: str, label: str | None = None) -> None:
