@@ -41,7 +41,8 @@ def _setting(name: str, *names: str, help: str, metavar: str | None = None):
 @user_errors
 def train(
     data: Annotated[Optional[List[str]], typer.Argument(
-        metavar="DATA...", help="UTF-8 text files, folders of *.txt, or - for stdin. Not needed with --resume.",
+        metavar="DATA...", help="UTF-8 text files, folders of *.txt, or - for stdin. Not needed with --resume, nor with "
+        "--recipe shakespeare-char/book-ch05 (their text is downloaded once and cached).",
         show_default=False)] = None,
     out: Annotated[Optional[Path], _opt("--out", "-o", metavar="DIR", help="The run folder: weights (Hugging Face "
                    "layout + config.json), best/, state.safetensors, train.jsonl, loss.png. Default runs/NAME.")] = None,
