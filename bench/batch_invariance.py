@@ -233,6 +233,7 @@ def end_to_end(cfg, new_tokens: int, rounds: int) -> list[str]:
     import torch
 
     import gptcli.decode_kernels as kernels_module
+    import gptcli.onednn as onednn
     import gptcli.model as model_module
     from gptcli.batch import BatchDecoder, generate_batch
     from gptcli.generate import Decoder, Generation, SamplingOptions
@@ -241,14 +242,14 @@ def end_to_end(cfg, new_tokens: int, rounds: int) -> list[str]:
     cpu = torch.device("cpu")
     plain = random_model(cfg, 0).eval()
     packed = random_model(cfg, 0).eval()
-    kernels_module.apply(packed, kernels_module.Plan(kernels_module.EAGER, {}))  # every layer on the default, oneDNN packed
+    kernels_module.apply(packed, kernels_module.DecodePlan(kernels_module.EAGER, {}))  # every layer on the default, oneDNN packed
     tuned = random_model(cfg, 0).eval()
     plan = kernels_module.tune(tuned)
     kernels_module.apply(tuned, plan)
     prompt = [15496, 11, 314, 716, 257, 3303, 2746, 11]  # "Hello, I am a language model,"
     prompts = [prompt[i % 4:] for i in range(8)]  # 8, 7, 6, 5 tokens, twice: left-padded
     options = SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True)
-    exact = (kernels_module.onednn_linear, model_module._attend_rows)
+    exact = (onednn.linear, model_module._attend_rows)
     setups = {"before: one-row products, one masked attention call": (plain, (one_row_as_is, one_masked_call)),
               "exact, plain weights": (plain, exact),
               "exact, packed weights (the default kernel)": (packed, exact),
@@ -259,8 +260,7 @@ def end_to_end(cfg, new_tokens: int, rounds: int) -> list[str]:
         model, (linear, attend) = setups[name]
 
         def run() -> None:
-            # model.Linear's plain path and the packed kernel each call their own name for it
-            kernels_module.onednn_linear = model_module.onednn_linear = linear
+            onednn.linear = linear  # model.py and decode_kernels.py call it through the module
             model_module._attend_rows = attend
             try:
                 if batch == 1:
@@ -270,7 +270,7 @@ def end_to_end(cfg, new_tokens: int, rounds: int) -> list[str]:
                     _, t = generate_batch(BatchDecoder(model, cpu, torch.float32), prompts, options,
                                           token_bytes=lambda i: b"")
             finally:
-                kernels_module.onednn_linear = model_module.onednn_linear = exact[0]
+                onednn.linear = exact[0]
                 model_module._attend_rows = exact[1]
             rates.setdefault((name, batch), []).append(t.decode_tokens_per_s)
         return run

@@ -13,8 +13,8 @@ Setup
 One checkpoint serves both sides: random GPT-2 weights drawn by transformers
 (``GPT2LMHeadModel(GPT2Config(...))`` after ``torch.manual_seed(0)``; speed does not depend on the
 values) written with ``save_pretrained`` to a temporary folder. transformers loads it with
-``from_pretrained`` (its default attention, float32); gptcli with ``gptcli.weights.load_model``, as
-``gptcli score --weights DIR`` does. The text is the first ``--tokens`` GPT-2 tokens of ``--text``
+``from_pretrained`` (its default attention, float32); gptcli with ``gptcli.runtime.load_for_inference``,
+as ``gptcli score --weights DIR`` does. The text is the first ``--tokens`` GPT-2 tokens of ``--text``
 (default: ``the-verdict.txt`` in ``$GPTCLI_DATA_DIR``).
 
 - **transformers**: the loop of "Perplexity of fixed-length models" in transformers' docs, as printed
@@ -158,8 +158,8 @@ def run(args: argparse.Namespace) -> str:
     import torch
 
     from gptcli.scoring import check_stride, count_predictions, score_ids
+    from gptcli.runtime import InferenceOptions, load_for_inference
     from gptcli.tokenizer import encode
-    from gptcli.weights import load_model
 
     load_before = load_average()
     torch.set_num_threads(args.threads)
@@ -170,8 +170,9 @@ def run(args: argparse.Namespace) -> str:
         context = write_checkpoint(folder, args.quick)
         stride = check_stride(args.stride or context // 2, context)
         hf = quiet_transformers().GPT2LMHeadModel.from_pretrained(folder).eval()
-        loaded = load_model(size=None, config=None, weights=str(folder), device=torch.device("cpu"),
-                            dtype=torch.float32)
+        # The front door gptcli score loads through (memory-mapped, this CPU's kernels).
+        loaded = load_for_inference(InferenceOptions(weights=str(folder), device="cpu", dtype="float32",
+                                                     threads=args.threads))
     tokens = count_predictions(len(ids), context, stride)
     hf_ids = torch.tensor([ids])
 

@@ -335,7 +335,7 @@ class InferredArchitecture:
         return {
             "vocab_size": self.vocab_size, "context_length": self.context_length, "emb_dim": self.emb_dim,
             "n_heads": self.n_heads, "n_layers": self.n_layers, "qkv_bias": self.qkv_bias,
-            "tie_weights": self.tie_weights, **({} if self.bias else {"bias": False}),
+            "tie_weights": self.tie_weights, "bias": self.bias,
         }
 
 
@@ -413,7 +413,7 @@ def gptcli_name(name: str, layout: str) -> tuple[str, bool]:
 # --- Architecture: config.json, our own metadata, or the shapes ---------------------------------------
 
 HF_CONFIG_FILE = "config.json"
-# save_checkpoint stores the GPTConfig as JSON under this metadata key, so n_heads survives a round trip.
+# gptcli stores the GPTConfig as JSON under this metadata key, so n_heads survives a round trip.
 METADATA_CONFIG_KEY = "gptcli.config"
 # Keys that decide the weights' shapes or the maths; drop_rate does neither at inference.
 ARCH_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights", "bias")
@@ -474,7 +474,7 @@ def hf_config_facts(obj: dict, source: str) -> dict:
 
 
 def metadata_facts(header: Header) -> dict | None:
-    """The config save_checkpoint stored in the header, or None."""
+    """The config gptcli stored in the header, or None."""
     raw = header.metadata.get(METADATA_CONFIG_KEY)
     if raw is None:
         return None

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,12 +178,9 @@ def encode(text: str, tokenizer: "Tokenizer", progress: Progress = _ignore, thre
 
 def save_ids(ids: "np.ndarray", path: Path) -> None:
     """Write ids as a flat binary array (nanoGPT's train.bin), atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        ids.tofile(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from gptcli.files import atomic_write
+
+    atomic_write(path, ids.tofile)
 
 
 def load_ids(path: Path, vocab_size: int) -> "np.ndarray":

@@ -280,10 +280,10 @@ def _read_cache(path: Path) -> dict:
 def _write_cache(path: Path, data: dict) -> None:
     """Atomically; a cache that cannot be written only means tuning again next time."""
     try:
+        from gptcli.files import atomic_write
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, sort_keys=True)))
     except OSError:
         pass
 

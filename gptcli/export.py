@@ -5,16 +5,16 @@ model, in transformers' ``GPT2LMHeadModel.from_pretrained(DIR)``. transformers' 
 every bias, so a model without some (``qkv_bias: false``, ``bias: false``) is exported with zeros
 there, and gptcli's own config in the file's metadata says they are not part of the model.
 
-Every file is written to a temporary name beside its target, flushed to disk, then renamed over
-it: a crash mid-write leaves the previous file whole.
+Every file is written atomically (``gptcli.files``): a crash mid-write leaves the previous file whole.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
+
+from gptcli.files import save_safetensors, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -24,48 +24,6 @@ if TYPE_CHECKING:
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-
-
-def fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` to fill a temporary file beside ``path``, fsync it, rename it to ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # what a plain open() would give, not a temp file's 0600
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
-    return path
-
-
-def save_safetensors(tensors: dict[str, "torch.Tensor"], path: Path, metadata: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
-
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-
-def write_json(obj: dict, path: Path) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
 
 
 def hf_state_dict(model: "GPTModel") -> dict[str, "torch.Tensor"]:

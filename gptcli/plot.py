@@ -13,7 +13,7 @@ def plot_losses(evals: list[dict], path: Path) -> Path:
     matplotlib.use("Agg", force=True)
     from matplotlib.figure import Figure
 
-    from gptcli.export import atomic_write
+    from gptcli.files import atomic_write
 
     steps = [e["step"] for e in evals]
     fig = Figure(figsize=(5, 3), dpi=120)

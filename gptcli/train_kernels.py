@@ -72,14 +72,22 @@ _FUNCTIONS: dict[str, type] = {}
 
 def _functions() -> dict[str, type]:
     """The autograd Functions, defined on first use so that importing this module needs no torch."""
-    if _FUNCTIONS:
-        return _FUNCTIONS
+    if not _FUNCTIONS:
+        _FUNCTIONS.update(OneDNNLinear=_define_onednn_linear(), HeadLoss=_define_head_loss(),
+                          CausalAttention=_define_causal_attention())
+    return _FUNCTIONS
+
+
+def _define_onednn_linear() -> type:
+    """The custom op a compiled graph calls, and OneDNNLinear over it."""
     import torch
 
     @torch.library.custom_op("gptcli::onednn_linear", mutates_args=(),
                              schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
     def onednn_linear_op(x, weight, bias):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        from gptcli import onednn
+
+        return onednn.linear_pointwise(x, weight, bias)
 
     @onednn_linear_op.register_fake
     def _(x, weight, bias):
@@ -108,6 +116,12 @@ def _functions() -> dict[str, type]:
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_b = rows.sum(0)
             return grad_x, grad_w, grad_b
+
+    return OneDNNLinear
+
+
+def _define_head_loss() -> type:
+    import torch
 
     class HeadLoss(torch.autograd.Function):
         """Mean cross-entropy of the logits x W^T against targets; the gradients are computed in the
@@ -148,6 +162,12 @@ def _functions() -> dict[str, type]:
                 if grad_w is not None:
                     grad_w.mul_(grad_loss)
             return grad_x, grad_w, None, None, None, None
+
+    return HeadLoss
+
+
+def _define_causal_attention() -> type:
+    import torch
 
     class CausalAttention(torch.autograd.Function):
         """softmax(q k^T / sqrt(hs) + causal mask) v, with dropout on the attention weights, for training.
@@ -216,8 +236,7 @@ def _functions() -> dict[str, type]:
             shape = (B, H, T, hs)
             return dq.view(shape), dk.to(dt).view(shape), dv.to(dt).view(shape), None, None
 
-    _FUNCTIONS.update(OneDNNLinear=OneDNNLinear, HeadLoss=HeadLoss, CausalAttention=CausalAttention)
-    return _FUNCTIONS
+    return CausalAttention
 
 
 def _accumulate(dtype: "torch.dtype") -> "torch.dtype":

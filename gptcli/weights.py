@@ -2,7 +2,7 @@
 
 ``load_model`` is the one entry point the commands use. It returns the model ready for inference
 (eval mode, on the device, in the dtype) and reports notes through a callback instead of printing.
-``locate_checkpoint`` turns FILE|DIR|HUB_ID into a local .safetensors path without loading tensors.
+``locate`` turns FILE|DIR|HUB_ID into a local .safetensors path without loading tensors.
 
 Hub files go to the standard Hugging Face cache (``HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
 ``~/.cache/huggingface/hub``); ``HF_HUB_OFFLINE=1`` keeps every look-up on disk. Both are read
@@ -282,14 +282,6 @@ def _missing_local(spec: str) -> str:
     return f"{spec}: no such file or folder"
 
 
-def locate_checkpoint(spec: str, note: Note = _ignore) -> Path:
-    """FILE | DIR | HUB_ID -> a local .safetensors path, downloading if needed, without loading tensors.
-
-    Raises UserError for a missing path, a pickle, an unknown Hub id or no network with nothing cached.
-    """
-    return locate(spec, note).path
-
-
 # --- Loading -------------------------------------------------------------------------------------------
 
 
@@ -302,36 +294,6 @@ def random_model(cfg: GPTConfig, seed: int) -> "GPTModel":
     torch.manual_seed(seed)
     with torch.device("cpu"):
         return GPTModel(cfg)
-
-
-def save_checkpoint(model: "GPTModel", path: str | Path, *, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``model`` as safetensors in gptcli's layout; a tied head is stored once (as tok_emb).
-
-    ``path`` is a .safetensors file, or a folder that gets ``model.safetensors``. The config goes into
-    the header's metadata, so loading the file back needs no --config. Returns the file written.
-    """
-    import json
-
-    from safetensors.torch import save_file
-
-    from gptcli.checkpoint import METADATA_CONFIG_KEY
-
-    path = Path(path).expanduser()
-    if path.is_dir() or not path.suffix:
-        path = path / CHECKPOINT_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cfg = model.cfg
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        if name == "out_head.weight" and cfg.tie_weights:
-            continue  # the same matrix as tok_emb.weight; safetensors refuses shared tensors anyway
-        if tensor.is_meta:
-            raise ValueError(f"cannot save {name}: it is on the meta device")
-        tensors[name] = tensor.detach().to("cpu").contiguous()
-    info = {"format": "pt", METADATA_CONFIG_KEY: json.dumps(cfg.to_dict())}
-    info.update(metadata or {})
-    save_file(tensors, str(path), metadata=info)
-    return path
 
 
 def check_vocab(cfg: GPTConfig, where: str, tokenizer: "Tokenizer | None" = None) -> None:
@@ -487,8 +449,11 @@ def load_checkpoint(
     name: str | None = None,
     note: Note = _ignore,
     mapped: bool = False,
+    header: "Header | None" = None,
 ) -> "GPTModel":
     """A GPTModel (eval mode) filled from a .safetensors file in the Hugging Face or gptcli layout.
+
+    ``header``: the file's header when the caller has read it already (it is read once per load).
 
     ``cfg`` is checked against the checkpoint; without it the architecture comes from ``config_json``,
     the file's metadata or its shapes. The model is built on the meta device and each tensor is read,
@@ -512,7 +477,7 @@ def load_checkpoint(
 
     device = torch.device(device)
     dtype = dtype or torch.float32
-    header = read_header(path)
+    header = header or read_header(path)
     cfg = checkpoint_config(header, cfg, Path(config_json) if config_json else None, name=name, note=note)
     layout = detect_layout(header.tensors)
     wanted = expected_tensors(cfg, layout)
@@ -628,17 +593,20 @@ def load_model(
         located = locate(spec, say)
         wanted = resolve_config(size, config) if (size is not None or config is not None) else None
 
+    from gptcli.tokenizer import from_metadata, gpt2
+
     device = torch.device(device)
     if located is None:
         model = random_model(cfg, seed).to(device=device, dtype=dtype).eval()
-        source, checkpoint = f"random (seed {seed})", None
+        source, checkpoint, tokenizer = f"random (seed {seed})", None, gpt2()
     else:
-        model = load_checkpoint(located.path, wanted, device=device, dtype=dtype, config_json=located.config_json,
-                                name=located.hub_id or None, note=say, mapped=mapped)
-        cfg, source, checkpoint = model.cfg, located.source, located.path
-    from gptcli.tokenizer import gpt2
+        from gptcli.checkpoint import read_header
 
-    tokenizer = checkpoint_tokenizer(checkpoint) if checkpoint is not None else gpt2()
+        header = read_header(located.path)
+        model = load_checkpoint(located.path, wanted, device=device, dtype=dtype, config_json=located.config_json,
+                                name=located.hub_id or None, note=say, mapped=mapped, header=header)
+        cfg, source, checkpoint = model.cfg, located.source, located.path
+        tokenizer = from_metadata(header.metadata, str(header.path))
     return LoadedModel(
         model=model, cfg=cfg, source=source, device=device, dtype=dtype,
         load_seconds=time.perf_counter() - start, notes=notes, checkpoint=checkpoint, tokenizer=tokenizer,

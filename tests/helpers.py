@@ -59,3 +59,30 @@ def lively_model(seed: int = 0, tie: bool = True):
         model.tok_emb.weight.mul_(0.05)
         model.pos_emb.weight.mul_(0.05)
     return model
+
+
+def save_checkpoint(model, path, *, metadata=None):
+    """Write ``model`` as safetensors in gptcli's layout (a tied head stored once, as tok_emb) with its
+    config in the header, so loading it back needs no --config. ``path``: a file, or a folder that
+    gets model.safetensors. Returns the file written."""
+    import json
+    from pathlib import Path
+
+    from gptcli.checkpoint import METADATA_CONFIG_KEY
+    from gptcli.files import save_safetensors
+
+    path = Path(path).expanduser()
+    if path.is_dir() or not path.suffix:
+        path = path / "model.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()
+               if not (name == "out_head.weight" and model.cfg.tie_weights)}
+    return save_safetensors(tensors, path, {"format": "pt", METADATA_CONFIG_KEY: json.dumps(model.cfg.to_dict()),
+                                            **(metadata or {})})
+
+
+def locate_checkpoint(spec, note=lambda _message: None):
+    """FILE | DIR | HUB_ID -> the local .safetensors path gptcli.weights.locate finds."""
+    from gptcli.weights import locate
+
+    return locate(spec, note).path

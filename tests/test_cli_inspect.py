@@ -235,7 +235,7 @@ def test_sparse_xl_header_reads_fast_and_never_touches_data(sparse_xl, count_rea
     assert (c["layout"], c["tied"], c["n_tensors"]) == ("huggingface", True, 48 * 12 + 4 + 48)
     assert c["missing"] == c["mismatched"] == c["unexpected"] == []  # masks are buffers, not weights
     assert c["architecture"] == {"vocab_size": 50257, "context_length": 1024, "emb_dim": 1600, "n_heads": 25,
-                                 "n_layers": 48, "qkv_bias": True, "tie_weights": True}
+                                 "n_layers": 48, "qkv_bias": True, "tie_weights": True, "bias": True}
     assert c["file_bytes"] == path.stat().st_size and c["header_bytes"] == data_offset
     assert count_reads == {str(path): data_offset}  # read exactly the header, not one byte of data
     assert elapsed < 1.0, f"inspect --weights took {elapsed:.2f}s"

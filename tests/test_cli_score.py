@@ -261,7 +261,8 @@ def test_terminal_tables_show_text_as_typed_not_as_rich_markup(monkeypatch, caps
 def test_char_level_checkpoint_scores_with_its_own_vocabulary(tmp_path):
     from gptcli.config import GPTConfig
     from gptcli.tokenizer import CharTokenizer, to_metadata
-    from gptcli.weights import random_model, save_checkpoint
+    from gptcli.weights import random_model
+    from helpers import save_checkpoint
 
     text = "hello world, hello moon\n"
     tokenizer = CharTokenizer.from_text(text)

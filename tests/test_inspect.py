@@ -177,7 +177,7 @@ def test_report_on_our_own_layout(tmp_path, tiny_config_file):
     assert (report["layout"], report["tied"], report["ok"]) == ("gptcli", True, True)
     assert report["missing"] == report["unexpected"] == report["mismatched"] == []
     assert report["architecture"] == {"vocab_size": 97, "context_length": 16, "emb_dim": 32, "n_heads": None,
-                                      "n_layers": 2, "qkv_bias": True, "tie_weights": True}
+                                      "n_layers": 2, "qkv_bias": True, "tie_weights": True, "bias": True}
     assert report["n_tensors"] == len(report["tensors"]) == len(ckpt.expected_tensors(cfg, "gptcli"))
     first = report["tensors"][0]
     assert set(first) == {"name", "dtype", "shape", "bytes"}

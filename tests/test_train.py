@@ -267,7 +267,7 @@ def test_a_kill_during_a_save_leaves_the_previous_file_loadable(tmp_path):
     code = (
         "import sys, torch\n"
         "from pathlib import Path\n"
-        "from gptcli.export import save_safetensors\n"
+        "from gptcli.files import save_safetensors\n"
         "target = Path(sys.argv[1])\n"
         "save_safetensors({'x': torch.zeros(4)}, target, {'version': '0'})\n"
         "print('first', flush=True)\n"

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from gptcli import checkpoint as ckpt
-from helpers import network_tests_enabled
+from helpers import locate_checkpoint, network_tests_enabled, save_checkpoint
 from gptcli.config import load_config_file, shipped_config
 from gptcli.errors import UserError
 from gptcli.weights import (
@@ -28,9 +28,7 @@ from gptcli.weights import (
     load_checkpoint,
     load_model,
     locate,
-    locate_checkpoint,
     random_model,
-    save_checkpoint,
 )
 
 CPU = torch.device("cpu")
@@ -501,8 +499,8 @@ def test_explicit_random_says_nothing(tiny_config_file):
 
 def test_locate_does_not_import_torch(tmp_path, tiny_cfg):
     path = save_checkpoint(tiny_model(tiny_cfg()), tmp_path / "c")
-    code = ("import sys; from gptcli.weights import locate_checkpoint; "
-            f"print(locate_checkpoint({str(tmp_path / 'c')!r})); print('torch' in sys.modules)")
+    code = ("import sys; from gptcli.weights import locate; "
+            f"print(locate({str(tmp_path / 'c')!r}).path); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.split()
     assert out == [str(path), "False"]
 

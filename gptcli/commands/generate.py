@@ -158,18 +158,17 @@ def generate(
     stats: Annotated[bool, typer.Option("--stats", help="Print load, prefill and decode timings on stderr.")] = False,
     compile_model: Annotated[
         bool, typer.Option("--compile", help="Compile the decode step with torch.compile, after ~10-30 s of compiling "
-                           "(~2-4 s once the on-disk cache is warm). The fastest float32/bfloat16 path on the CPU "
-                           "measured (1.1-1.2x eager); pays off from a few hundred tokens.")
+                           "(a few seconds once the on-disk cache is warm). Often the fastest float32/bfloat16 path "
+                           "on the CPU; pays off from a few hundred tokens (README's Speed section).")
     ] = False,
     quantize: Annotated[
         Optional[str], typer.Option("--quantize", metavar="int8|int4", help="Weight-only quantized Linear layers, "
                                     "run with bfloat16 activations (--dtype auto picks it). int8 (a scale per "
-                                    "output channel): a quarter of float32's bytes per token, ~2.5x faster than "
-                                    "float32 on the CPU measured, logits within ~3%. int4 (scale and zero per 32 "
-                                    "inputs; fast on CPU only): 0.16 of the bytes, 1.2-1.8x faster than int8 "
-                                    "(more for larger models), but logits move "
-                                    "by up to ~28% and greedy text soon differs from float32's; int4-g64/-g128/"
-                                    "-g256: larger groups, fewer bytes, less exact.",
+                                    "output channel): a quarter of float32's bytes per token, logits within a few "
+                                    "percent. int4 (scale and zero per 32 inputs; fast on CPU only): 0.16 of the "
+                                    "bytes and faster again, but logits move much more and greedy text soon "
+                                    "differs from float32's; int4-g64/-g128/-g256: larger groups, fewer bytes, "
+                                    "less exact. README's Speed section has the measured figures.",
                                     show_default=False)
     ] = None,
     each_line: Annotated[

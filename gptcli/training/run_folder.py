@@ -201,7 +201,7 @@ def store_data(train: "np.ndarray", val: "np.ndarray", out: Path, vocab_size: in
 
 def rewrite_log(out: Path, up_to_step: int) -> None:
     """Drop logged events after ``up_to_step`` (and old ``end``/``start`` lines): a resumed run logs them anew."""
-    from gptcli.export import atomic_write
+    from gptcli.files import atomic_write
 
     log = out / LOG_FILE
     if not log.exists():

@@ -60,7 +60,7 @@ def write_state(path: Path, model: "GPTModel", optimizer: "torch.optim.Optimizer
     """Weights, AdamW state, RNG states and the data position, as one safetensors file, atomically."""
     import torch
 
-    from gptcli.export import save_safetensors
+    from gptcli.files import save_safetensors
     from gptcli.tokenizer import to_metadata
 
     tensors: dict[str, torch.Tensor] = {}

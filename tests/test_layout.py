@@ -1,0 +1,80 @@
+"""The package's shape (issue 17): imports flow one way, functions stay readable, commands stay thin."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "gptcli"
+MAX_LINES = 100
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, ast.Module]:
+    return {_module_name(p): ast.parse(p.read_text(encoding="utf-8")) for p in PACKAGE.rglob("*.py")}
+
+
+def _imports(name: str, tree: ast.Module, known: set[str]) -> set[str]:
+    """Every gptcli module ``name`` imports, at the top or deferred inside a function (a circle either way)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        found |= {t for t in targets if t in known and t != name}
+    return found
+
+
+def test_the_import_graph_has_no_circle():
+    modules = _modules()
+    graph = {name: _imports(name, tree, set(modules)) for name, tree in modules.items()}
+    # A package's __init__ re-exporting its modules is not a circle of its own.
+    for name in graph:
+        graph[name] = {t for t in graph[name] if not name.startswith(t + ".")}
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            assert state.get(nxt) != 1, "import circle: " + " -> ".join(path[path.index(nxt):] + [nxt])
+            if nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+
+
+def test_no_library_function_is_longer_than_100_lines():
+    long = []
+    for name, tree in _modules().items():
+        if name.startswith("gptcli.commands"):
+            continue  # Typer commands declare every option in their signature
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_LINES:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert not long, long
+
+
+def test_commands_do_not_build_models_or_runs_themselves():
+    """Loading and run assembly live in the library: commands call gptcli.runtime / gptcli.training."""
+    for name, tree in _modules().items():
+        if not name.startswith("gptcli.commands"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module in ("gptcli.weights", "gptcli.model"):
+                imported = {a.name for a in node.names}
+                assert not imported & {"load_model", "GPTModel", "build_model", "random_model"}, (name, imported)
