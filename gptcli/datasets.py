@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from gptcli.cache import cache_root
 from gptcli.errors import UserError
+from gptcli.files import atomic_write
 
 BASE_URL_ENV = "GPTCLI_DATA_URL"
 DOWNLOAD_TIMEOUT_S = 30  # per blocking read, not for the whole file
@@ -105,45 +105,36 @@ def fetch(name: str, note: Callable[[str], None] = lambda _: None) -> Path:
     except OSError as exc:
         raise UserError(f"cannot create the data cache {folder}: {exc.strerror or exc}; set GPTCLI_CACHE_DIR to a "
                         "writable folder, or download the text yourself and pass it as DATA") from None
-    partial = _download(url, folder, d)
-    got = partial.stat().st_size
-    digest = sha256_of(partial)
-    if digest != d.sha256:
-        partial.unlink(missing_ok=True)
-        raise UserError(f"{url}: the download's sha256 is {digest} ({got:,} bytes), not {d.title}'s {d.sha256} "
-                        f"({d.size:,} bytes); nothing was kept. A changed or damaged file: get it from {d.url} and "
-                        "pass it as DATA")
     target = folder / d.file
-    os.replace(partial, target)  # atomic: a concurrent reader sees the old file or the whole new one
+    atomic_write(target, lambda tmp: _download(url, tmp, d))  # a failure keeps nothing
     return target
 
 
-def _download(url: str, folder: Path, d: Dataset) -> Path:
-    """Stream ``url`` into a temporary file in ``folder`` (removed again on any failure)."""
+def _download(url: str, path: Path, d: Dataset) -> None:
+    """Stream ``url`` into ``path``, then check its sha256 (UserError when it is not ``d``'s)."""
     import urllib.error
     import urllib.request
 
-    handle, name = tempfile.mkstemp(prefix=f".{d.file}.", suffix=".part", dir=folder)
-    partial = Path(name)
+    digest = hashlib.sha256()
+    got = 0
     try:
-        with os.fdopen(handle, "wb") as out:
+        with open(path, "wb") as out:
             request = urllib.request.Request(url, headers={"User-Agent": "gptcli"})
             with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
-                read = 0
                 for chunk in iter(lambda: response.read(CHUNK), b""):
-                    read += len(chunk)
-                    if read > 4 * d.size + CHUNK:  # not the file we want; don't fill the disk with it
+                    got += len(chunk)
+                    if got > 4 * d.size + CHUNK:  # not the file we want; don't fill the disk with it
                         break
+                    digest.update(chunk)
                     out.write(chunk)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        partial.unlink(missing_ok=True)
         reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
         if isinstance(exc, urllib.error.HTTPError):
             reason = f"HTTP {exc.code} {exc.reason}"
         raise UserError(f"cannot download {d.title} from {url} ({reason}); offline, get it from {d.url} (or set "
                         f"{BASE_URL_ENV} to a mirror) and pass the file as DATA, or put it at "
-                        f"{folder / d.file}") from None
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    return partial
+                        f"{path.parent / d.file}") from None
+    if digest.hexdigest() != d.sha256:
+        raise UserError(f"{url}: the download's sha256 is {digest.hexdigest()} ({got:,} bytes), not {d.title}'s "
+                        f"{d.sha256} ({d.size:,} bytes); nothing was kept. A changed or damaged file: get it from "
+                        f"{d.url} and pass it as DATA")
