@@ -166,13 +166,15 @@ def generate_batch(
     eos_id: int | None = EOT_ID,
     token_bytes: Callable[[int], bytes] | None = None,
     seeds: Sequence[int] | None = None,
+    observe: "Callable[[torch.Tensor, list[int], list[int]], None] | None" = None,
 ) -> tuple[list[RowResult], Timings]:
     """Continue every prompt; results in input order, and the batch's timings.
 
     ``seeds[b]``: row b's sampling seed (``--num-samples``); by default every row has ``options.seed``.
 
     ``timings.decode_tokens`` counts the new tokens of all rows (after each row's first), so
-    ``decode_tokens_per_s`` is the aggregate rate.
+    ``decode_tokens_per_s`` is the aggregate rate. ``observe`` sees each step's logits (B, V), the ids
+    picked and the rows still going (gptcli.logprobs.Recorder).
     """
     rows = [Continuation(options, eos_id, token_bytes) for _ in prompts]
 
@@ -200,6 +202,8 @@ def generate_batch(
                 history.append(token_id)
         elapsed = time.perf_counter() - start
         live = [row for row in rows if not row.done]
+        if observe is not None:
+            observe(logits, next_ids, [b for b, row in enumerate(rows) if not row.done])
         if i == 0:
             timings.prefill_s = elapsed
         else:

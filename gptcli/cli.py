@@ -13,6 +13,7 @@ from gptcli.commands.inspect import inspect
 from gptcli.commands.params import params
 from gptcli.commands.train import train
 from gptcli.commands.score import score
+from gptcli.commands.tokenize import tokenize
 
 app = typer.Typer(
     name="gptcli",
@@ -51,6 +52,7 @@ app.command("generate")(generate)
 app.command("inspect")(inspect)
 app.command("train")(train)
 app.command("score")(score)
+app.command("tokenize")(tokenize)
 
 
 def _click_class(name: str) -> type:

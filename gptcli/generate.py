@@ -578,8 +578,10 @@ class Generation:
         eos_id: int | None = EOT_ID,
         token_bytes: Callable[[int], bytes] | None = None,
         context_length: int | None = None,
+        observe: "Callable[[torch.Tensor, list[int]], None] | None" = None,
     ):
         self.decoder = decoder
+        self.observe = observe  # sees each step's logits (1, V) and the id picked (gptcli.logprobs.Recorder)
         self.prompt_token_ids = list(prompt_token_ids)
         self.options = options
         self.eos_id = eos_id
@@ -617,6 +619,8 @@ class Generation:
         for i in range(opts.max_new_tokens):
             next_id = int(pick(logits, opts, generator)[0])  # .item() also waits for the device
             seen.append(next_id)
+            if self.observe is not None:
+                self.observe(logits, [next_id])
             elapsed = time.perf_counter() - start
             if i == 0:
                 self.timings.prefill_s = elapsed

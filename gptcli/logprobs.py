@@ -99,3 +99,68 @@ def _top_dict(top: Sequence[tuple[int, float]], token_bytes: Callable[[int], byt
     for token_id, logprob in top:
         out.setdefault(token_text(token_bytes(token_id)), logprob)
     return out
+
+
+class Recorder:
+    """Collects every step's TokenLogprob, row by row: the ``observe`` hook of ``Generation`` and
+    ``gptcli.batch.generate_batch``, called with a step's logits (B, V), the ids chosen for each row
+    and, for a batch, the rows still going (the others' picks are not part of any text)."""
+
+    def __init__(self, k: int = 0, rows: int = 1):
+        self.k = k
+        self.entries: list[list[TokenLogprob]] = [[] for _ in range(rows)]
+
+    def __call__(self, logits: "torch.Tensor", chosen: Sequence[int], rows: Sequence[int] | None = None) -> None:
+        rows = list(range(len(chosen))) if rows is None else list(rows)
+        if not rows:
+            return
+        picked = logits if len(rows) == logits.shape[0] else logits[list(rows)]
+        for row, entry in zip(rows, step_logprobs(picked, [chosen[r] for r in rows], self.k)):
+            self.entries[row].append(entry)
+
+    @property
+    def last(self) -> TokenLogprob | None:
+        """The latest entry of row 0 (a single sequence's last chosen token)."""
+        return self.entries[0][-1] if self.entries[0] else None
+
+
+def text_logprobs(model, ids: Sequence[int], *, stride: int | None = None, k: int = 0) -> list[TokenLogprob]:
+    """Every token of a text with its log-probability under ``model``, in the windows ``gptcli score``
+    uses (``gptcli.scoring.sliding_windows``), so the mean of the negated values is its loss. The
+    tokens no window scores (the first) get None."""
+    import torch
+
+    from gptcli.scoring import HEAD_CHUNK_ELEMENTS, check_stride, default_stride, sliding_windows
+
+    context = model.cfg.context_length
+    stride = check_stride(default_stride(context) if stride is None else stride, context)
+    entries = [TokenLogprob(int(t), None) for t in ids]
+    device = next(model.parameters()).device
+    tokens = torch.as_tensor(list(ids), dtype=torch.long)
+    rows = max(1, HEAD_CHUNK_ELEMENTS // model.cfg.vocab_size)
+    with torch.inference_mode():
+        for window in sliding_windows(len(ids), context, stride):
+            x = tokens[window.start : window.end - 1].view(1, -1).to(device)  # (1, W)
+            hidden = model(x, head=False)[0, -window.n_targets :]  # (n_targets, emb_dim)
+            for first in range(0, window.n_targets, rows):
+                logits = model.out_head(hidden[first : first + rows])  # (rows, V)
+                at = window.first_target + first
+                targets = [int(t) for t in ids[at : at + logits.shape[0]]]
+                entries[at : at + len(targets)] = step_logprobs(logits, targets, k)
+    return entries
+
+
+def score_tokens(model, tokenizer, texts: Sequence[str], *, stride: int | None = None, bos: bool = False,
+                 names: Sequence[str] | None = None, k: int = 1) -> list[list[TokenLogprob]]:
+    """Each text's tokens with their log-probabilities (``text_logprobs``), encoded as ``gptcli score``
+    encodes them (``<|endoftext|>`` first with ``bos``)."""
+    from gptcli.scoring import encode_texts
+
+    return [text_logprobs(model, ids, stride=stride, k=k)
+            for ids in encode_texts(tokenizer, texts, bos=bos, names=names)]
+
+
+def least_likely(entries: Sequence[TokenLogprob], n: int) -> list[int]:
+    """Positions of the ``n`` least likely scored tokens, most surprising first (ties: the earlier first)."""
+    scored = [i for i, e in enumerate(entries) if e.logprob is not None]
+    return sorted(scored, key=lambda i: (entries[i].logprob, i))[:n]

@@ -521,6 +521,27 @@ def checkpoint_tokenizer(path: str | Path) -> "Tokenizer":
     return from_metadata(header.metadata, str(header.path))
 
 
+def tokenizer_for_weights(spec: str | None) -> "Tokenizer":
+    """The tokenizer ``--weights SPEC`` speaks, from the safetensors header only (no torch, no tensors).
+
+    ``auto``/``random`` and a Hub id that is not cached speak GPT-2's BPE (every release does);
+    nothing is downloaded just to learn that. A local file or folder, or a cached Hub checkpoint,
+    says in its metadata (a character model, ``gptcli train --tokenizer char``).
+    """
+    from gptcli.tokenizer import gpt2
+
+    spec = (spec or "auto").strip()
+    if spec.lower() in {"auto", "random"}:
+        return gpt2()
+    if spec in LEGACY_HUB_IDS and not Path(spec).exists():
+        spec = LEGACY_HUB_IDS[spec]
+    elif _looks_local(spec):
+        return checkpoint_tokenizer(locate(spec).path)
+    hub = parse_hub_id(spec)
+    cached = cached_checkpoint(*hub) if hub is not None else None
+    return checkpoint_tokenizer(cached.path) if cached is not None else gpt2()
+
+
 def no_released_weights(repo: str, size: str, reason: str) -> UserError:
     """``--weights auto`` for a released size with nothing cached and no download possible.
 

@@ -86,3 +86,26 @@ def locate_checkpoint(spec, note=lambda _message: None):
     from gptcli.weights import locate
 
     return locate(spec, note).path
+
+
+def lively_char_model(chars: str, context_length: int = 48, seed: int = 0):
+    """A tiny random character-level GPTModel whose greedy text varies (one character, one token).
+
+    N(0, 0.5) weights and jittered biases and norms: the book's init made tiny models repeat one character.
+    """
+    import torch
+
+    from gptcli.config import GPTConfig
+    from gptcli.model import GPTModel
+
+    cfg = GPTConfig(vocab_size=len(chars), context_length=context_length, emb_dim=32, n_heads=4, n_layers=2,
+                    drop_rate=0.0, qkv_bias=True, tie_weights=True, name="char")
+    torch.manual_seed(seed)
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.5)
+            else:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model

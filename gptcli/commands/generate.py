@@ -51,8 +51,9 @@ STDIN_CLOSED = "no prompt: stdin is closed; give the prompt as an argument"
 class TextOutput:
     """Where streamed text goes: plain writes to stdout, flushed per piece, never through Rich's wrapping."""
 
-    def __init__(self, terminal: bool):
+    def __init__(self, terminal: bool, view=None):
         self.terminal = terminal
+        self.view = view  # a probability_view.StreamView that colours pieces (--show-probs), or None
 
     def prompt(self, text: str) -> None:
         if not text:
@@ -71,11 +72,14 @@ class TextOutput:
             self.write(text)
 
     def write(self, piece: str) -> None:
+        if self.view is not None and self.view.write(piece):
+            return
         sys.stdout.write(piece)
         sys.stdout.flush()
 
     def end(self) -> None:
-        self.write("\n")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 def _fmt_rate(rate: float | None) -> str:
@@ -181,6 +185,21 @@ def generate(
     ] = "8",
     threads: ThreadsOption = None,
     no_tune: NoTuneOption = False,
+    logprobs: Annotated[
+        Optional[str], typer.Option("--logprobs", metavar="K", show_default=False,
+                                    help="With --json: each new token's log-probability and the K likeliest "
+                                    "alternatives (0-20), in OpenAI's completions format; the model's own "
+                                    "distribution, before temperature, top-k and top-p.")
+    ] = None,
+    show_probs: Annotated[
+        bool, typer.Option("--show-probs", help="On a terminal, colour each token by the probability the model "
+                           "gave it (a legend goes to stderr). In a pipe, or with NO_COLOR, the text is unchanged.")
+    ] = False,
+    interactive: Annotated[
+        bool, typer.Option("--interactive", "-i", help="A session: type text, the model continues it, type again "
+                           "(PROMPT, if given, is the first turn). Ctrl-C stops a continuation, Ctrl-D ends; "
+                           "/help lists the commands (/reset, /set temperature 0.8, /tokens).")
+    ] = False,
 ) -> None:
     """Continue a prompt with GPT-2, streaming each token as soon as it is decoded.
 
@@ -204,6 +223,9 @@ def generate(
       gptcli generate "Hello" -n 100 --stats 2> stats.txt | head -c 80
       gptcli generate "Hello" -n 200 --compile --quantize int8 --stats  # fast, close to float32
       printf 'The sky is\\nMy name is\\n' | gptcli generate --each-line -n 10 --json
+      gptcli generate "Hello" -n 5 --json --logprobs 3 | jq .logprobs.top_logprobs
+      gptcli generate "The capital of France is" --show-probs    # coloured by probability
+      gptcli generate --interactive -n 40                         # type, it continues, type again
     """
     options = SamplingOptions(
         max_new_tokens=int(parse_number("--max-new-tokens", max_new_tokens, int)),
@@ -238,6 +260,19 @@ def generate(
                          tune=not no_tune)
     if speed.batch_size < 1:
         raise UserError(f"--batch-size must be 1 or more, got {speed.batch_size}")
+    from gptcli.commands.probability_view import check_view_options
+
+    logprobs_k = check_view_options(logprobs, show_probs=show_probs, json_output=json_output, each_line=each_line,
+                                    interactive=interactive)
+    if interactive:
+        from gptcli.commands.interactive import run_session
+
+        if compile_model:
+            raise UserError("--compile works one prompt at a time; drop it with --interactive")
+        run_session(None if prompt == "-" else prompt, options,
+                    speed.inference(size=size, config=config, weights=weights, device=device_name,
+                                    dtype=dtype_name, seed=options.seed), stats=stats, show_probs=show_probs)
+        return
     if each_line:
         if prompt not in (None, "-"):
             raise UserError("--each-line reads the prompts from stdin; don't pass a PROMPT argument")
@@ -250,7 +285,7 @@ def generate(
             _run_each_line(read_stdin(strip_newline=False, closed=STDIN_CLOSED), options, speed, size=size,
                            config=config, weights=weights,
                            device_name=device_name, dtype_name=dtype_name, json_output=json_output, stats=stats,
-                           echo=bool(echo), samples=samples)
+                           echo=bool(echo), samples=samples, logprobs_k=logprobs_k)
         except KeyboardInterrupt:
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except BrokenPipeError:
@@ -267,7 +302,8 @@ def generate(
 
     try:
         _run(prompt_text, options, speed, size=size, config=config, weights=weights, device_name=device_name,
-             dtype_name=dtype_name, json_output=json_output, stats=stats, echo=echo, samples=samples)
+             dtype_name=dtype_name, json_output=json_output, stats=stats, echo=echo, samples=samples,
+             logprobs_k=logprobs_k, show_probs=show_probs)
     except KeyboardInterrupt:
         # Ctrl-C before generation started (while loading); nothing to keep.
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -330,7 +366,8 @@ def _stats_line(load_s: float, t: "Timings", compile_s: float | None, loaded: "R
 
 def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, size, config, weights: str,
          device_name: str, dtype_name: str, json_output: bool, stats: bool, echo: bool | None,
-         samples: int = 1) -> None:
+         samples: int = 1, logprobs_k: int | None = None, show_probs: bool = False) -> None:
+    from gptcli.commands.probability_view import StreamView
     from gptcli.generate import Generation, crop_prompt, make_decoder, prompt_ids
 
     check_tokenizer_early(weights)  # its error is quicker than loading a model
@@ -349,25 +386,26 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
         note(f"the prompt has {len(ids)} tokens, more than the context of {cfg.context_length}; "
              f"dropped the first {dropped}")
 
-    out = TextOutput(terminal=stdout_is_terminal())
     for sample in range(1, samples + 1):
         sample_options = options if samples == 1 else replace(options, seed=options.seed + sample - 1)
+        view = StreamView(logprobs_k, show_probs and not json_output)
         generation = Generation(decoder, ids, sample_options, context_length=cfg.context_length,
-                                eos_id=tokenizer.eot_id, token_bytes=tokenizer.token_bytes)
+                                eos_id=tokenizer.eot_id, token_bytes=tokenizer.token_bytes, observe=view.recorder)
+        out = TextOutput(terminal=stdout_is_terminal(), view=view)
         label = None if samples == 1 else {"sample": sample, "num_samples": samples}
-        _stream_one(generation, prompt_text, ids, dropped, loaded, compile_s, out, label, json_output=json_output,
-                    stats=stats, echo=echo)
+        _stream_one(generation, prompt_text, ids, dropped, loaded, compile_s, out, view, label,
+                    json_output=json_output, stats=stats, echo=echo)
 
 
 def _stream_one(generation: "Generation", prompt_text: str, ids: list[int], dropped: int, loaded: "Runtime",
-                compile_s: float | None, out: TextOutput, label: dict | None, *, json_output: bool, stats: bool,
-                echo: bool | None) -> None:
+                compile_s: float | None, out: TextOutput, view, label: dict | None, *, json_output: bool,
+                stats: bool, echo: bool | None) -> None:
     """Stream one generation (one of --num-samples when ``label`` is set) and report it; exits on Ctrl-C or
     a closed pipe."""
     options = generation.options
     interrupted = False
-    if label is not None and not json_output:
-        out.write(f"--- sample {label['sample']} of {label['num_samples']} (seed {options.seed}) ---\n")
+    if label is not None and not json_output:  # written as is: not a piece of text for --show-probs to colour
+        sys.stdout.write(f"--- sample {label['sample']} of {label['num_samples']} (seed {options.seed}) ---\n")
     if not json_output and (echo or (echo is None and out.terminal)):
         out.prompt(prompt_text)
     pipe_closed = False
@@ -395,12 +433,14 @@ def _stream_one(generation: "Generation", prompt_text: str, ids: list[int], drop
             **(label or {}),
             **result_record(prompt_text, ids, dropped, generation.token_ids, generation.text,
                             generation.finish_reason, loaded, options),
+            **view.json(loaded.tokenizer, start_offset=len(prompt_text)),
             "timings": _timings_json(loaded.load_seconds, t, compile_s, loaded),
         }
         if label is None:
             print_json(record)
         else:  # JSON Lines: one object per sample, as --each-line writes one per prompt
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sys.stdout.flush()
     if stats:
         err(_stats_line(loaded.load_seconds, t, compile_s, loaded, str(generation.finish_reason)))
     if pipe_closed:
@@ -441,7 +481,7 @@ def result_record(prompt: str, prompt_ids: list[int], dropped: int, token_ids: l
 
 def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOptions, *, size, config, weights: str,
                    device_name: str, dtype_name: str, json_output: bool, stats: bool, echo: bool,
-                   samples: int = 1) -> None:
+                   samples: int = 1, logprobs_k: int | None = None) -> None:
     from gptcli.generate import Timings, prompt_ids
 
     prompts = split_lines(stdin_text)
@@ -453,7 +493,8 @@ def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOption
     total = Timings()
     written = [0]  # prompts whose line is out, for the stats after a closed pipe
     try:
-        _each_line_batches(prompts, encoded, options, speed, loaded, json_output, echo, total, written, samples)
+        _each_line_batches(prompts, encoded, options, speed, loaded, json_output, echo, total, written, samples,
+                           logprobs_k)
     except BrokenPipeError:
         # The reader went away (`| head -n 3`): stop, but still report on stderr.
         silence_stdout()
@@ -468,12 +509,13 @@ def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOption
 
 def _each_line_batches(prompts: list[str], encoded: list[list[int]], options: SamplingOptions, speed: SpeedOptions,
                        loaded: "Runtime", json_output: bool, echo: bool, total: "Timings",
-                       written: list[int], samples: int = 1) -> None:
+                       written: list[int], samples: int = 1, logprobs_k: int | None = None) -> None:
     """Generate and write every batch, adding to ``total``; ``written[0]`` counts the prompts written.
 
     With ``samples`` > 1 every prompt is ``samples`` rows, seeded ``options.seed``, +1, ..., written in that order."""
     from gptcli.batch import BatchDecoder, generate_batch
     from gptcli.generate import crop_prompt
+    from gptcli.logprobs import Recorder, openai_logprobs
 
     cfg, tokenizer = loaded.cfg, loaded.tokenizer
     decoder = BatchDecoder(loaded.model, loaded.device, loaded.dtype)
@@ -481,13 +523,14 @@ def _each_line_batches(prompts: list[str], encoded: list[list[int]], options: Sa
     for first in range(0, len(rows), speed.batch_size):
         chunk = rows[first : first + speed.batch_size]
         batch = [encoded[index] for index, _ in chunk]
+        recorder = None if logprobs_k is None else Recorder(logprobs_k, rows=len(batch))
         results, t = generate_batch(decoder, batch, options, eos_id=tokenizer.eot_id, token_bytes=tokenizer.token_bytes,
-                                    seeds=[options.seed + sample for _, sample in chunk])
+                                    seeds=[options.seed + sample for _, sample in chunk], observe=recorder)
         total.prefill_s += t.prefill_s
         total.decode_s += t.decode_s
         total.prefill_tokens += t.prefill_tokens
         total.decode_tokens += t.decode_tokens
-        for (index, sample), result in zip(chunk, results):
+        for n, ((index, sample), result) in enumerate(zip(chunk, results)):
             dropped = crop_prompt(result.prompt_token_ids, cfg.context_length)[1]
             if dropped and sample == 0:
                 note(f"line {index + 1}: the prompt has {len(result.prompt_token_ids)} tokens, more than the "
@@ -496,8 +539,9 @@ def _each_line_batches(prompts: list[str], encoded: list[list[int]], options: Sa
                 label = {} if samples == 1 else {"sample": sample + 1, "num_samples": samples}
                 line = json.dumps({"line": index + 1, **label, **result_record(
                     prompts[index], result.prompt_token_ids, dropped, result.token_ids, result.text,
-                    result.finish_reason, loaded, replace(options, seed=options.seed + sample))},
-                    ensure_ascii=False)
+                    result.finish_reason, loaded, replace(options, seed=options.seed + sample)),
+                    **({} if recorder is None else {"logprobs": openai_logprobs(
+                        recorder.entries[n], tokenizer.token_bytes, len(prompts[index]))})}, ensure_ascii=False)
             else:
                 line = escape_line((prompts[index] if echo else "") + result.text)
             sys.stdout.write(line + "\n")

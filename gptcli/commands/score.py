@@ -38,6 +38,7 @@ from gptcli.errors import UserError
 from gptcli.runtime import InferenceOptions
 
 if TYPE_CHECKING:
+    from gptcli.commands.score_tokens import TokenViews
     from gptcli.scoring import Score
     from gptcli.runtime import Runtime
 
@@ -84,6 +85,19 @@ def score(
     ] = False,
     threads: ThreadsOption = None,
     no_tune: NoTuneOption = False,
+    tokens: Annotated[
+        bool, typer.Option("--tokens", help="List every token with its log-probability and the model's likeliest "
+                           "token there (--json: a logprobs object in OpenAI's format per file).")
+    ] = False,
+    worst: Annotated[
+        Optional[str], typer.Option("--worst", metavar="N", show_default=False,
+                                    help="List the N least likely tokens, most surprising first, with what came "
+                                    "before them.")
+    ] = None,
+    show: Annotated[
+        bool, typer.Option("--show", help="On a terminal, print the text coloured by the probability of each token "
+                           "(a legend goes to stderr). In a pipe, or with NO_COLOR, the output is unchanged.")
+    ] = False,
 ) -> None:
     """Score texts with a model: loss (mean nats per token), perplexity and bits per byte.
 
@@ -98,6 +112,9 @@ def score(
       gptcli score --size xl --stride 256 story.txt    # more context per token, slower
       gptcli score --weights ./my-gpt2 --json story.txt | jq .total.perplexity
       gptcli score --each-line --json < lines.txt | jq -s -r 'sort_by(.loss) | reverse | .[] | "\\(.loss)\\t\\(.text)"'
+      gptcli score --worst 10 story.txt                 # the 10 most surprising tokens
+      gptcli score --show story.txt                     # the text coloured by probability
+      gptcli score --tokens --json story.txt | jq '.results[0].logprobs.token_logprobs'
     """
     seed_value = parse_seed(seed)
     stride_value = None if stride is None else int(parse_number("--stride", stride, int))
@@ -107,6 +124,12 @@ def score(
     if batch < 1:
         raise UserError(f"--batch-size must be 1 or more, got {batch}")
     device_name, dtype_name = check_device_name(device), check_dtype_name(dtype)
+    worst_n = None if worst is None else int(parse_number("--worst", worst, int))
+    if worst_n is not None and worst_n < 1:
+        raise UserError(f"--worst must be 1 or more, got {worst_n}")
+    per_token = tokens or worst_n is not None or show
+    if per_token and each_line:
+        raise UserError("--tokens, --worst and --show look at whole texts; not with --each-line")
 
     names = list(files or [])
     if each_line and names and names != [STDIN]:
@@ -136,6 +159,11 @@ def score(
         with _ProgressBar(threshold=2 * context) as progress:
             scores = score_texts(loaded.model, loaded.tokenizer, texts, stride=used_stride, bos=bos,
                                  batch_size=batch, progress=progress, names=names)
+        entries = None
+        if per_token:
+            from gptcli.logprobs import score_tokens
+
+            entries = score_tokens(loaded.model, loaded.tokenizer, texts, stride=used_stride, bos=bos, names=names)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
@@ -147,7 +175,10 @@ def score(
             why = ("it is empty" if not text else "its one token has no prediction"
                    + ("; --bos scores it" if loaded.tokenizer.eot_id is not None else ""))
             note(f"{name}: 0 tokens scored ({why})")
-    _render_texts(names, scores, loaded, used_stride, bos, json_output)
+    from gptcli.commands.score_tokens import TokenViews
+
+    views = None if entries is None else TokenViews(entries, loaded.tokenizer, tokens, worst_n, show)
+    _render_texts(names, scores, loaded, used_stride, bos, json_output, views)
 
 
 # --- Rendering -----------------------------------------------------------------------------------------
@@ -173,13 +204,14 @@ def _cells(s: "Score") -> list[str]:
 
 
 def _render_texts(names: list[str], scores: list["Score"], loaded: "Runtime", stride: int, bos: bool,
-                  json_output: bool) -> None:
+                  json_output: bool, views: "TokenViews | None" = None) -> None:
     from gptcli.scoring import total
 
     overall = total(scores)
     if json_output:
         print_json({
-            "results": [{"file": name, **score_record(s)} for name, s in zip(names, scores)],
+            "results": [{"file": name, **score_record(s), **(views.json(n) if views else {})}
+                        for n, (name, s) in enumerate(zip(names, scores))],
             "total": score_record(overall),
             "stride": stride,
             "context_length": loaded.cfg.context_length,
@@ -190,6 +222,8 @@ def _render_texts(names: list[str], scores: list["Score"], loaded: "Runtime", st
             "dtype": name_of(loaded.dtype),
         })
         return
+    if views is not None:
+        views.render(names)
     start = ("from the first token (after <|endoftext|>, --bos)" if bos
              else "from the second token (--bos scores the first)" if loaded.tokenizer.eot_id is not None
              else "from the second token (the first has no context)")

@@ -1,0 +1,206 @@
+"""`gptcli generate --interactive`: the terminal side of a session (gptcli.session): line editing and
+history (readline), slash commands, Ctrl-C and Ctrl-D. The model and the running text live in the library."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import typer
+
+from gptcli.commands.common import check_tokenizer_early, err, load_for_command, note
+from gptcli.errors import UserError
+
+if TYPE_CHECKING:
+    from gptcli.generate import SamplingOptions
+    from gptcli.runtime import InferenceOptions
+    from gptcli.session import Session, TurnStats
+
+PROMPT = "> "
+EXIT_INTERRUPTED = 130
+HISTORY_LINES = 1000
+HELP = """\
+Type text and press Enter: it is added to the running text and the model continues it. An empty line
+lets the model go on. \\n in what you type is a newline; start a line with // to type a leading /.
+  /reset                    start again from an empty text (settings stay)
+  /set NAME VALUE           change a setting: temperature 0.8, top_k 50 (or none), top_p 0.95,
+                            max_new_tokens 100 (or n 100), seed 7, ignore_eos on
+  /settings                 show the settings
+  /tokens                   the running text's tokens: count, cached, the last ones
+  /text                     the running text so far
+  /help                     this help
+  /quit                     end the session (or Ctrl-D)
+Ctrl-C stops the model's continuation (what it wrote stays) or clears the line you are typing."""
+
+
+def run_session(prompt: str | None, options: "SamplingOptions", inference: "InferenceOptions", *, stats: bool,
+                show_probs: bool) -> None:
+    """Load the model once, then read lines until Ctrl-D or /quit."""
+    from gptcli.session import Session
+
+    check_tokenizer_early(inference.weights)
+    if options.greedy and (options.top_k is not None or options.top_p is not None):
+        note("--top-k and --top-p only apply when sampling (--temperature above 0); decoding greedily")
+    try:
+        loaded = load_for_command(inference)
+    except KeyboardInterrupt:  # while loading: nothing to keep
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    session = Session(loaded, options)
+    terminal = sys.stdin is not None and sys.stdin.isatty()
+    history = _start_readline() if terminal else None
+    note(f"interactive session with {loaded.source} ({loaded.cfg.name}, context {loaded.cfg.context_length}): "
+         "type text and press Enter, the model continues it; Ctrl-C stops it, Ctrl-D ends, /help for more")
+    try:
+        if prompt is not None:
+            _turn(session, prompt, stats, show_probs)
+        while True:
+            try:
+                line = input(PROMPT if terminal else "")
+            except EOFError:
+                if terminal:
+                    sys.stdout.write("\n")
+                break
+            except KeyboardInterrupt:  # at the prompt: a fresh line, as a shell does
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+                continue
+            try:
+                if line.startswith("/") and not line.startswith("//"):
+                    if not _command(session, line):
+                        break
+                    continue
+                _turn(session, unescape(line.removeprefix("/") if line.startswith("//") else line), stats,
+                      show_probs)
+            except KeyboardInterrupt:  # between the steps of a turn (a notes line, say): the session goes on
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            except UserError as exc:  # a character outside a character model's vocabulary, say
+                err(f"error: {exc}")
+    finally:
+        if history is not None:
+            _save_history(history)
+        sys.stdout.flush()
+
+
+def unescape(line: str) -> str:
+    """What was typed, with \\n as a newline and \\\\ as a backslash."""
+    out, i = [], 0
+    while i < len(line):
+        if line[i] == "\\" and i + 1 < len(line) and line[i + 1] in "n\\":
+            out.append("\n" if line[i + 1] == "n" else "\\")
+            i += 2
+        else:
+            out.append(line[i])
+            i += 1
+    return "".join(out)
+
+
+def _turn(session: "Session", typed: str, stats: bool, show_probs: bool) -> None:
+    """One continuation on stdout; Ctrl-C stops it and keeps the session."""
+    from gptcli.commands.probability_view import StreamView
+
+    view = StreamView(None, show_probs, legend=session.turns == 0)  # the legend once, with the first turn
+    try:
+        for piece in session.turn(typed, observe=view.recorder):
+            if not view.write(piece):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        note("stopped; what was written stays in the text")
+    turn = session.stats()
+    if turn is not None and turn.dropped_tokens and session.decoder.prefilled:
+        note(f"the running text has {turn.dropped_tokens + session.context_length} tokens, more than the context "
+             f"of {session.context_length}; the model sees the last {session.context_length}")
+    if stats and turn is not None:
+        err(stats_line(turn))
+
+
+def stats_line(turn: "TurnStats") -> str:
+    rate = "n/a" if turn.decode_tokens_per_s is None else f"{turn.decode_tokens_per_s:.1f} tok/s"
+    return (f"stats: turn {turn.turn}: prefill {turn.prefill_tokens} tokens ({turn.reused_tokens} cached) in "
+            f"{turn.prefill_s:.3f} s, decode {turn.decode_tokens} tokens in {turn.decode_s:.3f} s ({rate}), "
+            f"{turn.new_tokens} new, finish {turn.finish_reason}")
+
+
+def _command(session: "Session", line: str) -> bool:
+    """Run a slash command; False to end the session."""
+    name, _, rest = line[1:].strip().partition(" ")
+    name, rest = name.lower(), rest.strip()
+    if name in {"quit", "exit", "q"}:
+        return False
+    try:
+        if name == "help":
+            err(HELP)
+        elif name == "reset":
+            session.reset()
+            note("the running text is empty again")
+        elif name == "set":
+            setting, _, value = rest.partition(" ")
+            if not setting or not value.strip():
+                raise UserError("usage: /set NAME VALUE, e.g. /set temperature 0.8 (/help lists the settings)")
+            session.set(setting, value.strip())
+            note(_settings(session))
+        elif name == "settings":
+            note(_settings(session))
+        elif name == "tokens":
+            note(_tokens(session))
+        elif name == "text":
+            sys.stdout.write(session.text + "\n")
+            sys.stdout.flush()
+        else:
+            raise UserError(f"unknown command /{name}; /help lists them (// starts a line with a /)")
+    except UserError as exc:
+        err(f"error: {exc}")
+    return True
+
+
+def _settings(session: "Session") -> str:
+    o = session.options
+    return (f"temperature {o.temperature:g}{' (greedy)' if o.greedy else ''}, top_k {o.top_k}, top_p {o.top_p}, "
+            f"max_new_tokens {o.max_new_tokens}, seed {o.seed}, ignore_eos {'on' if o.ignore_eos else 'off'}")
+
+
+def _tokens(session: "Session", last: int = 40) -> str:
+    from gptcli.pieces import pieces
+
+    ids = session.token_ids() if session.text else []
+    shown = pieces(session.runtime.tokenizer, ids[-last:])
+    tail = "|".join(p.visible for p in shown)
+    more = f"the last {len(shown)}: " if len(ids) > last else ""
+    return (f"{len(ids)} tokens in the running text (context {session.context_length}, {session.cached_tokens()} "
+            f"cached)" + (f"; {more}{tail}" if ids else ""))
+
+
+def _history_file():
+    from gptcli.decode_kernels import cache_path
+
+    return cache_path().parent / "history"
+
+
+def _start_readline():
+    """Line editing and history as in a shell (Python's readline), the history kept between sessions."""
+    try:
+        import readline
+    except ImportError:  # not on every platform; input() still works
+        return None
+    path = _history_file()
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+    readline.set_history_length(HISTORY_LINES)
+    return path
+
+
+def _save_history(path) -> None:
+    import readline
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        readline.write_history_file(path)
+    except OSError:
+        pass

@@ -1,0 +1,212 @@
+"""An interactive session: a running text that grows by what the user types and what the model
+continues, with the keys and values of the text so far kept between turns. Never prints.
+
+Each turn appends the typed text to the running text, tokenizes the whole of it, and runs only the
+tokens after the longest prefix whose keys and values are cached: usually just what was typed (and
+the last generated token, which was picked but never fed). Tokenizing the whole text, rather than
+appending the typed text's own tokens, keeps a turn exactly what ``gptcli generate`` does with the
+concatenated text as its prompt, even where BPE merges across the boundary.
+
+Past the context window the rule of ``gptcli.generate.Decoder`` holds: the last context_length
+tokens are recomputed each step (cached keys are stale once positions move). A Ctrl-C between two
+steps (or inside one) leaves the cache consistent: ``KVCache.length`` is updated only after a
+forward pass completes, and only that prefix is ever reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+from gptcli.errors import UserError
+from gptcli.generate import Decoder, Generation, SamplingOptions, crop_prompt, prompt_ids
+
+if TYPE_CHECKING:
+    import torch
+
+    from gptcli.runtime import Runtime
+
+
+class SessionDecoder(Decoder):
+    """A ``Decoder`` whose cache outlives one generation: ``prefill`` reuses the longest cached prefix
+    of the ids it is given. ``reused`` and ``prefilled`` say what the last prefill did."""
+
+    def __init__(self, model, device, dtype):
+        super().__init__(model, device, dtype)
+        self.reused = 0  # tokens of the last prefill whose keys and values came from the cache
+        self.prefilled = 0  # tokens the last prefill ran through the model
+
+    def cached_ids(self) -> list[int]:
+        """The ids whose keys and values are in the cache, in order from position 0."""
+        if not self._use_cache or self._cache is None:
+            return []
+        return self._ids[: self._cache.length]
+
+    def forget(self) -> None:
+        """Drop the cached keys and values (they are recomputed on the next prefill)."""
+        if self._cache is not None:
+            self._cache.length = 0
+
+    def prefill(self, ids: Sequence[int], max_new_tokens: int) -> "torch.Tensor":
+        import torch
+
+        from gptcli.model import KVCache
+
+        ids = list(ids)
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        if len(ids) >= self.context_length:  # past the window: generate's rule, no cache
+            self.reused, self.prefilled = 0, min(len(ids), self.context_length)
+            return super().prefill(ids, max_new_tokens)
+        common = shared_prefix(self.cached_ids(), ids[:-1])  # feed at least one token, for its logits
+        if self._cache is None:
+            # The whole window, once: every later turn writes into it while the text fits.
+            self._cache = KVCache.empty(self.cfg, batch_size=1, max_len=self.context_length, device=self.device,
+                                        dtype=self.dtype)
+            common = 0
+        self._cache.length = common
+        self._ids = ids
+        self._use_cache = True
+        self.reused, self.prefilled = common, len(ids) - common
+        with torch.inference_mode():
+            x = torch.tensor([ids[common:]], dtype=torch.long, device=self.device)  # (1, T)
+            return self.model(x, self._cache, last_only=True)[:, -1, :]  # (1, V)
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids ``a`` and ``b`` have in common."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class TurnStats:
+    """What one turn did: the tokens it ran before the first new one, those it reused, its timings."""
+
+    turn: int
+    prefill_tokens: int
+    reused_tokens: int
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+    decode_tokens: int
+    finish_reason: str | None
+    dropped_tokens: int  # running-text tokens left of the context window
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        return self.decode_tokens / self.decode_s if self.decode_tokens and self.decode_s > 0 else None
+
+
+# /set NAME VALUE: the SamplingOptions field each name sets, and how its value is read.
+SETTINGS: dict[str, tuple[str, Callable[[str], object]]] = {}
+
+
+def _optional(kind: Callable[[str], object]) -> Callable[[str], object]:
+    return lambda value: None if value.lower() in {"none", "off"} else kind(value)
+
+
+def _flag(value: str) -> bool:
+    if value.lower() in {"on", "true", "yes", "1"}:
+        return True
+    if value.lower() in {"off", "false", "no", "0"}:
+        return False
+    raise ValueError(value)
+
+
+for _names, _field, _kind in (
+    (("temperature", "t"), "temperature", float),
+    (("top_k", "top-k"), "top_k", _optional(int)),
+    (("top_p", "top-p"), "top_p", _optional(float)),
+    (("max_new_tokens", "max-new-tokens", "n", "max_tokens"), "max_new_tokens", int),
+    (("seed",), "seed", int),
+    (("ignore_eos", "ignore-eos"), "ignore_eos", _flag),
+):
+    for _name in _names:
+        SETTINGS[_name] = (_field, _kind)
+
+
+def apply_setting(options: SamplingOptions, name: str, value: str) -> SamplingOptions:
+    """``options`` with one setting changed (``/set temperature 0.8``); UserError for a bad name or value."""
+    if name.lower() not in SETTINGS:
+        raise UserError(f"unknown setting {name!r}; the settings are temperature, top_k, top_p, max_new_tokens (n), "
+                        "seed and ignore_eos")
+    field, kind = SETTINGS[name.lower()]
+    try:
+        parsed = kind(value)
+    except ValueError:
+        raise UserError(f"{field} cannot be {value!r}") from None
+    if field == "seed" and parsed < 0:  # type: ignore[operator]
+        raise UserError(f"seed must be 0 or more, got {parsed}")
+    return dataclasses.replace(options, **{field: parsed}).validate()
+
+
+class Session:
+    """The running text and a decoder that keeps its cache. ``turn(typed)`` yields the continuation's
+    pieces as they are decoded, adding each to ``text``; stopping early (Ctrl-C) keeps what came."""
+
+    def __init__(self, runtime: "Runtime", options: SamplingOptions):
+        self.runtime = runtime
+        self.options = options.validate()
+        self.text = ""
+        self.decoder = SessionDecoder(runtime.model, runtime.device, runtime.dtype)
+        self.turns = 0
+        self.generation: Generation | None = None  # the last turn's
+        self._dropped = 0
+
+    @property
+    def context_length(self) -> int:
+        return self.runtime.cfg.context_length
+
+    def token_ids(self) -> list[int]:
+        """The running text's ids, as a prompt of it would be tokenized."""
+        return prompt_ids(self.text, self.runtime.tokenizer)
+
+    def cached_tokens(self) -> int:
+        return len(self.decoder.cached_ids())
+
+    def reset(self) -> None:
+        """An empty running text (settings stay)."""
+        self.text = ""
+        self.decoder.forget()
+
+    def set(self, name: str, value: str) -> SamplingOptions:
+        self.options = apply_setting(self.options, name, value)
+        return self.options
+
+    def turn(self, typed: str, observe: Callable | None = None) -> Iterator[str]:
+        """Append ``typed`` and continue the running text; yields the new text as it becomes printable.
+        A text the tokenizer cannot encode raises UserError (on the first ``next``) and changes nothing.
+
+        ``observe`` is ``Generation``'s hook (gptcli.logprobs.Recorder). Each turn samples with seed
+        ``seed + turn``, so a seeded session repeats and its turns differ.
+        """
+        tokenizer = self.runtime.tokenizer
+        ids = prompt_ids(self.text + typed, tokenizer)  # UserError (a character not in the vocabulary): no change
+        self.text += typed
+        self._dropped = crop_prompt(ids, self.context_length)[1]
+        self.turns += 1
+        options = dataclasses.replace(self.options, seed=self.options.seed + self.turns - 1)
+        self.generation = Generation(self.decoder, ids, options, eos_id=tokenizer.eot_id,
+                                     token_bytes=tokenizer.token_bytes, context_length=self.context_length,
+                                     observe=observe)
+        for piece in self.generation:
+            self.text += piece
+            yield piece
+
+    def stats(self) -> TurnStats | None:
+        """The last turn's figures (also after a Ctrl-C)."""
+        g = self.generation
+        if g is None:
+            return None
+        ran = bool(g.token_ids)
+        return TurnStats(turn=self.turns, prefill_tokens=self.decoder.prefilled if ran else 0,
+                         reused_tokens=self.decoder.reused if ran else 0, new_tokens=len(g.token_ids),
+                         prefill_s=g.timings.prefill_s, decode_s=g.timings.decode_s,
+                         decode_tokens=g.timings.decode_tokens, finish_reason=g.finish_reason,
+                         dropped_tokens=self._dropped)
