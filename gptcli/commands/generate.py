@@ -269,6 +269,8 @@ def generate(
 
         if compile_model:
             raise UserError("--compile works one prompt at a time; drop it with --interactive")
+        if samples > 1:
+            raise UserError("--num-samples works with a PROMPT or --each-line; drop it with --interactive")
         run_session(None if prompt == "-" else prompt, options,
                     speed.inference(size=size, config=config, weights=weights, device=device_name,
                                     dtype=dtype_name, seed=options.seed), stats=stats, show_probs=show_probs)
