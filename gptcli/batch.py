@@ -285,9 +285,12 @@ def generate_batch(
     *,
     eos_id: int | None = EOT_ID,
     token_bytes: Callable[[int], bytes] | None = None,
+    seeds: Sequence[int] | None = None,
     observe: "Callable[[torch.Tensor, list[int], list[int]], None] | None" = None,
 ) -> tuple[list[RowResult], Timings]:
     """Continue every prompt; results in input order, and the batch's timings.
+
+    ``seeds[b]``: row b's sampling seed (``--num-samples``); by default every row has ``options.seed``.
 
     ``timings.decode_tokens`` counts the new tokens of all rows (after each row's first), so
     ``decode_tokens_per_s`` is the aggregate rate. ``observe`` sees each step's logits (B, V), the ids
@@ -301,14 +304,22 @@ def generate_batch(
     if options.max_new_tokens == 0 or not rows:
         return results(), Timings()
     timings = Timings(prefill_tokens=sum(min(len(p), decoder.context_length) for p in prompts))
-    generators = None if options.greedy else [make_generator(options.seed) for _ in rows]
+    if seeds is None:
+        seeds = [options.seed] * len(rows)
+    generators = None if options.greedy else [make_generator(seed) for seed in seeds]
+    # Each row's whole prompt and new ids, for --repetition-penalty (as a lone Generation keeps them).
+    seen = [list(p) for p in prompts] if options.penalizes else None
     start = time.perf_counter()
     logits = decoder.prefill(prompts, options.max_new_tokens)  # (B, V)
     for i in range(options.max_new_tokens):
         if generators is None:
-            next_ids = select_next(logits, options, None).tolist()
+            next_ids = select_next(logits, options, None, seen).tolist()
         else:
-            next_ids = [int(select_next(logits[b : b + 1], options, g)[0]) for b, g in enumerate(generators)]
+            next_ids = [int(select_next(logits[b : b + 1], options, g, None if seen is None else [seen[b]])[0])
+                        for b, g in enumerate(generators)]
+        if seen is not None:
+            for history, token_id in zip(seen, next_ids):
+                history.append(token_id)
         elapsed = time.perf_counter() - start
         live = [row for row in rows if not row.done]
         if observe is not None:

@@ -89,6 +89,7 @@ def checkpoint_file(path: str | Path) -> Path:
             raise UserError(f"{path}: no model.safetensors in this folder (found {', '.join(others[:3])}; "
                             "pass the file itself)")
         raise UserError(f"{path}: no model.safetensors in this folder")
+    refuse_run_internals(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise UserError(f"{path}: {PICKLE_REFUSAL}")
     if not path.exists():
@@ -96,6 +97,23 @@ def checkpoint_file(path: str | Path) -> Path:
     if not path.is_file():
         raise UserError(f"{path}: not a file")
     return path
+
+
+def refuse_run_internals(path: Path) -> None:
+    """A UserError that says what a training run's own file is, for ``--weights runs/x/data/train.bin``
+    or ``runs/x/state.safetensors``: the run folder is what to pass."""
+    from gptcli.training.run_folder import DATA_DIR, RUN_MARKERS, STATE_FILE
+
+    run = path.parent.parent if path.parent.name == DATA_DIR else path.parent
+    if path.name == "model.safetensors" or not any((run / marker).is_file() for marker in RUN_MARKERS):
+        return
+    if path.parent.name == DATA_DIR:
+        what = "the run's token ids (training data, not weights)"
+    elif path.name == STATE_FILE:
+        what = "the run's resume state (weights with optimizer moments and RNG states, for --resume)"
+    else:
+        return
+    raise UserError(f"{path}: this is {what}; pass the run folder to load its weights: --weights {run}")
 
 
 def read_header(path: str | Path) -> Header:

@@ -48,8 +48,11 @@ def _decode(raw: bytes, name: str) -> str:
                         "first, e.g. with iconv -t UTF-8") from None
 
 
-def read_texts(specs: Sequence[str], stdin=None) -> list[Text]:
-    """The texts DATA names, in order: a file, every ``*.txt`` in a folder (sorted), or ``-`` for stdin."""
+def read_texts(specs: Sequence[str], stdin=None, note: Callable[[str], None] = lambda _: None) -> list[Text]:
+    """The texts DATA names, in order: a file, every ``*.txt`` in a folder (sorted), or ``-`` for stdin.
+
+    A folder is read one level deep; what it holds besides ``*.txt`` files (subfolders included) is
+    skipped, and ``note`` says so."""
     if not specs:
         raise UserError("no training data: pass one or more text files, folders of *.txt, or - for stdin")
     out: list[Text] = []
@@ -62,8 +65,16 @@ def read_texts(specs: Sequence[str], stdin=None) -> list[Text]:
         path = Path(spec).expanduser()
         if path.is_dir():
             files = sorted(p for p in path.glob("*.txt") if p.is_file())
+            skipped = sorted(p.name + "/" * p.is_dir() for p in path.iterdir()
+                             if p not in files and not p.name.startswith("."))
             if not files:
-                raise UserError(f"{spec}: no *.txt files in this folder")
+                raise UserError(f"{spec}: no *.txt files in this folder" + (
+                    f" (subfolders are not read; it holds {', '.join(skipped[:3])}{', ...' * (len(skipped) > 3)})"
+                    if skipped else ""))
+            if skipped:
+                note(f"{spec}: read {len(files)} *.txt file{'s' * (len(files) != 1)}; skipped {len(skipped)} other "
+                     f"entr{'ies' if len(skipped) != 1 else 'y'} (subfolders are not read): "
+                     f"{', '.join(skipped[:3])}{', ...' * (len(skipped) > 3)}")
         elif path.is_file():
             files = [path]
         else:

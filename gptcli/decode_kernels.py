@@ -260,10 +260,10 @@ def _machine_key() -> str:
 
 
 def cache_path() -> Path:
-    """``$GPTCLI_CACHE_DIR/kernels.json``, else under ``$XDG_CACHE_HOME`` (default ``~/.cache``)/gptcli."""
-    root = os.environ.get("GPTCLI_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "gptcli")
-    return Path(root).expanduser() / "kernels.json"
+    """``kernels.json`` in gptcli's cache folder (``gptcli.cache.cache_root``)."""
+    from gptcli.cache import cache_root
+
+    return cache_root() / "kernels.json"
 
 
 def _read_cache(path: Path) -> dict:

@@ -4,8 +4,8 @@ Three layers, each usable on its own:
 
 - ``Decoder`` runs the model for one sequence, a token at a time, with a key/value cache while the
   sequence fits in the context window (the one place that knows about the window).
-- ``select_next`` picks the next id from logits: greedy, or temperature / top-k / top-p sampling
-  with a seeded ``torch.Generator``.
+- ``select_next`` picks the next id from logits: greedy, or temperature / top-k / top-p / min-p
+  sampling with a seeded ``torch.Generator``, after an optional repetition penalty.
 - ``TextStream`` turns token ids into text that is safe to print now: whole UTF-8 characters only,
   and nothing that could still turn out to be the start of a stop string.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import codecs
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 from gptcli.errors import UserError
@@ -51,10 +52,17 @@ class SamplingOptions:
     seed: int = 123
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    repetition_penalty: float = 1.0  # CTRL's: > 1 makes ids already in the sequence less likely; 1 is off
+    min_p: float | None = None  # sampling keeps ids at least min_p times as likely as the most likely one
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalizes(self) -> bool:
+        """Whether picking needs the ids seen so far (``select_next``'s ``history``)."""
+        return self.repetition_penalty != 1
 
     def validate(self) -> "SamplingOptions":
         """Raise UserError for values no decoder can use; return self."""
@@ -68,6 +76,11 @@ class SamplingOptions:
             raise UserError(f"--top-k must be 1 or more, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.repetition_penalty < float("inf"):  # also catches NaN
+            raise UserError(f"--repetition-penalty must be above 0 (1 is off, above 1 penalizes), "
+                            f"got {self.repetition_penalty}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise UserError(f"--min-p must be in [0, 1], got {self.min_p}")
         if any(s == "" for s in self.stop):
             raise UserError("--stop must not be empty")
         return self
@@ -329,6 +342,18 @@ def configure_inductor() -> None:
 # Picking the next token
 
 
+MAX_SEED = 2**64 - 1  # the largest seed torch's generators take (manual_seed raises past it)
+
+
+def check_seed(seed: int, option: str = "--seed") -> int:
+    """``seed`` if a torch generator takes it; UserError otherwise (not torch's RuntimeError later)."""
+    if seed < 0:
+        raise UserError(f"{option} must be 0 or more, got {seed}")
+    if seed > MAX_SEED:
+        raise UserError(f"{option} must be at most 2**64 - 1 = {MAX_SEED}, got {seed}")
+    return seed
+
+
 def make_generator(seed: int) -> "torch.Generator":
     """The sampling RNG. It lives on the CPU, so a seed draws the same way on every device."""
     import torch
@@ -336,27 +361,24 @@ def make_generator(seed: int) -> "torch.Generator":
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def select_next(logits: "torch.Tensor", options: SamplingOptions, generator: "torch.Generator | None") -> "torch.Tensor":
-    """Next ids, shape (B,), from logits (B, V). Pure apart from drawing from ``generator``.
-
-    Greedy is argmax (the first maximum, like the book). Sampling scales by 1/temperature, keeps the
-    ``top_k`` largest logits, then the smallest set whose probability reaches ``top_p``, and draws.
-    """
+def penalize_repetition(logits: "torch.Tensor", history: Sequence[Sequence[int]], penalty: float) -> "torch.Tensor":
+    """CTRL's repetition penalty (Keskar et al. 2019) as transformers' RepetitionPenaltyLogitsProcessor
+    applies it: in row b, the logit of every id in ``history[b]`` is divided by ``penalty`` when
+    positive and multiplied by it when negative. Float32 logits (B, V) on the CPU, a new tensor."""
     import torch
 
-    if options.greedy:
-        # Half-precision logits through float32 (exact): torch's CPU argmax over 50257 bfloat16 values
-        # took 167 us against 60 with the conversion, 5% of an int4 decode step.
-        return torch.argmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)  # (B,)
-    probs, index = sampling_candidates(logits, options)  # (B, k) each
-    choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1), index into the kept tokens
-    return index.gather(-1, choice).squeeze(-1).to(logits.device)  # (B,)
+    scores = logits.detach().float().cpu().clone()  # (B, V)
+    for row, ids in enumerate(history):
+        if ids:
+            index = torch.tensor(sorted(set(ids)), dtype=torch.long)
+            seen = scores[row, index]
+            scores[row, index] = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return scores
 
 
-def sampling_candidates(logits: "torch.Tensor", options: SamplingOptions) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """The distribution ``select_next`` samples from: probabilities (B, k) over the ids ``index`` (B, k),
-    most likely first (zeros where top-p cut). On the CPU in float32, whatever the logits' device and
-    dtype, so a seed draws the same way everywhere. ``gptcli.speculative`` needs it as numbers."""
+def keep_for_sampling(logits: "torch.Tensor", options: SamplingOptions) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """The candidates sampling draws from: scaled logits (B, k), sorted descending, -inf where
+    filtered out, and their ids (B, k). transformers' order: temperature, top-k, top-p, min-p."""
     import torch
 
     scaled = logits.detach().float().cpu() / options.temperature  # (B, V)
@@ -368,7 +390,56 @@ def sampling_candidates(logits: "torch.Tensor", options: SamplingOptions) -> tup
         probs = torch.softmax(values, dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
         values = values.masked_fill(before >= options.top_p, float("-inf"))  # the top token always stays
+    if options.min_p:
+        probs = torch.softmax(values, dim=-1)  # column 0 is the most likely, so it always stays
+        values = values.masked_fill(probs < options.min_p * probs[:, :1], float("-inf"))
+    return values, index
+
+
+def sampling_candidates(logits: "torch.Tensor", options: SamplingOptions) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """The distribution ``select_next`` samples from, as numbers (``gptcli.speculative`` needs them):
+    probabilities (B, k) over the ids ``index`` (B, k), most likely first (zeros where filtered out).
+    On the CPU in float32, whatever the logits' device and dtype. No repetition penalty: it needs
+    each row's history (``select_next``'s ``history``)."""
+    import torch
+
+    values, index = keep_for_sampling(logits, options)
     return torch.softmax(values, dim=-1), index  # (B, k) each
+
+
+def sampling_probs(logits: "torch.Tensor", options: SamplingOptions,
+                   history: Sequence[Sequence[int]] | None = None) -> "torch.Tensor":
+    """The distribution (B, V) that ``select_next`` samples from (float32, on the CPU)."""
+    import torch
+
+    if options.penalizes and history is not None:
+        logits = penalize_repetition(logits, history, options.repetition_penalty)
+    values, index = keep_for_sampling(logits, options)
+    return torch.zeros(logits.shape, dtype=torch.float32).scatter_(-1, index, torch.softmax(values, dim=-1))
+
+
+def select_next(logits: "torch.Tensor", options: SamplingOptions, generator: "torch.Generator | None",
+                history: Sequence[Sequence[int]] | None = None) -> "torch.Tensor":
+    """Next ids, shape (B,), from logits (B, V). Pure apart from drawing from ``generator``.
+
+    ``history[b]``: the ids row b has seen (prompt and generated), for ``--repetition-penalty``,
+    which applies first (greedy too). Greedy is argmax (the first maximum, like the book). Sampling
+    scales by 1/temperature, keeps the ``top_k`` largest logits, then the smallest set whose
+    probability reaches ``top_p``, then those at least ``min_p`` times as likely as the top one, and draws.
+    """
+    import torch
+
+    if options.penalizes and history is not None:
+        logits = penalize_repetition(logits, history, options.repetition_penalty).to(logits.device)
+    if options.greedy:
+        # Half-precision logits through float32 (exact): torch's CPU argmax over 50257 bfloat16 values
+        # took 167 us against 60 with the conversion, 5% of an int4 decode step.
+        return torch.argmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)  # (B,)
+    # Sample in float32 on the CPU: same draws for a seed on any device and in any model dtype.
+    values, index = keep_for_sampling(logits, options)
+    probs = torch.softmax(values, dim=-1)  # (B, k)
+    choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1), index into the kept tokens
+    return index.gather(-1, choice).squeeze(-1).to(logits.device)  # (B,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,10 +623,13 @@ class Generation:
         if self.continuation.done:
             return
         generator = None if opts.greedy else make_generator(opts.seed)
+        seen = list(self.prompt_token_ids)  # the whole prompt and every new id, for --repetition-penalty
+        pick = partial(select_next, history=[seen]) if opts.penalizes else select_next
         start = time.perf_counter()
         logits = self.decoder.prefill(self.prompt_token_ids, opts.max_new_tokens)  # (1, V)
         for i in range(opts.max_new_tokens):
-            next_id = int(select_next(logits, opts, generator)[0])  # .item() also waits for the device
+            next_id = int(pick(logits, opts, generator)[0])  # .item() also waits for the device
+            seen.append(next_id)
             if self.observe is not None:
                 self.observe(logits, [next_id])
             elapsed = time.perf_counter() - start

@@ -8,6 +8,8 @@ against the model built on the meta device), and checkpoints are read through
 
 from __future__ import annotations
 
+import json
+
 import math
 import dataclasses
 from dataclasses import dataclass
@@ -299,6 +301,13 @@ def checkpoint_report(header: ckpt.Header, cfg: GPTConfig) -> dict[str, Any]:
         architecture: dict[str, Any] | None = ckpt.infer_architecture(header).to_dict()
     except UserError:
         architecture = None  # e.g. no embedding matrix: the verdict already says what is missing
+    source = "tensor shapes"
+    stored = ckpt.metadata_facts(header)
+    if architecture is not None and stored:
+        # gptcli's own record wins: shapes cannot tell n_heads, and its Hugging Face export carries
+        # zero qkv biases (a tensor present) for a model without them.
+        architecture.update({k: stored[k] for k in architecture if k in stored})
+        source = "metadata"
     return {
         "file": str(header.path),
         "file_bytes": header.file_size,
@@ -306,6 +315,9 @@ def checkpoint_report(header: ckpt.Header, cfg: GPTConfig) -> dict[str, Any]:
         "layout": verdict.layout,
         "tied": verdict.tied,
         "architecture": architecture,
+        "architecture_source": source,
+        "tokenizer": tokenizer_description(header),
+        "run": run_summary(header.path.parent),
         "metadata": header.metadata,
         "n_tensors": len(tensors),
         "tensor_bytes": sum(t.nbytes for t in tensors),
@@ -319,6 +331,46 @@ def checkpoint_report(header: ckpt.Header, cfg: GPTConfig) -> dict[str, Any]:
         ],
         "verdict": verdict.summary(),
     }
+
+
+def tokenizer_description(header: ckpt.Header) -> str:
+    """What tokenizer the checkpoint's metadata names: ``gpt2`` or ``char (N characters)``."""
+    from gptcli.tokenizer import CharTokenizer, from_metadata
+
+    try:
+        tokenizer = from_metadata(header.metadata, str(header.path))
+    except UserError as exc:
+        return f"unreadable ({exc})"
+    if isinstance(tokenizer, CharTokenizer):
+        return f"char ({len(tokenizer.chars)} characters)"
+    return "gpt2"
+
+
+def run_summary(folder: Path) -> dict[str, Any] | None:
+    """For the weights of a training run (``folder`` holds its train.jsonl): the steps its last
+    checkpoint holds and the best validation loss so far; None for any other folder."""
+    from gptcli.training.run_folder import LOG_FILE
+
+    log = folder / LOG_FILE
+    if not log.is_file():
+        return None
+    steps = best = None
+    try:
+        lines = log.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        if not isinstance(event, dict):
+            continue
+        if event.get("event") == "checkpoint" and isinstance(event.get("step"), int):
+            steps = event["step"] + 1
+        if event.get("event") == "eval" and isinstance(event.get("val_loss"), (int, float)):
+            best = event["val_loss"] if best is None else min(best, event["val_loss"])
+    return {"folder": str(folder), "steps": steps, "best_val_loss": best}
 
 
 # --------------------------------------------------------------------------------------------

@@ -156,7 +156,8 @@ def encode_texts(tokenizer: "Tokenizer", texts: Sequence[str], *, bos: bool = Fa
                  names: Sequence[str] | None = None) -> list[list[int]]:
     """Token ids of each text, ``<|endoftext|>`` first with ``bos``.
 
-    ``names`` label each text in errors (a character missing from a char-level vocabulary).
+    ``names`` label each text in errors. A char-level vocabulary's missing characters are reported for
+    every text at once, so one run shows everything there is to fix.
     """
     if bos and tokenizer.eot_id is None:
         raise UserError(f"--bos prepends <|endoftext|>, which this model's {tokenizer.name} tokenizer does not "
@@ -165,6 +166,16 @@ def encode_texts(tokenizer: "Tokenizer", texts: Sequence[str], *, bos: bool = Fa
     if batch is not None and len(texts) > 1:
         encoded = batch(list(texts))
     else:
+        unknown = getattr(tokenizer, "unknown", None)
+        if unknown is not None:
+            missing = [(names[i] if names is not None else f"text {i + 1}", chars)
+                       for i, text in enumerate(texts) if (chars := unknown(text))]
+            if missing:
+                shown = "; ".join(f"{name}: {', '.join(map(repr, chars[:8]))}{', ...' if len(chars) > 8 else ''}"
+                                  for name, chars in missing[:5])
+                more = f"; and {len(missing) - 5} more" if len(missing) > 5 else ""
+                raise UserError(f"characters not in this model's vocabulary of {tokenizer.vocab_size} (a character "
+                                f"model reads only the characters it was trained on): {shown}{more}")
         encoded = []
         for i, text in enumerate(texts):
             try:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from gptcli.errors import UserError
-from gptcli.generate import Decoder, Generation, SamplingOptions, crop_prompt, prompt_ids
+from gptcli.generate import Decoder, Generation, SamplingOptions, check_seed, crop_prompt, prompt_ids
 
 if TYPE_CHECKING:
     import torch
@@ -126,6 +126,8 @@ for _names, _field, _kind in (
     (("max_new_tokens", "max-new-tokens", "n", "max_tokens"), "max_new_tokens", int),
     (("seed",), "seed", int),
     (("ignore_eos", "ignore-eos"), "ignore_eos", _flag),
+    (("min_p", "min-p"), "min_p", _optional(float)),
+    (("repetition_penalty", "repetition-penalty"), "repetition_penalty", float),
 ):
     for _name in _names:
         SETTINGS[_name] = (_field, _kind)
@@ -134,15 +136,15 @@ for _names, _field, _kind in (
 def apply_setting(options: SamplingOptions, name: str, value: str) -> SamplingOptions:
     """``options`` with one setting changed (``/set temperature 0.8``); UserError for a bad name or value."""
     if name.lower() not in SETTINGS:
-        raise UserError(f"unknown setting {name!r}; the settings are temperature, top_k, top_p, max_new_tokens (n), "
-                        "seed and ignore_eos")
+        raise UserError(f"unknown setting {name!r}; the settings are temperature, top_k, top_p, min_p, "
+                        "repetition_penalty, max_new_tokens (n), seed and ignore_eos")
     field, kind = SETTINGS[name.lower()]
     try:
         parsed = kind(value)
     except ValueError:
         raise UserError(f"{field} cannot be {value!r}") from None
-    if field == "seed" and parsed < 0:  # type: ignore[operator]
-        raise UserError(f"seed must be 0 or more, got {parsed}")
+    if field == "seed":
+        check_seed(parsed, "seed")  # type: ignore[arg-type]
     return dataclasses.replace(options, **{field: parsed}).validate()
 
 

@@ -153,6 +153,10 @@ class CharTokenizer:
             raise UserError(f"character {exc.args[0]!r} is not in this model's vocabulary of "
                             f"{self.vocab_size} characters") from None
 
+    def unknown(self, text: str) -> list[str]:
+        """The characters of ``text`` this vocabulary lacks, sorted."""
+        return sorted(set(text) - self._index.keys())
+
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)
 

@@ -555,8 +555,8 @@ def no_released_weights(repo: str, size: str, reason: str) -> UserError:
         f"no GPT-2 {size} weights: {repo} is not in the Hugging Face cache ({hub_cache_dir()}) and {reason}. "
         f"For OpenAI's weights, {fix}, or pass --weights PATH (a .safetensors file or a folder). "
         "--weights random runs the untrained model on purpose (its output is noise); "
-        "or train a small model in minutes: gptcli train FILE.txt --recipe shakespeare-char --out runs/x, "
-        "then --weights runs/x"
+        "or train a small model in about a minute: gptcli train --recipe shakespeare-char --out runs/x (it "
+        "downloads Tiny Shakespeare, 1.1 MB, once; or give any text file first), then --weights runs/x"
     )
 
 

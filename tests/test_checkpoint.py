@@ -257,3 +257,28 @@ def test_crafted_headers_are_one_line_errors(tmp_path, header, message):
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
     with pytest.raises(UserError, match=message):
         ckpt.read_header(path)
+
+
+def test_a_runs_own_files_say_what_they_are_and_to_pass_the_folder(tmp_path):
+    """``-w runs/x/data/train.bin`` is token ids and ``-w runs/x/state.safetensors`` the resume state: say so."""
+    from gptcli.checkpoint import checkpoint_file
+    from gptcli.errors import UserError
+
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    for name in ("data/train.bin", "state.safetensors", "train.jsonl", "model.safetensors"):
+        (run / name).write_bytes(b"x")
+    with pytest.raises(UserError) as info:
+        checkpoint_file(run / "data" / "train.bin")
+    assert str(info.value) == (f"{run / 'data' / 'train.bin'}: this is the run's token ids (training data, not "
+                               f"weights); pass the run folder to load its weights: --weights {run}")
+    with pytest.raises(UserError) as info:
+        checkpoint_file(run / "state.safetensors")
+    assert str(info.value).startswith(f"{run / 'state.safetensors'}: this is the run's resume state")
+    assert str(info.value).endswith(f"pass the run folder to load its weights: --weights {run}")
+    assert checkpoint_file(run / "model.safetensors") == run / "model.safetensors"
+    assert checkpoint_file(run) == run / "model.safetensors"
+    (run / "train.jsonl").unlink()
+    (run / "state.safetensors").unlink()  # not a run any more: a .bin is just a refused pickle
+    with pytest.raises(UserError, match="pickled checkpoints are refused"):
+        checkpoint_file(run / "data" / "train.bin")

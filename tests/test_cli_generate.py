@@ -322,6 +322,21 @@ def test_terminal_shows_the_prompt_dimmed_then_the_continuation(tiny):
     assert out.endswith(text + "\n")
 
 
+def test_no_color_on_a_terminal_echoes_the_prompt_plain(tiny):
+    """NO_COLOR (no-color.org) asks for no styling: the echoed prompt is not dimmed either."""
+    text = gen_json("Hello there", *tiny, "-n", "6")["text"]
+    controller, terminal = pty.openpty()
+    env = {**subprocess_env(), "TERM": "xterm-256color", "NO_COLOR": "1"}
+    proc = subprocess.Popen(gptcli("Hello there", *tiny, "-n", "6"), stdin=subprocess.DEVNULL, stdout=terminal,
+                            stderr=subprocess.PIPE, env=env)
+    os.close(terminal)
+    out = _read_all(controller).decode("utf-8").replace("\r\n", "\n")
+    os.close(controller)
+    assert proc.wait(timeout=60) == 0
+    assert "\x1b[" not in out
+    assert out == "Hello there" + text + "\n"
+
+
 @pytest.fixture
 def interrupt_after(monkeypatch):
     """Raise KeyboardInterrupt (what Ctrl-C does) when the command asks for token number n+1."""

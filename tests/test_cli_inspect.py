@@ -355,3 +355,50 @@ def test_inspect_without_prompt_never_imports_torch(sparse_xl):
         assert "1,557,611,200" in stdout or '"layout": "huggingface"' in stdout
         assert "gptcli.inspection" in modules
         assert "torch" not in modules, args
+
+
+# ------------------------------------------------------------------ a training run's folder
+
+
+def test_a_run_folder_shows_its_own_architecture_tokenizer_steps_and_best_loss(tmp_path):
+    """A run's weights (Hugging Face layout, zero qkv biases, n_heads not a GPT-2 size): the architecture
+    row agrees with the header line, and the run's tokenizer, steps and best validation loss are shown."""
+    import torch
+
+    from gptcli.config import GPTConfig
+    from gptcli.export import save_pretrained
+    from gptcli.model import GPTModel
+    from gptcli.tokenizer import CharTokenizer
+
+    cfg = GPTConfig(vocab_size=12, context_length=16, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0,
+                    qkv_bias=False, tie_weights=True, name="run")
+    torch.manual_seed(0)
+    run_dir = tmp_path / "run"
+    save_pretrained(GPTModel(cfg), run_dir, CharTokenizer("abcdefghijkl"))
+    events = [{"event": "start", "step": 0}, {"event": "eval", "step": 0, "val_loss": 2.5},
+              {"event": "eval", "step": 5, "val_loss": 2.25}, {"event": "checkpoint", "step": 5},
+              {"event": "eval", "step": 10, "val_loss": 2.375}, {"event": "checkpoint", "step": 10}]
+    (run_dir / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    result = run("--weights", str(run_dir))
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert "n_heads 2, context 16, vocab 12, qkv_bias False" in out
+    assert "n_heads ?" not in out and "qkv_bias True" not in out
+    assert re.search(r"architecture \(from metadata\)\s+emb_dim 32, n_layers 1, n_heads 2", out)
+    assert re.search(r"tokenizer\s+char \(12 characters\)", out)
+    assert re.search(r"training run\s+11 steps trained, best validation loss 2\.250", out)
+    c = run_json("--weights", str(run_dir))["checkpoint"]
+    assert c["run"] == {"folder": str(run_dir), "steps": 11, "best_val_loss": 2.25}
+    assert c["tokenizer"] == "char (12 characters)" and c["architecture"]["qkv_bias"] is False
+
+
+@pytest.mark.parametrize("args", [["--top", "3"], ["--details"], ["--top", "3", "--details"]])
+def test_top_and_details_without_prompt_are_refused(args):
+    result = run("--size", "small", *args)
+    _assert_one_line_error(result, "only apply" if len(args) == 3 else "only applies")
+    assert "with --prompt TEXT" in result.stderr
+
+
+def test_a_huge_seed_is_one_line():
+    _assert_one_line_error(run("--size", "small", "--prompt", "hi", "--seed", str(2**64)),
+                           "--seed must be at most 2**64 - 1")

@@ -287,7 +287,17 @@ def test_char_level_checkpoint_scores_with_its_own_vocabulary(tmp_path):
     assert result.stderr == ("error: --bos prepends <|endoftext|>, which this model's char tokenizer does not have "
                              "(GPT-2's BPE only)\n")
     result = run(write(tmp_path, "z.txt", "hello zoo"), "--weights", str(checkpoint))
-    assert result.exit_code == 2 and result.stderr.startswith(f"error: {tmp_path / 'z.txt'}: character 'z' is not")
+    assert result.exit_code == 2 and result.stderr == (
+        "error: characters not in this model's vocabulary of 12 (a character model reads only the characters it "
+        f"was trained on): {tmp_path / 'z.txt'}: 'z'\n")
+    # Several files: every file's unknown characters in the one line, not just the first file's first.
+    files = [write(tmp_path, "ok.txt", text), write(tmp_path, "z.txt", "hello zoo"), write(tmp_path, "q.txt", "QxQ")]
+    result = run(*files, "--weights", str(checkpoint))
+    assert result.exit_code == 2 and result.stdout == "" and result.stderr.count("\n") == 1
+    assert result.stderr.endswith(f"{files[1]}: 'z'; {files[2]}: 'Q', 'x'\n")
+    # A one-character text scores nothing; the note does not suggest --bos, which char models refuse.
+    result = run(write(tmp_path, "one.txt", "h"), "--weights", str(checkpoint))
+    assert result.exit_code == 0 and "note: " in result.stderr and "--bos" not in result.stderr + result.stdout
 
 
 def test_help_does_not_import_torch():
@@ -414,3 +424,11 @@ def test_progress_bar_on_a_terminal_for_long_inputs_only(tiny, tmp_path, words, 
     assert proc.returncode == 0
     assert json.loads(stdout)["results"][0]["tokens"] > 0  # stdout stays plain JSON
     assert (b"scoring" in stderr) is shows_bar, stderr
+
+
+@pytest.mark.parametrize("seed,message", [(str(2**64), "--seed must be at most 2**64 - 1"),
+                                          ("-1", "--seed must be 0 or more")])
+def test_a_seed_out_of_range_is_one_line(tiny, tmp_path, seed, message):
+    result = run(write(tmp_path, "t.txt", "Hello there"), *tiny, "--seed", seed)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1

@@ -38,3 +38,30 @@ def test_characters_map_through_the_vocabulary():
     tok = CharTokenizer.from_text(TEXT)
     ids = data.encode(TEXT, tok)
     assert ids.dtype == np.uint16 and ids.tolist() == tok.encode(TEXT)
+
+
+def test_a_folder_says_what_it_skipped(tmp_path):
+    from pathlib import Path
+
+    from gptcli.data import read_texts
+    from gptcli.errors import UserError
+
+    folder = tmp_path / "docs"
+    (folder / "more").mkdir(parents=True)
+    (folder / "more" / "c.txt").write_text("in a subfolder")
+    (folder / "a.txt").write_text("one")
+    (folder / "b.txt").write_text("two")
+    (folder / "notes.md").write_text("not a .txt")
+    (folder / ".hidden").write_text("dot files are not mentioned")
+    notes: list[str] = []
+    texts = read_texts([str(folder)], note=notes.append)
+    assert [Path(t.name).name for t in texts] == ["a.txt", "b.txt"]
+    assert notes == [f"{folder}: read 2 *.txt files; skipped 2 other entries (subfolders are not read): more/, notes.md"]
+    notes.clear()
+    read_texts([str(folder / "more")], note=notes.append)
+    assert notes == []
+    (folder / "a.txt").unlink()
+    (folder / "b.txt").unlink()
+    with pytest.raises(UserError, match=r"no \*\.txt files in this folder \(subfolders are not read; it holds more/, "
+                                        r"notes\.md\)$"):
+        read_texts([str(folder)])

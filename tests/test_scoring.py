@@ -198,5 +198,7 @@ def test_bos_prepends_endoftext_for_gpt2_only():
 
 
 def test_a_character_outside_the_vocabulary_names_its_text():
-    with pytest.raises(UserError, match="^notes.txt: character 'z'"):
+    with pytest.raises(UserError, match="vocabulary of 3 .*: notes.txt: 'z'$"):
         encode_texts(CharTokenizer("abc"), ["ab", "abz"], names=["a.txt", "notes.txt"])
+    with pytest.raises(UserError, match="vocabulary of 3 .*: a.txt: 'x'; notes.txt: 'y', 'z'$"):
+        encode_texts(CharTokenizer("abc"), ["abx", "zyz"], names=["a.txt", "notes.txt"])

@@ -126,6 +126,9 @@ def test_settings():
     assert apply_setting(apply_setting(options, "top_k", "5"), "top_k", "none").top_k is None
     assert apply_setting(options, "n", "7").max_new_tokens == 7
     assert apply_setting(options, "ignore_eos", "on").ignore_eos is True
-    for name, value in [("temperature", "-1"), ("top_p", "2"), ("top_k", "x"), ("colour", "red"), ("seed", "-3")]:
+    assert apply_setting(options, "min-p", "0.05").min_p == 0.05
+    assert apply_setting(options, "repetition_penalty", "1.2").repetition_penalty == 1.2
+    for name, value in [("temperature", "-1"), ("top_p", "2"), ("top_k", "x"), ("colour", "red"), ("seed", "-3"),
+                        ("seed", str(2**64)), ("min_p", "1.5"), ("repetition_penalty", "0")]:
         with pytest.raises(UserError):
             apply_setting(options, name, value)

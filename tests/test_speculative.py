@@ -318,7 +318,8 @@ def gen_json(*args) -> dict:
 
 
 def test_generate_draft_and_lookup_print_the_plain_ids(tiny_config_file, tmp_path):
-    from gptcli.weights import random_model, save_checkpoint
+    from gptcli.weights import random_model
+    from helpers import save_checkpoint
 
     config = tiny_config_file(drop_rate=0.0)
     tiny = ["--config", str(config), "--weights", "random", "-n", "30", "--ignore-eos"]
@@ -346,7 +347,8 @@ def test_stats_report_acceptance_tokens_per_forward_and_the_drafts_share(tiny):
 
 def test_a_draft_with_another_tokenizer_or_vocabulary_is_one_error(tiny_config_file, tmp_path):
     from gptcli.tokenizer import CharTokenizer, to_metadata
-    from gptcli.weights import random_model, save_checkpoint
+    from gptcli.weights import random_model
+    from helpers import save_checkpoint
 
     def char_model(chars: str, name: str):
         cfg = load_config_file(tiny_config_file(vocab_size=len(chars)))
@@ -374,6 +376,11 @@ def test_a_draft_with_another_tokenizer_or_vocabulary_is_one_error(tiny_config_f
     (["--draft", "int8", "--lookup"], "choose one"),
     (["--lookup", "--compile"], "drop --compile"),
     (["--draft", "int4", "--quantize", "int4"], "already --quantize int4"),
+    # what the speculative path does not do yet: refused, never silently ignored
+    (["--lookup", "--repetition-penalty", "1.3"], "--repetition-penalty uses plain decoding for now; drop --lookup"),
+    (["--draft", "int8", "--json", "--logprobs", "2"], "--logprobs uses plain decoding for now; drop --draft"),
+    (["--lookup", "--show-probs"], "--show-probs uses plain decoding for now; drop --lookup"),
+    (["--lookup", "--interactive"], "--interactive uses plain decoding for now; drop --lookup"),
 ])
 def test_bad_speculative_options_are_one_error_line(tiny, args, message):
     result = gen("Hi", *tiny, "-n", "3", *args)

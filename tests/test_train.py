@@ -65,8 +65,9 @@ def test_tiny_gpt2_run_writes_the_run_folder_and_json_events(tmp_path, corpus):
     assert "step" not in kinds  # progress ticks never reach stdout or the log
     evals = [e for e in evs if e["event"] == "eval"]
     assert [e["step"] for e in evals] == [0, 3, 5]  # after the first update, every 3 steps, and at the end
+    assert [e["final"] for e in evals] == [False, False, True]  # the last is off the --eval-every schedule
     for e in evals:
-        assert set(e) == {"event", "step", "epoch", "tokens_seen", "train_loss", "val_loss", "lr"}
+        assert set(e) == {"event", "step", "epoch", "tokens_seen", "train_loss", "val_loss", "lr", "final"}
         assert e["tokens_seen"] == (e["step"] + 1) * 4 * 16
     samples = [e for e in evs if e["event"] == "sample"]
     assert samples and all(len(s["token_ids"]) == 5 and s["prompt"] == "The king" for s in samples)
@@ -518,10 +519,16 @@ def test_json_goes_to_stdout_while_the_bar_draws_on_a_terminal_stderr(tmp_path, 
     assert [e["event"] for e in events(proc.stdout)][0] == "start" and events(proc.stdout)[-1]["event"] == "end"
 
 
-def test_a_run_without_a_checkpoint_says_so(tmp_path):
+def test_a_run_without_a_checkpoint_is_replaced_not_a_blocker(tmp_path):
+    """A folder holding only what a run writes, and no checkpoint (a run that failed or was killed
+    first), is replaced by the next run (True: clear it); anything else stays refused."""
     from gptcli.errors import UserError
     from gptcli.training import LOG_FILE, check_out_dir
 
     (tmp_path / LOG_FILE).write_text("")
-    with pytest.raises(UserError, match="saved no checkpoint"):
+    (tmp_path / "data").mkdir()
+    (tmp_path / ".state.safetensors.tmp-123").write_text("")  # a save cut short
+    assert check_out_dir(tmp_path, resume=False, force=False) is True
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="saved no checkpoint .* and other files; pass --force"):
         check_out_dir(tmp_path, resume=False, force=False)

@@ -450,7 +450,7 @@ def test_auto_offline_with_nothing_cached_is_an_error_before_any_model_is_built(
     assert message.startswith("no GPT-2 1558M weights: openai-community/gpt2-xl is not in the Hugging Face cache (")
     assert "and HF_HUB_OFFLINE is set" in message and "unset HF_HUB_OFFLINE" in message
     for hint in ("--weights PATH", "--weights random runs the untrained model on purpose",
-                 "gptcli train FILE.txt --recipe shakespeare-char --out runs/x", "--weights runs/x"):
+                 "gptcli train --recipe shakespeare-char --out runs/x (it downloads Tiny Shakespeare", "--weights runs/x"):
         assert hint in message
     assert notes == []
 

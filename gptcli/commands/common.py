@@ -169,6 +169,13 @@ def parse_number(option: str, value: str, kind: type) -> int | float:
         raise UserError(f"{option} expects {what}, got {value!r}") from None
 
 
+def parse_seed(value: str, option: str = "--seed") -> int:
+    """A seed option's value: a whole number that torch's generators take (0 to 2**64 - 1)."""
+    from gptcli.generate import check_seed
+
+    return check_seed(int(parse_number(option, value, int)), option)
+
+
 def usage_and_exit(ctx: typer.Context, hint: str) -> None:
     """The usage, a hint and exit 2: for a command that would wait on a terminal for stdin."""
     err(ctx.get_usage())

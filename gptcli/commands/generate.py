@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
@@ -23,6 +24,7 @@ from gptcli.commands.common import (
     load_for_command,
     note,
     parse_number,
+    parse_seed,
     print_json,
     read_stdin,
     silence_stdout,
@@ -35,11 +37,11 @@ from gptcli.commands.common import (
 from gptcli.devices import check_device_name, check_dtype_name
 from gptcli.devices import dtype_name as name_of
 from gptcli.errors import UserError
-from gptcli.generate import FINISH_CLOSED, FINISH_INTERRUPTED, SamplingOptions
+from gptcli.generate import FINISH_CLOSED, FINISH_INTERRUPTED, MAX_SEED, SamplingOptions
 from gptcli.speculative import SpeculativeGeneration, SpeculativeOptions, draft_inference_options, speculative_generation
 
 if TYPE_CHECKING:
-    from gptcli.generate import Timings
+    from gptcli.generate import Generation, Timings
     from gptcli.runtime import InferenceOptions, Runtime
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -57,7 +59,8 @@ class TextOutput:
     def prompt(self, text: str) -> None:
         if not text:
             return
-        if stdout_styled():
+        if stdout_styled() and not os.environ.get("NO_COLOR"):
+            # NO_COLOR (set and not empty, no-color.org) asks for no styling at all, dimming included.
             # Dimmed via Rich on a terminal (or with FORCE_COLOR); soft_wrap so Rich doesn't insert line breaks,
             # no markup/emoji/highlighting so the prompt shows exactly as typed.
             from rich.console import Console
@@ -117,6 +120,24 @@ def generate(
         typer.Option("--top-p", metavar="P", help="Sample only among the most likely tokens whose probabilities add "
                      "up to P, in (0, 1].", show_default=False),
     ] = None,
+    min_p: Annotated[
+        Optional[str],
+        typer.Option("--min-p", metavar="P", help="Sample only among tokens at least P times as likely as the most "
+                     "likely one, P in [0, 1] (0.05-0.1 is usual; applied after --top-k and --top-p, as in "
+                     "transformers).", show_default=False),
+    ] = None,
+    repetition_penalty: Annotated[
+        str,
+        typer.Option("--repetition-penalty", metavar="R", help="Make every token already in the prompt or the text "
+                     "less likely: its logit is divided by R if positive, multiplied by R if negative (CTRL's "
+                     "penalty, as transformers applies it; greedy too). 1 is off; 1.1-1.3 stops most loops."),
+    ] = "1",
+    num_samples: Annotated[
+        str,
+        typer.Option("--num-samples", metavar="N", help="Generate N samples of the prompt, seeded --seed, --seed+1, "
+                     "...; each is labelled (a '--- sample i of N (seed S) ---' line before it; with --json one "
+                     "JSON object per line, with \"sample\"). With --each-line, N lines per prompt."),
+    ] = "1",
     seed: Annotated[
         str, typer.Option("--seed", metavar="N", help="Seeds random weights and sampling: same seed, same text.")
     ] = "123",
@@ -214,6 +235,7 @@ def generate(
       gptcli generate "Hello, I am" -c configs/book-124M.yaml -w random -n 6  # the book's
       gptcli generate "The meaning of life is" -t 0.8 --top-k 50 --top-p 0.95 --seed 7
       gptcli generate "Q: What is 2+2? A:" --stop "Q:" -n 30
+      gptcli generate "Once upon a time" -t 0.8 --min-p 0.05 --repetition-penalty 1.2 --num-samples 3
       echo "Once upon a time" | gptcli generate -n 20
       gptcli generate -n 20 < story.txt > continuation.txt
       gptcli generate --json "Hello" -n 10 | jq -r .text
@@ -231,12 +253,20 @@ def generate(
         temperature=float(parse_number("--temperature", temperature, float)),
         top_k=None if top_k is None else int(parse_number("--top-k", top_k, int)),
         top_p=None if top_p is None else float(parse_number("--top-p", top_p, float)),
-        seed=int(parse_number("--seed", seed, int)),
+        seed=parse_seed(seed),
         stop=tuple(stop or ()),
         ignore_eos=ignore_eos,
+        repetition_penalty=float(parse_number("--repetition-penalty", repetition_penalty, float)),
+        min_p=None if min_p is None else float(parse_number("--min-p", min_p, float)),
     ).validate()
-    if options.seed < 0:
-        raise UserError(f"--seed must be 0 or more, got {options.seed}")
+    samples = int(parse_number("--num-samples", num_samples, int))
+    if samples < 1:
+        raise UserError(f"--num-samples must be 1 or more, got {samples}")
+    if options.seed + samples - 1 > MAX_SEED:
+        raise UserError(f"--num-samples {samples} from --seed {options.seed} needs seeds up to "
+                        f"{options.seed + samples - 1}, past the largest, 2**64 - 1")
+    if samples > 1 and options.greedy:
+        note("greedy decoding (--temperature 0) gives every sample the same text; add e.g. --temperature 0.8")
     device_name = check_device_name(device)
     dtype_name = check_dtype_name(dtype)
     scheme = None if quantize is None else quantize.strip().lower()
@@ -256,8 +286,9 @@ def generate(
     if spec.enabled and (each_line or compile_model):
         raise UserError(f"{'--draft' if draft is not None else '--lookup'} decodes one sequence eagerly; "
                         f"{'--each-line uses plain decoding' if each_line else 'drop --compile'}")
-    if spec.enabled and (interactive or logprobs is not None or show_probs):
-        which = "--interactive" if interactive else "--logprobs" if logprobs is not None else "--show-probs"
+    if spec.enabled and (interactive or logprobs is not None or show_probs or options.penalizes):
+        which = ("--interactive" if interactive else "--logprobs" if logprobs is not None else
+                 "--show-probs" if show_probs else "--repetition-penalty")
         raise UserError(f"{which} uses plain decoding for now; drop {'--draft' if draft is not None else '--lookup'}")
     from gptcli.commands.probability_view import check_view_options
 
@@ -268,6 +299,8 @@ def generate(
 
         if compile_model:
             raise UserError("--compile works one prompt at a time; drop it with --interactive")
+        if samples > 1:
+            raise UserError("--num-samples works with a PROMPT or --each-line; drop it with --interactive")
         run_session(None if prompt == "-" else prompt, options,
                     speed.inference(size=size, config=config, weights=weights, device=device_name,
                                     dtype=dtype_name, seed=options.seed), stats=stats, show_probs=show_probs)
@@ -284,7 +317,7 @@ def generate(
             _run_each_line(read_stdin(strip_newline=False, closed=STDIN_CLOSED), options, speed, size=size,
                            config=config, weights=weights,
                            device_name=device_name, dtype_name=dtype_name, json_output=json_output, stats=stats,
-                           echo=bool(echo), logprobs_k=logprobs_k)
+                           echo=bool(echo), samples=samples, logprobs_k=logprobs_k)
         except KeyboardInterrupt:
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except BrokenPipeError:
@@ -301,8 +334,8 @@ def generate(
 
     try:
         _run(prompt_text, options, speed, size=size, config=config, weights=weights, device_name=device_name,
-             dtype_name=dtype_name, json_output=json_output, stats=stats, echo=echo, logprobs_k=logprobs_k,
-             show_probs=show_probs, spec=spec)
+             dtype_name=dtype_name, json_output=json_output, stats=stats, echo=echo, samples=samples,
+             logprobs_k=logprobs_k, show_probs=show_probs, spec=spec)
     except KeyboardInterrupt:
         # Ctrl-C before generation started (while loading); nothing to keep.
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -365,14 +398,13 @@ def _stats_line(load_s: float, t: "Timings", compile_s: float | None, loaded: "R
 
 def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, size, config, weights: str,
          device_name: str, dtype_name: str, json_output: bool, stats: bool, echo: bool | None,
-         logprobs_k: int | None = None, show_probs: bool = False,
+         samples: int = 1, logprobs_k: int | None = None, show_probs: bool = False,
          spec: SpeculativeOptions = SpeculativeOptions()) -> None:
     from gptcli.commands.probability_view import StreamView
     from gptcli.generate import Generation, crop_prompt, make_decoder, prompt_ids
 
     check_tokenizer_early(weights)  # its error is quicker than loading a model
-    if options.greedy and (options.top_k is not None or options.top_p is not None):
-        note("--top-k and --top-p only apply when sampling (--temperature above 0); decoding greedily")
+    greedy_note(options)
     inference = speed.inference(size=size, config=config, weights=weights, device=device_name, dtype=dtype_name,
                                 seed=options.seed)
     loaded = load_for_command(inference)
@@ -389,13 +421,28 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
         note(f"the prompt has {len(ids)} tokens, more than the context of {cfg.context_length}; "
              f"dropped the first {dropped}")
 
-    view = StreamView(logprobs_k, show_probs and not json_output)
-    generation = Generation(decoder, ids, options, context_length=cfg.context_length, eos_id=tokenizer.eot_id,
-                            token_bytes=tokenizer.token_bytes, observe=view.recorder)
-    if spec.enabled:  # the same protocol, with a draft (gptcli.speculative)
-        generation = speculative_generation(spec, loaded, draft, ids, options)
-    out = TextOutput(terminal=stdout_is_terminal(), view=view)
+    for sample in range(1, samples + 1):
+        sample_options = options if samples == 1 else replace(options, seed=options.seed + sample - 1)
+        view = StreamView(logprobs_k, show_probs and not json_output)
+        generation = Generation(decoder, ids, sample_options, context_length=cfg.context_length,
+                                eos_id=tokenizer.eot_id, token_bytes=tokenizer.token_bytes, observe=view.recorder)
+        if spec.enabled:  # the same protocol, with a draft (gptcli.speculative)
+            generation = speculative_generation(spec, loaded, draft, ids, sample_options)
+        out = TextOutput(terminal=stdout_is_terminal(), view=view)
+        label = None if samples == 1 else {"sample": sample, "num_samples": samples}
+        _stream_one(generation, prompt_text, ids, dropped, loaded, compile_s, out, view, label,
+                    json_output=json_output, stats=stats, echo=echo, draft=draft)
+
+
+def _stream_one(generation: "Generation", prompt_text: str, ids: list[int], dropped: int, loaded: "Runtime",
+                compile_s: float | None, out: TextOutput, view, label: dict | None, *, json_output: bool,
+                stats: bool, echo: bool | None, draft: "Runtime | None" = None) -> None:
+    """Stream one generation (one of --num-samples when ``label`` is set) and report it; exits on Ctrl-C or
+    a closed pipe."""
+    options = generation.options
     interrupted = False
+    if label is not None and not json_output:  # written as is: not a piece of text for --show-probs to colour
+        sys.stdout.write(f"--- sample {label['sample']} of {label['num_samples']} (seed {options.seed}) ---\n")
     if not json_output and (echo or (echo is None and out.terminal)):
         out.prompt(prompt_text)
     pipe_closed = False
@@ -419,13 +466,19 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
 
     t = generation.timings
     if json_output:
-        print_json({
+        record = {
+            **(label or {}),
             **result_record(prompt_text, ids, dropped, generation.token_ids, generation.text,
                             generation.finish_reason, loaded, options),
-            **view.json(tokenizer, start_offset=len(prompt_text)),
+            **view.json(loaded.tokenizer, start_offset=len(prompt_text)),
             "timings": _timings_json(loaded.load_seconds, t, compile_s, loaded),
             **_speculative_json(generation, draft),
-        })
+        }
+        if label is None:
+            print_json(record)
+        else:  # JSON Lines: one object per sample, as --each-line writes one per prompt
+            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sys.stdout.flush()
     if stats:
         err(_stats_line(loaded.load_seconds, t, compile_s, loaded, str(generation.finish_reason)))
         if isinstance(generation, SpeculativeGeneration):
@@ -449,6 +502,13 @@ def _speculative_json(generation, draft: "Runtime | None") -> dict:
     return {"speculative": record}
 
 
+def greedy_note(options: SamplingOptions) -> None:
+    """Say so when sampling-only options were given for greedy decoding."""
+    if options.greedy and (options.top_k is not None or options.top_p is not None or options.min_p is not None):
+        names = "--top-k, --top-p and --min-p" if options.min_p is not None else "--top-k and --top-p"
+        note(f"{names} only apply when sampling (--temperature above 0); decoding greedily")
+
+
 def result_record(prompt: str, prompt_ids: list[int], dropped: int, token_ids: list[int], text: str,
                   finish_reason: str | None, loaded: "Runtime", options: SamplingOptions) -> dict:
     """The JSON fields of one completion, shared by single runs and --each-line."""
@@ -465,19 +525,19 @@ def result_record(prompt: str, prompt_ids: list[int], dropped: int, token_ids: l
         "device": str(loaded.device),
         "dtype": name_of(loaded.dtype),
         "seed": options.seed,
-        "sampling": {"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p},
+        "sampling": {"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p,
+                     "min_p": options.min_p, "repetition_penalty": options.repetition_penalty},
         "stop": list(options.stop),
     }
 
 
 def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOptions, *, size, config, weights: str,
                    device_name: str, dtype_name: str, json_output: bool, stats: bool, echo: bool,
-                   logprobs_k: int | None = None) -> None:
+                   samples: int = 1, logprobs_k: int | None = None) -> None:
     from gptcli.generate import Timings, prompt_ids
 
     prompts = split_lines(stdin_text)
-    if options.greedy and (options.top_k is not None or options.top_p is not None):
-        note("--top-k and --top-p only apply when sampling (--temperature above 0); decoding greedily")
+    greedy_note(options)
     check_tokenizer_early(weights)
     loaded = load_for_command(speed.inference(size=size, config=config, weights=weights, device=device_name,
                                               dtype=dtype_name, seed=options.seed))
@@ -485,7 +545,8 @@ def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOption
     total = Timings()
     written = [0]  # prompts whose line is out, for the stats after a closed pipe
     try:
-        _each_line_batches(prompts, encoded, options, speed, loaded, json_output, echo, total, written, logprobs_k)
+        _each_line_batches(prompts, encoded, options, speed, loaded, json_output, echo, total, written, samples,
+                           logprobs_k)
     except BrokenPipeError:
         # The reader went away (`| head -n 3`): stop, but still report on stderr.
         silence_stdout()
@@ -500,39 +561,41 @@ def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOption
 
 def _each_line_batches(prompts: list[str], encoded: list[list[int]], options: SamplingOptions, speed: SpeedOptions,
                        loaded: "Runtime", json_output: bool, echo: bool, total: "Timings",
-                       written: list[int], logprobs_k: int | None = None) -> None:
-    """Generate and write every batch, adding to ``total``; ``written[0]`` counts the prompts written."""
-    import json
+                       written: list[int], samples: int = 1, logprobs_k: int | None = None) -> None:
+    """Generate and write every batch, adding to ``total``; ``written[0]`` counts the prompts written.
 
+    With ``samples`` > 1 every prompt is ``samples`` rows, seeded ``options.seed``, +1, ..., written in that order."""
     from gptcli.batch import BatchDecoder, generate_batch
     from gptcli.generate import crop_prompt
     from gptcli.logprobs import Recorder, openai_logprobs
 
     cfg, tokenizer = loaded.cfg, loaded.tokenizer
     decoder = BatchDecoder(loaded.model, loaded.device, loaded.dtype)
-    for first in range(0, len(prompts), speed.batch_size):
-        batch = encoded[first : first + speed.batch_size]
+    rows = [(index, sample) for index in range(len(prompts)) for sample in range(samples)]
+    for first in range(0, len(rows), speed.batch_size):
+        chunk = rows[first : first + speed.batch_size]
+        batch = [encoded[index] for index, _ in chunk]
         recorder = None if logprobs_k is None else Recorder(logprobs_k, rows=len(batch))
         results, t = generate_batch(decoder, batch, options, eos_id=tokenizer.eot_id, token_bytes=tokenizer.token_bytes,
-                                    observe=recorder)
+                                    seeds=[options.seed + sample for _, sample in chunk], observe=recorder)
         total.prefill_s += t.prefill_s
         total.decode_s += t.decode_s
         total.prefill_tokens += t.prefill_tokens
         total.decode_tokens += t.decode_tokens
-        for n, result in enumerate(results):
-            index = first + n
+        for n, ((index, sample), result) in enumerate(zip(chunk, results)):
             dropped = crop_prompt(result.prompt_token_ids, cfg.context_length)[1]
-            if dropped:
+            if dropped and sample == 0:
                 note(f"line {index + 1}: the prompt has {len(result.prompt_token_ids)} tokens, more than the "
                      f"context of {cfg.context_length}; dropped the first {dropped}")
             if json_output:
-                line = json.dumps({"line": index + 1, **result_record(
+                label = {} if samples == 1 else {"sample": sample + 1, "num_samples": samples}
+                line = json.dumps({"line": index + 1, **label, **result_record(
                     prompts[index], result.prompt_token_ids, dropped, result.token_ids, result.text,
-                    result.finish_reason, loaded, options),
+                    result.finish_reason, loaded, replace(options, seed=options.seed + sample)),
                     **({} if recorder is None else {"logprobs": openai_logprobs(
                         recorder.entries[n], tokenizer.token_bytes, len(prompts[index]))})}, ensure_ascii=False)
             else:
                 line = escape_line((prompts[index] if echo else "") + result.text)
             sys.stdout.write(line + "\n")
         sys.stdout.flush()
-        written[0] = first + len(batch)
+        written[0] = chunk[-1][0] + 1 if chunk[-1][1] == samples - 1 else chunk[-1][0]

@@ -30,6 +30,7 @@ from gptcli import checkpoint as ckpt
 from gptcli.config import GPTConfig, resolve_config
 from gptcli.devices import check_device_name, check_dtype_name
 from gptcli.errors import UserError
+from gptcli.generate import check_seed
 from gptcli.inspection import (
     Node,
     checkpoint_report,
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     import torch
 
 NOT_A_CHECKPOINT = ("random", "auto")
+DEFAULT_TOP = 10  # next tokens --prompt shows
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,14 +156,20 @@ def render_checkpoint(c: dict[str, Any], cfg: GPTConfig) -> None:
         f"n_heads {arch['n_heads'] if arch['n_heads'] is not None else '? (not a GPT-2 size)'}, "
         f"context {arch['context_length']}, vocab {arch['vocab_size']}, qkv_bias {arch['qkv_bias']}, "
         f"tie_weights {arch['tie_weights']}")
-    print_table("Checkpoint (header only)", ["property", "value"], [
+    rows = [
         ("file", c["file"]),
         ("size", f"{human_bytes(c['file_bytes'])} ({_n(c['file_bytes'])} bytes, header {_n(c['header_bytes'])})"),
         ("layout", c["layout"]),
         ("head", "tied to the token embedding" if c["tied"] else "separate matrix (untied)"),
-        ("architecture", arch_text),
+        (f"architecture (from {c['architecture_source']})", arch_text),
+        ("tokenizer", c["tokenizer"]),
         ("tensors", f"{c['n_tensors']} ({human_bytes(c['tensor_bytes'])})"),
-    ])
+    ]
+    run = c.get("run")
+    if run is not None:
+        rows.append(("training run", f"{run['steps'] if run['steps'] is not None else '?'} steps trained, best "
+                     f"validation loss {'?' if run['best_val_loss'] is None else format(run['best_val_loss'], '.3f')}"))
+    print_table("Checkpoint (header only)", ["property", "value"], rows)
     rows = [(t["name"], t["dtype"], "[" + ", ".join(map(str, t["shape"])) + "]", _n(t["bytes"])) for t in c["tensors"]]
     print_table("Tensors", ["name", "dtype", "shape", "bytes"], rows, right_align=[3])
     problems = [("missing", n, "in the config, not in the file") for n in c["missing"]]
@@ -248,7 +256,8 @@ def inspect(
         typer.Option("--prompt", "-p", metavar="TEXT", show_default=False,
                      help="Run one forward pass on this text and show the most likely next tokens."),
     ] = None,
-    top: Annotated[int, typer.Option("--top", "-k", metavar="N", help="How many next tokens --prompt shows.")] = 10,
+    top: Annotated[Optional[int], typer.Option("--top", "-k", metavar="N", show_default=False,
+                                               help="How many next tokens --prompt shows. Default: 10.")] = None,
     device: Annotated[str, typer.Option("--device", metavar="DEVICE", autocompletion=complete_device,
                                         help="For --prompt: auto, cpu, cuda, cuda:1, mps.")] = "auto",
     dtype: Annotated[
@@ -285,10 +294,15 @@ def inspect(
         raise UserError(f"--depth must be 0 or more, got {depth}")
     if prompt == "":
         raise UserError("--prompt is empty: give at least one token of text")
+    if prompt is None and (top is not None or details):
+        given = " and ".join(name for name, used in (("--top", top is not None), ("--details", details)) if used)
+        verb = "apply" if top is not None and details else "applies"
+        raise UserError(f"{given} only {verb} with --prompt TEXT (the next-token table); without it inspect "
+                        "prints the tree and figures already")
+    top = DEFAULT_TOP if top is None else top
     if top < 1:
         raise UserError(f"--top must be 1 or more, got {top}")
-    if seed < 0:
-        raise UserError(f"--seed must be 0 or more, got {seed}")
+    check_seed(seed)
     check_device_name(device)
     check_dtype_name(dtype)
     if size is not None and config is not None:

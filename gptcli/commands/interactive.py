@@ -24,7 +24,8 @@ Type text and press Enter: it is added to the running text and the model continu
 lets the model go on. \\n in what you type is a newline; start a line with // to type a leading /.
   /reset                    start again from an empty text (settings stay)
   /set NAME VALUE           change a setting: temperature 0.8, top_k 50 (or none), top_p 0.95,
-                            max_new_tokens 100 (or n 100), seed 7, ignore_eos on
+                            max_new_tokens 100 (or n 100), seed 7, ignore_eos on, min_p 0.05,
+                            repetition_penalty 1.2
   /settings                 show the settings
   /tokens                   the running text's tokens: count, cached, the last ones
   /text                     the running text so far
@@ -161,7 +162,9 @@ def _command(session: "Session", line: str) -> bool:
 def _settings(session: "Session") -> str:
     o = session.options
     return (f"temperature {o.temperature:g}{' (greedy)' if o.greedy else ''}, top_k {o.top_k}, top_p {o.top_p}, "
-            f"max_new_tokens {o.max_new_tokens}, seed {o.seed}, ignore_eos {'on' if o.ignore_eos else 'off'}")
+            f"max_new_tokens {o.max_new_tokens}, seed {o.seed}, ignore_eos {'on' if o.ignore_eos else 'off'}"
+            + (f", min_p {o.min_p}" if o.min_p is not None else "")
+            + (f", repetition_penalty {o.repetition_penalty:g}" if o.penalizes else ""))
 
 
 def _tokens(session: "Session", last: int = 40) -> str:

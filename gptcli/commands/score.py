@@ -22,6 +22,7 @@ from gptcli.commands.common import (
     load_for_command,
     note,
     parse_number,
+    parse_seed,
     print_json,
     print_table,
     read_stdin,
@@ -115,9 +116,7 @@ def score(
       gptcli score --show story.txt                     # the text coloured by probability
       gptcli score --tokens --json story.txt | jq '.results[0].logprobs.token_logprobs'
     """
-    seed_value = int(parse_number("--seed", seed, int))
-    if seed_value < 0:
-        raise UserError(f"--seed must be 0 or more, got {seed_value}")
+    seed_value = parse_seed(seed)
     stride_value = None if stride is None else int(parse_number("--stride", stride, int))
     if stride_value is not None and stride_value < 1:
         raise UserError(f"--stride must be 1 or more, got {stride_value}")
@@ -173,7 +172,8 @@ def score(
         return
     for name, text, s in zip(names, texts, scores):
         if s.tokens == 0:
-            why = "it is empty" if not text else "its one token has no prediction; --bos scores it"
+            why = ("it is empty" if not text else "its one token has no prediction"
+                   + ("; --bos scores it" if loaded.tokenizer.eot_id is not None else ""))
             note(f"{name}: 0 tokens scored ({why})")
     from gptcli.commands.score_tokens import TokenViews
 
@@ -225,7 +225,8 @@ def _render_texts(names: list[str], scores: list["Score"], loaded: "Runtime", st
     if views is not None:
         views.render(names)
     start = ("from the first token (after <|endoftext|>, --bos)" if bos
-             else "from the second token (--bos scores the first)")
+             else "from the second token (--bos scores the first)" if loaded.tokenizer.eot_id is not None
+             else "from the second token (the first has no context)")
     title = (f"Scores: weights {loaded.source}, config {loaded.cfg.name}, {name_of(loaded.dtype)} on {loaded.device}\n"
              f"windows of {loaded.cfg.context_length} tokens, stride {stride}; each text scored {start}")
     rows = [[name, *_cells(s)] for name, s in zip(names, scores)]

@@ -82,11 +82,12 @@ def serve(
     no_tune: NoTuneOption = False,
 ) -> None:
     """Serve the model over OpenAI's HTTP API: /v1/completions (streaming, n, stop, logprobs, echo, seed),
-    /v1/models, /tokenize, /detokenize, /health.
+    /v1/models, /tokenize, /detokenize, /health, and a playground page at /.
 
     Requests that arrive while others run join the running batch between decode steps (continuous
     batching), and on the CPU a request's text and token ids are the same whether it runs alone or
-    beside others, and the same as `gptcli generate` prints with the same settings and --seed.
+    beside others, and the same as `gptcli generate` prints with the same settings and --seed. Plain
+    decoding only: generate's speculative --draft/--lookup are not used here.
 
     Listens on 127.0.0.1 only unless --host says otherwise. Ctrl-C or SIGTERM: stop accepting, let
     the running requests finish (30 s at most) and exit.

@@ -18,23 +18,37 @@ from gptcli.errors import UserError
 if TYPE_CHECKING:
     from gptcli.training import Run
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT (Ctrl-C)
+EXIT_TERMINATED = 143  # 128 + SIGTERM (timeout, docker stop, Slurm, Kubernetes)
+STOP_SIGNALS = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_TERMINATED}
 
 
 def _opt(*names: str, help: str, metavar: str | None = None):
     return typer.Option(*names, help=help, metavar=metavar, show_default=False)
 
 
+def _setting(name: str, *names: str, help: str, metavar: str | None = None):
+    """An option for a TrainSettings key: its help ends with the default (a recipe may set another)."""
+    import dataclasses
+
+    from gptcli.training.settings import TrainSettings
+
+    default = {f.name: f.default for f in dataclasses.fields(TrainSettings)}[name]
+    shown = "none" if default is None else repr(default) if isinstance(default, str) else default
+    return _opt(*names, help=f"{help} [default: {shown}]", metavar=metavar)
+
+
 @user_errors
 def train(
     data: Annotated[Optional[List[str]], typer.Argument(
-        metavar="DATA...", help="UTF-8 text files, folders of *.txt, or - for stdin. Not needed with --resume.",
+        metavar="DATA...", help="UTF-8 text files, folders of *.txt, or - for stdin. Not needed with --resume, nor with "
+        "--recipe shakespeare-char/book-ch05 (their text is downloaded once and cached).",
         show_default=False)] = None,
     out: Annotated[Optional[Path], _opt("--out", "-o", metavar="DIR", help="The run folder: weights (Hugging Face "
                    "layout + config.json), best/, state.safetensors, train.jsonl, loss.png. Default runs/NAME.")] = None,
     recipe: Annotated[Optional[str], _opt("--recipe", "-r", metavar="NAME|FILE", help="A recipe of settings: "
                       "book-ch05, shakespeare-char, or your YAML. Flags override it.")] = None,
-    tokenizer: Annotated[Optional[str], _opt("--tokenizer", metavar="gpt2|char", help="gpt2 (GPT-2's BPE, the "
+    tokenizer: Annotated[Optional[str], _setting("tokenizer", "--tokenizer", metavar="gpt2|char", help="gpt2 (GPT-2's BPE, the "
                          "default) or char (the sorted characters of the training text, as nanoGPT).")] = None,
     size: SizeOption = None,
     config: ConfigOption = None,
@@ -47,70 +61,81 @@ def train(
     emb_dim: Annotated[Optional[int], _opt("--emb-dim", metavar="N", help="Change emb_dim (new models).")] = None,
     drop_rate: Annotated[Optional[float], _opt("--drop-rate", metavar="P", help="Change drop_rate (also when "
                          "fine-tuning).")] = None,
-    epochs: Annotated[Optional[int], _opt("--epochs", metavar="N", help="Passes over the training windows.")] = None,
-    max_steps: Annotated[Optional[int], _opt("--max-steps", metavar="N", help="Optimizer steps (with --epochs, "
+    epochs: Annotated[Optional[int], _setting("epochs", "--epochs", metavar="N", help="Passes over the training windows.")] = None,
+    max_steps: Annotated[Optional[int], _setting("max_steps", "--max-steps", metavar="N", help="Optimizer steps (with --epochs, "
                          "whichever ends first).")] = None,
-    batch_size: Annotated[Optional[int], _opt("--batch-size", "-b", metavar="N", help="Sequences per micro-batch "
+    batch_size: Annotated[Optional[int], _setting("batch_size", "--batch-size", "-b", metavar="N", help="Sequences per micro-batch "
                           "(over all processes under torchrun).")] = None,
-    grad_accum: Annotated[Optional[int], _opt("--grad-accum", metavar="N", help="Micro-batches per optimizer "
+    grad_accum: Annotated[Optional[int], _setting("grad_accum", "--grad-accum", metavar="N", help="Micro-batches per optimizer "
                           "step (gradient accumulation).")] = None,
-    lr: Annotated[Optional[float], _opt("--lr", metavar="LR", help="Peak learning rate.")] = None,
-    schedule: Annotated[Optional[str], _opt("--schedule", metavar="constant|cosine", help="constant, or linear "
+    lr: Annotated[Optional[float], _setting("lr", "--lr", metavar="LR", help="Peak learning rate.")] = None,
+    schedule: Annotated[Optional[str], _setting("schedule", "--schedule", metavar="constant|cosine", help="constant, or linear "
                         "warm-up then cosine decay to --min-lr.")] = None,
-    warmup_steps: Annotated[Optional[int], _opt("--warmup-steps", metavar="N", help="Warm-up steps (cosine).")] = None,
-    min_lr: Annotated[Optional[float], _opt("--min-lr", metavar="LR", help="Where cosine decay ends.")] = None,
-    decay_steps: Annotated[Optional[int], _opt("--decay-steps", metavar="N", help="The step where cosine decay "
+    warmup_steps: Annotated[Optional[int], _setting("warmup_steps", "--warmup-steps", metavar="N", help="Warm-up steps (cosine).")] = None,
+    min_lr: Annotated[Optional[float], _setting("min_lr", "--min-lr", metavar="LR", help="Where cosine decay ends.")] = None,
+    decay_steps: Annotated[Optional[int], _setting("decay_steps", "--decay-steps", metavar="N", help="The step where cosine decay "
                            "reaches --min-lr (default: the run's last step).")] = None,
-    weight_decay: Annotated[Optional[float], _opt("--weight-decay", metavar="WD", help="AdamW weight decay.")] = None,
-    decay: Annotated[Optional[str], _opt("--decay", metavar="all|2d", help="Decay every parameter (the book) or "
+    weight_decay: Annotated[Optional[float], _setting("weight_decay", "--weight-decay", metavar="WD", help="AdamW weight decay.")] = None,
+    decay: Annotated[Optional[str], _setting("decay", "--decay", metavar="all|2d", help="Decay every parameter (the book) or "
                      "only 2-D weights (nanoGPT).")] = None,
-    beta1: Annotated[Optional[float], _opt("--beta1", metavar="B", help="AdamW beta1.")] = None,
-    beta2: Annotated[Optional[float], _opt("--beta2", metavar="B", help="AdamW beta2.")] = None,
-    grad_clip: Annotated[Optional[float], _opt("--grad-clip", metavar="NORM", help="Clip the gradient norm (0: "
+    beta1: Annotated[Optional[float], _opt("--beta1", metavar="B", help="AdamW beta1. [default: 0.9]")] = None,
+    beta2: Annotated[Optional[float], _opt("--beta2", metavar="B", help="AdamW beta2. [default: 0.999]")] = None,
+    grad_clip: Annotated[Optional[float], _setting("grad_clip", "--grad-clip", metavar="NORM", help="Clip the gradient norm (0: "
                          "off).")] = None,
-    sampling: Annotated[Optional[str], _opt("--sampling", metavar="windows|random", help="windows: the book's "
+    sampling: Annotated[Optional[str], _setting("sampling", "--sampling", metavar="windows|random", help="windows: the book's "
                         "fixed windows, shuffled each epoch; random: nanoGPT's windows at random offsets.")] = None,
-    stride: Annotated[Optional[int], _opt("--stride", metavar="N", help="Tokens between windows (windows; default "
+    stride: Annotated[Optional[int], _setting("stride", "--stride", metavar="N", help="Tokens between windows (windows; default "
                       "the context length).")] = None,
-    val_fraction: Annotated[Optional[float], _opt("--val-fraction", metavar="F", help="The last F of the text "
-                            "validates (default 0.1).")] = None,
-    eval_every: Annotated[Optional[int], _opt("--eval-every", metavar="N", help="Evaluate every N steps (and at "
-                          "the end).")] = None,
-    eval_batches: Annotated[Optional[int], _opt("--eval-batches", metavar="N", help="Batches per split in each "
+    val_fraction: Annotated[Optional[float], _setting("val_fraction", "--val-fraction", metavar="F", help="The last F of the text "
+                            "validates.")] = None,
+    eval_every: Annotated[Optional[int], _setting("eval_every", "--eval-every", metavar="N", help="Evaluate every N steps (and "
+                          "after the last one: in the JSON log and the summary).")] = None,
+    eval_batches: Annotated[Optional[int], _setting("eval_batches", "--eval-batches", metavar="N", help="Batches per split in each "
                             "evaluation.")] = None,
-    sample_prompt: Annotated[Optional[str], _opt("--sample-prompt", metavar="TEXT", help="Prompt of the greedy "
+    sample_prompt: Annotated[Optional[str], _setting("sample_prompt", "--sample-prompt", metavar="TEXT", help="Prompt of the "
                              "samples shown while training.")] = None,
-    sample_every: Annotated[Optional[str], _opt("--sample-every", metavar="epoch|N", help="Sample after each "
+    sample_every: Annotated[Optional[str], _setting("sample_every", "--sample-every", metavar="epoch|N", help="Sample after each "
                             "epoch, every N steps, or 0 for never.")] = None,
-    sample_tokens: Annotated[Optional[int], _opt("--sample-tokens", metavar="N", help="Tokens per sample.")] = None,
-    save_every: Annotated[Optional[int], _opt("--save-every", metavar="N", help="Checkpoint every N steps (always "
-                          "at the end and on Ctrl-C).")] = None,
-    init: Annotated[Optional[str], _opt("--init", metavar="book|gpt2", help="A new model's init: the book's "
+    sample_tokens: Annotated[Optional[int], _setting("sample_tokens", "--sample-tokens", metavar="N", help="Tokens per sample.")] = None,
+    sample_temperature: Annotated[Optional[float], _setting("sample_temperature", "--sample-temperature", metavar="T",
+                                  help="The samples' temperature: 0 is greedy (the book); shakespeare-char samples "
+                                  "at 0.8 with top-k 200, as nanoGPT's sample.py.")] = None,
+    sample_top_k: Annotated[Optional[int], _setting("sample_top_k", "--sample-top-k", metavar="K",
+                            help="Sample among the K likeliest tokens.")] = None,
+    sample_seed: Annotated[Optional[int], _setting("sample_seed", "--sample-seed", metavar="N",
+                           help="The samples' seed, the same for every sample (none: --seed).")] = None,
+    save_every: Annotated[Optional[int], _setting("save_every", "--save-every", metavar="N", help="Checkpoint every N steps (always "
+                          "at the end, and on Ctrl-C or SIGTERM).")] = None,
+    init: Annotated[Optional[str], _setting("init", "--init", metavar="book|gpt2", help="A new model's init: the book's "
                     "(nn defaults, drawn in its order) or GPT-2's N(0, 0.02), as nanoGPT.")] = None,
-    seed: Annotated[Optional[int], _opt("--seed", metavar="N", help="Seeds the init, the data order and dropout.")] = None,
+    seed: Annotated[Optional[int], _setting("seed", "--seed", metavar="N", help="Seeds the init, the data order and dropout.")] = None,
     device: DeviceOption = "auto",
-    dtype: Annotated[Optional[str], _opt("--dtype", metavar="float32|bfloat16|float16", help="float32, or bfloat16/float16 "
+    dtype: Annotated[Optional[str], _setting("dtype", "--dtype", metavar="float32|bfloat16|float16", help="float32, or bfloat16/float16 "
                      "autocast (weights and AdamW state stay float32).")] = None,
     compile_model: Annotated[bool, typer.Option("--compile", help="Compile the model with torch.compile.")] = False,
     threads: ThreadsOption = None,
     resume: Annotated[Optional[Path], _opt("--resume", metavar="DIR", help="Continue the run in DIR where it "
                       "stopped (bit for bit on the CPU).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the run already in --out.")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="JSON Lines events on stdout (also what a pipe "
-                           "gets).")] = False,
+    json_output: Annotated[Optional[bool], typer.Option("--json/--plain", show_default=False, help="JSON Lines "
+                           "events on stdout, or the plain lines a terminal shows (the book's evaluation lines and "
+                           "the samples). Default: plain on a terminal, JSON in a pipe.")] = None,
 ) -> None:
     """Pretrain or fine-tune GPT-2 on your own text.
 
     Recipes: book-ch05 is chapter 5 of the book (124M, context 256, The Verdict; prints the book's figures);
     shakespeare-char is nanoGPT's CPU recipe (a 0.8M-parameter character model). Flags override a recipe.
+    A recipe without DATA trains on its own text, downloaded once (sha256-checked) and cached.
 
     On a terminal a progress bar shows step, epoch, loss, lr, tokens/s and ETA, with evaluations and samples
     above it. In a pipe or with --json, stdout gets one JSON event per line (start, eval, sample, checkpoint,
-    end), the same lines as DIR/train.jsonl. Ctrl-C saves a checkpoint and exits 130; --resume continues.
+    end), the same lines as DIR/train.jsonl. Ctrl-C or SIGTERM saves a checkpoint, prints the resume command
+    and exits 130 (143 for SIGTERM); --resume continues.
 
     Examples:
 
     \b
+      gptcli train --recipe shakespeare-char          # downloads Tiny Shakespeare once
       gptcli train the-verdict.txt --recipe book-ch05 --out runs/verdict
       gptcli train tinyshakespeare.txt --recipe shakespeare-char --out runs/shakespeare
       gptcli generate --weights runs/shakespeare "ROMEO:" -n 200 -t 0.8 --top-k 50
@@ -128,6 +153,7 @@ def train(
         "weight_decay": weight_decay, "decay": decay, "sampling": sampling, "stride": stride,
         "val_fraction": val_fraction, "eval_every": eval_every,
         "eval_batches": eval_batches, "sample_prompt": sample_prompt, "sample_tokens": sample_tokens,
+        "sample_temperature": sample_temperature, "sample_top_k": sample_top_k, "sample_seed": sample_seed,
         "save_every": save_every, "seed": seed, "init": init, "dtype": dtype,
     }
     flags = {k: v for k, v in flags.items() if v is not None}
@@ -139,15 +165,41 @@ def train(
         flags["compile"] = True
     arch = {k: v for k, v in {"context_length": context_length, "n_layers": n_layers, "n_heads": n_heads,
                                "emb_dim": emb_dim, "drop_rate": drop_rate}.items() if v is not None}
-    json_mode = json_output or not sys.stdout.isatty()
+    json_mode = json_output if json_output is not None else not sys.stdout.isatty()
     request = training.RunRequest(data=tuple(data or ()), out=out, recipe=recipe, settings=flags, arch=arch,
                                   beta1=beta1, beta2=beta2, size=size, config=config, weights=weights,
                                   device=device, force=force, resume=resume)
-    run = training.prepare_run(request, note=note, tokenizing=_tokenizing_bar)
+    try:
+        with _stopped_before_training() as stopped:
+            run = training.prepare_run(request, note=note, tokenizing=_tokenizing_bar)
+    except UserError:
+        if training.dist_from_env().main:
+            raise
+        raise typer.Exit(2) from None  # under torchrun every process fails alike: rank 0 says it, once
+    except KeyboardInterrupt:
+        err("error: stopped before training started; nothing was trained (the same command starts again)")
+        raise typer.Exit(STOP_SIGNALS.get(stopped[0], EXIT_INTERRUPTED) if stopped else EXIT_INTERRUPTED) from None
     try:
         _render(training.Trainer(run), run, json_mode)
     finally:
         training.finish_distributed(run.dist)
+
+
+@contextlib.contextmanager
+def _stopped_before_training() -> Iterator[list[int]]:
+    """While the run is prepared, SIGTERM stops as Ctrl-C does (one line, not a bare kill); the list
+    names the signal."""
+    stopped: list[int] = []
+
+    def handle(signum, frame):
+        stopped.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield stopped
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _sample_every(value: str) -> str | int:
@@ -194,52 +246,104 @@ def sample_line(ev: dict, tokenizer_name: str) -> str:
     return text.replace("\n", " ") if tokenizer_name == "gpt2" else text
 
 
+def sample_label(ev: dict) -> str:
+    """What a sample is, for the note before it: when it was drawn and how."""
+    how = "greedy" if not ev.get("temperature") else ", ".join(
+        [f"temperature {ev['temperature']:g}"] + ([f"top-k {ev['top_k']}"] if ev.get("top_k") else [])
+        + ([f"seed {ev['seed']}"] if ev.get("seed") is not None else []))
+    return f"sample after step {ev['step']} ({how}):"
+
+
+def final_summary(ev: dict | None) -> str:
+    """The evaluation after the last step, when it was off the --eval-every schedule, for the summary."""
+    if ev is None:
+        return ""
+    return f"; final train loss {ev['train_loss']:.3f}, val loss {ev['val_loss']:.3f}"
+
+
+class Stopper:
+    """SIGINT (Ctrl-C) and SIGTERM ask the trainer to stop after this step and save. A second signal
+    quits at once, unless a checkpoint is being written: then the save finishes first (the files are
+    whole either way; a run with no checkpoint yet keeps this one)."""
+
+    def __init__(self, trainer, main: bool):
+        self.trainer = trainer
+        self.main = main
+        self.signals: list[int] = []
+        self.quit_after_save = False
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> "Stopper":
+        for signum in STOP_SIGNALS:
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    @property
+    def exit_code(self) -> int:
+        return STOP_SIGNALS[self.signals[0]] if self.signals else EXIT_INTERRUPTED
+
+    def _handle(self, signum, frame) -> None:
+        self.signals.append(signum)
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        if len(self.signals) == 1:
+            self.trainer.request_stop()
+            if self.main:
+                note(f"{name}: stopping after this step and saving a checkpoint ({name} again to quit without "
+                     "saving)")
+            return
+        if getattr(self.trainer, "saving", False):
+            self.quit_after_save = True
+            if self.main:
+                note("writing the checkpoint; quitting once it is whole")
+            return
+        raise KeyboardInterrupt
+
+
 def _render(trainer, run: "Run", json_mode: bool) -> None:
     from gptcli.training import RunLog
 
     main = run.dist.main
     log = RunLog(run.out) if main else None
-    interrupted = {"n": 0}
-
-    def on_sigint(signum, frame):
-        interrupted["n"] += 1
-        if interrupted["n"] > 1:
-            raise KeyboardInterrupt
-        trainer.request_stop()
-        if main:
-            note("stopping after this step and saving a checkpoint (Ctrl-C again to quit without saving)")
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
     progress = None
     end: dict | None = None
+    final: dict | None = None
+    stopper = Stopper(trainer, main)
     try:
-        events = trainer.events()
-        for ev in events:
-            if not main:
-                continue
-            log.record(ev)
-            kind = ev["event"]
-            if kind == "start":
-                progress = _start_progress(ev, json_mode)
-                if ev["resumed"]:
-                    note(f"resuming {run.out} after step {ev['step'] - 1}")
-                else:
-                    note(f"{ev['params']:,} parameters, {ev['train_tokens']:,} training and {ev['val_tokens']:,} "
-                         f"validation tokens ({ev['tokenizer']}), {ev['total_steps']} steps on {ev['device']}; "
-                         f"writing {run.out}")
-            if kind == "step":
-                if progress is not None:
-                    progress.advance(ev)
-                continue
-            if json_mode:
-                sys.stdout.write(json.dumps(ev, ensure_ascii=False) + "\n")
-                sys.stdout.flush()
-            else:
-                line = {"eval": lambda: book_line(ev), "sample": lambda: sample_line(ev, run.tokenizer.name)}.get(kind)
-                if line is not None:
-                    _print_above(progress, line())
-            if kind == "end":
-                end = ev
+        with stopper:
+            for ev in trainer.events():
+                if not main:
+                    continue
+                log.record(ev)
+                kind = ev["event"]
+                if kind == "start":
+                    progress = _start_progress(ev, json_mode)
+                    if ev["resumed"]:
+                        note(f"resuming {run.out} after step {ev['step'] - 1}")
+                    else:
+                        note(f"{ev['params']:,} parameters, {ev['train_tokens']:,} training and "
+                             f"{ev['val_tokens']:,} validation tokens ({ev['tokenizer']}), {ev['total_steps']} "
+                             f"step{'s' * (ev['total_steps'] != 1)} on {ev['device']}; writing {run.out}")
+                if kind == "step":
+                    if progress is not None:
+                        progress.advance(ev)
+                    continue
+                if json_mode:
+                    sys.stdout.write(json.dumps(ev, ensure_ascii=False) + "\n")
+                    sys.stdout.flush()
+                elif kind == "eval" and ev.get("final"):
+                    final = ev  # in the summary: the book's lines are the scheduled evaluations only
+                elif kind == "eval":
+                    _print_above(progress, book_line(ev))
+                elif kind == "sample":
+                    _print_above(progress, sample_line(ev, run.tokenizer.name), label=sample_label(ev))
+                if kind == "end":
+                    end = ev
+                if kind == "checkpoint" and stopper.quit_after_save:
+                    break  # the second signal's wish, now that the checkpoint is whole
     except KeyboardInterrupt:
         if progress is not None:
             progress.stop()
@@ -250,23 +354,35 @@ def _render(trainer, run: "Run", json_mode: bool) -> None:
                 f"(gptcli train --resume {run.out})")
         else:
             err(f"error: interrupted before the first checkpoint; nothing to resume in {run.out}")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise typer.Exit(stopper.exit_code) from None
     finally:
-        signal.signal(signal.SIGINT, previous)
         if progress is not None:
             progress.stop()
+    if main and stopper.quit_after_save:
+        note(f"stopped; saved {run.out}; continue with: gptcli train --resume {run.out}")
+        raise typer.Exit(stopper.exit_code)
     if main and end is not None:
         rate = f", {end['tokens_per_s']:,.0f} tokens/s" if end.get("tokens_per_s") else ""
         if end["reason"] == "interrupted":
-            note(f"interrupted after step {end['step']}; saved {run.out}; continue with: gptcli train --resume "
-                 f"{run.out}")
-            raise typer.Exit(EXIT_INTERRUPTED)
-        note(f"done: {end['step'] + 1} steps in {end['wall_s']:.1f} s{rate}; weights in {run.out} (best in "
+            from gptcli.training import STATE_FILE
+
+            if not (run.out / STATE_FILE).exists():  # stopped before the first step: nothing was trained
+                err("error: stopped before the first step; nothing to resume (the same command starts again)")
+            else:
+                note(f"stopped after step {end['step']}; saved {run.out}; continue with: gptcli train --resume "
+                     f"{run.out}")
+            raise typer.Exit(stopper.exit_code)
+        steps = f"{end['step'] + 1} step{'s' * (end['step'] != 0)}"
+        note(f"done: {steps} in {end['wall_s']:.1f} s{rate}{final_summary(final)}; weights in {run.out} (best in "
              f"{run.out / 'best'}); try: gptcli generate --weights {run.out} \"...\"")
 
 
-def _print_above(progress, text: str) -> None:
-    if progress is not None:
+def _print_above(progress, text: str, label: str | None = None) -> None:
+    """A line on stdout (above the bar); ``label`` first, as a note on stderr, so stdout keeps the
+    book's lines exactly."""
+    if label is not None:
+        note(label)  # under a bar on stdout, Rich's redirect prints it above the bar too
+    if progress is not None and progress.on_stdout:
         progress.print(text)
     else:
         sys.stdout.write(text + "\n")
@@ -278,6 +394,8 @@ class _Bar:
 
     def __init__(self, start: dict, console, redirect: bool = True):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.on_stdout = redirect  # on stdout, lines go above it through its console
 
         self.progress = Progress(
             TextColumn("step"), MofNCompleteColumn(), BarColumn(),
@@ -305,10 +423,11 @@ class _Bar:
 
 
 def _start_progress(start: dict, json_mode: bool):
-    """The bar on stdout on a terminal; on stderr when stdout carries JSON and stderr is a terminal."""
+    """The bar on stdout on a terminal; on stderr when stdout is a pipe (JSON, or --plain lines) and stderr
+    is a terminal; none otherwise."""
     from rich.console import Console
 
-    if not json_mode:
+    if not json_mode and sys.stdout.isatty():
         return _Bar(start, Console(highlight=False))
     if sys.stderr.isatty():
         return _Bar(start, Console(stderr=True, highlight=False), redirect=False)

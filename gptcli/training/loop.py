@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Iterator
 from gptcli.errors import UserError
 from gptcli.training.distributed import barrier, mean_across
 from gptcli.training.optimizer import learning_rate, make_optimizer
+from gptcli.training import run_folder
 from gptcli.training.run_folder import BEST_DIR
 from gptcli.training.setup import Run, check_data
 from gptcli.training.state import STATE_FILE, Position, restore_optimizer, restore_position, write_state
@@ -75,6 +76,7 @@ class Trainer:
         self.run, self.settings, self.model = run, run.settings, run.model
         s, cfg = run.settings, run.model.cfg
         self._stop = False
+        self.saving = False  # a checkpoint is being written (see save)
         self.total_steps, self.steps_per_epoch = check_data(run.train_ids, run.val_ids, s, cfg.context_length)
         if run.resume_state is not None and run.resume_state.position.step >= self.total_steps:
             done = run.resume_state.position.step
@@ -140,28 +142,43 @@ class Trainer:
         return out[0], out[1]
 
     def sample(self) -> dict:
-        """Greedy continuation of the sample prompt, as the book's generate_and_print_sample."""
-        from gptcli.generate import Decoder, Generation, SamplingOptions, prompt_ids
+        """A continuation of the sample prompt, drawn as the settings say: greedy (the book's
+        generate_and_print_sample) or sampled with a fixed seed (nanoGPT's sample.py). The samples'
+        generator is their own, so sampling never moves the training's random numbers."""
+        from gptcli.generate import Decoder, Generation, prompt_ids
 
         model, tok, s = self.model, self.run.tokenizer, self.settings
         model.eval()
         ids = prompt_ids(s.sample_prompt or "", tok)
-        options = SamplingOptions(max_new_tokens=s.sample_tokens, ignore_eos=True)
+        options = s.sampling_options()
         gen = Generation(Decoder(model, self.run.device, next(model.parameters()).dtype), ids, options,
                          eos_id=tok.eot_id, token_bytes=tok.token_bytes, context_length=model.cfg.context_length)
         gen.run()
         model.train()
-        return {"prompt": s.sample_prompt, "text": gen.text, "token_ids": gen.token_ids}
+        return {"prompt": s.sample_prompt, "text": gen.text, "token_ids": gen.token_ids,
+                "temperature": options.temperature, "top_k": options.top_k,
+                "seed": None if options.greedy else options.seed}
 
     def save(self) -> Path:
-        """Write state.safetensors (all that resuming needs), then the last weights' export."""
+        """Write state.safetensors (all that resuming needs), then the last weights' export.
+
+        ``saving`` is set meanwhile, so a signal handler can let the save finish (each file is written
+        to a temporary name and renamed: stopping in the middle would keep the previous one, but a
+        run with no checkpoint yet would have none). A write that fails (a full disk) is a UserError
+        that names the last good checkpoint."""
         from gptcli.export import save_pretrained
 
         run = self.run
-        write_state(run.out / STATE_FILE, self.model, self.optimizer, settings=self.settings,
-                    tokenizer=run.tokenizer, position=self.position, batches=self.batches,
-                    weights_source=run.weights_source, data_digest=run.data_digest, world_size=run.dist.world)
-        save_pretrained(self.model, run.out, run.tokenizer)
+        self.saving = True
+        try:
+            with run_folder.writing(run.out, "the checkpoint"):
+                write_state(run.out / STATE_FILE, self.model, self.optimizer, settings=self.settings,
+                            tokenizer=run.tokenizer, position=self.position, batches=self.batches,
+                            weights_source=run.weights_source, data_digest=run.data_digest,
+                            world_size=run.dist.world)
+                save_pretrained(self.model, run.out, run.tokenizer)
+        finally:
+            self.saving = False
         return run.out
 
     def _save_best(self, step: int, val_loss: float) -> None:
@@ -169,8 +186,9 @@ class Trainer:
 
         self.position.best_val = val_loss
         if self.run.dist.main:
-            save_pretrained(self.model, self.run.out / BEST_DIR, self.run.tokenizer,
-                            {"gptcli.step": str(step), "gptcli.val_loss": repr(val_loss)})
+            with run_folder.writing(self.run.out, f"the best weights ({BEST_DIR}/)"):
+                save_pretrained(self.model, self.run.out / BEST_DIR, self.run.tokenizer,
+                                {"gptcli.step": str(step), "gptcli.val_loss": repr(val_loss)})
 
     def _checkpoint(self, step: int) -> Iterator[dict]:
         if self.run.dist.main:
@@ -227,10 +245,13 @@ class Trainer:
                    "total_steps": total}
 
             last = pos.step == total
-            if done_step % s.eval_every == 0 or last:
+            scheduled = done_step % s.eval_every == 0
+            if scheduled or last:
                 train_loss, val_loss = self.evaluate()
+                # "final": the evaluation after the last step, off the --eval-every schedule (the book's
+                # loop has none; its printed lines are the scheduled ones).
                 yield {"event": "eval", "step": done_step, "epoch": shown_epoch, "tokens_seen": pos.tokens_seen,
-                       "train_loss": train_loss, "val_loss": val_loss, "lr": lr}
+                       "train_loss": train_loss, "val_loss": val_loss, "lr": lr, "final": not scheduled}
                 if val_loss < pos.best_val:
                     self._save_best(done_step, val_loss)
             if self._sample_due(done_step, epoch_end, last):

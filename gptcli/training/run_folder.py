@@ -9,9 +9,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from gptcli.errors import UserError
 from gptcli.training.state import STATE_FILE
@@ -24,39 +28,161 @@ PLOT_FILE = "loss.png"
 BEST_DIR = "best"
 DATA_DIR = "data"
 RUN_MARKERS = (STATE_FILE, LOG_FILE)  # a folder holding one of these is a training run
+MODEL_FILE = "model.safetensors"
+# Every name a run writes (and the temporary files of its atomic writes, ".NAME.tmp-PID").
+RUN_ENTRIES = (STATE_FILE, LOG_FILE, PLOT_FILE, MODEL_FILE, "config.json", BEST_DIR, DATA_DIR)
 
 
-def check_out_dir(out: Path, *, resume: bool, force: bool) -> None:
-    """Refuse to write into a folder that holds something else: another run (unless --force) or files."""
+def _run_entry(name: str) -> bool:
+    return name in RUN_ENTRIES or (name.startswith(".") and ".tmp-" in name)
+
+
+def unfinished_run(out: Path) -> bool:
+    """Whether ``out`` holds only what a run writes, and no checkpoint: the leftovers of a run that
+    failed or was killed before it saved anything (nothing to resume), which a new run replaces."""
+    try:
+        entries = [p.name for p in out.iterdir()]
+    except OSError:
+        return False
+    return bool(entries) and all(_run_entry(n) for n in entries) and STATE_FILE not in entries \
+        and MODEL_FILE not in entries
+
+
+def check_out_dir(out: Path, *, resume: bool, force: bool) -> bool:
+    """Refuse to write into a folder that holds something else: another run (unless --force) or files.
+
+    True when ``out`` must be cleared first: --force, or the leftovers of a run that saved no
+    checkpoint (``unfinished_run``), so a failed run never blocks the corrected one."""
     if resume:
         if not out.is_dir():
             raise UserError(f"--resume {out}: no such folder")
-        return
+        return False
     if not out.exists():
-        return
+        return False
     if not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
     entries = [p.name for p in out.iterdir()]
     if not entries:
-        return
+        return False
+    if unfinished_run(out):
+        return True
     is_run = any(m in entries for m in RUN_MARKERS)
     if is_run and not force:
         if STATE_FILE not in entries:
-            raise UserError(f"--out {out}: holds a training run that saved no checkpoint (nothing to resume); pass "
-                            "--force to replace it, or another --out")
+            raise UserError(f"--out {out}: holds a training run that saved no checkpoint (nothing to resume) and "
+                            "other files; pass --force to replace the run's files, or another --out")
         raise UserError(f"--out {out}: holds another training run; pass --resume {out} to continue it, "
                         "--force to replace it, or another --out")
     if not is_run:
         raise UserError(f"--out {out}: the folder is not empty and is not a training run; choose an empty or new "
                         "folder")
+    return True
+
+
+def existing_parent(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (where a new folder would be made)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(out: Path) -> None:
+    """Make and remove a file where the run will write (a read-only disk or folder is refused now,
+    not after the first steps)."""
+    where = existing_parent(out)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".gptcli-probe-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write in {where}: {exc.strerror or exc}; choose a writable folder "
+                        "with --out") from None
+
+
+def folder_bytes(n_params: int, n_tokens: int, token_bytes: int) -> dict[str, int]:
+    """What a run folder holds, in bytes (float32): state.safetensors (weights and AdamW's two moments,
+    12 per parameter), model.safetensors and best/ (4 each), data/, and the room a checkpoint needs
+    while it is rewritten (its new state file beside the old one)."""
+    sizes = {"state": 12 * n_params, "weights": 4 * n_params, "best": 4 * n_params, "data": n_tokens * token_bytes}
+    sizes["rewrite"] = sizes["state"] + sizes["weights"]
+    sizes["total"] = sum(sizes.values())
+    return sizes
+
+
+def check_room(out: Path, need: dict[str, int], already: int = 0) -> None:
+    """Refuse a run whose checkpoints will not fit on ``out``'s disk (``already``: bytes it holds now)."""
+    from gptcli.params import human_bytes
+
+    where = existing_parent(out)
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return
+    if need["total"] - already > free:
+        raise UserError(
+            f"--out {out}: the disk has {human_bytes(free)} free, and this run needs about "
+            f"{human_bytes(need['total'] - already)} (state {human_bytes(need['state'])}, weights "
+            f"{human_bytes(need['weights'])}, best/ {human_bytes(need['best'])}, data {human_bytes(need['data'])}, "
+            f"{human_bytes(need['rewrite'])} while a checkpoint is rewritten); free some space or choose another "
+            "--out")
+
+
+def last_checkpoint(out: Path) -> int | None:
+    """The step (0-based) of the checkpoint in ``out``, from its state file's header; None if there is none."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(out / STATE_FILE), framework="pt", device="cpu") as f:
+            return int(json.loads((f.metadata() or {})["gptcli.position"])["step"]) - 1
+    except Exception:  # noqa: BLE001 - missing or unreadable: no good checkpoint to name
+        return None
+
+
+def failure_reason(exc: BaseException) -> str:
+    """``No space left on device`` from an OSError, or from safetensors' wrapped one (``Os { code: 28, ...``)."""
+    import re
+
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    code = re.search(r"code: (\d+)", str(exc))
+    if code:
+        return os.strerror(int(code.group(1)))
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def write_failure(out: Path, what: str, exc: BaseException) -> UserError:
+    """One line for a write that failed after training started: what, why, and the last good checkpoint."""
+    reason = failure_reason(exc)
+    step = last_checkpoint(out)
+    if step is None:
+        rest = (f"no checkpoint was saved, so there is nothing to resume; rerun the same command once there is "
+                f"room (it replaces {out})")
+    else:
+        rest = (f"the last good checkpoint, after step {step}, is intact in {out}: free some space, then "
+                f"gptcli train --resume {out}")
+    return UserError(f"cannot write {what} in {out}: {reason}; {rest}")
+
+
+@contextlib.contextmanager
+def writing(out: Path, what: str) -> Iterator[None]:
+    """Turn a failed write (OSError, or safetensors' own error for one) into ``write_failure``."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        raise write_failure(out, what, exc) from None
 
 
 def clear_run(out: Path) -> None:
     """--force: remove the files of the run in ``out`` (only those a run writes)."""
-    import shutil
-
-    for name in (STATE_FILE, LOG_FILE, PLOT_FILE, "model.safetensors", "config.json"):
+    for name in (STATE_FILE, LOG_FILE, PLOT_FILE, MODEL_FILE, "config.json"):
         (out / name).unlink(missing_ok=True)
+    for leftover in out.glob(".*.tmp-*"):  # an atomic write cut short by a kill
+        if leftover.is_file():
+            leftover.unlink()
     for name in (BEST_DIR, DATA_DIR):
         if (out / name).is_dir():
             shutil.rmtree(out / name)
@@ -114,11 +240,13 @@ class RunLog:
     def record(self, event: dict) -> None:
         if event["event"] == "step":
             return
-        with open(self.out / LOG_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(event, ensure_ascii=False) + "\n")
+        with writing(self.out, LOG_FILE):
+            with open(self.out / LOG_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(event, ensure_ascii=False) + "\n")
         if event["event"] == "eval":
             self.evals.append(event)
             if self.plot:
                 from gptcli.plot import plot_losses
 
-                plot_losses(self.evals, self.out / PLOT_FILE)
+                with writing(self.out, PLOT_FILE):
+                    plot_losses(self.evals, self.out / PLOT_FILE)

@@ -6,9 +6,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gptcli.errors import UserError
+from gptcli.generate import check_seed
+
+if TYPE_CHECKING:
+    from gptcli.generate import SamplingOptions
 
 
 @dataclass
@@ -37,6 +41,9 @@ class TrainSettings:
     sample_prompt: str | None = "Every effort moves you"
     sample_every: str | int = "epoch"  # "epoch", N steps, or 0 for never
     sample_tokens: int = 50
+    sample_temperature: float = 0.0  # 0: greedy, as the book's generate_and_print_sample
+    sample_top_k: int | None = None
+    sample_seed: int | None = None  # the samples' own generator (every sample the same seed); None: --seed
     save_every: int = 0  # steps between checkpoints; 0: only at the end and on Ctrl-C
     seed: int = 123
     init: str = "book"  # book (chapter 4's nn defaults) | gpt2 (N(0, 0.02), as GPT-2 and nanoGPT)
@@ -60,8 +67,14 @@ class TrainSettings:
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "epochs", "max_steps", "stride",
                      "decay_steps"):
             positive(name, getattr(self, name))
-        for name in ("warmup_steps", "save_every", "sample_tokens", "seed"):
+        for name in ("warmup_steps", "save_every", "sample_tokens", "seed", "sample_seed"):
             positive(name, getattr(self, name), zero_ok=True)
+        positive("sample_top_k", self.sample_top_k)
+        check_seed(self.seed, "--seed")  # torch's generators take 0 to 2**64 - 1: refused now, not at step 0
+        if self.sample_seed is not None:
+            check_seed(self.sample_seed, "--sample-seed")
+        if not (isinstance(self.sample_temperature, (int, float)) and 0 <= self.sample_temperature < float("inf")):
+            raise UserError(f"--sample-temperature must be 0 (greedy) or more, got {self.sample_temperature!r}")
         if self.epochs is None and self.max_steps is None:
             raise UserError("say how long to train: --epochs N or --max-steps N")
         if self.tokenizer not in ("gpt2", "char"):
@@ -99,10 +112,20 @@ class TrainSettings:
         return self
 
 
+    def sampling_options(self) -> "SamplingOptions":
+        """How the progress samples are drawn: the recipe's temperature and top-k, a fixed seed."""
+        from gptcli.generate import SamplingOptions
+
+        return SamplingOptions(max_new_tokens=self.sample_tokens, temperature=float(self.sample_temperature),
+                               top_k=self.sample_top_k, seed=self.seed if self.sample_seed is None else self.sample_seed,
+                               ignore_eos=True)
+
+
 SETTING_NAMES = {f.name for f in dataclasses.fields(TrainSettings)}
 # Recipe keys that choose the model rather than how it trains.
 MODEL_KEYS = ("size", "config", "model", "weights")
-RECIPE_KEYS = {"description", *MODEL_KEYS, *SETTING_NAMES} - {"dtype", "compile", "device"}
+# "data": the dataset (gptcli.datasets) a recipe trains on when no DATA is given.
+RECIPE_KEYS = {"description", "data", *MODEL_KEYS, *SETTING_NAMES} - {"dtype", "compile", "device"}
 
 
 @dataclass
@@ -114,6 +137,7 @@ class Recipe:
     model: dict[str, Any] = field(default_factory=dict)  # architecture overrides
     weights: str | None = None
     description: str = ""
+    data: str | None = None  # a gptcli.datasets name: what to train on without DATA
 
 
 def recipes_dir() -> Path:
@@ -157,4 +181,5 @@ def load_recipe(spec: str) -> Recipe:
     if "betas" in settings and isinstance(settings["betas"], list):
         settings["betas"] = tuple(settings["betas"])
     return Recipe(name=path.stem, settings=settings, size=raw.get("size"), config=raw.get("config"), model=model,
-                  weights=raw.get("weights"), description=str(raw.get("description", "")))
+                  weights=raw.get("weights"), description=str(raw.get("description", "")),
+                  data=None if raw.get("data") is None else str(raw["data"]))

@@ -231,6 +231,33 @@ def check_memory(cfg: "GPTConfig", settings: TrainSettings, device: "torch.devic
             "batch")
 
 
+def check_sample_prompt(settings: TrainSettings, tok: "Tokenizer", note: Note) -> None:
+    """A sample prompt the vocabulary cannot encode would fail after the first epoch's steps: such
+    a run trains without samples, and says so now (``sample_prompt`` becomes None)."""
+    if settings.sample_prompt is None or settings.sample_tokens == 0 or not settings.sample_prompt:
+        return
+    try:
+        tok.encode(settings.sample_prompt)
+    except UserError as exc:
+        unknown = getattr(tok, "unknown", None)
+        chars = unknown(settings.sample_prompt) if unknown is not None else []
+        what = (f"has {', '.join(map(repr, chars[:8]))}, not in the vocabulary of {tok.vocab_size} characters"
+                if chars else str(exc))
+        note(f"the sample prompt {settings.sample_prompt!r} {what}; training without samples (give one made of "
+             "the text's characters with --sample-prompt)")
+        settings.sample_prompt = None
+
+
+def check_folder_room(out: Path, cfg: "GPTConfig", n_tokens: int, vocab_size: int, resuming: bool = False) -> None:
+    """The run folder's disk can take this run's checkpoints (``run_folder.folder_bytes``); a resumed
+    run's folder holds them already and needs the room to rewrite one."""
+    from gptcli.data import id_dtype
+    from gptcli.params import count_params
+
+    need = run_folder.folder_bytes(count_params(cfg).total, n_tokens, id_dtype(vocab_size).itemsize)
+    run_folder.check_room(out, need, already=need["total"] - need["rewrite"] if resuming else 0)
+
+
 # --------------------------------------------------------------------------------------------
 # New runs and resumed ones
 
@@ -321,16 +348,25 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
 
     recipe = load_recipe(request.recipe) if request.recipe else None
     settings = _settings(request, dict(recipe.settings) if recipe else {})
-    if not request.data:
+    data = request.data
+    if not data and recipe is not None and recipe.data is not None:
+        from gptcli.datasets import fetch
+
+        data = (str(fetch(recipe.data, note=note)),)  # the recipe's own text, downloaded once and cached
+    if not data:
         raise UserError("no training data: pass one or more text files, folders of *.txt, or - for stdin "
-                        "(or --resume DIR to continue a run)")
-    first = request.data[0]
+                        "(--recipe shakespeare-char or book-ch05 alone downloads its text; --resume DIR "
+                        "continues a run)")
+    first = data[0]
     out = request.out or Path("runs") / (recipe.name if recipe else Path(first).stem if first != "-" else "stdin")
     device, dist = _start_distributed(settings)
     say = note if dist.main else _ignore
-    run_folder.check_out_dir(out, resume=False, force=request.force)
+    replace = run_folder.check_out_dir(out, resume=False, force=request.force)
+    if replace and not request.force:
+        say(f"{out} holds a run that saved no checkpoint (nothing to resume); replacing it")
+    run_folder.check_writable(out)
     barrier(dist)  # every process has looked before the first one writes
-    texts = read_texts(request.data)
+    texts = read_texts(data, note=say)
 
     weights = request.weights or (recipe.weights if recipe else None)
     if weights is not None and set(request.arch) - {"drop_rate"}:
@@ -340,6 +376,7 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
         say(f"fine-tuning {weights}: the architecture in recipe {recipe.name!r} does not apply")
     check_dtype(settings.dtype, device)
     tok = _tokenizer(settings, texts)
+    check_sample_prompt(settings, tok, say)
     model = None
     if weights is None:
         cfg = _new_config(request, recipe, settings, tok)
@@ -352,8 +389,9 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
     with tokenizing(sum(len(t.text) for t in texts) if dist.main else 0) as progress:
         train_ids, val_ids = encode_data(texts, tok, settings, progress)
     check_data(train_ids, val_ids, settings, cfg.context_length)  # before anything is written
+    check_folder_room(out, cfg, len(train_ids) + len(val_ids), tok.vocab_size)
     if dist.main:
-        if request.force:
+        if replace:
             run_folder.clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
         train_ids, val_ids = run_folder.store_data(train_ids, val_ids, out, tok.vocab_size)
@@ -373,14 +411,27 @@ def _refuse_changes(request: RunRequest) -> None:
                                          ("--config", request.config), ("--weights", request.weights),
                                          ("--out", request.out)) if value is not None]
     clashing += [f"--{k.replace('_', '-')}" for k in request.arch]
-    clashing += [f"--{k.replace('_', '-')}" for k in request.settings if k not in ("epochs", "max_steps", "tokenizer")]
+    clashing += [f"--{k.replace('_', '-')}" for k in request.settings
+                 if k not in ("epochs", "max_steps", "decay_steps", "tokenizer")]
     if request.beta1 is not None or request.beta2 is not None:
         clashing.append("--beta1/--beta2")
     if request.force:
         clashing.append("--force")
     if clashing:
-        raise UserError(f"--resume continues the run as it was set up; drop {', '.join(clashing)} (only --epochs and "
-                        "--max-steps may change)")
+        raise UserError(f"--resume continues the run as it was set up; drop {', '.join(clashing)} (only --epochs, "
+                        "--max-steps and --decay-steps may change)")
+
+
+def keep_schedule(settings: TrainSettings, old_total: int, request: RunRequest, note: Note) -> None:
+    """Resuming with a new length keeps the cosine decay the run was on: it still reaches --min-lr at
+    the step it was heading for (later steps stay there), unless --decay-steps moves it."""
+    if settings.schedule != "cosine" or settings.decay_steps is not None:
+        return
+    if not {"epochs", "max_steps"} & set(request.settings):
+        return
+    settings.decay_steps = old_total
+    note(f"the learning rate keeps its schedule: cosine decay to --min-lr at step {old_total}, as before "
+         "(--decay-steps N moves it)")
 
 
 def resume_run(request: RunRequest, *, note: Note = _ignore) -> Run:
@@ -399,17 +450,22 @@ def resume_run(request: RunRequest, *, note: Note = _ignore) -> Run:
     if request.data and digest(read_texts(request.data)) != state.data_digest:
         raise UserError(f"--resume {folder}: DATA differs from the text this run was trained on; resume "
                         "without DATA (the run keeps its tokens in data/)")
-    for key in ("epochs", "max_steps"):
-        if key in request.settings:
-            setattr(settings, key, request.settings[key])
-    settings.device = check_device_name(request.device) if request.device != "auto" else settings.device
-    settings.validate()
-    device, dist = _start_distributed(settings)
     try:
         train_ids = load_ids(folder / run_folder.DATA_DIR / "train.bin", tok.vocab_size)
         val_ids = load_ids(folder / run_folder.DATA_DIR / "val.bin", tok.vocab_size)
     except OSError:
         raise UserError(f"--resume {folder}: its data/ folder is missing; the run cannot continue") from None
+    old_total, _ = check_data(train_ids, val_ids, settings, state.cfg.context_length)
+    for key in ("epochs", "max_steps", "decay_steps"):
+        if key in request.settings:
+            setattr(settings, key, request.settings[key])
+    keep_schedule(settings, old_total, request, note)
+    settings.device = check_device_name(request.device) if request.device != "auto" else settings.device
+    settings.validate()
+    check_sample_prompt(settings, tok, note)
+    run_folder.check_writable(folder)
+    check_folder_room(folder, state.cfg, len(train_ids) + len(val_ids), tok.vocab_size, resuming=True)
+    device, dist = _start_distributed(settings)
     model = model_from_state(state, device)
     model.train()
     if dist.main:

@@ -1,0 +1,140 @@
+"""Texts to train on, downloaded once from their canonical sources, verified and cached. Never prints.
+
+- Tiny Shakespeare: karpathy's char-rnn repository, the URL nanoGPT's
+  ``data/shakespeare_char/prepare.py`` downloads (1,115,394 characters).
+- The Verdict: the book's repository, ``rasbt/LLMs-from-scratch``, the file chapter 2 downloads
+  (20,479 characters).
+
+Each download is checked against its sha256 before it is used, and kept in the cache
+(``$GPTCLI_CACHE_DIR/data``, else ``$XDG_CACHE_HOME/gptcli/data``, default ``~/.cache/gptcli/data``),
+so later runs work offline. ``GPTCLI_DATA_URL`` replaces the sources by one base URL serving the
+files under their cached names (``$GPTCLI_DATA_URL/tinyshakespeare.txt``): a mirror, or a folder
+served with ``python -m http.server``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from gptcli.cache import cache_root
+from gptcli.errors import UserError
+from gptcli.files import atomic_write
+
+BASE_URL_ENV = "GPTCLI_DATA_URL"
+DOWNLOAD_TIMEOUT_S = 30  # per blocking read, not for the whole file
+CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str  # what recipes call it
+    title: str  # for people
+    file: str  # the cached file's name, and its name under GPTCLI_DATA_URL
+    url: str  # the canonical source
+    sha256: str
+    size: int  # bytes
+
+    def source(self) -> str:
+        """Where to download it from now: under ``$GPTCLI_DATA_URL`` when set, else the canonical URL."""
+        base = os.environ.get(BASE_URL_ENV, "").strip()
+        return f"{base.rstrip('/')}/{self.file}" if base else self.url
+
+
+DATASETS: dict[str, Dataset] = {
+    d.name: d
+    for d in (
+        Dataset("tinyshakespeare", "Tiny Shakespeare", "tinyshakespeare.txt",
+                "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+                "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed", 1_115_394),
+        Dataset("the-verdict", "The Verdict (Edith Wharton, 1908)", "the-verdict.txt",
+                "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/"
+                "the-verdict.txt",
+                "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f", 20_479),
+    )
+}
+
+
+def data_dir() -> Path:
+    """Where downloaded texts are kept."""
+    return cache_root() / "data"
+
+
+def dataset(name: str) -> Dataset:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise UserError(f"unknown dataset {name!r}; the known ones are {', '.join(DATASETS)}") from None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached(d: Dataset) -> Path | None:
+    """The cached copy when it is there and intact (its sha256 checked: 1 MB hashes in milliseconds)."""
+    path = data_dir() / d.file
+    try:
+        return path if path.is_file() and path.stat().st_size == d.size and sha256_of(path) == d.sha256 else None
+    except OSError:
+        return None
+
+
+def fetch(name: str, note: Callable[[str], None] = lambda _: None) -> Path:
+    """The local path of dataset ``name``: the cached copy, else downloaded, verified and cached.
+
+    UserError (one line) when it cannot be had: no network (saying where to get it by hand), a
+    download whose sha256 is not the expected one (nothing is kept), or a cache that cannot be written.
+    """
+    d = dataset(name)
+    path = cached(d)
+    if path is not None:
+        return path
+    url = d.source()
+    note(f"downloading {d.title} ({d.size / 1e6:.1f} MB) from {url}")
+    folder = data_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the data cache {folder}: {exc.strerror or exc}; set GPTCLI_CACHE_DIR to a "
+                        "writable folder, or download the text yourself and pass it as DATA") from None
+    target = folder / d.file
+    atomic_write(target, lambda tmp: _download(url, tmp, d))  # a failure keeps nothing
+    return target
+
+
+def _download(url: str, path: Path, d: Dataset) -> None:
+    """Stream ``url`` into ``path``, then check its sha256 (UserError when it is not ``d``'s)."""
+    import urllib.error
+    import urllib.request
+
+    digest = hashlib.sha256()
+    got = 0
+    try:
+        with open(path, "wb") as out:
+            request = urllib.request.Request(url, headers={"User-Agent": "gptcli"})
+            with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                for chunk in iter(lambda: response.read(CHUNK), b""):
+                    got += len(chunk)
+                    if got > 4 * d.size + CHUNK:  # not the file we want; don't fill the disk with it
+                        break
+                    digest.update(chunk)
+                    out.write(chunk)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        if isinstance(exc, urllib.error.HTTPError):
+            reason = f"HTTP {exc.code} {exc.reason}"
+        raise UserError(f"cannot download {d.title} from {url} ({reason}); offline, get it from {d.url} (or set "
+                        f"{BASE_URL_ENV} to a mirror) and pass the file as DATA, or put it at "
+                        f"{path.parent / d.file}") from None
+    if digest.hexdigest() != d.sha256:
+        raise UserError(f"{url}: the download's sha256 is {digest.hexdigest()} ({got:,} bytes), not {d.title}'s "
+                        f"{d.sha256} ({d.size:,} bytes); nothing was kept. A changed or damaged file: get it from "
+                        f"{d.url} and pass it as DATA")

@@ -1,0 +1,121 @@
+"""Downloading the recipes' texts: from a server on 127.0.0.1 (GPTCLI_DATA_URL), verified, cached.
+
+The texts come from ../shared/data (GPTCLI_DATA_DIR, which .ci/run sets); tests skip without them.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from gptcli import datasets
+from gptcli.errors import UserError
+
+DATA = os.environ.get("GPTCLI_DATA_DIR")
+needs_data = pytest.mark.skipif(not DATA, reason="GPTCLI_DATA_DIR is unset: it names the folder holding the "
+                                "shared texts (see .ci/run)")
+
+
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    requests: list[str] = []
+
+    def log_message(self, *args) -> None:  # no access log on stderr
+        pass
+
+    def do_GET(self) -> None:
+        Quiet.requests.append(self.path)
+        super().do_GET()
+
+
+@pytest.fixture
+def serve(monkeypatch, tmp_path):
+    """Serve a folder on 127.0.0.1 (a free port) and point GPTCLI_DATA_URL at it; yields the folder."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    Quiet.requests = []
+    monkeypatch.setenv("GPTCLI_DATA_URL", f"http://127.0.0.1:{server.server_address[1]}/mirror")
+    (root / "mirror").mkdir()
+    try:
+        yield root / "mirror"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["tinyshakespeare", "the-verdict"])
+def test_download_verifies_and_caches(serve, name, tmp_path):
+    d = datasets.dataset(name)
+    shutil.copy(Path(DATA) / d.file, serve / d.file)
+    notes: list[str] = []
+    path = datasets.fetch(name, note=notes.append)
+    assert path == Path(os.environ["GPTCLI_CACHE_DIR"]) / "data" / d.file
+    assert path.read_bytes() == (Path(DATA) / d.file).read_bytes()
+    assert notes == [f"downloading {d.title} ({d.size / 1e6:.1f} MB) from {os.environ['GPTCLI_DATA_URL']}/{d.file}"]
+    assert Quiet.requests == [f"/mirror/{d.file}"]
+    (serve / d.file).unlink()  # the server no longer has it: the cached copy answers, with no request
+    assert datasets.fetch(name) == path and Quiet.requests == [f"/mirror/{d.file}"]
+    assert [p.name for p in path.parent.iterdir()] == [d.file]  # no partial file left
+
+
+@needs_data
+def test_a_damaged_cache_is_downloaded_again(serve):
+    d = datasets.dataset("the-verdict")
+    shutil.copy(Path(DATA) / d.file, serve / d.file)
+    path = datasets.fetch("the-verdict")
+    path.write_bytes(path.read_bytes()[:-1] + b"!")
+    assert datasets.fetch("the-verdict") == path and len(Quiet.requests) == 2
+    assert datasets.sha256_of(path) == d.sha256
+
+
+def test_a_wrong_checksum_is_refused_and_nothing_kept(serve):
+    d = datasets.dataset("the-verdict")
+    (serve / d.file).write_text("I HAD always thought Jack Gisburn rather a cheap genius--" * 10)
+    with pytest.raises(UserError) as info:
+        datasets.fetch("the-verdict")
+    message = str(info.value)
+    assert "the download's sha256 is" in message and d.sha256 in message and "nothing was kept" in message
+    assert d.url in message and "\n" not in message
+    assert not (datasets.data_dir() / d.file).exists()
+    assert list(datasets.data_dir().iterdir()) == []
+
+
+def test_offline_with_nothing_cached_says_where_to_get_it(monkeypatch):
+    # A port nothing listens on: connection refused, as offline.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("GPTCLI_DATA_URL", f"http://127.0.0.1:{port}")
+    with pytest.raises(UserError) as info:
+        datasets.fetch("tinyshakespeare")
+    message = str(info.value)
+    assert message.startswith(f"cannot download Tiny Shakespeare from http://127.0.0.1:{port}/tinyshakespeare.txt (")
+    assert "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt" in message
+    assert "\n" not in message
+    assert list(datasets.data_dir().iterdir()) == []
+
+
+def test_a_missing_file_on_the_server_is_one_line(serve):
+    with pytest.raises(UserError, match=r"cannot download The Verdict .*\(HTTP 404 "):
+        datasets.fetch("the-verdict")
+
+
+def test_canonical_sources():
+    assert datasets.dataset("tinyshakespeare").url == (
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt")
+    assert datasets.dataset("the-verdict").url == ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
+                                                   "ch02/01_main-chapter-code/the-verdict.txt")
+    with pytest.raises(UserError, match="unknown dataset 'x'; the known ones are tinyshakespeare, the-verdict"):
+        datasets.dataset("x")
