@@ -9,41 +9,74 @@
 
 The batches come from ``gptcli.data`` (the book's windows or nanoGPT's random ones), the training
 kernels from ``gptcli.train_kernels``.
+
+Importing this package loads none of them: each name below is imported from its module on first
+use (PEP 562), so `gptcli train --help`, which reads the settings' defaults, stays quick.
 """
 
-from gptcli.training.distributed import Dist, barrier, dist_from_env, finish_distributed, init_distributed
-from gptcli.training.loop import Trainer, autocast, batch_loss
-from gptcli.training.optimizer import learning_rate, make_optimizer, param_groups
-from gptcli.training.run_folder import (
-    BEST_DIR,
-    DATA_DIR,
-    LOG_FILE,
-    PLOT_FILE,
-    RunLog,
-    check_out_dir,
-    clear_run,
-    rewrite_log,
-    store_data,
-)
-from gptcli.training.settings import Recipe, TrainSettings, load_recipe, recipe_names, recipes_dir
-from gptcli.training.setup import (
-    Run,
-    RunRequest,
-    available_memory,
-    check_data,
-    encode_data,
-    estimate_memory,
-    new_model,
-    prepare_run,
-    set_dropout,
-)
-from gptcli.training.state import STATE_FILE, Position, TrainingState, model_from_state, read_state, write_state
+from __future__ import annotations
 
-__all__ = [
-    "BEST_DIR", "DATA_DIR", "LOG_FILE", "PLOT_FILE", "STATE_FILE", "Dist", "Position", "Recipe", "Run", "RunLog",
-    "RunRequest", "TrainSettings", "Trainer", "TrainingState", "autocast", "available_memory", "barrier",
-    "batch_loss", "check_data", "check_out_dir", "clear_run", "dist_from_env", "encode_data", "estimate_memory",
-    "finish_distributed", "init_distributed", "learning_rate", "load_recipe", "make_optimizer", "model_from_state",
-    "new_model", "param_groups", "prepare_run", "read_state", "recipe_names", "recipes_dir", "rewrite_log",
-    "set_dropout", "store_data", "write_state",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "BEST_DIR": "gptcli.training.run_folder",
+    "DATA_DIR": "gptcli.training.run_folder",
+    "Dist": "gptcli.training.distributed",
+    "LOG_FILE": "gptcli.training.run_folder",
+    "PLOT_FILE": "gptcli.training.run_folder",
+    "Position": "gptcli.training.state",
+    "Recipe": "gptcli.training.settings",
+    "Run": "gptcli.training.setup",
+    "RunLog": "gptcli.training.run_folder",
+    "RunRequest": "gptcli.training.setup",
+    "STATE_FILE": "gptcli.training.state",
+    "TrainSettings": "gptcli.training.settings",
+    "Trainer": "gptcli.training.loop",
+    "TrainingState": "gptcli.training.state",
+    "autocast": "gptcli.training.loop",
+    "available_memory": "gptcli.training.setup",
+    "barrier": "gptcli.training.distributed",
+    "batch_loss": "gptcli.training.loop",
+    "check_data": "gptcli.training.setup",
+    "check_out_dir": "gptcli.training.run_folder",
+    "clear_run": "gptcli.training.run_folder",
+    "dist_from_env": "gptcli.training.distributed",
+    "encode_data": "gptcli.training.setup",
+    "estimate_memory": "gptcli.training.setup",
+    "finish_distributed": "gptcli.training.distributed",
+    "init_distributed": "gptcli.training.distributed",
+    "learning_rate": "gptcli.training.optimizer",
+    "load_recipe": "gptcli.training.settings",
+    "make_optimizer": "gptcli.training.optimizer",
+    "model_from_state": "gptcli.training.state",
+    "new_model": "gptcli.training.setup",
+    "param_groups": "gptcli.training.optimizer",
+    "prepare_run": "gptcli.training.setup",
+    "read_state": "gptcli.training.state",
+    "recipe_names": "gptcli.training.settings",
+    "recipes_dir": "gptcli.training.settings",
+    "rewrite_log": "gptcli.training.run_folder",
+    "set_dropout": "gptcli.training.setup",
+    "store_data": "gptcli.training.run_folder",
+    "write_state": "gptcli.training.state",
+}
+
+__all__ = sorted(_WHERE)
+
+
+_MODULES = ("distributed", "loop", "optimizer", "run_folder", "settings", "setup", "state")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULES:  # `training.setup` works before anything imported it
+        return importlib.import_module(f"{__name__}.{name}")
+    if name not in _WHERE:
+        raise AttributeError(f"module 'gptcli.training' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
