@@ -96,15 +96,6 @@ def greedy_ids(model, prompt: list[int], n: int) -> list[int]:
     return Generation(decoder, prompt, options, token_bytes=lambda i: b"").run().token_ids
 
 
-def agreement_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", help="a checkpoint (FILE|DIR|HUB_ID); default: GPT-2-style random 124M")
@@ -117,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from gptcli.config import shipped_config
+    from gptcli.session import shared_prefix
     from gptcli.tokenizer import encode
 
     start = time.perf_counter()
@@ -142,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows[name]["abs"].append(err)
                 rows[name]["rel"].append(err / reference.abs().max().item())
                 rows[name]["top1"].append((logits.argmax(-1) == reference.argmax(-1)).float().mean().item())
-                rows[name]["greedy"].append(agreement_prefix(greedy_ids(model, ids, args.new_tokens), ref_greedy) / args.new_tokens)
+                rows[name]["greedy"].append(shared_prefix(greedy_ids(model, ids, args.new_tokens), ref_greedy) / args.new_tokens)
     print(f"## Accuracy against float32: {source}, {len(PROMPTS)} prompts, {args.new_tokens} greedy tokens each\n")
     print("| variant | max abs logit error | relative to max logit | top-1 agreement (prompt positions) "
           "| greedy ids equal to float32 (median prompt) | prompts fully equal |")

@@ -22,7 +22,7 @@ from gptcli.commands.common import (
     note,
     user_errors,
 )
-from gptcli.commands.generate import QUANTIZE_SCHEMES
+from gptcli.commands.generate import check_quantize
 from gptcli.devices import check_device_name, check_dtype_name
 from gptcli.errors import UserError
 
@@ -105,10 +105,7 @@ def serve(
                         "and serve decodes a batch of rows (leave it out; the eager kernels are tuned for batches)")
     device_name = check_device_name(device)
     dtype_name = check_dtype_name(dtype)
-    scheme = None if quantize is None else quantize.strip().lower()
-    if scheme is not None and scheme not in QUANTIZE_SCHEMES:
-        raise UserError(f"unknown --quantize {quantize!r}; the schemes are int8 and int4 "
-                        "(int4-g64, -g128, -g256: larger groups)")
+    scheme = check_quantize(quantize, dtype_name)
     if api_key is not None and not api_key.strip():
         raise UserError(f"--api-key (or {API_KEY_ENV}) must not be empty")
     if not is_loopback(host) and api_key is None:
