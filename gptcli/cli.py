@@ -1,33 +1,43 @@
-"""The `gptcli` Typer app. Commands live in gptcli/commands; torch is imported only where needed."""
+"""The `gptcli` Typer app. Commands live in gptcli/commands; torch is imported only where needed.
+
+``app`` has every command. The console script builds an app with only the command it runs (its
+module alone is imported), so a quick command such as ``tokenize`` or ``params`` does not pay for
+importing the others; ``gptcli --help`` and shell completion get every command.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import importlib
+from typing import Annotated, Sequence
 
 import typer
 
 from gptcli import __version__
 from gptcli.commands.common import err, silence_stdout
-from gptcli.commands.generate import generate
-from gptcli.commands.inspect import inspect
-from gptcli.commands.params import params
-from gptcli.commands.train import train
-from gptcli.commands.score import score
-from gptcli.commands.tokenize import tokenize
-from gptcli.commands.serve import serve
 
-app = typer.Typer(
-    name="gptcli",
-    help="Run and understand GPT-2 from the command line: generate text, count parameters, "
-    "look inside models and checkpoints, score texts.",
-    no_args_is_help=True,
-    # --install-completion / --show-completion for bash, zsh and fish; values of --size, --device, --dtype.
-    add_completion=True,
-    # click's plain help: Rich's panels printed <bool> after every flag and re-wrapped the examples mid-command.
-    rich_markup_mode=None,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+# Command name -> its module in gptcli.commands (the function has the command's name), in --help's order.
+COMMANDS = ("params", "generate", "inspect", "train", "score", "tokenize", "serve")
+
+
+def build_app(names: Sequence[str] = COMMANDS) -> typer.Typer:
+    """The Typer app with these commands."""
+    app = typer.Typer(
+        name="gptcli",
+        help="Run and understand GPT-2 from the command line: generate text, count parameters, "
+        "look inside models and checkpoints, score texts.",
+        no_args_is_help=True,
+        # --install-completion / --show-completion for bash, zsh and fish; values of --size, --device, --dtype.
+        add_completion=True,
+        # click's plain help: Rich's panels printed <bool> after every flag and re-wrapped the examples mid-command.
+        rich_markup_mode=None,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    app.callback()(_root)
+    for name in names:
+        app.command(name)(getattr(importlib.import_module(f"gptcli.commands.{name}"), name))
+    return app
+
 
 # An argument's help line is its name and help; Typer adds its Python type ("PROMPT <str>").
 typer.core.TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign]
@@ -39,7 +49,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
@@ -48,13 +57,20 @@ def _root(
     """Run and understand GPT-2 from the command line."""
 
 
-app.command("params")(params)
-app.command("generate")(generate)
-app.command("inspect")(inspect)
-app.command("train")(train)
-app.command("score")(score)
-app.command("tokenize")(tokenize)
-app.command("serve")(serve)
+def __getattr__(name: str):
+    if name == "app":  # `from gptcli.cli import app`: every command (tests, python -m tooling)
+        globals()["app"] = build_app()
+        return globals()["app"]
+    raise AttributeError(f"module 'gptcli.cli' has no attribute {name!r}")
+
+
+def app_for(args: Sequence[str]) -> typer.Typer:
+    """The app for a command line: only the command it names, else (help, completion, a typo) every one."""
+    import os
+
+    if args and args[0] in COMMANDS and "_GPTCLI_COMPLETE" not in os.environ:
+        return build_app([args[0]])
+    return build_app()
 
 
 def _click_class(name: str) -> type:
@@ -66,9 +82,8 @@ def _command_path(ctx, args: list[str]) -> str:
     """``gptcli COMMAND`` for a usage error; click leaves out the context of some ("requires an argument")."""
     if ctx is not None:
         return ctx.command_path
-    names = {info.name for info in app.registered_commands}
     first = next((a for a in args if not a.startswith("-")), None)
-    return f"gptcli {first}" if first in names else "gptcli"
+    return f"gptcli {first}" if first in COMMANDS else "gptcli"
 
 
 def main() -> None:
@@ -78,7 +93,7 @@ def main() -> None:
     usage_error, click_exception = _click_class("UsageError"), _click_class("ClickException")
     try:
         # prog_name: `python -m gptcli` is gptcli too, in usage lines and for shell completion (_GPTCLI_COMPLETE).
-        code = app(standalone_mode=False, prog_name="gptcli")
+        code = app_for(sys.argv[1:])(standalone_mode=False, prog_name="gptcli")
     except usage_error as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `gptcli`: the help, not an error
             code = _print_help(exc.ctx.get_help())
