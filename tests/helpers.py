@@ -40,8 +40,9 @@ def network_tests_enabled() -> bool:
     return os.environ.get("GPTCLI_NETWORK_TESTS") == "1"
 
 
-def lively_model(seed: int = 0, tie: bool = True):
-    """A tiny random GPTModel (vocab 300, context 16) whose sampled output varies.
+def lively_model(seed: int = 0, tie: bool = True, *, vocab_size: int = 300, emb_dim: int = 64,
+                 context_length: int = 16):
+    """A tiny random GPTModel (vocab 300, context 16 unless told) whose sampled output varies.
 
     The book's N(0, 1) embeddings make a random model echo its input token; GPT-2's own scale
     (small embeddings) lets the other weights matter.
@@ -51,8 +52,8 @@ def lively_model(seed: int = 0, tie: bool = True):
     from gptcli.config import GPTConfig
     from gptcli.model import GPTModel
 
-    cfg = GPTConfig(vocab_size=300, context_length=16, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
-                    qkv_bias=True, tie_weights=tie, name="tiny")
+    cfg = GPTConfig(vocab_size=vocab_size, context_length=context_length, emb_dim=emb_dim, n_heads=4, n_layers=2,
+                    drop_rate=0.0, qkv_bias=True, tie_weights=tie, name="tiny")
     torch.manual_seed(seed)
     model = GPTModel(cfg).eval()
     with torch.no_grad():

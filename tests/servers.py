@@ -18,19 +18,9 @@ CONTEXT = 16
 def write_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
     """A tiny GPT-2-vocabulary model (context 16) whose greedy and sampled text varies, saved as
     ``folder/model.safetensors``; GPT-2's small embedding scale keeps it from echoing its input."""
-    import torch
+    from helpers import lively_model, save_checkpoint
 
-    from gptcli.config import GPTConfig
-    from gptcli.model import GPTModel
-    from helpers import save_checkpoint
-
-    cfg = GPTConfig(vocab_size=50257, context_length=CONTEXT, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
-                    qkv_bias=True, tie_weights=True, name="tiny")
-    torch.manual_seed(seed)
-    model = GPTModel(cfg).eval()
-    with torch.no_grad():
-        model.tok_emb.weight.mul_(0.05)
-        model.pos_emb.weight.mul_(0.05)
+    model = lively_model(seed, vocab_size=50257, emb_dim=32, context_length=CONTEXT)
     return save_checkpoint(model, folder)
 
 

@@ -309,30 +309,31 @@ def _read_all(fd: int) -> bytes:
 
 def test_terminal_shows_the_prompt_dimmed_then_the_continuation(tiny):
     text = gen_json("Hello there", *tiny, "-n", "6")["text"]
+    out = _generate_on_a_terminal(tiny, no_color=False)
+    assert "\x1b[2mHello there\x1b[0m" in out
+    assert out.endswith(text + "\n")
+
+
+def _generate_on_a_terminal(tiny, *, no_color: bool) -> str:
+    """``gptcli generate "Hello there" -n 6`` with stdout on a pseudo-terminal; what it wrote there."""
     controller, terminal = pty.openpty()
     env = {**subprocess_env(), "TERM": "xterm-256color"}
     env.pop("NO_COLOR", None)
+    if no_color:
+        env["NO_COLOR"] = "1"
     proc = subprocess.Popen(gptcli("Hello there", *tiny, "-n", "6"), stdin=subprocess.DEVNULL, stdout=terminal,
                             stderr=subprocess.PIPE, env=env)
     os.close(terminal)
     out = _read_all(controller).decode("utf-8").replace("\r\n", "\n")
     os.close(controller)
     assert proc.wait(timeout=60) == 0
-    assert "\x1b[2mHello there\x1b[0m" in out
-    assert out.endswith(text + "\n")
+    return out
 
 
 def test_no_color_on_a_terminal_echoes_the_prompt_plain(tiny):
     """NO_COLOR (no-color.org) asks for no styling: the echoed prompt is not dimmed either."""
     text = gen_json("Hello there", *tiny, "-n", "6")["text"]
-    controller, terminal = pty.openpty()
-    env = {**subprocess_env(), "TERM": "xterm-256color", "NO_COLOR": "1"}
-    proc = subprocess.Popen(gptcli("Hello there", *tiny, "-n", "6"), stdin=subprocess.DEVNULL, stdout=terminal,
-                            stderr=subprocess.PIPE, env=env)
-    os.close(terminal)
-    out = _read_all(controller).decode("utf-8").replace("\r\n", "\n")
-    os.close(controller)
-    assert proc.wait(timeout=60) == 0
+    out = _generate_on_a_terminal(tiny, no_color=True)
     assert "\x1b[" not in out
     assert out == "Hello there" + text + "\n"
 
