@@ -274,9 +274,9 @@ def median_time(fn: Callable[[], None], repeats: int) -> float:
 
 def forward_costs(runtime, rows_: int, repeats: int, prompt: int = 64) -> tuple[float, float]:
     """Seconds of one cached forward of 1 row and of ``rows_`` rows after a ``prompt``-token prefill."""
-    from gptcli.speculative import RollbackDecoder
+    from gptcli.generate import Decoder
 
-    decoder = RollbackDecoder(runtime.model, runtime.device, runtime.dtype)
+    decoder = Decoder(runtime.model, runtime.device, runtime.dtype)
     decoder.prefill(list(range(1, prompt + 1)), max_new_tokens=rows_ + 8)
 
     def feed(n: int) -> Callable[[], None]:

@@ -192,6 +192,36 @@ class Decoder:
         """Logits (1, V) for ``self._token`` at ``position``, extending the cache."""
         return self.model(self._token, self._cache)[:, -1, :]  # (1, V)
 
+    # Speculative decoding (gptcli.speculative) checks several guessed tokens in one pass and forgets
+    # the rejected ones.
+
+    def room(self) -> int:
+        """Positions left in the cache: how many tokens ``feed`` takes now (0 once past the window)."""
+        if not self._use_cache or self._cache is None:
+            return 0
+        return self._cache.max_len - len(self._ids)
+
+    def feed(self, tokens: Sequence[int]) -> "torch.Tensor":
+        """Append ``tokens`` through the cache in one forward pass; logits (len(tokens), V), row i for
+        the token after tokens[i]. Each row is what a one-token ``step`` gives there (on the CPU:
+        row-invariant kernels and ``model._attend_queries``)."""
+        import torch
+
+        if not tokens or len(tokens) > self.room():
+            raise ValueError(f"feed of {len(tokens)} tokens with room for {self.room()}")
+        self._ids.extend(tokens)
+        with torch.inference_mode():
+            x = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)  # (1, T)
+            return self.model(x, self._cache)[0]  # (T, V)
+
+    def rollback(self, n: int) -> None:
+        """Forget the last ``n`` tokens fed (their cached keys and values are overwritten later)."""
+        if n <= 0:
+            return
+        assert self._cache is not None and n <= self._cache.length
+        del self._ids[-n:]
+        self._cache.length -= n
+
 
 class CompiledDecoder(Decoder):
     """``Decoder`` whose cached steps run one torch.compile'd graph.
@@ -241,6 +271,20 @@ class CompiledDecoder(Decoder):
         logits = self._compiled(self._token, self._position).clone()
         self._guarded_cache = self._cache
         return logits
+
+    def feed(self, tokens: Sequence[int]) -> "torch.Tensor":
+        """Append ``tokens`` one compiled step each (a draft's decoder: a compiled graph has one row);
+        logits (len(tokens), V)."""
+        import torch
+
+        if not tokens or len(tokens) > self.room():
+            raise ValueError(f"feed of {len(tokens)} tokens with room for {self.room()}")
+        return torch.cat([self.step(token) for token in tokens])  # (T, V)
+
+    def rollback(self, n: int) -> None:
+        # A compiled step writes at its own position and masks the later ones: forgetting is enough.
+        if n > 0:
+            del self._ids[-n:]
 
     def warm_up(self, positions: int = 3) -> float:
         """Compile now, for the cache a sequence of ``positions`` tokens will use; returns the seconds.

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from gptcli.errors import UserError
 from gptcli.generate import Decoder, Generation, SamplingOptions, check_seed, crop_prompt, prompt_ids
+from gptcli.speculative import SpeculativeOptions, SpeculativeStats, Speculator
 
 if TYPE_CHECKING:
     import torch
@@ -97,6 +98,7 @@ class TurnStats:
     decode_tokens: int
     finish_reason: str | None
     dropped_tokens: int  # running-text tokens left of the context window
+    speculative: SpeculativeStats | None = None  # with a draft (--draft, --lookup)
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -150,13 +152,23 @@ def apply_setting(options: SamplingOptions, name: str, value: str) -> SamplingOp
 
 class Session:
     """The running text and a decoder that keeps its cache. ``turn(typed)`` yields the continuation's
-    pieces as they are decoded, adding each to ``text``; stopping early (Ctrl-C) keeps what came."""
+    pieces as they are decoded, adding each to ``text``; stopping early (Ctrl-C) keeps what came.
 
-    def __init__(self, runtime: "Runtime", options: SamplingOptions):
+    ``spec`` (``--draft``/``--lookup``) makes every turn speculative (gptcli.speculative), the same
+    ids as without it; ``draft`` is the loaded draft model (None for lookup), whose cache is kept
+    between turns too.
+    """
+
+    def __init__(self, runtime: "Runtime", options: SamplingOptions, *, spec: SpeculativeOptions | None = None,
+                 draft: "Runtime | None" = None):
         self.runtime = runtime
         self.options = options.validate()
         self.text = ""
         self.decoder = SessionDecoder(runtime.model, runtime.device, runtime.dtype)
+        self.speculator: Speculator | None = None
+        if spec is not None and spec.enabled:
+            draft_decoder = None if draft is None else SessionDecoder(draft.model, draft.device, draft.dtype)
+            self.speculator = Speculator(spec, runtime, draft, decoder=self.decoder, draft_decoder=draft_decoder)
         self.turns = 0
         self.generation: Generation | None = None  # the last turn's
         self._dropped = 0
@@ -176,6 +188,9 @@ class Session:
         """An empty running text (settings stay)."""
         self.text = ""
         self.decoder.forget()
+        draft_decoder = getattr(self.speculator and self.speculator.drafter, "decoder", None)
+        if isinstance(draft_decoder, SessionDecoder):
+            draft_decoder.forget()
 
     def set(self, name: str, value: str) -> SamplingOptions:
         self.options = apply_setting(self.options, name, value)
@@ -194,9 +209,12 @@ class Session:
         self._dropped = crop_prompt(ids, self.context_length)[1]
         self.turns += 1
         options = dataclasses.replace(self.options, seed=self.options.seed + self.turns - 1)
-        self.generation = Generation(self.decoder, ids, options, eos_id=tokenizer.eot_id,
-                                     token_bytes=tokenizer.token_bytes, context_length=self.context_length,
-                                     observe=observe)
+        if self.speculator is not None:
+            self.generation = self.speculator.generation(ids, options, observe=observe)
+        else:
+            self.generation = Generation(self.decoder, ids, options, eos_id=tokenizer.eot_id,
+                                         token_bytes=tokenizer.token_bytes, context_length=self.context_length,
+                                         observe=observe)
         for piece in self.generation:
             self.text += piece
             yield piece
@@ -211,4 +229,4 @@ class Session:
                          reused_tokens=self.decoder.reused if ran else 0, new_tokens=len(g.token_ids),
                          prefill_s=g.timings.prefill_s, decode_s=g.timings.decode_s,
                          decode_tokens=g.timings.decode_tokens, finish_reason=g.finish_reason,
-                         dropped_tokens=self._dropped)
+                         dropped_tokens=self._dropped, speculative=getattr(g, "stats", None))

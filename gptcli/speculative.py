@@ -38,11 +38,13 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 from gptcli.errors import UserError
 from gptcli.generate import (
+    CompiledDecoder,
     Decoder,
     Generation,
     SamplingOptions,
     crop_prompt,
     make_generator,
+    penalize_repetition,
     sampling_candidates,
     select_next,
 )
@@ -67,41 +69,6 @@ def check_draft_tokens(k: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# A decoder that checks several tokens at once and forgets rejected ones
-
-
-class RollbackDecoder(Decoder):
-    """``Decoder`` that can also feed several tokens through its cache in one forward pass (``feed``)
-    and forget the last ones fed (``rollback``). ``prefill`` and ``step`` are Decoder's, so where a
-    check cannot run (past the cache) a step is plain decoding's step."""
-
-    def room(self) -> int:
-        """Positions left in the cache: how many tokens ``feed`` takes now (0 once past the window)."""
-        if not self._use_cache or self._cache is None:
-            return 0
-        return self._cache.max_len - len(self._ids)
-
-    def feed(self, tokens: Sequence[int]) -> "torch.Tensor":
-        """Append ``tokens`` through the cache; logits (len(tokens), V), row i for the token after tokens[i]."""
-        import torch
-
-        if not tokens or len(tokens) > self.room():
-            raise ValueError(f"feed of {len(tokens)} tokens with room for {self.room()}")
-        self._ids.extend(tokens)
-        with torch.inference_mode():
-            x = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)  # (1, T)
-            return self.model(x, self._cache)[0]  # (T, V)
-
-    def rollback(self, n: int) -> None:
-        """Forget the last ``n`` tokens fed (their cached keys and values are overwritten later)."""
-        if n <= 0:
-            return
-        assert self._cache is not None and n <= self._cache.length
-        del self._ids[-n:]
-        self._cache.length -= n
-
-
-# ---------------------------------------------------------------------------------------------
 # Drafts
 
 
@@ -120,8 +87,10 @@ class Drafter(Protocol):
 
     def start(self, ids: Sequence[int], max_new_tokens: int) -> None: ...
 
-    def propose(self, last: int, k: int, options: SamplingOptions, generator: "torch.Generator | None") -> Proposal | None:
-        """Up to ``k`` guesses for the tokens after ``last`` (the newest id, not yet seen); None for none."""
+    def propose(self, last: int, k: int, options: SamplingOptions, generator: "torch.Generator | None",
+                history: Sequence[int] = ()) -> Proposal | None:
+        """Up to ``k`` guesses for the tokens after ``last`` (the newest id, not yet seen); None for none.
+        ``history``: every id so far, ``last`` included, for ``--repetition-penalty``."""
 
     def accepted(self, n: int, next_id: int) -> None:
         """The model kept ``n`` guesses of the last proposal, then chose ``next_id`` (or, with no
@@ -138,7 +107,7 @@ class ModelDrafter:
 
     exact_draws = False
 
-    def __init__(self, decoder: RollbackDecoder, confidence: float = 0.0):
+    def __init__(self, decoder: Decoder, confidence: float = 0.0):
         self.decoder = decoder
         self.confidence = confidence  # stop guessing after a guess the draft gives less than this probability
         self._pending: list[int] = []
@@ -148,7 +117,8 @@ class ModelDrafter:
         self.decoder.prefill(ids, max_new_tokens)
         self._pending, self._guesses = [], []
 
-    def propose(self, last: int, k: int, options: SamplingOptions, generator: "torch.Generator | None") -> Proposal | None:
+    def propose(self, last: int, k: int, options: SamplingOptions, generator: "torch.Generator | None",
+                history: Sequence[int] = ()) -> Proposal | None:
         import torch
 
         self._pending.append(last)
@@ -159,10 +129,12 @@ class ModelDrafter:
         logits = self.decoder.feed(self._pending)[-1:]  # (1, V)
         self._pending = []
         probs = []
+        seen = list(history) if options.penalizes else None  # the draft picks with the model's penalty
         for i in range(k):
-            token = int(select_next(logits, options, generator)[0])
+            rows_seen = None if seen is None else [seen + self._guesses]
+            token = int(select_next(logits, options, generator, rows_seen)[0])
             if not options.greedy:
-                probs.append(full_probs(logits, options)[0])
+                probs.append(full_probs(logits, options, rows_seen)[0])
             self._guesses.append(token)
             if i == k - 1 or (self.confidence > 0 and self._doubtful(logits, token, probs)):
                 break
@@ -233,7 +205,8 @@ class LookupDrafter:
                     self._index[tuple(ids[end - n : end])] = end
         self._indexed = max(self._indexed, len(ids))
 
-    def propose(self, last: int, k: int, options: SamplingOptions, generator: "torch.Generator | None") -> Proposal | None:
+    def propose(self, last: int, k: int, options: SamplingOptions, generator: "torch.Generator | None",
+                history: Sequence[int] = ()) -> Proposal | None:
         self.ids.append(last)
         self._guesses = []
         if self._paused > 0:
@@ -271,34 +244,48 @@ class LookupDrafter:
 # Checking guesses
 
 
-def full_probs(logits: "torch.Tensor", options: SamplingOptions) -> "torch.Tensor":
-    """Probabilities (B, V) over the whole vocabulary of the distribution ``select_next`` samples from."""
+def full_probs(logits: "torch.Tensor", options: SamplingOptions,
+               history: Sequence[Sequence[int]] | None = None) -> "torch.Tensor":
+    """Probabilities (B, V) over the whole vocabulary of the distribution ``select_next`` samples from
+    (after the repetition penalty, when ``history`` gives each row's ids)."""
     import torch
 
+    if options.penalizes and history is not None:
+        logits = penalize_repetition(logits, history, options.repetition_penalty)
     probs, index = sampling_candidates(logits, options)
     return torch.zeros(probs.shape[0], logits.shape[-1], dtype=probs.dtype).scatter_(1, index, probs)
 
 
+def row_histories(seen: Sequence[int], guesses: Sequence[int], options: SamplingOptions) -> list[list[int]] | None:
+    """Each check row's ids so far (row i: ``seen`` and the first i guesses), for the repetition
+    penalty; None when there is none."""
+    if not options.penalizes:
+        return None
+    return [[*seen, *guesses[:i]] for i in range(len(guesses) + 1)]
+
+
 def check_by_drawing(rows: "torch.Tensor", guesses: Sequence[int], options: SamplingOptions,
-                     generator: "torch.Generator | None") -> tuple[int, int]:
+                     generator: "torch.Generator | None", seen: Sequence[int] = ()) -> tuple[int, int]:
     """(guesses kept, the model's next id): each position's id is drawn from the model (argmax when
-    greedy), exactly as plain decoding draws it, and the guess is kept while it equals the draw."""
-    for i, guess in enumerate(guesses):
-        token = int(select_next(rows[i : i + 1], options, generator)[0])
-        if token != guess:
+    greedy), exactly as plain decoding draws it, and the guess is kept while it equals the draw.
+    ``seen``: every id before the check's first row, for the repetition penalty."""
+    histories = row_histories(seen, guesses, options)
+    for i in range(len(guesses) + 1):
+        token = int(select_next(rows[i : i + 1], options, generator, None if histories is None else [histories[i]])[0])
+        if i == len(guesses) or token != guesses[i]:
             return i, token
-    return len(guesses), int(select_next(rows[len(guesses) :], options, generator)[0])
+    raise AssertionError("unreachable")
 
 
 def check_by_rejection(rows: "torch.Tensor", proposal: Proposal, options: SamplingOptions,
-                       generator: "torch.Generator") -> tuple[int, int]:
+                       generator: "torch.Generator", seen: Sequence[int] = ()) -> tuple[int, int]:
     """(guesses kept, the model's next id) by the speculative sampling rule: keep guess d with
     probability min(1, p(d)/q(d)); at the first rejection draw from norm(max(0, p - q)); when all
     are kept, draw a bonus id from p. The ids then have the model's own distribution."""
     import torch
 
     assert proposal.probs is not None
-    p_all = full_probs(rows, options).double()  # (K+1, V)
+    p_all = full_probs(rows, options, row_histories(seen, proposal.tokens, options)).double()  # (K+1, V)
     q_all = proposal.probs.double()  # (K, V)
     for i, guess in enumerate(proposal.tokens):
         p, q = p_all[i], q_all[i]
@@ -367,44 +354,53 @@ class SpeculativeStats:
 
 
 class SpeculativeGeneration(Generation):
-    """``Generation`` with a draft: iterate for text pieces; ``token_ids``, ``text``, ``finish_reason``
-    and ``timings`` as Generation's, and ``stats``. Greedy ids equal plain decoding's."""
+    """``Generation`` with a draft: iterate for text pieces; ``token_ids``, ``text``, ``finish_reason``,
+    ``timings`` and the ``observe`` hook as Generation's (each id with the model's logits for its
+    position: the ones plain decoding computes there), and ``stats``. Greedy ids equal plain decoding's."""
 
-    def __init__(self, decoder: RollbackDecoder, drafter: Drafter, prompt_token_ids: Sequence[int],
+    def __init__(self, decoder: Decoder, drafter: Drafter, prompt_token_ids: Sequence[int],
                  options: SamplingOptions, *, draft_tokens: int, draft_name: str, eos_id: int | None = EOT_ID,
-                 token_bytes: Callable[[int], bytes] | None = None, context_length: int | None = None):
+                 token_bytes: Callable[[int], bytes] | None = None, context_length: int | None = None,
+                 observe: "Callable[[torch.Tensor, list[int]], None] | None" = None):
         super().__init__(decoder, prompt_token_ids, options, eos_id=eos_id, token_bytes=token_bytes,
-                         context_length=context_length)
-        self.decoder: RollbackDecoder = decoder
+                         context_length=context_length, observe=observe)
+        self.decoder: Decoder = decoder
         self.drafter = drafter
         self.draft_tokens = check_draft_tokens(draft_tokens)
         self.stats = SpeculativeStats(draft=draft_name, draft_tokens=draft_tokens)
 
-    def _next_ids(self, last: int, generator: "torch.Generator | None") -> list[int]:
-        """One forward pass of the model: the ids that follow ``last`` (one to K+1 of them)."""
+    def _seen(self) -> list[int]:
+        """Every id so far, the whole prompt included (plain decoding's history for the repetition penalty)."""
+        return [*self.prompt_token_ids, *self.token_ids] if self.options.penalizes else []
+
+    def _next_ids(self, last: int, generator: "torch.Generator | None") -> tuple[list[int], "torch.Tensor"]:
+        """One forward pass of the model: the ids that follow ``last`` (one to K+1 of them) and the
+        model's logits (n, V) they were picked from."""
         opts, stats = self.options, self.stats
         remaining = opts.max_new_tokens - len(self.token_ids)
         k = min(self.draft_tokens, remaining - 1, self.decoder.room() - 1)
+        seen = self._seen()
         start = time.perf_counter()
-        proposal = self.drafter.propose(last, k, opts, generator) if k > 0 else None
+        proposal = self.drafter.propose(last, k, opts, generator, seen) if k > 0 else None
         stats.draft_s += time.perf_counter() - start
         if proposal is None or not proposal.tokens:
-            token = int(select_next(self.decoder.step(last), opts, generator)[0])
+            logits = self.decoder.step(last)  # (1, V)
+            token = int(select_next(logits, opts, generator, [seen] if opts.penalizes else None)[0])
             stats.steps += 1
             self._accepted(0, token)
-            return [token]
+            return [token], logits
         guesses = proposal.tokens
         rows = self.decoder.feed([last, *guesses])  # (K+1, V)
         if opts.greedy or self.drafter.exact_draws or proposal.probs is None:
-            kept, token = check_by_drawing(rows, guesses, opts, generator)
+            kept, token = check_by_drawing(rows, guesses, opts, generator, seen)
         else:
-            kept, token = check_by_rejection(rows, proposal, opts, generator)
+            kept, token = check_by_rejection(rows, proposal, opts, generator, seen)
         self.decoder.rollback(len(guesses) - kept)
         stats.checks += 1
         stats.proposed += len(guesses)
         stats.accepted += kept
         self._accepted(kept, token)
-        return [*guesses[:kept], token]
+        return [*guesses[:kept], token], rows[: kept + 1]
 
     def _accepted(self, kept: int, token: int) -> None:
         start = time.perf_counter()
@@ -422,21 +418,24 @@ class SpeculativeGeneration(Generation):
         draft_start = time.perf_counter()
         self.drafter.start(crop_prompt(self.prompt_token_ids, self.decoder.context_length)[0], opts.max_new_tokens)
         self.stats.draft_prefill_s = time.perf_counter() - draft_start
-        ids = [int(select_next(logits, opts, generator)[0])]
+        seen = self._seen()
+        ids = [int(select_next(logits, opts, generator, [seen] if opts.penalizes else None)[0])]
         self.timings.prefill_s = time.perf_counter() - start
         first = True
         while True:
-            for token in ids:
+            for i, token in enumerate(ids):
                 if not first:
                     self.timings.decode_tokens += 1
                 first = False
+                if self.observe is not None:
+                    self.observe(logits[i : i + 1], [token])
                 piece = self.continuation.accept(token)
                 if piece:
                     yield piece
                 if self.continuation.done:
                     return
             start = time.perf_counter()
-            ids = self._next_ids(ids[-1], generator)
+            ids, logits = self._next_ids(ids[-1], generator)
             self.timings.decode_s += time.perf_counter() - start
 
 
@@ -485,16 +484,18 @@ class SpeculativeOptions:
         return self
 
 
-def draft_inference_options(spec: SpeculativeOptions, target: "InferenceOptions") -> "InferenceOptions":
+def draft_inference_options(spec: SpeculativeOptions, target: "InferenceOptions", *,
+                            compile: bool = False) -> "InferenceOptions":
     """How to load the draft through ``gptcli.runtime.load_for_inference``: the model's own weights
     quantized (half-precision activations, as the quantized kernels want), or another model on the
-    same device, in the model's dtype."""
+    same device, in the model's dtype; ``compile``: kernels for compiled one-token steps."""
+    kernels = "compiled" if compile else "eager"
     scheme = spec.self_draft
     if scheme is not None:
         dtype = target.dtype if target.dtype in ("bfloat16", "float16") else "auto"
-        return replace(target, quantize=scheme, dtype=dtype)
+        return replace(target, quantize=scheme, dtype=dtype, kernels=kernels)
     assert spec.draft is not None
-    return replace(target, size=None, config=None, weights=spec.draft.strip(), quantize=None)
+    return replace(target, size=None, config=None, weights=spec.draft.strip(), quantize=None, kernels=kernels)
 
 
 def check_same_vocabulary(target: "Runtime", draft: "Runtime", source: str) -> None:
@@ -506,21 +507,47 @@ def check_same_vocabulary(target: "Runtime", draft: "Runtime", source: str) -> N
                         "tokenizer and vocabulary")
 
 
-def speculative_generation(spec: SpeculativeOptions, target: "Runtime", draft: "Runtime | None",
-                           prompt_token_ids: Sequence[int], options: SamplingOptions, *,
-                           confidence: float | None = None) -> SpeculativeGeneration:
-    """The generation for ``spec``: ``draft`` is the loaded draft model (None for ``--lookup``);
-    ``confidence``: a model draft stops guessing after a guess it gives less (default ``DRAFT_CONFIDENCE``)."""
-    drafter: Drafter
-    if spec.lookup:
-        drafter, name = LookupDrafter(), "lookup"
-    else:
-        assert draft is not None and spec.draft is not None
-        check_same_vocabulary(target, draft, spec.draft)
-        drafter = ModelDrafter(RollbackDecoder(draft.model, draft.device, draft.dtype),
-                               DRAFT_CONFIDENCE if confidence is None else confidence)
-        name = spec.draft
-    decoder = RollbackDecoder(target.model, target.device, target.dtype)
-    return SpeculativeGeneration(decoder, drafter, prompt_token_ids, options, draft_tokens=spec.tokens,
-                                 draft_name=name, eos_id=target.tokenizer.eot_id,
-                                 token_bytes=target.tokenizer.token_bytes, context_length=target.cfg.context_length)
+class Speculator:
+    """The model and its draft, set up once for speculative generations one after another
+    (``generate --num-samples``, the turns of a session): the decoders, their caches and a compiled
+    draft step are kept between them.
+
+    ``compile``: the draft model's one-token steps run one torch.compile'd graph (``generate
+    --compile --draft``); the model's checks stay eager, so the ids stay plain eager decoding's.
+    ``decoder`` / ``draft_decoder``: decoders to use instead of new ones (a session's, which keep
+    their cache between turns). ``confidence``: a model draft stops guessing after a guess it gives
+    less probability (default ``DRAFT_CONFIDENCE``).
+    """
+
+    def __init__(self, spec: SpeculativeOptions, target: "Runtime", draft: "Runtime | None", *,
+                 compile: bool = False, decoder: Decoder | None = None, draft_decoder: Decoder | None = None,
+                 confidence: float | None = None):
+        if not spec.enabled:
+            raise ValueError("Speculator needs --draft or --lookup")
+        self.spec, self.target = spec, target
+        self.decoder = decoder or Decoder(target.model, target.device, target.dtype)
+        self.drafter: Drafter
+        if spec.lookup:
+            self.drafter, self.name = LookupDrafter(), "lookup"
+        else:
+            assert draft is not None and spec.draft is not None
+            check_same_vocabulary(target, draft, spec.draft)
+            if draft_decoder is None:
+                kind = CompiledDecoder if compile else Decoder
+                draft_decoder = kind(draft.model, draft.device, draft.dtype)
+            self.drafter = ModelDrafter(draft_decoder, DRAFT_CONFIDENCE if confidence is None else confidence)
+            self.name = spec.draft
+
+    def warm_up(self, positions: int) -> float | None:
+        """Compile the draft's step now, for sequences of ``positions`` tokens; the seconds (None: nothing to compile)."""
+        draft_decoder = getattr(self.drafter, "decoder", None)
+        return draft_decoder.warm_up(positions) if isinstance(draft_decoder, CompiledDecoder) else None
+
+    def generation(self, prompt_token_ids: Sequence[int], options: SamplingOptions, *,
+                   observe: "Callable[[torch.Tensor, list[int]], None] | None" = None) -> SpeculativeGeneration:
+        """A generation from ``prompt_token_ids`` (``observe``: ``Generation``'s hook, e.g. a logprobs Recorder)."""
+        tokenizer = self.target.tokenizer
+        return SpeculativeGeneration(self.decoder, self.drafter, prompt_token_ids, options,
+                                     draft_tokens=self.spec.tokens, draft_name=self.name, eos_id=tokenizer.eot_id,
+                                     token_bytes=tokenizer.token_bytes,
+                                     context_length=self.target.cfg.context_length, observe=observe)

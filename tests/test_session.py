@@ -132,3 +132,65 @@ def test_settings():
                         ("seed", str(2**64)), ("min_p", "1.5"), ("repetition_penalty", "0")]:
         with pytest.raises(UserError):
             apply_setting(options, name, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# A session with a draft (--interactive --draft / --lookup)
+
+
+def speculative_session(rt: Runtime, options: SamplingOptions, kind: str, draft_seed: int = 1) -> Session:
+    from gptcli.speculative import SpeculativeOptions
+
+    if kind == "lookup":
+        return Session(rt, options, spec=SpeculativeOptions(lookup=True, draft_tokens=4))
+    draft = runtime(lively_char_model(CHARS, rt.cfg.context_length, seed=draft_seed), CharTokenizer(CHARS))
+    return Session(rt, options, spec=SpeculativeOptions(draft="test-draft", draft_tokens=3), draft=draft)
+
+
+# Greedy, with or without the penalty, for both kinds; sampling for lookup, whose draws are plain sampling's
+# (a model draft's sampled ids follow the rejection rule: the same distribution, not the same ids; see
+# test_speculative's chi-square test).
+@pytest.mark.parametrize("kind,sampling", [
+    ("lookup", dict()), ("model", dict()), ("lookup", dict(repetition_penalty=1.4)),
+    ("model", dict(repetition_penalty=1.4)), ("lookup", dict(temperature=0.9, top_k=8, seed=4)),
+])
+def test_a_session_with_a_draft_writes_the_plain_sessions_text_turn_by_turn(kind, sampling):
+    rt = char_runtime(context=24)
+    options = SamplingOptions(max_new_tokens=9, ignore_eos=True, **sampling)
+    plain, fast = Session(rt, options), speculative_session(rt, options, kind)
+    checks = 0
+    for typed in ("hello", " and", "", " then some more words"):  # the last turns run past the 24-token window
+        assert "".join(fast.turn(typed)) == "".join(plain.turn(typed)), typed
+        assert fast.text == plain.text
+        turn = fast.stats()
+        assert turn.speculative is not None and turn.speculative.draft == ("lookup" if kind == "lookup" else
+                                                                           "test-draft")
+        checks += turn.speculative.checks
+    if kind == "model" and not sampling:
+        assert checks > 0  # the draft guessed, and the model checked, inside the window
+
+
+def test_a_session_draft_keeps_its_cache_between_turns_and_an_interrupt_leaves_both_consistent():
+    rt = char_runtime(context=48)
+    options = SamplingOptions(max_new_tokens=12, ignore_eos=True)
+    fast = speculative_session(rt, options, "model")
+    draft_decoder = fast.speculator.drafter.decoder
+    "".join(fast.turn("hello"))
+    "".join(fast.turn(" there"))
+    assert draft_decoder.reused > 0  # the draft's prefill of turn 2 ran only the unseen tokens
+    seen = []
+
+    def interrupt_at_four(logits, chosen):
+        seen.append(chosen)
+        if len(seen) == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        for _ in fast.turn(" ab", observe=interrupt_at_four):
+            pass
+    assert fast.cached_tokens() <= len(fast.text) and draft_decoder.cached_ids() == \
+        draft_decoder._ids[: len(draft_decoder.cached_ids())]
+    text = fast.text + " ok"
+    assert "".join(fast.turn(" ok")) == generate_text(rt, text, 12)
+    fast.reset()
+    assert draft_decoder.cached_ids() == [] and "".join(fast.turn("abc")) == generate_text(rt, "abc", 12)

@@ -64,6 +64,12 @@ def test_generate_show_probs_colours_on_a_terminal_only(gen_args):
     assert in_pty([*gen_args, "--show-probs"], no_color=True) == in_pty(gen_args, no_color=True)
 
 
+@pytest.mark.parametrize("draft", [["--lookup"], ["--draft", "int8"]])
+def test_generate_show_probs_with_a_draft_colours_exactly_as_plain_decoding(gen_args, draft):
+    """Each token is coloured by the model's probability at its position, which the check computed."""
+    assert in_pty([*gen_args, "--show-probs", *draft]) == in_pty([*gen_args, "--show-probs"])
+
+
 def test_score_show_colours_the_text_on_a_terminal(tmp_path, tiny):
     text = "The cat sat on the mat."
     (tmp_path / "t.txt").write_text(text)

@@ -38,7 +38,7 @@ from gptcli.devices import check_device_name, check_dtype_name
 from gptcli.devices import dtype_name as name_of
 from gptcli.errors import UserError
 from gptcli.generate import FINISH_CLOSED, FINISH_INTERRUPTED, MAX_SEED, SamplingOptions
-from gptcli.speculative import SpeculativeGeneration, SpeculativeOptions, draft_inference_options, speculative_generation
+from gptcli.speculative import SpeculativeGeneration, SpeculativeOptions, Speculator, draft_inference_options
 
 if TYPE_CHECKING:
     from gptcli.generate import Generation, Timings
@@ -277,13 +277,11 @@ def generate(
         raise UserError(f"--batch-size must be 1 or more, got {speed.batch_size}")
     spec = SpeculativeOptions(draft=draft, lookup=lookup, draft_tokens=None if draft_tokens is None else int(
         parse_number("--draft-tokens", draft_tokens, int))).validate(scheme)
-    if spec.enabled and (each_line or compile_model):
-        raise UserError(f"{'--draft' if draft is not None else '--lookup'} decodes one sequence eagerly; "
-                        f"{'--each-line uses plain decoding' if each_line else 'drop --compile'}")
-    if spec.enabled and (interactive or logprobs is not None or show_probs or options.penalizes):
-        which = ("--interactive" if interactive else "--logprobs" if logprobs is not None else
-                 "--show-probs" if show_probs else "--repetition-penalty")
-        raise UserError(f"{which} uses plain decoding for now; drop {'--draft' if draft is not None else '--lookup'}")
+    if spec.enabled and each_line:
+        raise UserError(f"--each-line uses plain decoding; drop {'--draft' if draft is not None else '--lookup'}")
+    if spec.lookup and compile_model:
+        raise UserError("--lookup has no draft model to compile (the model's checks stay eager, for plain "
+                        "decoding's ids); drop --compile")
     from gptcli.commands.probability_view import check_view_options
 
     logprobs_k = check_view_options(logprobs, show_probs=show_probs, json_output=json_output, each_line=each_line,
@@ -297,7 +295,8 @@ def generate(
             raise UserError("--num-samples works with a PROMPT or --each-line; drop it with --interactive")
         run_session(None if prompt == "-" else prompt, options,
                     speed.inference(size=size, config=config, weights=weights, device=device_name,
-                                    dtype=dtype_name, seed=options.seed), stats=stats, show_probs=show_probs)
+                                    dtype=dtype_name, seed=options.seed), stats=stats, show_probs=show_probs,
+                    spec=spec)
         return
     if each_line:
         if prompt not in (None, "-"):
@@ -414,15 +413,21 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
     greedy_note(options)
     inference = speed.inference(size=size, config=config, weights=weights, device=device_name, dtype=dtype_name,
                                 seed=options.seed)
+    if spec.enabled:  # the model checks guesses eagerly, with row-invariant kernels; only a draft compiles
+        inference = replace(inference, kernels="eager")
     loaded = load_for_command(inference)
     cfg, tokenizer = loaded.cfg, loaded.tokenizer
     ids = prompt_ids(prompt_text, tokenizer)
-    draft = load_for_command(draft_inference_options(spec, inference)) if spec.draft is not None else None
-    decoder = make_decoder(loaded.model, loaded.device, loaded.dtype, compile=speed.compile)
+    draft = load_for_command(draft_inference_options(spec, inference, compile=speed.compile)) \
+        if spec.draft is not None else None
+    positions = min(len(ids), cfg.context_length) + options.max_new_tokens
+    speculator = Speculator(spec, loaded, draft, compile=speed.compile) if spec.enabled else None
+    decoder = None if speculator else make_decoder(loaded.model, loaded.device, loaded.dtype, compile=speed.compile)
     compile_s = None
     if speed.compile:
-        note("compiling the decode step (torch.compile; cached on disk for the next run)...")
-        compile_s = decoder.warm_up(min(len(ids), cfg.context_length) + options.max_new_tokens)
+        note(f"compiling the {'draft' if speculator else 'decode'} step (torch.compile; cached on disk for the "
+             "next run)...")
+        compile_s = speculator.warm_up(positions) if speculator else decoder.warm_up(positions)
     _, dropped = crop_prompt(ids, cfg.context_length)
     if dropped:
         note(f"the prompt has {len(ids)} tokens, more than the context of {cfg.context_length}; "
@@ -431,10 +436,12 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
     for sample in range(1, samples + 1):
         sample_options = options if samples == 1 else replace(options, seed=options.seed + sample - 1)
         view = StreamView(logprobs_k, show_probs and not json_output)
-        generation = Generation(decoder, ids, sample_options, context_length=cfg.context_length,
-                                eos_id=tokenizer.eot_id, token_bytes=tokenizer.token_bytes, observe=view.recorder)
-        if spec.enabled:  # the same protocol, with a draft (gptcli.speculative)
-            generation = speculative_generation(spec, loaded, draft, ids, sample_options)
+        if speculator:  # the same protocol, with a draft (gptcli.speculative)
+            generation = speculator.generation(ids, sample_options, observe=view.recorder)
+        else:
+            generation = Generation(decoder, ids, sample_options, context_length=cfg.context_length,
+                                    eos_id=tokenizer.eot_id, token_bytes=tokenizer.token_bytes,
+                                    observe=view.recorder)
         out = TextOutput(terminal=stdout_is_terminal(), view=view)
         label = None if samples == 1 else {"sample": sample, "num_samples": samples}
         _stream_one(generation, prompt_text, ids, dropped, loaded, compile_s, out, view, label,

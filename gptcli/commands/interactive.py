@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from gptcli.generate import SamplingOptions
     from gptcli.runtime import InferenceOptions
     from gptcli.session import Session, TurnStats
+    from gptcli.speculative import SpeculativeOptions
 
 PROMPT = "> "
 EXIT_INTERRUPTED = 130
@@ -35,18 +36,22 @@ Ctrl-C stops the model's continuation (what it wrote stays) or clears the line y
 
 
 def run_session(prompt: str | None, options: "SamplingOptions", inference: "InferenceOptions", *, stats: bool,
-                show_probs: bool) -> None:
-    """Load the model once, then read lines until Ctrl-D or /quit."""
+                show_probs: bool, spec: "SpeculativeOptions | None" = None) -> None:
+    """Load the model (and a --draft) once, then read lines until Ctrl-D or /quit."""
     from gptcli.session import Session
+    from gptcli.speculative import draft_inference_options
 
     check_tokenizer_early(inference.weights)
     if options.greedy and (options.top_k is not None or options.top_p is not None):
         note("--top-k and --top-p only apply when sampling (--temperature above 0); decoding greedily")
     try:
         loaded = load_for_command(inference)
+        draft = None
+        if spec is not None and spec.draft is not None:
+            draft = load_for_command(draft_inference_options(spec, inference))
     except KeyboardInterrupt:  # while loading: nothing to keep
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    session = Session(loaded, options)
+    session = Session(loaded, options, spec=spec, draft=draft)
     terminal = sys.stdin is not None and sys.stdin.isatty()
     history = _start_readline() if terminal else None
     note(f"interactive session with {loaded.source} ({loaded.cfg.name}, context {loaded.cfg.context_length}): "
@@ -118,6 +123,8 @@ def _turn(session: "Session", typed: str, stats: bool, show_probs: bool) -> None
              f"of {session.context_length}; the model sees the last {session.context_length}")
     if stats and turn is not None:
         err(stats_line(turn))
+        if turn.speculative is not None:
+            err(turn.speculative.line(turn.decode_tokens, turn.decode_s))
 
 
 def stats_line(turn: "TurnStats") -> str:
