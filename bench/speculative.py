@@ -33,6 +33,11 @@ of eager and compiled), **draft share** (the draft's part of the decode time) an
 - ``pair-kK``: the trained draft guesses K tokens (``-cC``: it stops guessing after a guess it gives
   less than probability C instead of ``DRAFT_CONFIDENCE``, 0.3; ``-bf16``: the draft runs in bfloat16, half its bytes);
 - ``int8-kK``, ``int4-kK``: self-speculation, the target's own int8/int4 copy (bfloat16 activations) drafts;
+- ``...-compiled``: ``generate --compile --draft``: the draft's one-token steps are one torch.compile'd
+  graph (the model's checks stay eager, so the ids stay plain decoding's); not with ``--no-compile``;
+- a **step costs** table: one step of the model (eager, compiled, a K+1-row check) and of each draft,
+  in milliseconds and in best plain steps: with every guess kept, self-speculation's speed-up stays
+  below (best plain step) / (draft step), whatever K;
 - ``lookup-kK``: prompt lookup, on a greedy loop (GPT-2 124M with its own random init, which loops on a
   Verdict prompt: the trained target never does, it recites The Verdict), on a passage of The Verdict
   followed by its first tokens again (the trained target, which may or may not copy it), and on a
@@ -192,15 +197,18 @@ def plain_variant(name: str, runtime, compile: bool = False) -> Variant:
     return Variant(name, make)
 
 
-def speculative_variant(name: str, target, draft, k: int, label: str, confidence: float | None = None) -> Variant:
-    from gptcli.speculative import SpeculativeOptions, speculative_generation
+def speculative_variant(name: str, target, draft, k: int, label: str, confidence: float | None = None,
+                        compile: bool = False) -> Variant:
+    """``generate --draft`` (``--lookup`` when ``draft`` is None; ``compile``: ``--compile --draft``)."""
+    from gptcli.speculative import SpeculativeOptions, Speculator
 
     spec = SpeculativeOptions(draft=None if draft is None else label, lookup=draft is None, draft_tokens=k)
+    speculator = Speculator(spec, target, draft, compile=compile, confidence=confidence)
 
     def make(prompt: list[int], tokens: int):
-        return speculative_generation(spec, target, draft, prompt, options(tokens), confidence=confidence)
+        return speculator.generation(prompt, options(tokens))
 
-    return Variant(name, make, draft=label, k=k)
+    return Variant(name, make, draft=label + (", compiled" if compile else ""), k=k)
 
 
 def options(tokens: int):
@@ -288,6 +296,33 @@ def forward_costs(runtime, rows_: int, repeats: int, prompt: int = 64) -> tuple[
     feed(1)()
     feed(rows_)()
     return median_time(feed(1), repeats), median_time(feed(rows_), repeats)
+
+
+def compiled_step_cost(runtime, repeats: int, prompt: int = 64) -> float:
+    """Seconds of one compiled one-token step (``--compile``) after a ``prompt``-token prefill."""
+    from gptcli.generate import CompiledDecoder
+
+    decoder = CompiledDecoder(runtime.model, runtime.device, runtime.dtype)
+    decoder.warm_up(prompt + repeats + 8)
+    decoder.prefill(list(range(1, prompt + 1)), max_new_tokens=repeats + 8)
+    return median_time(lambda: decoder.step(11), repeats)
+
+
+def costs_section(target, compiled, drafts: dict, k: int, repeats: int) -> str:
+    """What bounds self-speculation: the draft's step against the model's, in one table. With every
+    guess kept a check yields K+1 tokens for K draft steps and one K+1-row check, so the speed-up over
+    the best plain step can never pass (best plain step) / (draft step)."""
+    prompt = min(64, target.cfg.context_length // 2)
+    t1, tk = forward_costs(target, k + 1, repeats, prompt)
+    measured = [("model float32, 1 row (eager)", t1), (f"model float32, K+1 = {k + 1} rows (eager: a check)", tk)]
+    if compiled is not None:
+        measured.append(("model float32, 1 row (compiled)", compiled_step_cost(compiled, repeats, prompt)))
+    best = min(t for name, t in measured if "1 row" in name)
+    for name, (runtime, compile) in drafts.items():
+        cost = compiled_step_cost(runtime, repeats, prompt) if compile else forward_costs(runtime, 2, repeats, prompt)[0]
+        measured.append((f"draft {name}, 1 row{' (compiled)' if compile else ''}", cost))
+    rows = [[name, f"{1000 * t:.1f}", f"{t / best:.2f}×"] for name, t in measured]
+    return markdown_table(["forward", "ms", "× best plain step"], rows)
 
 
 def xl_section(quick: bool, repeats: int, k: int = 4) -> tuple[str, float | None]:
@@ -393,6 +428,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              "trained 2-layer, bfloat16"))
     main_variants += [speculative_variant(f"int8-k{k}", target, int8, k, "int8") for k in ks]
     main_variants += [speculative_variant(f"int4-k{k}", target, int4, k, "int4") for k in ks[len(ks) // 2 : len(ks) // 2 + 1]]
+    if compile_baseline:  # --compile --draft: the draft's steps compiled, the model's checks eager
+        draft_compiled = load(str(draft_dir), kernels="compiled", threads=threads)
+        main_variants.append(speculative_variant(f"pair-k{ks[-1]}-compiled", target, draft_compiled, ks[-1],
+                                                 "trained 2-layer", compile=True))
+        main_variants += [speculative_variant(f"int8-k{k}-compiled", target, int8, k, "int8", compile=True)
+                          for k in sorted({ks[-1], 12})]
+        main_variants.append(speculative_variant(f"int4-k{ks[-1]}-compiled", target, int4, ks[-1], "int4",
+                                                 compile=True))
     log(f"measuring the pair and self-speculation ({len(main_variants)} variants)")
     measure(main_variants, prompts["pair"], tokens, rounds)
     best = max(v.tok_s() for v in main_variants if v.name.startswith("plain"))
@@ -411,6 +454,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         lookup_ratio[kind] = max(v.tok_s() for v in variants[1:]) / plain_l.tok_s()
         lookup_ratio[kind + "-ids"] = all(v.ids_identical(plain_l) for v in variants[1:])
 
+    log("measuring the step costs")
+    costs = costs_section(target, compiled, {"int8": (int8, False), "int8 compiled": (int8, True),
+                                             "int4": (int4, False), "int4 compiled": (int4, True),
+                                             "trained 2-layer": (draft, False)} if not quick else {},
+                          ks[-1], repeats)
     xl_table, xl_ratio = (None, None) if args.skip_xl else xl_section(quick, repeats)
     load_after = load_average()
 
@@ -452,6 +500,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "## The trained pair and self-speculation (float32 target)",
         "",
         table(main_variants, plain, best),
+        "",
+        "Step costs (median of --repeats; what bounds self-speculation: with every guess kept, the speed-up over "
+        "the best plain step stays below best plain step / draft step):",
+        "",
+        costs,
         "",
         "## Prompt lookup",
         "",

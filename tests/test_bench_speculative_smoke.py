@@ -33,7 +33,10 @@ def test_quick_run_prints_the_tables(tmp_path: Path) -> None:
     assert "- Machine:" in proc.stdout and "- Command:" in proc.stdout and "load average" in proc.stdout
     assert (tmp_path / "models" / "quick" / "target" / "model.safetensors").is_file()  # trained and cached
 
-    main, loop, repeating, non_repeating, xl_costs, predicted, targets = markdown_tables(proc.stdout)
+    main, costs, loop, repeating, non_repeating, xl_costs, predicted, targets = markdown_tables(proc.stdout)
+    assert costs[0] == ["forward", "ms", "× best plain step"]
+    assert [row[0] for row in costs[1:]][:2] == ["model float32, 1 row (eager)", "model float32, K+1 = 3 rows (eager: a check)"]
+    assert all(re.match(r"^\d+\.\d+$", row[1]) for row in costs[1:]) and costs[1][2] == "1.00×"
     header = ["variant", "draft", "K", "acceptance", "tokens/forward", "tok/s", "× plain", "× best plain",
               "draft share", "ids identical"]
     for table in (main, loop, repeating, non_repeating):
