@@ -208,7 +208,9 @@ def generate(
                                     "would have chosen, so greedy ids are the plain ones. SOURCE: int8 or int4 (the "
                                     "model's own quantized copy drafts for it: float32's text near int8's speed), or "
                                     "a smaller model with the same tokenizer (a path, a Hub id: --draft gpt2 for "
-                                    "--size xl).", show_default=False)
+                                    "--size xl). With --compile the draft's steps are compiled (the model's checks "
+                                    "stay eager). Works with -i, --logprobs, --show-probs, --repetition-penalty.",
+                                    show_default=False)
     ] = None,
     lookup: Annotated[
         bool, typer.Option("--lookup", help="Speculative decoding with no draft model: guess the tokens that followed "
