@@ -90,19 +90,24 @@ def test_past_the_window_and_back_after_reset():
     assert "".join(session.turn("abc")) == generate_text(rt, "abc", 10)
 
 
-def test_an_interrupted_turn_keeps_a_consistent_session():
-    rt = char_runtime(context=48)
-    session = Session(rt, SamplingOptions(max_new_tokens=20))
-    steps = []
+def interrupted_turn(session: Session, typed: str, after: int) -> None:
+    """A turn stopped by Ctrl-C (KeyboardInterrupt) as its ``after``-th token is picked."""
+    picked = []
 
-    def interrupt_at_five(logits, chosen):
-        steps.append(chosen)
-        if len(steps) == 5:
+    def interrupt(logits, chosen):
+        picked.append(chosen)
+        if len(picked) == after:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        for _ in session.turn("hello", observe=interrupt_at_five):
+        for _ in session.turn(typed, observe=interrupt):
             pass
+
+
+def test_an_interrupted_turn_keeps_a_consistent_session():
+    rt = char_runtime(context=48)
+    session = Session(rt, SamplingOptions(max_new_tokens=20))
+    interrupted_turn(session, "hello", after=5)
     assert session.text.startswith("hello") and session.cached_tokens() <= len(session.text)
     text = session.text + " ok"
     assert "".join(session.turn(" ok")) == generate_text(rt, text, 20)
@@ -178,16 +183,7 @@ def test_a_session_draft_keeps_its_cache_between_turns_and_an_interrupt_leaves_b
     "".join(fast.turn("hello"))
     "".join(fast.turn(" there"))
     assert draft_decoder.reused > 0  # the draft's prefill of turn 2 ran only the unseen tokens
-    seen = []
-
-    def interrupt_at_four(logits, chosen):
-        seen.append(chosen)
-        if len(seen) == 4:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        for _ in fast.turn(" ab", observe=interrupt_at_four):
-            pass
+    interrupted_turn(fast, " ab", after=4)
     assert fast.cached_tokens() <= len(fast.text) and draft_decoder.cached_ids() == \
         draft_decoder._ids[: len(draft_decoder.cached_ids())]
     text = fast.text + " ok"
