@@ -206,7 +206,8 @@ def generate(
         Optional[str], typer.Option("--draft", metavar="SOURCE", help="Speculative decoding: a cheap draft guesses "
                                     "--draft-tokens tokens, the model checks them in one pass and keeps the ones it "
                                     "would have chosen, so greedy ids are the plain ones. SOURCE: int8 or int4 (the "
-                                    "model's own quantized copy drafts for it: float32's text near int8's speed), or "
+                                    "model's own quantized copy drafts for it: float32's text, faster as far as the quantized step "
+                                    "is cheaper; README has the figures), or "
                                     "a smaller model with the same tokenizer (a path, a Hub id: --draft gpt2 for "
                                     "--size xl). With --compile the draft's steps are compiled (the model's checks "
                                     "stay eager). Works with -i, --logprobs, --show-probs, --repetition-penalty.",
