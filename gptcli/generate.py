@@ -207,12 +207,15 @@ class Decoder:
         row-invariant kernels and ``model._attend_queries``)."""
         import torch
 
-        if not tokens or len(tokens) > self.room():
-            raise ValueError(f"feed of {len(tokens)} tokens with room for {self.room()}")
+        self._check_room(tokens)
         self._ids.extend(tokens)
         with torch.inference_mode():
             x = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)  # (1, T)
             return self.model(x, self._cache)[0]  # (T, V)
+
+    def _check_room(self, tokens: Sequence[int]) -> None:
+        if not tokens or len(tokens) > self.room():
+            raise ValueError(f"feed of {len(tokens)} tokens with room for {self.room()}")
 
     def rollback(self, n: int) -> None:
         """Forget the last ``n`` tokens fed (their cached keys and values are overwritten later)."""
@@ -277,8 +280,7 @@ class CompiledDecoder(Decoder):
         logits (len(tokens), V)."""
         import torch
 
-        if not tokens or len(tokens) > self.room():
-            raise ValueError(f"feed of {len(tokens)} tokens with room for {self.room()}")
+        self._check_room(tokens)
         return torch.cat([self.step(token) for token in tokens])  # (T, V)
 
     def rollback(self, n: int) -> None:

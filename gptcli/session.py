@@ -166,9 +166,11 @@ class Session:
         self.text = ""
         self.decoder = SessionDecoder(runtime.model, runtime.device, runtime.dtype)
         self.speculator: Speculator | None = None
+        self._draft_decoder: SessionDecoder | None = None  # a draft model's, kept between turns too
         if spec is not None and spec.enabled:
-            draft_decoder = None if draft is None else SessionDecoder(draft.model, draft.device, draft.dtype)
-            self.speculator = Speculator(spec, runtime, draft, decoder=self.decoder, draft_decoder=draft_decoder)
+            if draft is not None:
+                self._draft_decoder = SessionDecoder(draft.model, draft.device, draft.dtype)
+            self.speculator = Speculator(spec, runtime, draft, decoder=self.decoder, draft_decoder=self._draft_decoder)
         self.turns = 0
         self.generation: Generation | None = None  # the last turn's
         self._dropped = 0
@@ -188,9 +190,8 @@ class Session:
         """An empty running text (settings stay)."""
         self.text = ""
         self.decoder.forget()
-        draft_decoder = getattr(self.speculator and self.speculator.drafter, "decoder", None)
-        if isinstance(draft_decoder, SessionDecoder):
-            draft_decoder.forget()
+        if self._draft_decoder is not None:
+            self._draft_decoder.forget()
 
     def set(self, name: str, value: str) -> SamplingOptions:
         self.options = apply_setting(self.options, name, value)

@@ -129,9 +129,8 @@ class ModelDrafter:
         logits = self.decoder.feed(self._pending)[-1:]  # (1, V)
         self._pending = []
         probs = []
-        seen = list(history) if options.penalizes else None  # the draft picks with the model's penalty
         for i in range(k):
-            rows_seen = None if seen is None else [seen + self._guesses]
+            rows_seen = [[*history, *self._guesses]] if options.penalizes else None  # the model's penalty
             token = int(select_next(logits, options, generator, rows_seen)[0])
             if not options.greedy:
                 probs.append(full_probs(logits, options, rows_seen)[0])
@@ -270,11 +269,15 @@ def check_by_drawing(rows: "torch.Tensor", guesses: Sequence[int], options: Samp
     greedy), exactly as plain decoding draws it, and the guess is kept while it equals the draw.
     ``seen``: every id before the check's first row, for the repetition penalty."""
     histories = row_histories(seen, guesses, options)
-    for i in range(len(guesses) + 1):
-        token = int(select_next(rows[i : i + 1], options, generator, None if histories is None else [histories[i]])[0])
-        if i == len(guesses) or token != guesses[i]:
+
+    def draw(i: int) -> int:
+        return int(select_next(rows[i : i + 1], options, generator, None if histories is None else [histories[i]])[0])
+
+    for i, guess in enumerate(guesses):
+        token = draw(i)
+        if token != guess:
             return i, token
-    raise AssertionError("unreachable")
+    return len(guesses), draw(len(guesses))
 
 
 def check_by_rejection(rows: "torch.Tensor", proposal: Proposal, options: SamplingOptions,
@@ -370,7 +373,8 @@ class SpeculativeGeneration(Generation):
         self.stats = SpeculativeStats(draft=draft_name, draft_tokens=draft_tokens)
 
     def _seen(self) -> list[int]:
-        """Every id so far, the whole prompt included (plain decoding's history for the repetition penalty)."""
+        """Every id so far, the whole prompt included (plain decoding's history for the repetition penalty;
+        empty, and ignored by ``select_next``, without one)."""
         return [*self.prompt_token_ids, *self.token_ids] if self.options.penalizes else []
 
     def _next_ids(self, last: int, generator: "torch.Generator | None") -> tuple[list[int], "torch.Tensor"]:
@@ -385,7 +389,7 @@ class SpeculativeGeneration(Generation):
         stats.draft_s += time.perf_counter() - start
         if proposal is None or not proposal.tokens:
             logits = self.decoder.step(last)  # (1, V)
-            token = int(select_next(logits, opts, generator, [seen] if opts.penalizes else None)[0])
+            token = int(select_next(logits, opts, generator, [seen])[0])
             stats.steps += 1
             self._accepted(0, token)
             return [token], logits
@@ -419,7 +423,7 @@ class SpeculativeGeneration(Generation):
         self.drafter.start(crop_prompt(self.prompt_token_ids, self.decoder.context_length)[0], opts.max_new_tokens)
         self.stats.draft_prefill_s = time.perf_counter() - draft_start
         seen = self._seen()
-        ids = [int(select_next(logits, opts, generator, [seen] if opts.penalizes else None)[0])]
+        ids = [int(select_next(logits, opts, generator, [seen])[0])]
         self.timings.prefill_s = time.perf_counter() - start
         first = True
         while True:
