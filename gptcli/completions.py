@@ -17,7 +17,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from gptcli.generate import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SamplingOptions, prompt_ids
+from gptcli.errors import UserError
+from gptcli.generate import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, MAX_SEED, SamplingOptions, prompt_ids
 
 if TYPE_CHECKING:
     from gptcli.engine import RowEvent, RowRequest
@@ -30,8 +31,6 @@ MAX_TEMPERATURE = 2.0  # OpenAI's range is 0-2
 MAX_LOGPROBS = 5  # OpenAI's legacy API takes 0-5
 MAX_STOP = 4  # stop strings, as OpenAI
 MAX_STOP_CHARS = 256
-MAX_SEED = 2**63 - 1
-
 # OpenAI's finish reasons: the model's own end of text is "stop" too.
 FINISH_REASONS = {FINISH_EOS: "stop", FINISH_STOP: "stop", FINISH_LENGTH: "length"}
 
@@ -115,6 +114,10 @@ class CompletionRequest:
 # Checking a request
 
 
+def plural(count: int, noun: str) -> str:
+    return noun if count == 1 else noun + "s"
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -179,6 +182,20 @@ def _is_ids(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
+def encode_text(text: str, encode: Callable[[str], list[int]], param: str = "prompt") -> list[int]:
+    """A request's text as ids; a 400 naming what the tokenizer cannot take (a lone surrogate, which
+    is not Unicode text, or characters a character-level vocabulary lacks)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad(f"'{param}' is not valid Unicode: it holds a lone surrogate {text[exc.start]!r} at character "
+                  f"{exc.start}", param, "invalid_value") from None
+    try:
+        return encode(text)
+    except UserError as exc:
+        raise bad(str(exc), param, "invalid_value") from None
+
+
 def _prompts(body: dict, tokenizer: "Tokenizer", limits: Limits) -> tuple[list[list[int]], list[str]]:
     """The prompts as ids and as text: a string, an array of strings, an array of ids or of id arrays."""
     value = body.get("prompt")
@@ -186,7 +203,7 @@ def _prompts(body: dict, tokenizer: "Tokenizer", limits: Limits) -> tuple[list[l
         raise bad("'prompt' is required", "prompt", "missing_required_parameter")
     if isinstance(value, str):
         texts = [value]
-        ids = [prompt_ids(value, tokenizer)]
+        ids = [encode_text(value, lambda t: prompt_ids(t, tokenizer))]
     elif _is_ids(value):
         ids, texts = [value], None
     elif isinstance(value, list) and value and all(isinstance(p, str) for p in value):
@@ -201,7 +218,7 @@ def _prompts(body: dict, tokenizer: "Tokenizer", limits: Limits) -> tuple[list[l
     if count > limits.max_prompts:
         raise bad(f"'prompt' may hold at most {limits.max_prompts} prompts, got {count}", "prompt", "invalid_value")
     if ids is None:
-        ids = [prompt_ids(t, tokenizer) for t in texts]
+        ids = [encode_text(t, lambda t: prompt_ids(t, tokenizer)) for t in texts]
     else:
         for p in ids:
             wrong = next((t for t in p if not 0 <= t < limits.vocab_size), None)
@@ -242,7 +259,10 @@ def parse_completion(body: Any, tokenizer: "Tokenizer", limits: Limits, model_id
     if top_k is not None and top_k <= 0:  # vLLM's -1 (and 0): no top-k
         top_k = None
     logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
-    seed = _integer(body, "seed", None, 0, MAX_SEED - limits.max_n)
+    seed = _integer(body, "seed", None, 0, MAX_SEED)  # the range gptcli generate --seed takes
+    if seed is not None and seed + n - 1 > MAX_SEED:
+        raise bad(f"'seed' {seed} with n={n} seeds the last choice {seed + n - 1} (choice i gets seed + i), past the "
+                  f"largest seed, 2**64 - 1: use a seed of at most {MAX_SEED - n + 1}", "seed", "invalid_value")
     echo = _boolean(body, "echo", False)
     stream = _boolean(body, "stream", False)
     ignore_eos = _boolean(body, "ignore_eos", False)
@@ -253,8 +273,8 @@ def parse_completion(body: Any, tokenizer: "Tokenizer", limits: Limits, model_id
         raise bad("'user' must be a string", "user", "invalid_type")
     ids, texts = _prompts(body, tokenizer, limits)
     if len(ids) * n > limits.max_rows:
-        raise bad(f"{len(ids)} prompts x n={n} is {len(ids) * n} completions; at most {limits.max_rows} a request",
-                  "n", "invalid_value")
+        raise bad(f"this request asks for {len(ids) * n} completions ({len(ids)} {plural(len(ids), 'prompt')} x n={n}); "
+                  f"a request may ask for at most {limits.max_rows}", "n", "invalid_value")
     if seed is None:
         seed = secrets.randbelow(MAX_SEED - limits.max_n)
     options = tuple(SamplingOptions(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -275,8 +295,8 @@ def _stream_options(body: dict, stream: bool) -> bool:
     return _boolean(value, "include_usage", False)
 
 
-def parse_tokenize(body: Any, model_id: str) -> str:
-    """``POST /tokenize`` (vLLM's shape): ``{"prompt": "text"}``, ``model`` optional; the text."""
+def parse_tokenize(body: Any, tokenizer: "Tokenizer", model_id: str) -> list[int]:
+    """``POST /tokenize`` (vLLM's shape): ``{"prompt": "text"}``, ``model`` optional; the text's ids."""
     if not isinstance(body, dict):
         raise bad(f"the request body must be a JSON object, got {_type_name(body)}")
     unknown = sorted(set(body) - {"model", "prompt", "add_special_tokens"})
@@ -285,7 +305,7 @@ def parse_tokenize(body: Any, model_id: str) -> str:
     _check_optional_model(body, model_id)
     if not isinstance(body.get("prompt"), str):
         raise bad("'prompt' must be a string", "prompt", "invalid_type")
-    return body["prompt"]
+    return encode_text(body["prompt"], tokenizer.encode)
 
 
 def parse_detokenize(body: Any, model_id: str, vocab_size: int) -> list[int]:

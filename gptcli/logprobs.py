@@ -7,7 +7,7 @@ gets the same log-probabilities however it was generated, and they agree with ``
 OpenAI's format (``/v1/completions`` with ``logprobs``) is four parallel lists: ``tokens`` (each
 token's text), ``token_logprobs`` (the chosen token's log-probability; None for a first prompt
 token, which nothing predicts), ``top_logprobs`` (the K likeliest tokens at that step, token text to
-log-probability; None where there is no prediction) and ``text_offset`` (where each token starts in
+log-probability, plus the chosen token when it is not among them; None where there is no prediction) and ``text_offset`` (where each token starts in
 the text, in characters). A token that is part of a UTF-8 character has no text of its own: it is
 written ``bytes:\\xe2\\x80`` as OpenAI writes such tokens.
 """
@@ -85,17 +85,21 @@ def openai_logprobs(entries: Sequence[TokenLogprob], token_bytes: Callable[[int]
         raw = token_bytes(entry.token_id)
         tokens.append(token_text(raw))
         token_logprobs.append(entry.logprob)
-        top_logprobs.append(None if entry.logprob is None else
-                            _top_dict(entry.top, token_bytes))
+        top_logprobs.append(None if entry.logprob is None else _top_dict(entry, token_bytes))
         offsets.append(offset)
         offset += len(utf8.decode(raw))
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
             "text_offset": offsets}
 
 
-def _top_dict(top: Sequence[tuple[int, float]], token_bytes: Callable[[int], bytes]) -> dict[str, float]:
-    """Token text to log-probability, likeliest first; two ids with the same text keep the likelier."""
+def _top_dict(entry: TokenLogprob, token_bytes: Callable[[int], bytes]) -> dict[str, float]:
+    """Token text to log-probability, likeliest first; two ids with the same text keep the likelier.
+    As in OpenAI's API, the chosen token is there too, last, when it is not among the K likeliest
+    (up to K + 1 entries)."""
     out: dict[str, float] = {}
+    top = entry.top
+    if top and entry.token_id not in {token_id for token_id, _ in top}:
+        top = (*top, (entry.token_id, entry.logprob))
     for token_id, logprob in top:
         out.setdefault(token_text(token_bytes(token_id)), logprob)
     return out

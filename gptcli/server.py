@@ -163,6 +163,10 @@ def create_app(engine: Engine, runtime: "Runtime", settings: ServeSettings) -> F
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return _error_response(ApiError(exc.status_code, message, code=code, headers=dict(exc.headers or {})))
 
+    @app.exception_handler(UserError)
+    async def user_error(_request: Request, exc: UserError) -> JSONResponse:
+        return _error_response(ApiError(400, str(exc)))  # a mistake in the request that no parser caught
+
     @app.exception_handler(Exception)
     async def server_error(_request: Request, exc: Exception) -> JSONResponse:
         return _error_response(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error"))
@@ -201,8 +205,7 @@ def create_app(engine: Engine, runtime: "Runtime", settings: ServeSettings) -> F
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
-        text = parse_tokenize(await read_json(request, settings.max_body_bytes), settings.model_id)
-        tokens = tokenizer.encode(text)
+        tokens = parse_tokenize(await read_json(request, settings.max_body_bytes), tokenizer, settings.model_id)
         return {"count": len(tokens), "max_model_len": limits.context_length, "tokens": tokens}
 
     @app.post("/detokenize")

@@ -126,6 +126,9 @@ class GPT2BPE:
         return {"kind": "gpt2"}
 
 
+MAX_NAMED_CHARS = 20  # an error names at most this many unknown characters
+
+
 class CharTokenizer:
     """nanoGPT's character-level vocabulary: the sorted set of characters of the training text."""
 
@@ -149,8 +152,13 @@ class CharTokenizer:
     def encode(self, text: str) -> list[int]:
         try:
             return [self._index[c] for c in text]
-        except KeyError as exc:
-            raise UserError(f"character {exc.args[0]!r} is not in this model's vocabulary of "
+        except KeyError:
+            missing = self.unknown(text)
+            shown = ", ".join(repr(c) for c in missing[:MAX_NAMED_CHARS])
+            more = f" and {len(missing) - MAX_NAMED_CHARS} more" if len(missing) > MAX_NAMED_CHARS else ""
+            noun = "character" if len(missing) == 1 else "characters"
+            verb = "is" if len(missing) == 1 else "are"
+            raise UserError(f"{noun} {shown}{more} {verb} not in this model's vocabulary of "
                             f"{self.vocab_size} characters") from None
 
     def unknown(self, text: str) -> list[str]:

@@ -24,6 +24,16 @@ def write_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
     return save_checkpoint(model, folder)
 
 
+def write_char_checkpoint(folder: Path, chars: str, seed: int = 0) -> Path:
+    """A tiny character-level model (context 48) over ``chars``, its vocabulary in the checkpoint's
+    metadata as ``gptcli train`` writes it, saved as ``folder/model.safetensors``."""
+    from helpers import lively_char_model, save_checkpoint
+
+    from gptcli.tokenizer import CharTokenizer, to_metadata
+
+    return save_checkpoint(lively_char_model(chars, seed=seed), folder, metadata=to_metadata(CharTokenizer(chars)))
+
+
 def server_env(tiktoken_cache: Path | None, cache_dir: Path) -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NO_COLOR": "1",
            "GPTCLI_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}

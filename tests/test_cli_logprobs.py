@@ -60,10 +60,14 @@ def check_against(logp: torch.Tensor, first: int, token_ids: list[int], logprobs
         assert abs(logprobs["token_logprobs"][n] - row[token_id].item()) < 1e-4
         top = logprobs["top_logprobs"][n]
         values = list(top.values())
-        assert len(top) == k and values == sorted(values, reverse=True)
+        assert values == sorted(values, reverse=True)
         assert sum(math.exp(v) for v in values) <= 1 + 1e-6
         expected = torch.topk(row, k).values.tolist()
-        assert all(abs(a - b) < 1e-4 for a, b in zip(values, expected))
+        assert all(abs(a - b) < 1e-4 for a, b in zip(values[:k], expected))
+        # As OpenAI's: the chosen token is there too, one entry more when it is not among the K likeliest.
+        chosen_in_top = token_id in torch.topk(row, k).indices.tolist()
+        assert len(top) == (k if chosen_in_top else k + 1)
+        assert abs(top[logprobs["tokens"][n]] - logprobs["token_logprobs"][n]) < 1e-6
 
 
 @pytest.mark.parametrize("temperature", ["0", "3"])

@@ -32,4 +32,17 @@ def test_openai_format_offsets_and_partial_characters():
     assert out["tokens"] == ["Hi", "bytes:\\x20\\xe2", "bytes:\\x82\\xac", "!"]
     assert out["text_offset"] == [5, 7, 8, 9]
     assert token_text(b"\xe2\x82\xac") == "\u20ac"
-    assert all(len(d) == 1 for d in out["top_logprobs"])
+    assert all(token in d and len(d) <= 2 for token, d in zip(out["tokens"], out["top_logprobs"]))
+
+
+def test_top_logprobs_hold_the_chosen_token_as_openais_do():
+    """OpenAI returns up to K + 1 entries: the K likeliest and, when it is not among them, the chosen token."""
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0], [4.0, 3.0, 2.0, 1.0]])
+    pieces = {0: b"a", 1: b"b", 2: b"c", 3: b"d"}
+    entries = step_logprobs(logits, [3, 1], k=2)  # row 0 chose the least likely, row 1 one of the top 2
+    out = openai_logprobs(entries, pieces.__getitem__)
+    expected = torch.log_softmax(logits[0], -1).tolist()
+    assert list(out["top_logprobs"][0]) == ["a", "b", "d"]
+    assert out["top_logprobs"][0]["d"] == out["token_logprobs"][0] == expected[3]
+    assert list(out["top_logprobs"][1]) == ["a", "b"]
+    assert openai_logprobs(step_logprobs(logits, [3, 1], k=0), pieces.__getitem__)["top_logprobs"] == [{}, {}]

@@ -360,6 +360,37 @@ def test_api_errors_are_shown_on_the_page(browser, server):
     wait_for(browser, lambda d: by_id(d, "out").get_attribute("data-done") == "true", "the stream did not end")
     assert not error.is_displayed()
 
+    result = by_id(browser, "out").text  # a refused request leaves the last result in place
+    assert result.startswith(PROMPT) and len(result) > len(PROMPT)
+    generate(browser, long_prompt, max_tokens=4)
+    wait_for(browser, lambda d: error.is_displayed(), "the second 400 was not shown")
+    assert by_id(browser, "out").text == result
+
+
+@pytest.fixture(scope="module")
+def char_server(env, tmp_path_factory):
+    from servers import write_char_checkpoint
+
+    chars = "".join(sorted(set("abcdefghijklmnopqrstuvwxyz ,.\n")))
+    srv = Server(["--weights", str(write_char_checkpoint(tmp_path_factory.mktemp("chars") / "chars", chars).parent)],
+                 env)
+    yield srv
+    srv.stop()
+
+
+@needs_browser
+def test_a_character_model_names_the_characters_it_lacks(browser, char_server, artifacts):
+    browser.get(root_url(char_server))
+    wait_for(browser, lambda d: by_id(d, "model").text.startswith("chars"), "the page did not load the model's name")
+    generate(browser, "hello ZZZ@#", max_tokens=4)
+    error = by_id(browser, "error")
+    wait_for(browser, lambda d: error.is_displayed() and "Error 400" in error.text, "the 400 was not shown")
+    assert "characters '#', '@', 'Z' are not in this model's vocabulary of 30 characters" in error.text
+    shoot(browser, artifacts, "playground-char-error.png")
+    generate(browser, "hello", max_tokens=4)
+    wait_for(browser, lambda d: by_id(d, "out").get_attribute("data-done") == "true", "the stream did not end")
+    assert not error.is_displayed() and by_id(browser, "out").text.startswith("hello")
+
 
 @needs_browser
 def test_with_an_api_key_the_page_asks_for_it_and_works_once_given(keyed_server, tmp_path, artifacts):

@@ -188,6 +188,24 @@ def test_logprobs_are_the_models_own(client):
     assert choice.logprobs.token_logprobs[-5:] == pytest.approx(lp.token_logprobs, abs=1e-4)
 
 
+def test_top_logprobs_hold_the_sampled_token_as_openais_do(client):
+    """OpenAI returns up to logprobs + 1 entries: the K likeliest, and the sampled token when it is not among them."""
+    r = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=10, temperature=2, seed=5,
+                                  logprobs=1, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    outside = 0
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top[token] == logprob
+        likeliest = max(top.values())
+        assert len(top) == (1 if logprob == likeliest else 2)
+        outside += len(top) == 2
+    assert outside >= 3  # at temperature 2 over 50257 tokens, most draws are not the likeliest
+
+    # Seeds span what gptcli generate takes: up to 2**64 - 1.
+    last = client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, temperature=1, seed=2**64 - 1)
+    assert last.choices[0].finish_reason == "length"
+
+
 def test_echo_puts_the_prompt_first_and_streams_it_first(client):
     r = client.completions.create(model=MODEL, prompt="Echo me", max_tokens=3, temperature=0, echo=True, logprobs=0)
     plain = client.completions.create(model=MODEL, prompt="Echo me", max_tokens=3, temperature=0)
@@ -395,6 +413,15 @@ BAD = [
     ("n 1000", "POST", "/v1/completions", ok_body(n=1000), AUTH, 400, "n", "between"),
     ("logprobs 6", "POST", "/v1/completions", ok_body(logprobs=6), AUTH, 400, "logprobs", "between 0 and 5"),
     ("a negative seed", "POST", "/v1/completions", ok_body(seed=-3), AUTH, 400, "seed", "between"),
+    ("a seed past 2**64 - 1", "POST", "/v1/completions", ok_body(seed=2**64), AUTH, 400, "seed",
+     "between 0 and 18446744073709551615"),
+    ("the second choice's seed past 2**64 - 1", "POST", "/v1/completions", ok_body(seed=2**64 - 1, n=2), AUTH, 400,
+     "seed", "use a seed of at most 18446744073709551614"),
+    ("a lone surrogate in the prompt", "POST", "/v1/completions", ok_body(prompt="a\ud800"), AUTH, 400, "prompt",
+     "lone surrogate '\\ud800'"),
+    ("a lone surrogate in a prompt list", "POST", "/v1/completions", ok_body(prompt=["ok", "\udfff"]), AUTH, 400,
+     "prompt", "lone surrogate"),
+    ("tokenize a lone surrogate", "POST", "/tokenize", {"prompt": "\ud800"}, AUTH, 400, "prompt", "lone surrogate"),
     ("five stop strings", "POST", "/v1/completions", ok_body(stop=list("abcde")), AUTH, 400, "stop", "at most 4"),
     ("an empty stop string", "POST", "/v1/completions", ok_body(stop=""), AUTH, 400, "stop", "empty"),
     ("echo as 1", "POST", "/v1/completions", ok_body(echo=1), AUTH, 400, "echo", "boolean"),
