@@ -114,6 +114,7 @@ class Engine:
         self._decoder = ContinuousBatchDecoder(runtime.model, runtime.device, runtime.dtype)
         self._active: list[_Row] = []  # in the decoder's row order
         self._waiting: deque[tuple[Ticket, int]] = deque()  # (ticket, row index) not yet admitted
+        self._admitting = 0  # rows taken from the queue, being prefilled: in neither list, but holding places
         self._calls: deque[tuple[Callable[[], object], Future]] = deque()
         self._lock = threading.Condition()
         self._draining = False  # no new work; what runs finishes
@@ -135,7 +136,8 @@ class Engine:
         with self._lock:
             if self._draining or self._closing:
                 raise EngineClosed("the server is shutting down")
-            if len(self._waiting) + len(rows) > self.max_queue + max(0, self.max_batch - len(self._active)):
+            free = max(0, self.max_batch - len(self._active) - self._admitting)
+            if len(self._waiting) + len(rows) > self.max_queue + free:
                 raise QueueFull(f"{len(self._waiting)} rows are waiting already")
             self._waiting.extend((ticket, i) for i in range(len(rows)))
             self._lock.notify()
@@ -213,7 +215,11 @@ class Engine:
                     self._run_call(fn, future)
                 self._release_finished()
                 if newcomers:
-                    self._admit(newcomers)
+                    try:
+                        self._admit(newcomers)
+                    finally:
+                        with self._lock:
+                            self._admitting = 0
                     self._release_finished()
                 if self._active:
                     self._step()
@@ -233,6 +239,7 @@ class Engine:
             taken.append((ticket, index))
         while self._waiting and self._waiting[0][0].cancelled:
             self._waiting.popleft()
+        self._admitting = len(taken)
         return taken
 
     @staticmethod
@@ -259,7 +266,9 @@ class Engine:
                                      [r.request.options.max_new_tokens for r in starting])  # (k, V)
         self.admitted += len(starting)
         self.joined += len(starting) if self._active else 0
-        self._active += starting
+        with self._lock:  # from "admitting" to active in one move, as submit counts places
+            self._active += starting
+            self._admitting = 0
         self.peak_rows = max(self.peak_rows, len(self._active))
         for k, row in enumerate(starting):
             self._accept(row, logits[k : k + 1])

@@ -79,6 +79,8 @@ def test_stdin_count_and_text_json():
     data = tok_json("-", input="Hello 🫠")
     assert data["tokens"][-1]["text"] is None and data["tokens"][-1]["end"] == len("Hello 🫠")
     assert data["tokenizer"] == "gpt2"
+    counted = tok_json("--count", "-", input="Hello 🫠")  # --count --json: the figures without the tokens
+    assert counted == {"count": len(data["ids"]), "characters": 7, "bytes": len("Hello 🫠".encode()), "tokenizer": "gpt2"}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -113,7 +115,7 @@ def test_a_runs_own_character_tokenizer(char_run):
     assert data["tokenizer"] == "char" and data["ids"] == [5, 7, 6, 1, 2, 3]  # sorted: \n, space, a, b, c, d, f, é
     assert tok_json("--weights", str(char_run), "--decode", "7 5 4")["text"] == "édc"
     result = tok("--weights", str(char_run), "xyz")
-    assert result.exit_code == 2 and "character 'x' is not in this model's vocabulary" in result.stderr
+    assert result.exit_code == 2 and "characters 'x', 'y', 'z' are not in this model's vocabulary of 8 characters" in result.stderr
     result = tok("--weights", str(char_run), "--decode", "8")
     assert result.exit_code == 2 and "outside this vocabulary of 8" in result.stderr
 

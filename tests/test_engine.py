@@ -117,6 +117,41 @@ def test_a_full_queue_refuses_and_draining_refuses_what_waits():
         engine.close(timeout=10)
 
 
+def test_rows_being_admitted_hold_their_places():
+    """--max-batch 1 --max-queue 0: while the first row is prefilled (in neither the queue nor the batch),
+    a second request is refused, as the help promises, rather than waiting."""
+    engine = Engine(runtime(), max_batch=1, max_queue=0)
+    decoder_admit, entered, release = engine._decoder.admit, threading.Event(), threading.Event()
+
+    def slow_admit(*args, **kwargs):
+        entered.set()
+        assert release.wait(30)
+        return decoder_admit(*args, **kwargs)
+
+    engine._decoder.admit = slow_admit
+    engine.start()
+    try:
+        first = Collector(1)
+        engine.submit([RowRequest((1,), SamplingOptions(max_new_tokens=3, temperature=0.0))], first)
+        assert entered.wait(30)
+        try:
+            engine.submit([RowRequest((2,), SamplingOptions(max_new_tokens=3, temperature=0.0))], Collector(1))
+            raise AssertionError("a row waited in a queue of 0 while the batch of 1 was being filled")
+        except QueueFull:
+            pass
+        release.set()
+        assert first.done.wait(30) and len(first.ids()) == 3
+        second = Collector(1)  # once the first has finished, there is room again
+        deadline = time.monotonic() + 30
+        while engine.load()["running"] and time.monotonic() < deadline:
+            time.sleep(0.001)
+        engine.submit([RowRequest((2,), SamplingOptions(max_new_tokens=3, temperature=0.0))], second)
+        assert second.done.wait(30) and len(second.ids()) == 3
+    finally:
+        release.set()
+        engine.close(timeout=10)
+
+
 def test_max_tokens_zero_runs_nothing():
     engine = Engine(runtime(), max_batch=2).start()
     try:

@@ -75,9 +75,6 @@ def serve(
     quantize: Annotated[Optional[str], typer.Option(
         "--quantize", metavar="int8|int4", help="Weight-only quantized Linear layers, as for generate. Rows are "
         "not checked to be batch-invariant with them.", show_default=False)] = None,
-    compile_model: Annotated[bool, typer.Option(
-        "--compile", help="Not available: torch.compile'd steps decode one sequence at a time and serve batches "
-        "rows. Refused with an error.")] = False,
     threads: ThreadsOption = None,
     no_tune: NoTuneOption = False,
 ) -> None:
@@ -100,9 +97,6 @@ def serve(
         -d '{"model": "openai-community/gpt2", "prompt": "Hello, I am", "max_tokens": 10, "temperature": 0}'
       GPTCLI_API_KEY=secret gptcli serve --weights runs/my-run --host 0.0.0.0
     """
-    if compile_model:
-        raise UserError("--compile is not available with serve: the compiled step decodes one sequence at a time, "
-                        "and serve decodes a batch of rows (leave it out; the eager kernels are tuned for batches)")
     device_name = check_device_name(device)
     dtype_name = check_dtype_name(dtype)
     scheme = check_quantize(quantize, dtype_name)

@@ -31,7 +31,8 @@ def tokenize(
                           help="Whose tokenizer: auto/random (GPT-2's BPE), or a checkpoint file, folder or run "
                           "(its own tokenizer, a character model's too; read from the header only).")
     ] = "auto",
-    count: Annotated[bool, typer.Option("--count", help="Print only the number of tokens.")] = False,
+    count: Annotated[bool, typer.Option("--count", help="Print only the number of tokens (with --json: the "
+                                        "count, characters, bytes and tokenizer, without the tokens).")] = False,
     json_output: Annotated[
         bool, typer.Option("--json", help="One JSON object: ids, and each token's id, text, bytes and character "
                            "offsets (start, end).")
@@ -73,7 +74,9 @@ def tokenize(
     source = words[0]
     found = pieces.encode(tokenizer, source)
     summary = {"count": len(found), "characters": len(source), "bytes": len(source.encode("utf-8"))}
-    if json_output:
+    if json_output and count:
+        print_json({**summary, "tokenizer": tokenizer.name})
+    elif json_output:
         print_json({**summary, "tokenizer": tokenizer.name, "ids": [p.id for p in found],
                     "tokens": [p.record() for p in found]})
     elif count:
