@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from gptcli.errors import UserError
-from gptcli.generate import Decoder, Generation, SamplingOptions, check_seed, crop_prompt, prompt_ids
+from gptcli.generate import (FINISH_INTERRUPTED, Decoder, Generation, SamplingOptions, check_seed, crop_prompt,
+                             prompt_ids)
 from gptcli.speculative import SpeculativeOptions, SpeculativeStats, Speculator
 
 if TYPE_CHECKING:
@@ -174,6 +175,7 @@ class Session:
         self.turns = 0
         self.generation: Generation | None = None  # the last turn's
         self._dropped = 0
+        self._prefill: tuple[int, int] | None = None  # the last turn's (prefilled, reused), at its first token
 
     @property
     def context_length(self) -> int:
@@ -216,18 +218,25 @@ class Session:
             self.generation = Generation(self.decoder, ids, options, eos_id=tokenizer.eot_id,
                                          token_bytes=tokenizer.token_bytes, context_length=self.context_length,
                                          observe=observe)
+        self._prefill = None
         for piece in self.generation:
+            if self._prefill is None:  # before a slide past the window prefills again mid-turn
+                self._prefill = (self.decoder.prefilled, self.decoder.reused)
             self.text += piece
             yield piece
+
+    def interrupt(self) -> None:
+        """The running turn was stopped (Ctrl-C): what it wrote stays; its finish reason says so."""
+        if self.generation is not None and self.generation.finish_reason is None:
+            self.generation.finish_reason = FINISH_INTERRUPTED
 
     def stats(self) -> TurnStats | None:
         """The last turn's figures (also after a Ctrl-C)."""
         g = self.generation
         if g is None:
             return None
-        ran = bool(g.token_ids)
-        return TurnStats(turn=self.turns, prefill_tokens=self.decoder.prefilled if ran else 0,
-                         reused_tokens=self.decoder.reused if ran else 0, new_tokens=len(g.token_ids),
+        prefilled, reused = (0, 0) if not g.token_ids else self._prefill or (self.decoder.prefilled, self.decoder.reused)
+        return TurnStats(turn=self.turns, prefill_tokens=prefilled, reused_tokens=reused, new_tokens=len(g.token_ids),
                          prefill_s=g.timings.prefill_s, decode_s=g.timings.decode_s,
                          decode_tokens=g.timings.decode_tokens, finish_reason=g.finish_reason,
                          dropped_tokens=self._dropped, speculative=getattr(g, "stats", None))

@@ -61,7 +61,7 @@ class Session:
 
     @staticmethod
     def turn_stats(out: str) -> tuple[int, int]:
-        m = re.search(r"stats: turn \d+: prefill (\d+) tokens \((\d+) cached\)", out)
+        m = re.search(r"stats: turn \d+: prefill (\d+) tokens? \((\d+) cached\)", out)
         assert m, out
         return int(m.group(1)), int(m.group(2))
 
@@ -83,10 +83,15 @@ def test_interactive_session_in_a_terminal(char_checkpoint, tmp_path):
     s.send("/set max_new_tokens 1000000")
     s.child.sendline(" more")
     s.child.expect(r"[a-z .,]{40}")  # the model is writing
+    s.child.send("QZ")  # typed while it writes: not echoed into its text (the model writes no capitals)
+    s.child.expect(r"[a-z .,]{40}")  # still writing
     s.child.sendintr()
     out = s.prompt()
     assert "stopped; what was written stays in the text" in out
-    assert "stats: turn 3:" in out
+    assert "QZ" not in out and "QZ" not in s.child.before
+    # The turn's own prefill (" more" and turn 2's last character), not a later slide past the window.
+    assert s.turn_stats(out) == (6, len(text2) - 1) and "finish interrupted" in out
+    assert "top_k none, top_p none" in s.send("/settings")
     text3 = s.text()
     assert text3.startswith(text2 + " more") and len(text3) >= len(text2) + 5 + 40  # past the context of 48
     out = s.send("/tokens")

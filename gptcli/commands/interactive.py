@@ -3,8 +3,9 @@ history (readline), slash commands, Ctrl-C and Ctrl-D. The model and the running
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import typer
 
@@ -107,13 +108,15 @@ def _turn(session: "Session", typed: str, stats: bool, show_probs: bool) -> None
 
     view = StreamView(None, show_probs, legend=session.turns == 0)  # the legend once, with the first turn
     try:
-        for piece in session.turn(typed, observe=view.recorder):
-            if not view.write(piece):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+        with _typing_hidden():
+            for piece in session.turn(typed, observe=view.recorder):
+                if not view.write(piece):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
     except KeyboardInterrupt:
+        session.interrupt()
         sys.stdout.write("\n")
         sys.stdout.flush()
         note("stopped; what was written stays in the text")
@@ -127,11 +130,39 @@ def _turn(session: "Session", typed: str, stats: bool, show_probs: bool) -> None
             err(turn.speculative.line(turn.decode_tokens, turn.decode_s))
 
 
+@contextlib.contextmanager
+def _typing_hidden() -> Iterator[None]:
+    """While the model writes, keys typed are not echoed into its text; they wait for the next prompt
+    (readline shows them there). Ctrl-C still interrupts, and discards them, as in a shell."""
+    if sys.stdin is None or not sys.stdin.isatty():
+        yield
+        return
+    import termios
+
+    fd = sys.stdin.fileno()
+    try:
+        saved = termios.tcgetattr(fd)
+    except termios.error:
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO  # lflag
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def stats_line(turn: "TurnStats") -> str:
     rate = "n/a" if turn.decode_tokens_per_s is None else f"{turn.decode_tokens_per_s:.1f} tok/s"
-    return (f"stats: turn {turn.turn}: prefill {turn.prefill_tokens} tokens ({turn.reused_tokens} cached) in "
-            f"{turn.prefill_s:.3f} s, decode {turn.decode_tokens} tokens in {turn.decode_s:.3f} s ({rate}), "
-            f"{turn.new_tokens} new, finish {turn.finish_reason}")
+    return (f"stats: turn {turn.turn}: prefill {_count(turn.prefill_tokens, 'token')} ({turn.reused_tokens} cached) "
+            f"in {turn.prefill_s:.3f} s, decode {_count(turn.decode_tokens, 'token')} in {turn.decode_s:.3f} s "
+            f"({rate}), {turn.new_tokens} new, finish {turn.finish_reason or 'none'}")
 
 
 def _command(session: "Session", line: str) -> bool:
@@ -168,10 +199,15 @@ def _command(session: "Session", line: str) -> bool:
 
 def _settings(session: "Session") -> str:
     o = session.options
-    return (f"temperature {o.temperature:g}{' (greedy)' if o.greedy else ''}, top_k {o.top_k}, top_p {o.top_p}, "
+    return (f"temperature {o.temperature:g}{' (greedy)' if o.greedy else ''}, top_k {_or_none(o.top_k)}, "
+            f"top_p {_or_none(o.top_p)}, "
             f"max_new_tokens {o.max_new_tokens}, seed {o.seed}, ignore_eos {'on' if o.ignore_eos else 'off'}"
             + (f", min_p {o.min_p}" if o.min_p is not None else "")
             + (f", repetition_penalty {o.repetition_penalty:g}" if o.penalizes else ""))
+
+
+def _or_none(value: object) -> str:
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _tokens(session: "Session", last: int = 40) -> str:
