@@ -30,7 +30,8 @@ from gptcli.tokenizer import EOT_ID
 if TYPE_CHECKING:
     import torch
 
-    from gptcli.model import GPTModel, KVCache
+    from gptcli.kv_cache import KVCache
+    from gptcli.model import GPTModel
 
 
 class BatchDecoder:
@@ -55,12 +56,17 @@ class BatchDecoder:
         self._cached: list[int] = []  # the rows whose keys and values are in the cache, in the cache's order
         self._pad: "torch.Tensor | None" = None  # (len(_cached),) left padding of the cached rows
         self._cache: KVCache | None = None
+        from gptcli.attention import invariant_on
+        from gptcli.onednn import use_for_inference
+
+        self.attention = invariant_on(device)
+        use_for_inference(model)
 
     def _padded(self, rows: Sequence[Sequence[int]]) -> tuple["torch.Tensor", "torch.Tensor"]:
         """Left-padded ids (B, T) and the padding per row (B,).
 
         The padding goes to the model even when it is all zeros: with it every row attends on its
-        own, as it would alone (``model._attend_rows``); one attention call for rows of equal length
+        own, as it would alone (``gptcli.attention.row_invariant``); one attention call for rows of equal length
         rounded differently from a lone row's.
         """
         import torch
@@ -75,7 +81,7 @@ class BatchDecoder:
         for i in rows:
             del self._rows[i][: -self.context_length]
         ids, pad = self._padded([self._rows[i] for i in rows])
-        return self.model(ids, pad=pad, last_only=True)[:, -1, :]
+        return self.model(ids, pad=pad, last_only=True, attention=self.attention)[:, -1, :]
 
     def _merge(self, parts: list[tuple[list[int], "torch.Tensor"]]) -> "torch.Tensor":
         """Logits (B, V) in row order from (rows, logits) pieces."""
@@ -93,7 +99,7 @@ class BatchDecoder:
         """Start the batch; ``max_new_tokens``: one count for every row, or one per row."""
         import torch
 
-        from gptcli.model import KVCache
+        from gptcli.kv_cache import KVCache
 
         ctx = self.context_length
         self._rows = [crop_prompt(p, ctx)[0] for p in prompts]
@@ -112,7 +118,8 @@ class BatchDecoder:
                            for i in self._cached)
                 self._cache = KVCache.empty(self.cfg, batch_size=len(rows), max_len=room, device=self.device,
                                             dtype=self.dtype)
-                parts.append((self._cached, self.model(ids, self._cache, pad=self._pad, last_only=True)[:, -1, :]))
+                parts.append((self._cached, self.model(ids, self._cache, pad=self._pad, last_only=True,
+                                                         attention=self.attention)[:, -1, :]))
             windowed = [i for i in range(len(self._rows)) if i not in self._cached]
             if windowed:
                 parts.append((windowed, self._windows(windowed)))
@@ -152,7 +159,8 @@ class BatchDecoder:
             parts = []
             if self._cached:
                 x = torch.tensor([[token_ids[i]] for i in self._cached], dtype=torch.long, device=self.device)
-                parts.append((self._cached, self.model(x, self._cache, pad=self._pad, last_only=True)[:, -1, :]))
+                parts.append((self._cached, self.model(x, self._cache, pad=self._pad, last_only=True,
+                                                         attention=self.attention)[:, -1, :]))
             windowed = [i for i in range(len(self._rows)) if i not in self._cached]
             if windowed:
                 parts.append((windowed, self._windows(windowed)))
@@ -194,7 +202,7 @@ class ContinuousBatchDecoder(BatchDecoder):
         """Append ``newcomers``' cache rows (batch rows ``rows``) to the cache, both right-aligned."""
         import torch
 
-        from gptcli.model import KVCache
+        from gptcli.kv_cache import KVCache
 
         if not rows:
             return
@@ -244,7 +252,7 @@ class ContinuousBatchDecoder(BatchDecoder):
     def _fit_cache(self) -> None:
         """Before a step: rows that outgrew the window leave the cache, its common padding goes,
         and a full cache grows (never dropped: recomputing a row that fits would change its numbers)."""
-        from gptcli.model import KVCache
+        from gptcli.kv_cache import KVCache
 
         if self._cache is None:
             return

@@ -4,7 +4,7 @@ Decoding multiplies one row (or a few) by every weight matrix, a memory-bound jo
 form depends on the CPU, the dtype, the matrix's shape and the number of rows: on an Intel Xeon
 MKL's ``F.linear`` beat oneDNN for one row and lost for eight, on an AMD EPYC oneDNN's packed
 weights won both. So ``tune`` times the candidates once on this machine and ``apply`` puts the
-winner of each weight shape into the model (``Linear.decode_kernel``); the choice is cached on disk
+winner of each weight shape into the model (``KernelLinear``); the choice is cached on disk
 (``cache_path``), keyed by CPU model, torch version, thread count, dtype and shape.
 
 The candidates (``Kernel`` subclasses), each one object per layer holding the weight in its own layout:
@@ -375,9 +375,17 @@ def choose(measured: dict[str, dict[str, float | bool]], mode: str) -> str:
 
 
 def linear_layers(model: nn.Module) -> list[nn.Module]:
-    from gptcli.model import Linear
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and not m.weight.is_meta]
 
-    return [m for m in model.modules() if isinstance(m, Linear) and not m.weight.is_meta]
+
+class KernelLinear(nn.Linear):
+    """nn.Linear (same parameters and state_dict) that multiplies with its planned ``kernel``
+    (``apply`` swaps the model's layers for these); inference only."""
+
+    kernel: Kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(x, self.bias)
 
 
 def _groups(layers: Sequence[nn.Module]) -> dict[str, list[nn.Module]]:
@@ -449,7 +457,7 @@ def tune(model: nn.Module, mode: str = EAGER, *, enabled: bool = True, use_cache
 
 
 def apply(model: nn.Module, plan: DecodePlan, release: Callable[[torch.Tensor], None] | None = None) -> dict[str, int]:
-    """Give every Linear layer its planned kernel (``Linear.decode_kernel``); counts per kernel.
+    """Make every Linear layer a ``KernelLinear`` with its planned kernel; counts per kernel.
 
     A kernel that copied the weight into its own layout leaves the plain weight behind: it is then
     replaced by a meta tensor of the same shape (a later use fails loudly), unless another module
@@ -462,7 +470,8 @@ def apply(model: nn.Module, plan: DecodePlan, release: Callable[[torch.Tensor], 
     layers = linear_layers(model)
     kernels = [KERNELS[plan.kernel_for(layer.weight)](layer.weight) for layer in layers]
     for layer, kernel in zip(layers, prepare_all(kernels)):
-        layer.decode_kernel = kernel
+        layer.__class__ = KernelLinear  # the same module: parameters and a tied head stay
+        layer.kernel = kernel
         counts[kernel.name] = counts.get(kernel.name, 0) + 1
         if kernel.copies_weight and id(layer.weight) not in embedding_weights:
             if release is not None:

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     import torch
 
     from gptcli.decode_kernels import DecodePlan
-    from gptcli.model import GPTModel, KVCache
+    from gptcli.kv_cache import KVCache
+    from gptcli.model import GPTModel
     from gptcli.tokenizer import Tokenizer
 
 FINISH_EOS = "eos"  # the model produced <|endoftext|>
@@ -145,10 +146,15 @@ class Decoder:
         self._cache: KVCache | None = None
         self._use_cache = False
         self._token = torch.zeros((1, 1), dtype=torch.long, device=device)  # (1, 1), reused every step
+        from gptcli.attention import invariant_on
+        from gptcli.onednn import use_for_inference
+
+        self.attention = invariant_on(device)
+        use_for_inference(model)
 
     def _ensure_cache(self, length: int) -> "KVCache":
         """A cache of at least ``length`` positions, allocated once and reused while big enough."""
-        from gptcli.model import KVCache
+        from gptcli.kv_cache import KVCache
 
         if self._cache is None or self._cache.max_len < length or self._cache.keys[0].dtype != self.dtype:
             self._cache = KVCache.empty(self.cfg, batch_size=1, max_len=length, device=self.device, dtype=self.dtype)
@@ -169,7 +175,7 @@ class Decoder:
         cache = self._ensure_cache(needed) if self._use_cache else None
         with torch.inference_mode():
             x = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
-            return self.model(x, cache, last_only=True)[:, -1, :]  # (1, V)
+            return self.model(x, cache, last_only=True, attention=self.attention)[:, -1, :]  # (1, V)
 
     def step(self, token_id: int) -> "torch.Tensor":
         """Append ``token_id``; logits (1, V) for the token after it."""
@@ -186,11 +192,11 @@ class Decoder:
             window = self._ids[-self.context_length :]
             del self._ids[: -self.context_length]  # older ids are never needed again
             x = torch.tensor([window], dtype=torch.long, device=self.device)  # (1, T<=context_length)
-            return self.model(x, last_only=True)[:, -1, :]  # (1, V)
+            return self.model(x, last_only=True, attention=self.attention)[:, -1, :]  # (1, V)
 
     def _cached_step(self, position: int) -> "torch.Tensor":
         """Logits (1, V) for ``self._token`` at ``position``, extending the cache."""
-        return self.model(self._token, self._cache)[:, -1, :]  # (1, V)
+        return self.model(self._token, self._cache, attention=self.attention)[:, -1, :]  # (1, V)
 
     # Speculative decoding (gptcli.speculative) checks several guessed tokens in one pass and forgets
     # the rejected ones.
@@ -204,14 +210,14 @@ class Decoder:
     def feed(self, tokens: Sequence[int]) -> "torch.Tensor":
         """Append ``tokens`` through the cache in one forward pass; logits (len(tokens), V), row i for
         the token after tokens[i]. Each row is what a one-token ``step`` gives there (on the CPU:
-        row-invariant kernels and ``model._attend_queries``)."""
+        row-invariant kernels and ``gptcli.attention.row_invariant``)."""
         import torch
 
         self._check_room(tokens)
         self._ids.extend(tokens)
         with torch.inference_mode():
             x = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)  # (1, T)
-            return self.model(x, self._cache)[0]  # (T, V)
+            return self.model(x, self._cache, attention=self.attention)[0]  # (T, V)
 
     def _check_room(self, tokens: Sequence[int]) -> None:
         if not tokens or len(tokens) > self.room():
@@ -247,6 +253,9 @@ class CompiledDecoder(Decoder):
         super().__init__(model, device, dtype)
         configure_inductor()
         self._position = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
+        from gptcli.attention import for_compiled_step
+
+        self._step_attention = for_compiled_step(device)
         if mode is None:
             # CUDA graphs remove the per-step launch overhead; on the CPU there is nothing to capture.
             mode = "reduce-overhead" if device.type == "cuda" else "default"
@@ -255,7 +264,7 @@ class CompiledDecoder(Decoder):
         self._guarded_cache: KVCache | None = None  # the cache object whose step last passed the guards
 
     def _static_step(self, token: "torch.Tensor", position: "torch.Tensor") -> "torch.Tensor":
-        return self.model(token, self._cache, input_pos=position)[:, -1, :]  # (1, V)
+        return self.model(token, self._cache, input_pos=position, attention=self._step_attention)[:, -1, :]  # (1, V)
 
     def _ensure_cache(self, length: int) -> "KVCache":
         # A few fixed lengths, so one compiled graph serves many prompts. Not always the full context:
@@ -349,6 +358,9 @@ def prepare_model(
 
     mapping = getattr(model, "mapped_file", None)
     release = mapping.release if mapping is not None else None
+    from gptcli.onednn import use_for_inference
+
+    use_for_inference(model)  # row-invariant oneDNN on the CPU; quantized or tuned layers replace it below
     if quantize is not None:
         if quantize == "int8":
             quantize_int8(model, dtype, release)

@@ -221,6 +221,8 @@ def _run_batch(model: "GPTModel", jobs: Sequence[_Job], device: "torch.device") 
     """Total nats of each job's targets: (B,) float64 on the CPU. Rows of different widths are left-padded."""
     import torch
 
+    from gptcli.attention import invariant_on
+
     widths = [j.window.width for j in jobs]
     width = max(widths)
     inputs = [j.tokens[j.window.start : j.window.end - 1] for j in jobs]  # each (width_b,)
@@ -236,7 +238,7 @@ def _run_batch(model: "GPTModel", jobs: Sequence[_Job], device: "torch.device") 
     scored = torch.arange(width)[None, :] >= (width - n_targets)[:, None]  # (B, W): each row's last n_targets
     targets = torch.cat([j.tokens[j.window.first_target : j.window.end] for j in jobs])  # (N,)
 
-    hidden = model(ids.to(device), pad=pad, head=False)  # (B, W, emb_dim)
+    hidden = model(ids.to(device), pad=pad, head=False, attention=invariant_on(device))  # (B, W, emb_dim)
     nll = _head_nll(model, hidden[scored.to(device)], targets.to(device))  # (N,), row after row
     row_of = torch.repeat_interleave(torch.arange(len(jobs)), n_targets)  # (N,)
     return torch.zeros(len(jobs), dtype=torch.float64).index_add_(0, row_of, nll.cpu().double())  # (B,)

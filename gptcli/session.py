@@ -53,7 +53,7 @@ class SessionDecoder(Decoder):
     def prefill(self, ids: Sequence[int], max_new_tokens: int) -> "torch.Tensor":
         import torch
 
-        from gptcli.model import KVCache
+        from gptcli.kv_cache import KVCache
 
         ids = list(ids)
         if not ids:
@@ -73,7 +73,7 @@ class SessionDecoder(Decoder):
         self.reused, self.prefilled = common, len(ids) - common
         with torch.inference_mode():
             x = torch.tensor([ids[common:]], dtype=torch.long, device=self.device)  # (1, T)
-            return self.model(x, self._cache, last_only=True)[:, -1, :]  # (1, V)
+            return self.model(x, self._cache, last_only=True, attention=self.attention)[:, -1, :]  # (1, V)
 
 
 def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -18,8 +18,9 @@ their maths. ``plan(device)`` says what the machine supports, ``prepare(model, p
 - **Fused AdamW** (``torch.optim.AdamW(fused=True)``, one pass over each tensor) on the CPU as on
   GPUs, where this torch has it.
 
-``model.py`` has two hooks for this: ``Linear.train_kernel`` and ``MultiHeadAttention.train_kernel``,
-used only with gradients on (training), never in evaluation or generation. Off the CPU, without
+``prepare`` swaps the model's ``nn.Linear`` layers for ``TrainLinear`` (same parameters), and the
+training loop passes ``training_attention`` to the model (``GPTModel.forward(attention=...)``); both
+act only with gradients on (training), never in evaluation or generation. Off the CPU, without
 oneDNN or with an older torch the plain torch path is used; the results are the same up to float
 rounding (the book's chapter-5 figures are unchanged). ``bench/train.py`` measures every part.
 """
@@ -74,8 +75,29 @@ def _functions() -> dict[str, type]:
     """The autograd Functions, defined on first use so that importing this module needs no torch."""
     if not _FUNCTIONS:
         _FUNCTIONS.update(OneDNNLinear=_define_onednn_linear(), HeadLoss=_define_head_loss(),
-                          CausalAttention=_define_causal_attention())
+                          CausalAttention=_define_causal_attention(), TrainLinear=_define_train_linear())
     return _FUNCTIONS
+
+
+def _define_train_linear() -> type:
+    """TrainLinear: the model's Linear layers in training (``prepare`` swaps them in)."""
+    import torch
+
+    from gptcli.onednn import InferenceLinear
+
+    class TrainLinear(InferenceLinear):
+        """nn.Linear (same parameters and state_dict) whose float32 training matmuls go through
+        ``train_kernel`` (x, weight, bias) when set; inference as ``InferenceLinear``."""
+
+        train_kernel = None
+
+        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+            if (self.train_kernel is not None and torch.is_grad_enabled() and x.dtype == torch.float32
+                    and not torch.is_autocast_enabled(x.device.type)):
+                return self.train_kernel(x, self.weight, self.bias)
+            return super().forward(x)
+
+    return TrainLinear
 
 
 def _define_onednn_linear() -> type:
@@ -291,6 +313,19 @@ def attention_kernel(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", dr
     return causal_attention(q, k, v, dropout_p)
 
 
+def training_attention(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", ctx, dropout_p: float) -> "torch.Tensor":
+    """The attention the training loop passes to the model (an ``gptcli.model.Attention``):
+    ``attention_kernel`` for a training step's causal self-attention with gradients on, the model's
+    own ``causal_attention`` for anything else."""
+    import torch
+
+    from gptcli.model import causal_attention
+
+    if ctx.mask is None and ctx.cache is None and torch.is_grad_enabled():
+        return attention_kernel(q, k, v, dropout_p)
+    return causal_attention(q, k, v, ctx, dropout_p)
+
+
 def head_loss(x: "torch.Tensor", weight: "torch.Tensor", targets: "torch.Tensor", *,
               chunk: int = HEAD_CHUNK_ROWS, onednn: bool | None = None,
               dtype: "torch.dtype | None" = None) -> "torch.Tensor":
@@ -341,16 +376,18 @@ def plan(device: "torch.device") -> TrainPlan:
 
 
 def prepare(model: "GPTModel", chosen: TrainPlan) -> None:
-    """Point the model's Linear layers at the plan's training kernel (the model's maths is unchanged)."""
-    from gptcli.model import Linear, MultiHeadAttention
+    """Swap the model's Linear layers for TrainLinear with the plan's kernel (the model's maths is
+    unchanged); the loop passes ``attention_for(chosen)`` to the model's forward."""
+    from gptcli.onednn import swap_linears
 
-    _functions()  # define the Functions and the custom op now: torch.compile cannot trace that
-    kernel = onednn_linear if chosen.linear == "onednn" else None
-    for m in model.modules():
-        if isinstance(m, Linear):
-            m.train_kernel = kernel
-        elif isinstance(m, MultiHeadAttention):
-            m.train_kernel = attention_kernel if chosen.attention else None
+    train_linear = _functions()["TrainLinear"]  # also defines the custom op now: torch.compile cannot trace that
+    for layer in swap_linears(model, train_linear):
+        layer.train_kernel = onednn_linear if chosen.linear == "onednn" else None
+
+
+def attention_for(chosen: TrainPlan):
+    """The attention a training step passes to the model: ``training_attention``, or None for the model's own."""
+    return training_attention if chosen.attention else None
 
 
 def compile_for_training(model: "GPTModel") -> "torch.nn.Module":

@@ -95,9 +95,9 @@ def test_batch_rows_are_bit_identical_to_lone_rows(dtype, kernels):
 def test_masked_batch_attention_still_matches_lone_rows(monkeypatch):
     """The path a GPU takes (one attention call under the padding mask): equal to the lone rows to rounding,
     including rows that keep their cache while a longer one has outgrown the window."""
-    import gptcli.model
+    import gptcli.attention
 
-    monkeypatch.setattr(gptcli.model, "ROW_ATTENTION_DEVICES", ())
+    monkeypatch.setattr(gptcli.attention, "ROW_ATTENTION_DEVICES", ())
     model = lively_model(6)
     prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [12, 13, 14]]
     feed = [[(31 * step + 7 * row) % 300 for row in range(len(prompts))] for step in range(10)]

@@ -341,15 +341,16 @@ def _greedy_ids(decoder, prompt, n, temperature=0.0):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fast_cpu_linear_equals_f_linear(dtype):
-    """model.Linear's inference kernel (oneDNN on CPU) computes what F.linear computes; training keeps autograd."""
+    """The Linear layers' inference kernel (onednn.InferenceLinear: oneDNN on CPU) computes what F.linear computes;
+    training keeps autograd."""
     import torch.nn.functional as F
 
     from gptcli import onednn
-    from gptcli.model import Linear
 
     dt = getattr(torch, dtype)
     torch.manual_seed(0)
-    layer = Linear(48, 80).to(dt)
+    layer = onednn.use_for_inference(torch.nn.Linear(48, 80)).to(dt)
+    assert type(layer) is onednn.InferenceLinear
     x = torch.randn(3, 7, 48, dtype=dt)
     tol = dict(atol=1e-5, rtol=1e-5) if dt == torch.float32 else dict(atol=0.05, rtol=0.02)
     with torch.no_grad():

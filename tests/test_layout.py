@@ -78,3 +78,20 @@ def test_commands_do_not_build_models_or_runs_themselves():
             if isinstance(node, ast.ImportFrom) and node.module in ("gptcli.weights", "gptcli.model"):
                 imported = {a.name for a in node.names}
                 assert not imported & {"load_model", "GPTModel", "build_model", "random_model"}, (name, imported)
+
+
+def test_the_model_file_stays_the_books():
+    """gptcli/model.py: the maths only. Speed is applied from outside (Linear swaps, attention functions
+    passed in), so it imports no kernel, decoding or serving module, never asks whether it is being
+    compiled, has one attention call site and stays short (issue 26)."""
+    source = (PACKAGE / "model.py").read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    imported = _imports("gptcli.model", tree, set(_modules()))
+    assert imported <= {"gptcli.config", "gptcli.kv_cache"}, imported
+    assert "is_compiling" not in source and "onednn" not in source.split('"""', 2)[2]
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+             and n.func.id == "attend"]
+    assert len(calls) == 1, "MultiHeadAttention.forward calls its attention function once"
+    assert len(source.splitlines()) <= 270
+    classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    assert {"GPTModel", "TransformerBlock", "MultiHeadAttention", "FeedForward", "LayerNorm", "GELU"} <= classes

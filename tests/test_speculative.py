@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from gptcli.cli import app
 from gptcli.config import GPTConfig, load_config_file
 from gptcli.generate import Decoder, Generation, SamplingOptions, prepare_model
-from gptcli.model import GPTModel, KVCache
+from gptcli.kv_cache import KVCache
+from gptcli.model import GPTModel
 from gptcli.speculative import (
     LookupDrafter,
     ModelDrafter,
@@ -69,16 +70,21 @@ def int8_copy(model):
 
 
 def check_rows_and_steps(model, past: int, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of ``rows`` tokens after ``past`` cached ones: one forward of all rows, and one step each."""
-    cfg = model.cfg
+    """Logits of ``rows`` tokens after ``past`` cached ones: one forward of all rows, and one step each, with
+    the kernels and attention decoders use (gptcli.onednn.use_for_inference, gptcli.attention.invariant_on)."""
+    from gptcli.attention import invariant_on
+    from gptcli.onednn import use_for_inference
+
+    cfg, attention = model.cfg, invariant_on(CPU)
+    use_for_inference(model)
     ids = torch.randint(0, cfg.vocab_size, (1, past + rows), generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():
         one = KVCache.empty(cfg, 1, past + rows, CPU, torch.float32)
-        model(ids[:, :past], one)
-        steps = torch.cat([model(ids[:, past + i : past + i + 1], one)[0] for i in range(rows)])
+        model(ids[:, :past], one, attention=attention)
+        steps = torch.cat([model(ids[:, past + i : past + i + 1], one, attention=attention)[0] for i in range(rows)])
         many = KVCache.empty(cfg, 1, past + rows, CPU, torch.float32)
-        model(ids[:, :past], many)
-        together = model(ids[:, past:], many)[0]
+        model(ids[:, :past], many, attention=attention)
+        together = model(ids[:, past:], many, attention=attention)[0]
     return together, steps
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from gptcli import train_kernels as speed
 from gptcli.config import shipped_config
-from gptcli.model import GPTModel, Linear, MultiHeadAttention
+from gptcli.model import GPTModel
 
 needs_onednn = pytest.mark.skipif(not speed.onednn_available(), reason="this torch has no oneDNN")
 
@@ -104,13 +104,16 @@ def test_plan_on_this_cpu_and_prepare_sets_the_linear_kernel():
     assert plan.linear == ("onednn" if speed.onednn_available() else "torch")
     assert plan.attention
     model = tiny_model()
+    names = [name for name, _ in model.named_parameters()]
     speed.prepare(model, plan)
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    attentions = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
-    assert linears and all((m.train_kernel is not None) == (plan.linear == "onednn") for m in linears)
-    assert attentions and all(m.train_kernel is speed.attention_kernel for m in attentions)
-    speed.prepare(model, speed.TrainPlan("torch", False, False, False))
-    assert all(m.train_kernel is None for m in linears + attentions)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m).__name__ == "TrainLinear" for m in linears)  # swapped from outside
+    assert [name for name, _ in model.named_parameters()] == names  # the same parameters, the same names
+    assert all((m.train_kernel is not None) == (plan.linear == "onednn") for m in linears)
+    assert speed.attention_for(plan) is speed.training_attention
+    off = speed.TrainPlan("torch", False, False, False)
+    speed.prepare(model, off)
+    assert all(m.train_kernel is None for m in linears) and speed.attention_for(off) is None
 
 
 @pytest.mark.parametrize("context,drop_rate", [(16, 0.0), (160, 0.0), (160, 0.1)])
@@ -119,13 +122,14 @@ def test_a_prepared_model_trains_like_the_plain_one(context, drop_rate):
     dropout, from the same seed (the same masks). Context 160 takes causal_attention, 16 torch's."""
     plain = tiny_model(context_length=context, drop_rate=drop_rate).train()
     fast = tiny_model(context_length=context, drop_rate=drop_rate).train()
-    speed.prepare(fast, speed.plan(torch.device("cpu")))
+    plan = speed.plan(torch.device("cpu"))
+    speed.prepare(fast, plan)
     x = torch.randint(0, 97, (3, context))
     y = torch.randint(0, 97, (3, context))
     torch.manual_seed(11)
     loss_plain = F.cross_entropy(plain(x).flatten(0, 1), y.flatten())
     torch.manual_seed(11)
-    hidden = fast(x, head=False)
+    hidden = fast(x, head=False, attention=speed.attention_for(plan))
     assert hidden.shape == (3, context, 32)
     loss_fast = speed.head_loss(hidden.flatten(0, 1), fast.out_head.weight, y.flatten())
     torch.testing.assert_close(loss_fast, loss_plain, rtol=1e-5, atol=1e-5)

@@ -54,14 +54,19 @@ def batch_loss(model, x: "torch.Tensor", y: "torch.Tensor", *, device: "torch.de
     import torch.nn.functional as F
 
     x, y = x.to(device), y.to(device)
+    attention = None
+    if plan is not None and torch.is_grad_enabled():
+        from gptcli.train_kernels import attention_for
+
+        attention = attention_for(plan)
     if plan is not None and plan.head_loss and head_weight is not None and torch.is_grad_enabled():
         from gptcli.train_kernels import head_loss
 
         with autocast(device, dtype):
-            hidden = model(x, head=False)  # (B, T, emb_dim)
+            hidden = model(x, head=False, attention=attention)  # (B, T, emb_dim)
         return head_loss(hidden.flatten(0, 1).float(), head_weight, y.flatten(), dtype=getattr(torch, dtype))
     with autocast(device, dtype):
-        logits = model(x)  # (B, T, V)
+        logits = model(x, attention=attention)  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
