@@ -255,7 +255,7 @@ def check_folder_room(out: Path, cfg: "GPTConfig", n_tokens: int, vocab_size: in
     from gptcli.params import count_params
 
     need = run_folder.folder_bytes(count_params(cfg).total, n_tokens, id_dtype(vocab_size).itemsize)
-    run_folder.check_room(out, need, already=need["total"] - need["rewrite"] if resuming else 0)
+    run_folder.check_room(out, need, already=need["total"] - need["rewrite"] if resuming else 0, resume=resuming)
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,7 +463,7 @@ def resume_run(request: RunRequest, *, note: Note = _ignore) -> Run:
     settings.device = check_device_name(request.device) if request.device != "auto" else settings.device
     settings.validate()
     check_sample_prompt(settings, tok, note)
-    run_folder.check_writable(folder)
+    run_folder.check_writable(folder, resume=True)
     check_folder_room(folder, state.cfg, len(train_ids) + len(val_ids), tok.vocab_size, resuming=True)
     device, dist = _start_distributed(settings)
     model = model_from_state(state, device)
