@@ -406,6 +406,43 @@ def test_recipes_ship_and_load():
         ("char", 2000, 12, (0.9, 0.99), "2d", 1.0)
 
 
+# Each shipped config (shrunk, keeping its head tying and biases) with no --init, and each recipe.
+SHRUNK = {"n_layers": 2, "n_heads": 2, "emb_dim": 32, "context_length": 16}
+FIRST_LOSS_CASES = [
+    *[pytest.param({"arch": SHRUNK}, id="default")],
+    *[pytest.param({"config": str(path), "arch": SHRUNK}, id=path.stem)
+      for path in sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))],
+    pytest.param({"recipe": "book-ch05", "arch": SHRUNK}, id="book-ch05"),
+    pytest.param({"recipe": "shakespeare-char"}, id="shakespeare-char"),  # 0.8M parameters as it is
+]
+
+
+@pytest.mark.parametrize("request_args", FIRST_LOSS_CASES)
+def test_a_new_model_starts_near_ln_vocab(tmp_path, corpus, request_args):
+    """A fresh model's first loss is near ln(vocab_size), whatever the config: the default init is the
+    book's for an untied head and GPT-2's for a tied one (the book's N(0, 1) embeddings as a tied head
+    made each token predict itself: 230 on 124M)."""
+    import math
+
+    from gptcli import training
+
+    run = training.prepare_run(training.RunRequest(data=(str(corpus),), out=tmp_path / "run",
+                                                   settings={"max_steps": 1}, **request_args))
+    first = next(ev for ev in training.Trainer(run).events() if ev["event"] == "step")
+    expected = math.log(run.tokenizer.vocab_size)
+    assert abs(first["loss"] - expected) <= 0.15 * expected, (first["loss"], expected)
+    assert run.settings.init == ("gpt2" if run.model.cfg.tie_weights else "book")  # recorded as drawn
+
+
+def test_the_books_init_with_a_tied_head_is_refused(tmp_path, corpus):
+    out = tmp_path / "run"
+    line = one_error_line(train(str(corpus), *TINY, "--init", "book", "--out", str(out), "--max-steps", "1"))
+    assert line == ("error: init 'book' needs an untied output head, and config '124M' ties it to the token "
+                    "embedding (the book's N(0, 1) embeddings as the head start the loss far above ln(50257) = "
+                    "10.8); use --init gpt2 (auto's choice here) or a config with tie_weights: false")
+    assert not out.exists()
+
+
 def test_learning_rate_schedule_is_nanogpts():
     from gptcli.training import TrainSettings, learning_rate
 

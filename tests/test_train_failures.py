@@ -425,7 +425,7 @@ def test_help_shows_the_defaults():
     assert result.exit_code == 0
     text = " ".join(result.stdout.split())
     for shown in ("[default: 0.0004]", "[default: 'constant']", "[default: 123]", "[default: 0.1]",
-                  "[default: 'epoch']", "[default: 0.0]", "[default: 0.9]", "[default: 0.999]"):
+                  "[default: 'epoch']", "[default: 0.0]", "[default: 0.9]", "[default: 0.999]", "[default: 'auto']"):
         assert shown in text, shown
 
 

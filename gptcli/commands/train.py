@@ -106,8 +106,11 @@ def train(
                            help="The samples' seed, the same for every sample (none: --seed).")] = None,
     save_every: Annotated[Optional[int], _setting("save_every", "--save-every", metavar="N", help="Checkpoint every N steps (always "
                           "at the end, and on Ctrl-C or SIGTERM).")] = None,
-    init: Annotated[Optional[str], _setting("init", "--init", metavar="book|gpt2", help="A new model's init: the book's "
-                    "(nn defaults, drawn in its order) or GPT-2's N(0, 0.02), as nanoGPT.")] = None,
+    init: Annotated[Optional[str], _setting("init", "--init", metavar="auto|book|gpt2", help="A new model's init. "
+                    "auto: book for an untied head (book-ch05), gpt2 for a tied one (GPT-2's configs, the default "
+                    "124M), so the loss starts near ln(vocab). book: nn defaults, drawn in the book's order; untied "
+                    "heads only (its N(0, 1) embeddings as a tied head start the loss near 230). gpt2: N(0, 0.02), "
+                    "as nanoGPT.")] = None,
     seed: Annotated[Optional[int], _setting("seed", "--seed", metavar="N", help="Seeds the init, the data order and dropout.")] = None,
     device: DeviceOption = "auto",
     dtype: Annotated[Optional[str], _setting("dtype", "--dtype", metavar="float32|bfloat16|float16", help="float32, or bfloat16/float16 "

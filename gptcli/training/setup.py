@@ -191,17 +191,33 @@ def check_data(train_ids, val_ids, s: TrainSettings, context_length: int) -> tup
     return plan_steps(s, None)
 
 
+def choose_init(init: str, cfg: "GPTConfig") -> str:
+    """The init a new model of ``cfg`` gets: ``auto`` is the book's for an untied head (the book's
+    GPT_CONFIG_124M, so book-ch05 draws exactly as chapter 5) and GPT-2's for a tied one. The book's
+    init with a tied head is refused: its N(0, 1) token embeddings, used as the output head too, make
+    each token predict itself (a first loss near 230 on 124M, not ln(50257) = 10.8)."""
+    if init == "auto":
+        return "gpt2" if cfg.tie_weights else "book"
+    if init == "book" and cfg.tie_weights:
+        raise UserError(f"init 'book' needs an untied output head, and config {cfg.name!r} ties it to the token "
+                        f"embedding (the book's N(0, 1) embeddings as the head start the loss far above "
+                        f"ln({cfg.vocab_size}) = {math.log(cfg.vocab_size):.1f}); use --init gpt2 (auto's choice "
+                        "here) or a config with tie_weights: false")
+    return init
+
+
 def new_model(cfg: "GPTConfig", s: TrainSettings, device: "torch.device") -> "GPTModel":
     """A seeded model: torch.manual_seed(seed), then built in the book's draw order (then GPT-2's
-    init, when asked), as the book's chapter 5 does before training."""
+    init, when ``choose_init`` picks it), as the book's chapter 5 does before training."""
     import torch
 
     from gptcli.model import GPTModel
 
+    init = choose_init(s.init, cfg)
     torch.manual_seed(s.seed)
     with torch.device("cpu"):
         model = GPTModel(cfg)
-    if s.init == "gpt2":
+    if init == "gpt2":
         init_gpt2(model)
     return model.to(device)
 
@@ -380,6 +396,7 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
     model = None
     if weights is None:
         cfg = _new_config(request, recipe, settings, tok)
+        settings.init = choose_init(settings.init, cfg)  # the state records the init drawn, not "auto"
         source = f"random ({settings.init} init, seed {settings.seed})"
     else:
         model, tok, source = _fine_tuned(request, weights, settings, tok, say)
