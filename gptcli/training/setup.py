@@ -61,6 +61,7 @@ class RunRequest:
     device: str = "auto"
     force: bool = False
     resume: Path | None = None
+    threads: int | None = None  # --threads; None: a resumed run's own count, else configure_threads' choice
 
 
 @dataclass
@@ -361,7 +362,9 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
     import torch
 
     from gptcli.data import digest, read_texts
+    from gptcli.devices import configure_threads
 
+    configure_threads(request.threads)  # first: the automatic count measures the load since startup
     recipe = load_recipe(request.recipe) if request.recipe else None
     settings = _settings(request, dict(recipe.settings) if recipe else {})
     data = request.data
@@ -451,6 +454,26 @@ def keep_schedule(settings: TrainSettings, old_total: int, request: RunRequest, 
          "(--decay-steps N moves it)")
 
 
+def resume_threads(requested: int | None, recorded: int | None, note: Note) -> int:
+    """Set torch's thread count for a resumed run: the count the run recorded, so it continues bit for
+    bit whatever the machine's load (or OMP_NUM_THREADS) now is; ``--threads`` overrides it, with a
+    note when that changes the sums. A state without a record (older runs) gets the usual choice."""
+    from gptcli.devices import available_cores, configure_threads
+
+    if requested is None and recorded is not None:
+        threads = configure_threads(recorded)
+        if recorded > available_cores():
+            note(f"resuming on the run's {recorded} threads, more than the {available_cores()} cores here: "
+                 f"--threads {available_cores()} is faster, but no longer bit for bit the uninterrupted run")
+        return threads
+    threads = configure_threads(requested)
+    if requested is not None and recorded is not None and requested != recorded:
+        note(f"--threads {requested}: the run trained on {recorded} thread{'s' * (recorded != 1)} so far, so it "
+             "will not end bit for bit as an uninterrupted run would (leave --threads out to keep "
+             f"{recorded})")
+    return threads
+
+
 def resume_run(request: RunRequest, *, note: Note = _ignore) -> Run:
     """The run in ``request.resume``, from its state file and data/, to continue where it stopped."""
     from gptcli.data import digest, load_ids, read_texts
@@ -460,6 +483,7 @@ def resume_run(request: RunRequest, *, note: Note = _ignore) -> Run:
     run_folder.check_out_dir(folder, resume=True, force=False)
     _refuse_changes(request)
     state = read_state(folder / STATE_FILE)
+    resume_threads(request.threads, state.threads, note)
     settings, tok = state.settings, state.tokenizer
     wanted = request.settings.get("tokenizer")
     if wanted is not None and wanted != tok.name:
