@@ -192,26 +192,11 @@ def _eval_losses(out: Path) -> list[tuple[int, float, float]]:
             if e["event"] == "eval"]
 
 
-@pytest.mark.parametrize("mode", [
-    ["--epochs", "3", "--batch-size", "4", "--drop-rate", "0.2"],  # the book's way: shuffled windows, dropout
-    ["--max-steps", "14", "--batch-size", "4", "--drop-rate", "0.1", "--schedule", "cosine", "--warmup-steps", "3",
-     "--grad-clip", "1.0", "--decay", "2d"],  # nanoGPT's way, via a recipe-like set of flags
-], ids=["windows", "random"])
-def test_resume_after_a_kill_is_bit_exact(tmp_path, mode):
-    from gptcli.commands import train as train_cmd
+def train_until_first_checkpoint(*args: str):
+    """``train`` killed right after its first checkpoint: the loop is not consumed past it, as a SIGKILL would."""
     from gptcli import training
+    from gptcli.commands import train as train_cmd
 
-    text = tmp_path / "t.txt"
-    text.write_text(make_text(900, seed=3))
-    common = [str(text), *TINY, "--eval-every", "2", "--eval-batches", "2", "--save-every", "3", "--sample-every", "0",
-              *mode]
-    if "--max-steps" in mode:
-        common += ["--tokenizer", "char"]
-    full = tmp_path / "full"
-    assert train(*common, "--out", str(full)).exit_code == 0
-
-    # The same run, killed right after its first checkpoint: stop consuming the loop there, as a SIGKILL would.
-    killed = tmp_path / "killed"
     original = train_cmd._render
 
     def render_until_checkpoint(trainer, run, json_mode):
@@ -223,9 +208,28 @@ def test_resume_after_a_kill_is_bit_exact(tmp_path, mode):
 
     train_cmd._render = render_until_checkpoint
     try:
-        assert train(*common, "--out", str(killed)).exit_code == 0
+        return train(*args)
     finally:
         train_cmd._render = original
+
+
+@pytest.mark.parametrize("mode", [
+    ["--epochs", "3", "--batch-size", "4", "--drop-rate", "0.2"],  # the book's way: shuffled windows, dropout
+    ["--max-steps", "14", "--batch-size", "4", "--drop-rate", "0.1", "--schedule", "cosine", "--warmup-steps", "3",
+     "--grad-clip", "1.0", "--decay", "2d"],  # nanoGPT's way, via a recipe-like set of flags
+], ids=["windows", "random"])
+def test_resume_after_a_kill_is_bit_exact(tmp_path, mode):
+    text = tmp_path / "t.txt"
+    text.write_text(make_text(900, seed=3))
+    common = [str(text), *TINY, "--eval-every", "2", "--eval-batches", "2", "--save-every", "3", "--sample-every", "0",
+              *mode]
+    if "--max-steps" in mode:
+        common += ["--tokenizer", "char"]
+    full = tmp_path / "full"
+    assert train(*common, "--out", str(full)).exit_code == 0
+
+    killed = tmp_path / "killed"
+    assert train_until_first_checkpoint(*common, "--out", str(killed)).exit_code == 0
     first = events((killed / "train.jsonl").read_text())
     assert first[-1]["event"] == "checkpoint" and first[-1]["step"] == 3
 
@@ -238,6 +242,49 @@ def test_resume_after_a_kill_is_bit_exact(tmp_path, mode):
     for name in a:  # weights, AdamW moments, RNG states, bit for bit
         assert torch.equal(a[name], b[name]), name
     assert [e["event"] for e in events((killed / "train.jsonl").read_text())].count("end") == 1
+
+
+def test_resume_keeps_the_runs_thread_count_and_stays_bit_exact(tmp_path, monkeypatch):
+    """The sums' order depends on torch's thread count, and the automatic count on the machine's load:
+    a run stopped on 1 thread resumes on 1, though the automatic choice now says 2, and ends bit for
+    bit as the uninterrupted 1-thread run. --threads 2 is obeyed, with a note that this is lost."""
+    import shutil
+
+    from gptcli import devices
+
+    text = tmp_path / "t.txt"
+    text.write_text(make_text(900, seed=3))
+    common = [str(text), *TINY, "--max-steps", "8", "--batch-size", "4", "--eval-every", "2", "--eval-batches", "2",
+              "--save-every", "3", "--sample-every", "0", "--threads", "1"]
+    full = tmp_path / "full"
+    assert train(*common, "--out", str(full)).exit_code == 0
+    killed = tmp_path / "killed"
+    assert train_until_first_checkpoint(*common, "--out", str(killed)).exit_code == 0
+    overridden = tmp_path / "overridden"
+    shutil.copytree(killed, overridden)
+
+    # An idle 2-core machine: the automatic choice (no --threads, no OMP_NUM_THREADS) is 2.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(devices, "available_cores", lambda: 2)
+    monkeypatch.setattr(devices, "_busy_others_now", lambda: 0.0)
+    assert devices.configure_threads(None) == 2
+    resumed = train("--resume", str(killed), "--plain")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert _eval_losses(killed) == _eval_losses(full)  # the same floats, not just close
+    a, b = _final_state(full), _final_state(killed)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert f"note: resuming {killed} after step 3 on cpu (1 thread)" in resumed.stderr
+    assert [e["threads"] for e in events((killed / "train.jsonl").read_text()) if e["event"] == "start"] == [1, 1]
+
+    moved = train("--resume", str(overridden), "--threads", "2")
+    assert moved.exit_code == 0, moved.stderr
+    assert events(moved.stdout)[0]["threads"] == 2
+    assert ("note: --threads 2: the run trained on 1 thread so far, so it will not end bit for bit as an "
+            "uninterrupted run would (leave --threads out to keep 1)") in moved.stderr
+    from gptcli.training import read_state
+
+    assert read_state(overridden / "state.safetensors").threads == 2  # what a later --resume keeps
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, corpus):
@@ -404,6 +451,43 @@ def test_recipes_ship_and_load():
     assert sh.decay_steps is None  # cosine reaches min_lr at the last step, however many there are
     assert (sh.tokenizer, sh.max_steps, sh.batch_size, sh.betas, sh.decay, sh.grad_clip) == \
         ("char", 2000, 12, (0.9, 0.99), "2d", 1.0)
+
+
+# Each shipped config (shrunk, keeping its head tying and biases) with no --init, and each recipe.
+SHRUNK = {"n_layers": 2, "n_heads": 2, "emb_dim": 32, "context_length": 16}
+FIRST_LOSS_CASES = [
+    *[pytest.param({"arch": SHRUNK}, id="default")],
+    *[pytest.param({"config": str(path), "arch": SHRUNK}, id=path.stem)
+      for path in sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))],
+    pytest.param({"recipe": "book-ch05", "arch": SHRUNK}, id="book-ch05"),
+    pytest.param({"recipe": "shakespeare-char"}, id="shakespeare-char"),  # 0.8M parameters as it is
+]
+
+
+@pytest.mark.parametrize("request_args", FIRST_LOSS_CASES)
+def test_a_new_model_starts_near_ln_vocab(tmp_path, corpus, request_args):
+    """A fresh model's first loss is near ln(vocab_size), whatever the config: the default init is the
+    book's for an untied head and GPT-2's for a tied one (the book's N(0, 1) embeddings as a tied head
+    made each token predict itself: 230 on 124M)."""
+    import math
+
+    from gptcli import training
+
+    run = training.prepare_run(training.RunRequest(data=(str(corpus),), out=tmp_path / "run",
+                                                   settings={"max_steps": 1}, **request_args))
+    first = next(ev for ev in training.Trainer(run).events() if ev["event"] == "step")
+    expected = math.log(run.tokenizer.vocab_size)
+    assert abs(first["loss"] - expected) <= 0.15 * expected, (first["loss"], expected)
+    assert run.settings.init == ("gpt2" if run.model.cfg.tie_weights else "book")  # recorded as drawn
+
+
+def test_the_books_init_with_a_tied_head_is_refused(tmp_path, corpus):
+    out = tmp_path / "run"
+    line = one_error_line(train(str(corpus), *TINY, "--init", "book", "--out", str(out), "--max-steps", "1"))
+    assert line == ("error: init 'book' needs an untied output head, and config '124M' ties it to the token "
+                    "embedding (the book's N(0, 1) embeddings as the head start the loss far above ln(50257) = "
+                    "10.8); use --init gpt2 (auto's choice here) or a config with tie_weights: false")
+    assert not out.exists()
 
 
 def test_learning_rate_schedule_is_nanogpts():

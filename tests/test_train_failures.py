@@ -236,6 +236,62 @@ def test_a_read_only_output_folder_is_one_line_before_training(tmp_path, text):
                         "choose a writable folder with --out")
 
 
+def _run_to_resume(tmp_path: Path, text: Path) -> Path:
+    out = tmp_path / "run"
+    result = train(str(text), *CHAR, "--max-steps", "2", "--sample-every", "0", "--out", str(out))
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+@needs_namespace
+def test_resuming_a_run_on_a_read_only_disk_names_resume_not_out(tmp_path, text):
+    """The run folder bind-mounted read-only: the error names the folder and --resume (the user
+    passed no --out), says why it must be writable and what to do, and nothing is changed."""
+    out = _run_to_resume(tmp_path, text)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    mount_point = tmp_path / "ro"
+    mount_point.mkdir()
+    env = {**os.environ, "D": str(mount_point), "SRC": str(out), "PY": sys.executable}
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount --bind "$SRC" "$D" && mount -o remount,bind,ro "$D" '
+                           '&& "$PY" -m gptcli train --resume "$D" --max-steps 4'],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0] == (f"error: --resume {mount_point}: cannot write in the run folder: Read-only file system; a "
+                        "resumed run saves its checkpoints there, so copy the folder to a writable place and "
+                        "--resume the copy")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_resuming_a_run_in_a_folder_without_write_permission_names_resume(tmp_path, text, monkeypatch):
+    """chmod a-w on the run folder. Root may write there all the same (os.access says so); then the
+    refusal a user gets (EACCES from the probe file) is made by hand, at the same call."""
+    import errno
+    import tempfile
+
+    from gptcli.training import run_folder
+
+    out = _run_to_resume(tmp_path, text)
+    out.chmod(0o555)
+    try:
+        if os.access(out, os.W_OK):
+            real_mkstemp = tempfile.mkstemp
+
+            def refused_mkstemp(*args, **kwargs):
+                if Path(kwargs.get("dir", "")) == out:
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+                return real_mkstemp(*args, **kwargs)
+
+            monkeypatch.setattr(run_folder.tempfile, "mkstemp", refused_mkstemp)
+        line = one_error_line(train("--resume", str(out), "--max-steps", "4"))
+    finally:
+        out.chmod(0o755)
+    assert line == (f"error: --resume {out}: cannot write in the run folder: Permission denied; a resumed run saves "
+                    f"its checkpoints there, so make it writable (chmod u+w {out}), or copy the folder to a writable "
+                    "place and --resume the copy")
+
+
 @needs_namespace
 def test_a_disk_that_fills_up_mid_run_is_one_line_and_the_checkpoint_resumes(tmp_path, text):
     """A real full disk: a 2 MB tmpfs, filled by another writer once the first checkpoint is there."""
@@ -369,7 +425,7 @@ def test_help_shows_the_defaults():
     assert result.exit_code == 0
     text = " ".join(result.stdout.split())
     for shown in ("[default: 0.0004]", "[default: 'constant']", "[default: 123]", "[default: 0.1]",
-                  "[default: 'epoch']", "[default: 0.0]", "[default: 0.9]", "[default: 0.999]"):
+                  "[default: 'epoch']", "[default: 0.0]", "[default: 0.9]", "[default: 0.999]", "[default: 'auto']"):
         assert shown in text, shown
 
 

@@ -97,14 +97,15 @@ NoTuneOption = Annotated[
         "does the same.",
     ),
 ]
+THREADS_HELP = ("CPU threads for torch. Default: OMP_NUM_THREADS if set, else the cores this process may use "
+                "that other processes are not keeping busy (a busy core stalls every step).")
 ThreadsOption = Annotated[
     Optional[int],
     typer.Option(
         "--threads",
         metavar="N",
         min=1,
-        help="CPU threads for torch. Default: OMP_NUM_THREADS if set, else the cores this process may use "
-        "that other processes are not keeping busy (a busy core stalls every step).",
+        help=THREADS_HELP,
         show_default=False,
     ),
 ]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator, List, Opti
 
 import typer
 
-from gptcli.commands.common import ConfigOption, DeviceOption, SizeOption, ThreadsOption, err, note, user_errors
+from gptcli.commands.common import THREADS_HELP, ConfigOption, DeviceOption, SizeOption, err, note, user_errors
 from gptcli.errors import UserError
 
 if TYPE_CHECKING:
@@ -106,16 +106,21 @@ def train(
                            help="The samples' seed, the same for every sample (none: --seed).")] = None,
     save_every: Annotated[Optional[int], _setting("save_every", "--save-every", metavar="N", help="Checkpoint every N steps (always "
                           "at the end, and on Ctrl-C or SIGTERM).")] = None,
-    init: Annotated[Optional[str], _setting("init", "--init", metavar="book|gpt2", help="A new model's init: the book's "
-                    "(nn defaults, drawn in its order) or GPT-2's N(0, 0.02), as nanoGPT.")] = None,
+    init: Annotated[Optional[str], _setting("init", "--init", metavar="auto|book|gpt2", help="A new model's init. "
+                    "auto: book for an untied head (book-ch05), gpt2 for a tied one (GPT-2's configs, the default "
+                    "124M), so the loss starts near ln(vocab). book: nn defaults, drawn in the book's order; untied "
+                    "heads only (its N(0, 1) embeddings as a tied head start the loss near 230). gpt2: N(0, 0.02), "
+                    "as nanoGPT.")] = None,
     seed: Annotated[Optional[int], _setting("seed", "--seed", metavar="N", help="Seeds the init, the data order and dropout.")] = None,
     device: DeviceOption = "auto",
     dtype: Annotated[Optional[str], _setting("dtype", "--dtype", metavar="float32|bfloat16|float16", help="float32, or bfloat16/float16 "
                      "autocast (weights and AdamW state stay float32).")] = None,
     compile_model: Annotated[bool, typer.Option("--compile", help="Compile the model with torch.compile.")] = False,
-    threads: ThreadsOption = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", min=1, show_default=False,
+                       help=f"{THREADS_HELP} With --resume: the count the run recorded (so it stays bit for bit), "
+                       "unless given.")] = None,
     resume: Annotated[Optional[Path], _opt("--resume", metavar="DIR", help="Continue the run in DIR where it "
-                      "stopped (bit for bit on the CPU).")] = None,
+                      "stopped (bit for bit on the CPU, on the run's own thread count).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the run already in --out.")] = False,
     json_output: Annotated[Optional[bool], typer.Option("--json/--plain", show_default=False, help="JSON Lines "
                            "events on stdout, or the plain lines a terminal shows (the book's evaluation lines and "
@@ -130,7 +135,8 @@ def train(
     On a terminal a progress bar shows step, epoch, loss, lr, tokens/s and ETA, with evaluations and samples
     above it. In a pipe or with --json, stdout gets one JSON event per line (start, eval, sample, checkpoint,
     end), the same lines as DIR/train.jsonl. Ctrl-C or SIGTERM saves a checkpoint, prints the resume command
-    and exits 130 (143 for SIGTERM); --resume continues.
+    and exits 130 (143 for SIGTERM); --resume continues, bit for bit on the CPU (on the thread count
+    the run recorded).
 
     Examples:
 
@@ -143,9 +149,7 @@ def train(
       gptcli train --resume runs/shakespeare --max-steps 3000
     """
     from gptcli import training
-    from gptcli.devices import configure_threads
 
-    configure_threads(threads)
     flags: dict[str, Any] = {
         "tokenizer": tokenizer, "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
         "grad_accum": grad_accum, "lr": lr, "schedule": schedule, "warmup_steps": warmup_steps, "min_lr": min_lr,
@@ -168,7 +172,7 @@ def train(
     json_mode = json_output if json_output is not None else not sys.stdout.isatty()
     request = training.RunRequest(data=tuple(data or ()), out=out, recipe=recipe, settings=flags, arch=arch,
                                   beta1=beta1, beta2=beta2, size=size, config=config, weights=weights,
-                                  device=device, force=force, resume=resume)
+                                  device=device, force=force, resume=resume, threads=threads)
     try:
         with _stopped_before_training() as stopped:
             run = training.prepare_run(request, note=note, tokenizing=_tokenizing_bar)
@@ -321,12 +325,14 @@ def _render(trainer, run: "Run", json_mode: bool) -> None:
                 kind = ev["event"]
                 if kind == "start":
                     progress = _start_progress(ev, json_mode)
+                    where = f"{ev['device']} ({ev['threads']} thread{'s' * (ev['threads'] != 1)})" \
+                        if ev["device"] == "cpu" else ev["device"]
                     if ev["resumed"]:
-                        note(f"resuming {run.out} after step {ev['step'] - 1}")
+                        note(f"resuming {run.out} after step {ev['step'] - 1} on {where}")
                     else:
                         note(f"{ev['params']:,} parameters, {ev['train_tokens']:,} training and "
                              f"{ev['val_tokens']:,} validation tokens ({ev['tokenizer']}), {ev['total_steps']} "
-                             f"step{'s' * (ev['total_steps'] != 1)} on {ev['device']}; writing {run.out}")
+                             f"step{'s' * (ev['total_steps'] != 1)} on {where}; writing {run.out}")
                 if kind == "step":
                     if progress is not None:
                         progress.advance(ev)

@@ -210,13 +210,15 @@ class Trainer:
             (step and step % s.sample_every == 0) or last)
 
     def start_event(self) -> dict:
+        import torch
+
         run, cfg = self.run, self.model.cfg
         return {"event": "start", "step": self.position.step, "total_steps": self.total_steps,
                 "steps_per_epoch": self.steps_per_epoch, "train_tokens": len(run.train_ids),
                 "val_tokens": len(run.val_ids), "params": sum(p.numel() for p in self.model.parameters()),
                 "config": cfg.to_dict(), "tokenizer": run.tokenizer.name, "vocab_size": run.tokenizer.vocab_size,
                 "weights": run.weights_source, "device": str(run.device), "world_size": run.dist.world,
-                "settings": self.settings.to_dict(), "kernels": self.plan.to_dict(),
+                "threads": torch.get_num_threads(), "settings": self.settings.to_dict(), "kernels": self.plan.to_dict(),
                 "resumed": run.resume_state is not None}
 
     def events(self) -> Iterator[dict]:

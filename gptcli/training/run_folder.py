@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -87,16 +88,23 @@ def existing_parent(path: Path) -> Path:
     return path
 
 
-def check_writable(out: Path) -> None:
+def check_writable(out: Path, *, resume: bool = False) -> None:
     """Make and remove a file where the run will write (a read-only disk or folder is refused now,
-    not after the first steps)."""
+    not after the first steps). The message names the flag that chose the folder: --out, or
+    --resume, whose folder cannot move (the run's checkpoints are rewritten in place)."""
     where = existing_parent(out)
     try:
         fd, probe = tempfile.mkstemp(prefix=".gptcli-probe-", dir=where)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise UserError(f"--out {out}: cannot write in {where}: {exc.strerror or exc}; choose a writable folder "
+        reason = exc.strerror or exc
+        if resume:
+            copy = "copy the folder to a writable place and --resume the copy"
+            fix = copy if exc.errno == errno.EROFS else f"make it writable (chmod u+w {out}), or {copy}"
+            raise UserError(f"--resume {out}: cannot write in the run folder: {reason}; a resumed run saves its "
+                            f"checkpoints there, so {fix}") from None
+        raise UserError(f"--out {out}: cannot write in {where}: {reason}; choose a writable folder "
                         "with --out") from None
 
 
@@ -110,8 +118,9 @@ def folder_bytes(n_params: int, n_tokens: int, token_bytes: int) -> dict[str, in
     return sizes
 
 
-def check_room(out: Path, need: dict[str, int], already: int = 0) -> None:
-    """Refuse a run whose checkpoints will not fit on ``out``'s disk (``already``: bytes it holds now)."""
+def check_room(out: Path, need: dict[str, int], already: int = 0, resume: bool = False) -> None:
+    """Refuse a run whose checkpoints will not fit on ``out``'s disk (``already``: bytes it holds now;
+    ``resume``: the folder came from --resume, so only freeing space helps)."""
     from gptcli.params import human_bytes
 
     where = existing_parent(out)
@@ -120,12 +129,13 @@ def check_room(out: Path, need: dict[str, int], already: int = 0) -> None:
     except OSError:
         return
     if need["total"] - already > free:
+        fix = "free some space, or copy the folder to a larger disk and --resume the copy" if resume else \
+            "free some space or choose another --out"
         raise UserError(
-            f"--out {out}: the disk has {human_bytes(free)} free, and this run needs about "
-            f"{human_bytes(need['total'] - already)} (state {human_bytes(need['state'])}, weights "
+            f"{'--resume' if resume else '--out'} {out}: the disk has {human_bytes(free)} free, and this run needs "
+            f"about {human_bytes(need['total'] - already)} (state {human_bytes(need['state'])}, weights "
             f"{human_bytes(need['weights'])}, best/ {human_bytes(need['best'])}, data {human_bytes(need['data'])}, "
-            f"{human_bytes(need['rewrite'])} while a checkpoint is rewritten); free some space or choose another "
-            "--out")
+            f"{human_bytes(need['rewrite'])} while a checkpoint is rewritten); {fix}")
 
 
 def last_checkpoint(out: Path) -> int | None:

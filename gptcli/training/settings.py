@@ -46,7 +46,9 @@ class TrainSettings:
     sample_seed: int | None = None  # the samples' own generator (every sample the same seed); None: --seed
     save_every: int = 0  # steps between checkpoints; 0: only at the end and on Ctrl-C
     seed: int = 123
-    init: str = "book"  # book (chapter 4's nn defaults) | gpt2 (N(0, 0.02), as GPT-2 and nanoGPT)
+    # auto: book for an untied head, gpt2 for a tied one (setup.choose_init) | book (chapter 4's nn defaults)
+    # | gpt2 (N(0, 0.02), as GPT-2 and nanoGPT)
+    init: str = "auto"
     dtype: str = "float32"  # float32 | bfloat16 (autocast: float32 weights and AdamW state) | float16
     compile: bool = False
     device: str = "auto"
@@ -85,8 +87,8 @@ class TrainSettings:
             raise UserError(f"unknown weight-decay scope {self.decay!r}; choose all or 2d")
         if self.sampling not in ("windows", "random"):
             raise UserError(f"unknown sampling {self.sampling!r}; choose windows or random")
-        if self.init not in ("book", "gpt2"):
-            raise UserError(f"unknown init {self.init!r}; choose book or gpt2")
+        if self.init not in ("auto", "book", "gpt2"):
+            raise UserError(f"unknown init {self.init!r}; choose auto, book or gpt2")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise UserError(f"--lr must be above 0, got {self.lr!r}")
         if not (isinstance(self.min_lr, (int, float)) and 0 <= self.min_lr <= self.lr):

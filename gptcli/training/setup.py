@@ -61,6 +61,7 @@ class RunRequest:
     device: str = "auto"
     force: bool = False
     resume: Path | None = None
+    threads: int | None = None  # --threads; None: a resumed run's own count, else configure_threads' choice
 
 
 @dataclass
@@ -191,17 +192,33 @@ def check_data(train_ids, val_ids, s: TrainSettings, context_length: int) -> tup
     return plan_steps(s, None)
 
 
+def choose_init(init: str, cfg: "GPTConfig") -> str:
+    """The init a new model of ``cfg`` gets: ``auto`` is the book's for an untied head (the book's
+    GPT_CONFIG_124M, so book-ch05 draws exactly as chapter 5) and GPT-2's for a tied one. The book's
+    init with a tied head is refused: its N(0, 1) token embeddings, used as the output head too, make
+    each token predict itself (a first loss near 230 on 124M, not ln(50257) = 10.8)."""
+    if init == "auto":
+        return "gpt2" if cfg.tie_weights else "book"
+    if init == "book" and cfg.tie_weights:
+        raise UserError(f"init 'book' needs an untied output head, and config {cfg.name!r} ties it to the token "
+                        f"embedding (the book's N(0, 1) embeddings as the head start the loss far above "
+                        f"ln({cfg.vocab_size}) = {math.log(cfg.vocab_size):.1f}); use --init gpt2 (auto's choice "
+                        "here) or a config with tie_weights: false")
+    return init
+
+
 def new_model(cfg: "GPTConfig", s: TrainSettings, device: "torch.device") -> "GPTModel":
     """A seeded model: torch.manual_seed(seed), then built in the book's draw order (then GPT-2's
-    init, when asked), as the book's chapter 5 does before training."""
+    init, when ``choose_init`` picks it), as the book's chapter 5 does before training."""
     import torch
 
     from gptcli.model import GPTModel
 
+    init = choose_init(s.init, cfg)
     torch.manual_seed(s.seed)
     with torch.device("cpu"):
         model = GPTModel(cfg)
-    if s.init == "gpt2":
+    if init == "gpt2":
         init_gpt2(model)
     return model.to(device)
 
@@ -255,7 +272,7 @@ def check_folder_room(out: Path, cfg: "GPTConfig", n_tokens: int, vocab_size: in
     from gptcli.params import count_params
 
     need = run_folder.folder_bytes(count_params(cfg).total, n_tokens, id_dtype(vocab_size).itemsize)
-    run_folder.check_room(out, need, already=need["total"] - need["rewrite"] if resuming else 0)
+    run_folder.check_room(out, need, already=need["total"] - need["rewrite"] if resuming else 0, resume=resuming)
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,7 +362,9 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
     import torch
 
     from gptcli.data import digest, read_texts
+    from gptcli.devices import configure_threads
 
+    configure_threads(request.threads)  # first: the automatic count measures the load since startup
     recipe = load_recipe(request.recipe) if request.recipe else None
     settings = _settings(request, dict(recipe.settings) if recipe else {})
     data = request.data
@@ -380,6 +399,7 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
     model = None
     if weights is None:
         cfg = _new_config(request, recipe, settings, tok)
+        settings.init = choose_init(settings.init, cfg)  # the state records the init drawn, not "auto"
         source = f"random ({settings.init} init, seed {settings.seed})"
     else:
         model, tok, source = _fine_tuned(request, weights, settings, tok, say)
@@ -434,6 +454,26 @@ def keep_schedule(settings: TrainSettings, old_total: int, request: RunRequest, 
          "(--decay-steps N moves it)")
 
 
+def resume_threads(requested: int | None, recorded: int | None, note: Note) -> int:
+    """Set torch's thread count for a resumed run: the count the run recorded, so it continues bit for
+    bit whatever the machine's load (or OMP_NUM_THREADS) now is; ``--threads`` overrides it, with a
+    note when that changes the sums. A state without a record (older runs) gets the usual choice."""
+    from gptcli.devices import available_cores, configure_threads
+
+    if requested is None and recorded is not None:
+        threads = configure_threads(recorded)
+        if recorded > available_cores():
+            note(f"resuming on the run's {recorded} threads, more than the {available_cores()} cores here: "
+                 f"--threads {available_cores()} is faster, but no longer bit for bit the uninterrupted run")
+        return threads
+    threads = configure_threads(requested)
+    if requested is not None and recorded is not None and requested != recorded:
+        note(f"--threads {requested}: the run trained on {recorded} thread{'s' * (recorded != 1)} so far, so it "
+             "will not end bit for bit as an uninterrupted run would (leave --threads out to keep "
+             f"{recorded})")
+    return threads
+
+
 def resume_run(request: RunRequest, *, note: Note = _ignore) -> Run:
     """The run in ``request.resume``, from its state file and data/, to continue where it stopped."""
     from gptcli.data import digest, load_ids, read_texts
@@ -443,6 +483,7 @@ def resume_run(request: RunRequest, *, note: Note = _ignore) -> Run:
     run_folder.check_out_dir(folder, resume=True, force=False)
     _refuse_changes(request)
     state = read_state(folder / STATE_FILE)
+    resume_threads(request.threads, state.threads, note)
     settings, tok = state.settings, state.tokenizer
     wanted = request.settings.get("tokenizer")
     if wanted is not None and wanted != tok.name:
@@ -463,7 +504,7 @@ def resume_run(request: RunRequest, *, note: Note = _ignore) -> Run:
     settings.device = check_device_name(request.device) if request.device != "auto" else settings.device
     settings.validate()
     check_sample_prompt(settings, tok, note)
-    run_folder.check_writable(folder)
+    run_folder.check_writable(folder, resume=True)
     check_folder_room(folder, state.cfg, len(train_ids) + len(val_ids), tok.vocab_size, resuming=True)
     device, dist = _start_distributed(settings)
     model = model_from_state(state, device)

@@ -51,6 +51,7 @@ class TrainingState:
     epoch_rng: "torch.Tensor | None" = None  # the global RNG just before this epoch's shuffle
     weights_source: str = ""
     data_digest: str = ""
+    threads: int | None = None  # torch's CPU threads when it was saved (None: a state from before they were kept)
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -89,6 +90,8 @@ def write_state(path: Path, model: "GPTModel", optimizer: "torch.optim.Optimizer
         "gptcli.weights_source": weights_source,
         "gptcli.data_digest": data_digest,
         "gptcli.world_size": str(world_size),
+        # The sums' order depends on it: --resume reuses it, so the run continues bit for bit.
+        "gptcli.threads": str(torch.get_num_threads()),
         **to_metadata(tokenizer),
     }
     save_safetensors(tensors, path, meta)
@@ -120,6 +123,7 @@ def read_state(path: Path) -> TrainingState:
         settings = TrainSettings(**settings_raw)
         position = json.loads(meta["gptcli.position"])
         groups = json.loads(meta["gptcli.param_groups"])
+        threads = int(meta["gptcli.threads"]) if "gptcli.threads" in meta else None
     except (KeyError, ValueError, TypeError) as exc:
         raise UserError(f"{path}: corrupt training state (metadata {exc})") from None
     return TrainingState(
@@ -132,6 +136,7 @@ def read_state(path: Path) -> TrainingState:
         batch_in_epoch=position["batch_in_epoch"],
         rng_cpu=tensors["rng.cpu"], data_generator=tensors["rng.data"], epoch_rng=tensors.get("rng.epoch"),
         weights_source=meta.get("gptcli.weights_source", ""), data_digest=meta.get("gptcli.data_digest", ""),
+        threads=threads if threads is None or threads >= 1 else None,
     )
 
 
