@@ -21,7 +21,6 @@ from __future__ import annotations
 import codecs
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 from gptcli.errors import UserError
@@ -575,6 +574,20 @@ class Timings:
     prefill_tokens: int = 0  # prompt tokens the model saw (after cropping)
     decode_tokens: int = 0  # new tokens produced by decode steps (all but the first)
 
+    def add(self, seconds: float, first: bool, tokens: int = 1) -> None:
+        """Count a step that picked ``tokens`` new ids: a sequence's first is its prefill's."""
+        if first:
+            self.prefill_s += seconds
+        else:
+            self.decode_s += seconds
+            self.decode_tokens += tokens
+
+    def add_up(self, other: "Timings") -> None:
+        self.prefill_s += other.prefill_s
+        self.decode_s += other.decode_s
+        self.prefill_tokens += other.prefill_tokens
+        self.decode_tokens += other.decode_tokens
+
     @property
     def decode_tokens_per_s(self) -> float | None:
         return self.decode_tokens / self.decode_s if self.decode_tokens and self.decode_s > 0 else None
@@ -628,6 +641,53 @@ class Continuation:
         return out
 
 
+class SequenceState:
+    """One sequence being decoded, whatever runs it (``Generation``, ``SpeculativeGeneration``, or a batch
+    that rows join and leave: ``gptcli.batch.decode_rows``, the server's engine): its prompt and
+    options, its own sampling generator (seeded ``options.seed``, so its ids do not depend on what runs
+    beside it), the ids it has seen (for ``--repetition-penalty``), its continuation (text, stop rule,
+    finish reason), an ``observe`` hook and its timings."""
+
+    def __init__(self, prompt_token_ids: Sequence[int], options: SamplingOptions, *, eos_id: int | None = EOT_ID,
+                 token_bytes: Callable[[int], bytes] | None = None, context_length: int | None = None,
+                 observe: "Callable[[torch.Tensor, list[int]], None] | None" = None):
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.options = options
+        self.continuation = Continuation(options, eos_id, token_bytes)
+        self.observe = observe  # sees each step's logits (1, V) and the id picked (gptcli.logprobs.Recorder)
+        self.generator = None if options.greedy else make_generator(options.seed)
+        self.history = list(self.prompt_token_ids) if options.penalizes else []  # every id seen, if it matters
+        self.timings = Timings()
+        n_seen = len(self.prompt_token_ids) if context_length is None else min(len(self.prompt_token_ids), context_length)
+        self.timings.prefill_tokens = n_seen if options.max_new_tokens else 0  # -n 0 runs nothing
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.continuation.token_ids
+
+    @property
+    def text(self) -> str:
+        return self.continuation.text
+
+    @property
+    def done(self) -> bool:
+        return self.continuation.done
+
+    def pick(self, logits: "torch.Tensor") -> int:
+        """The next id from this sequence's logits (1, V): its options, its generator, its history."""
+        if self.options.penalizes:
+            return int(select_next(logits, self.options, self.generator, [self.history])[0])
+        return int(select_next(logits, self.options, self.generator)[0])  # int() also waits for the device
+
+    def accept(self, token_id: int, logits: "torch.Tensor | None" = None) -> str:
+        """Take the next id (``logits`` (1, V): what it was picked from, for ``observe``); the text it makes printable."""
+        if self.options.penalizes:
+            self.history.append(token_id)
+        if self.observe is not None and logits is not None:
+            self.observe(logits, [token_id])
+        return self.continuation.accept(token_id)
+
+
 class Generation:
     """Generate from ``prompt_token_ids``; iterate to receive the text as it becomes printable.
 
@@ -650,14 +710,10 @@ class Generation:
         observe: "Callable[[torch.Tensor, list[int]], None] | None" = None,
     ):
         self.decoder = decoder
-        self.observe = observe  # sees each step's logits (1, V) and the id picked (gptcli.logprobs.Recorder)
-        self.prompt_token_ids = list(prompt_token_ids)
-        self.options = options
-        self.eos_id = eos_id
-        self.continuation = Continuation(options, eos_id, token_bytes)
-        self.timings = Timings()
-        n_seen = len(self.prompt_token_ids) if context_length is None else min(len(self.prompt_token_ids), context_length)
-        self.timings.prefill_tokens = n_seen if options.max_new_tokens else 0  # -n 0 runs nothing
+        self.sequence = SequenceState(prompt_token_ids, options, eos_id=eos_id, token_bytes=token_bytes,
+                                 context_length=context_length, observe=observe)
+        self.prompt_token_ids, self.options = self.sequence.prompt_token_ids, options
+        self.continuation, self.timings = self.sequence.continuation, self.sequence.timings
 
     @property
     def token_ids(self) -> list[int]:
@@ -677,29 +733,20 @@ class Generation:
 
     def __iter__(self) -> Iterator[str]:
         """Text pieces as they become printable; the model runs only while the sequence goes on."""
-        opts = self.options
-        if self.continuation.done:
+        seq = self.sequence
+        if seq.done:
             return
-        generator = None if opts.greedy else make_generator(opts.seed)
-        seen = list(self.prompt_token_ids)  # the whole prompt and every new id, for --repetition-penalty
-        pick = partial(select_next, history=[seen]) if opts.penalizes else select_next
         start = time.perf_counter()
-        logits = self.decoder.prefill(self.prompt_token_ids, opts.max_new_tokens)  # (1, V)
-        for i in range(opts.max_new_tokens):
-            next_id = int(pick(logits, opts, generator)[0])  # .item() also waits for the device
-            seen.append(next_id)
-            if self.observe is not None:
-                self.observe(logits, [next_id])
-            elapsed = time.perf_counter() - start
-            if i == 0:
-                self.timings.prefill_s = elapsed
-            else:
-                self.timings.decode_s += elapsed
-                self.timings.decode_tokens += 1
-            piece = self.continuation.accept(next_id)
+        logits = self.decoder.prefill(seq.prompt_token_ids, self.options.max_new_tokens)  # (1, V)
+        first = True
+        while True:
+            next_id = seq.pick(logits)
+            seq.timings.add(time.perf_counter() - start, first)
+            first = False
+            piece = seq.accept(next_id, logits)
             if piece:
                 yield piece
-            if self.continuation.done:
+            if seq.done:
                 return
             start = time.perf_counter()
             logits = self.decoder.step(next_id)

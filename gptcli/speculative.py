@@ -43,7 +43,6 @@ from gptcli.generate import (
     Generation,
     SamplingOptions,
     crop_prompt,
-    make_generator,
     penalize_repetition,
     sampling_candidates,
     select_next,
@@ -372,18 +371,13 @@ class SpeculativeGeneration(Generation):
         self.draft_tokens = check_draft_tokens(draft_tokens)
         self.stats = SpeculativeStats(draft=draft_name, draft_tokens=draft_tokens)
 
-    def _seen(self) -> list[int]:
-        """Every id so far, the whole prompt included (plain decoding's history for the repetition penalty;
-        empty, and ignored by ``select_next``, without one)."""
-        return [*self.prompt_token_ids, *self.token_ids] if self.options.penalizes else []
-
     def _next_ids(self, last: int, generator: "torch.Generator | None") -> tuple[list[int], "torch.Tensor"]:
         """One forward pass of the model: the ids that follow ``last`` (one to K+1 of them) and the
         model's logits (n, V) they were picked from."""
         opts, stats = self.options, self.stats
         remaining = opts.max_new_tokens - len(self.token_ids)
         k = min(self.draft_tokens, remaining - 1, self.decoder.room() - 1)
-        seen = self._seen()
+        seen = list(self.sequence.history)  # plain decoding's history for the penalty (empty without one)
         start = time.perf_counter()
         proposal = self.drafter.propose(last, k, opts, generator, seen) if k > 0 else None
         stats.draft_s += time.perf_counter() - start
@@ -413,34 +407,29 @@ class SpeculativeGeneration(Generation):
         self.stats.pauses = getattr(self.drafter, "pauses", 0)
 
     def __iter__(self) -> Iterator[str]:
-        opts = self.options
-        if self.continuation.done:
+        seq, opts = self.sequence, self.options
+        if seq.done:
             return
-        generator = None if opts.greedy else make_generator(opts.seed)
         start = time.perf_counter()
-        logits = self.decoder.prefill(self.prompt_token_ids, opts.max_new_tokens)  # (1, V)
+        logits = self.decoder.prefill(seq.prompt_token_ids, opts.max_new_tokens)  # (1, V)
         draft_start = time.perf_counter()
-        self.drafter.start(crop_prompt(self.prompt_token_ids, self.decoder.context_length)[0], opts.max_new_tokens)
+        self.drafter.start(crop_prompt(seq.prompt_token_ids, self.decoder.context_length)[0], opts.max_new_tokens)
         self.stats.draft_prefill_s = time.perf_counter() - draft_start
-        seen = self._seen()
-        ids = [int(select_next(logits, opts, generator, [seen])[0])]
-        self.timings.prefill_s = time.perf_counter() - start
+        ids = [seq.pick(logits)]
+        seq.timings.add(time.perf_counter() - start, first=True)
         first = True
         while True:
             for i, token in enumerate(ids):
-                if not first:
-                    self.timings.decode_tokens += 1
+                seq.timings.decode_tokens += 0 if first else 1
                 first = False
-                if self.observe is not None:
-                    self.observe(logits[i : i + 1], [token])
-                piece = self.continuation.accept(token)
+                piece = seq.accept(token, logits[i : i + 1])
                 if piece:
                     yield piece
-                if self.continuation.done:
+                if seq.done:
                     return
             start = time.perf_counter()
-            ids, logits = self._next_ids(ids[-1], generator)
-            self.timings.decode_s += time.perf_counter() - start
+            ids, logits = self._next_ids(ids[-1], seq.generator)
+            seq.timings.add(time.perf_counter() - start, first=False, tokens=0)
 
 
 # ---------------------------------------------------------------------------------------------
