@@ -1,30 +1,23 @@
-"""Many prompts at once (``generate --each-line``): left-padded batches on the device.
+"""Many sequences at once (``generate --each-line``, ``gptcli serve``): left-padded batches on the device,
+which rows join and leave between decode steps (continuous batching). Never prints.
 
 Each row gets the ids it would get alone: padding tokens take no position (a row's first real token
 is at position 0) and no real token attends to them (see ``GPTModel.forward``'s ``pad``). Sampling
-draws from one generator per row, seeded like a single run, so sampled rows match too.
+draws from one generator per row (``SequenceState``), seeded like a single run, so sampled rows match too.
 
 Each row is cached while it fits in the context window and recomputed from its own last
 ``context_length`` tokens once it has outgrown it, as ``Decoder`` does for one sequence.
-
-``ContinuousBatchDecoder`` lets rows join and leave a running batch between steps, by the same rules
-(``gptcli serve``'s continuous batching, driven by ``gptcli.engine``).
+``BatchLoop`` runs sequences on a ``BatchDecoder``: ``decode_rows`` (``--each-line``) and
+``gptcli.engine`` (the server) both drive it.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-from gptcli.generate import (
-    Continuation,
-    SamplingOptions,
-    Timings,
-    crop_prompt,
-    make_generator,
-    select_next,
-)
+from gptcli.generate import SamplingOptions, SequenceState, Timings, crop_prompt
 from gptcli.tokenizer import EOT_ID
 
 if TYPE_CHECKING:
@@ -42,6 +35,13 @@ class BatchDecoder:
     last ``context_length`` ids every step. A row leaves the shared cache when it, not the longest
     row, outgrows the window. Recomputing a row that still fits would round differently from the
     cached step it takes alone, and ``--each-line`` promises each row the ids it gets alone.
+
+    Rows join (``admit``) and leave (``release``) between steps. Newcomers are prefilled in a forward
+    call of their own (as a batch of their own) and their keys and values spliced into the running
+    cache; every row's cached positions end at the cache's length, so a shorter row simply has more
+    padding on the left. Padding is masked out and takes no position, so adding some does not change
+    a row's numbers. The cache's common left padding is cut off whenever the rows that needed it have
+    left, so its length stays at the longest cached row's, within the window, however long it runs.
     """
 
     def __init__(self, model: "GPTModel", device: "torch.device", dtype: "torch.dtype", pad_id: int = 0):
@@ -139,16 +139,6 @@ class BatchDecoder:
         self._pad = self._pad.index_select(0, index)
         self._cached = [self._cached[k] for k in keep]
 
-    def _fit_cache(self) -> None:
-        """Before a step: rows that outgrew the window leave the cache; a cache with no room left
-        (more steps than prefill was told) is given up, and every row is recomputed."""
-        if self._cache is None:
-            return
-        if self._cache.length >= self._cache.max_len:
-            self._drop_from_cache([])
-        else:
-            self._drop_from_cache([k for k, i in enumerate(self._cached) if len(self._rows[i]) <= self.context_length])
-
     def step(self, token_ids: Sequence[int]) -> "torch.Tensor":
         import torch
 
@@ -167,18 +157,6 @@ class BatchDecoder:
             return self._merge(parts)  # (B, V)
 
 
-class ContinuousBatchDecoder(BatchDecoder):
-    """A batch whose rows join (``admit``) and leave (``release``) between steps: ``gptcli serve``.
-
-    Each row still gets the ids it gets alone, by ``BatchDecoder``'s rule. Newcomers are prefilled
-    in a forward call of their own (as a batch of their own) and their keys and values spliced into
-    the running cache; every row's cached positions end at the cache's length, so a shorter row
-    simply has more padding on the left. Padding is masked out and takes no position, so adding
-    some does not change a row's numbers. The cache's common left padding is cut off whenever the
-    rows that needed it have left, so its length stays at the longest cached row's, within the
-    window, however long the batch runs.
-    """
-
     @property
     def size(self) -> int:
         """How many rows are in the batch."""
@@ -191,7 +169,7 @@ class ContinuousBatchDecoder(BatchDecoder):
         """
         if not self._rows:
             return self.prefill(prompts, max_new_tokens)
-        newcomers = BatchDecoder(self.model, self.device, self.dtype, self.pad_id)
+        newcomers = BatchDecoder(self.model, self.device, self.dtype, self.pad_id)  # prefilled on their own
         logits = newcomers.prefill(prompts, max_new_tokens)
         offset = len(self._rows)
         self._rows += newcomers._rows
@@ -286,6 +264,90 @@ class RowResult:
     finish_reason: str | None = None
 
 
+class BatchLoop:
+    """Sequences decoded together on a ``BatchDecoder``: ``admit`` some (prefilled on their own, each
+    picks its first id), ``step`` every running one a token, ``release`` the finished ones, which leave
+    at once. Each picks with its own ``SequenceState`` (generator, history, stop rule), so on the CPU
+    its ids are the ones it gets alone. ``--each-line`` (``decode_rows``) and ``gptcli serve``'s engine
+    both run on it. Returns, per step, each sequence's (id, logits (1, V) it was picked from, text)."""
+
+    def __init__(self, decoder: BatchDecoder):
+        self.decoder = decoder
+        self.running: list[SequenceState] = []  # in the decoder's row order
+
+    def admit(self, sequences: Sequence[SequenceState]) -> list[tuple[SequenceState, int, "torch.Tensor", str]]:
+        starting = [s for s in sequences if not s.done]  # max_new_tokens 0 runs nothing
+        if not starting:
+            return []
+        logits = self.decoder.admit([s.prompt_token_ids for s in starting],
+                                    [s.options.max_new_tokens for s in starting])  # (k, V)
+        self.running += starting
+        return [self._accept(s, logits[k : k + 1]) for k, s in enumerate(starting)]
+
+    def step(self) -> list[tuple[SequenceState, int, "torch.Tensor", str]]:
+        logits = self.decoder.step([s.token_ids[-1] for s in self.running])  # (B, V)
+        return [self._accept(s, logits[k : k + 1]) for k, s in enumerate(self.running)]
+
+    @staticmethod
+    def _accept(seq: SequenceState, logits: "torch.Tensor") -> tuple[SequenceState, int, "torch.Tensor", str]:
+        token_id = seq.pick(logits)
+        return seq, token_id, logits, seq.accept(token_id, logits)
+
+    def release(self, leaving: Callable[[SequenceState], bool] = lambda s: False) -> None:
+        """Rows that finished, or that ``leaving`` says go (a client went away), leave the batch."""
+        keep = [k for k, s in enumerate(self.running) if not s.done and not leaving(s)]
+        if len(keep) < len(self.running):
+            self.decoder.release(keep)
+            self.running = [self.running[k] for k in keep]
+
+
+def decode_rows(decoder: BatchDecoder, sequences: Sequence[SequenceState], max_rows: int,
+                timings: Timings | None = None) -> Iterator[int]:
+    """Decode ``sequences`` at most ``max_rows`` at a time, a waiting one joining as soon as a row
+    finishes (continuous batching); yields each one's index as it finishes. ``timings`` gathers the
+    batch's: admissions as prefill, steps as decode (``decode_tokens``: every row's ids after its first)."""
+    import collections
+
+    timings = timings if timings is not None else Timings()
+    loop = BatchLoop(decoder)
+    index = {id(s): i for i, s in enumerate(sequences)}
+    waiting = collections.deque(sequences)
+    while waiting or loop.running:
+        joining = []
+        while waiting and len(loop.running) + len(joining) < max_rows:
+            seq = waiting.popleft()
+            if seq.done:  # nothing to decode (max_new_tokens 0)
+                yield index[id(seq)]
+            else:
+                joining.append(seq)
+        if joining:
+            start = time.perf_counter()
+            loop.admit(joining)
+            timings.add(time.perf_counter() - start, first=True)
+            timings.prefill_tokens += sum(s.timings.prefill_tokens for s in joining)
+        elif loop.running:
+            start = time.perf_counter()
+            events = loop.step()
+            timings.add(time.perf_counter() - start, first=False, tokens=len(events))
+        finished = [s for s in loop.running if s.done]
+        loop.release()
+        for s in finished:
+            yield index[id(s)]
+
+
+def decode_rows_in_order(decoder: BatchDecoder, sequences: Sequence[SequenceState], max_rows: int,
+                         timings: Timings | None = None) -> Iterator[int]:
+    """``decode_rows``, yielding each index in input order, as soon as it and every one before it finished."""
+    finished: set[int] = set()
+    following = 0
+    for i in decode_rows(decoder, sequences, max_rows, timings):
+        finished.add(i)
+        while following in finished:
+            finished.discard(following)
+            yield following
+            following += 1
+
+
 def generate_batch(
     decoder: BatchDecoder,
     prompts: Sequence[Sequence[int]],
@@ -294,54 +356,24 @@ def generate_batch(
     eos_id: int | None = EOT_ID,
     token_bytes: Callable[[int], bytes] | None = None,
     seeds: Sequence[int] | None = None,
-    observe: "Callable[[torch.Tensor, list[int], list[int]], None] | None" = None,
+    observe: "Callable[[int], Callable[[torch.Tensor, list[int]], None]] | None" = None,
+    max_rows: int | None = None,
 ) -> tuple[list[RowResult], Timings]:
-    """Continue every prompt; results in input order, and the batch's timings.
+    """Continue every prompt (``decode_rows``, at most ``max_rows`` at once, all by default); results in
+    input order, and the batch's timings.
 
     ``seeds[b]``: row b's sampling seed (``--num-samples``); by default every row has ``options.seed``.
-
-    ``timings.decode_tokens`` counts the new tokens of all rows (after each row's first), so
-    ``decode_tokens_per_s`` is the aggregate rate. ``observe`` sees each step's logits (B, V), the ids
-    picked and the rows still going (gptcli.logprobs.Recorder).
+    ``observe(b)``: row b's hook, which sees each of its steps' logits (1, V) and id (gptcli.logprobs.Recorder.row).
     """
-    rows = [Continuation(options, eos_id, token_bytes) for _ in prompts]
+    seeds = [options.seed] * len(prompts) if seeds is None else list(seeds)
+    sequences = [
+        SequenceState(p, replace(options, seed=seed), eos_id=eos_id, token_bytes=token_bytes,
+                      context_length=decoder.context_length,
+                      observe=None if observe is None else observe(b))
+        for b, (p, seed) in enumerate(zip(prompts, seeds))
+    ]
+    timings = Timings()
+    for _ in decode_rows(decoder, sequences, max_rows or max(1, len(prompts)), timings):
+        pass
+    return [RowResult(list(p), s.token_ids, s.text, s.finish_reason) for p, s in zip(prompts, sequences)], timings
 
-    def results() -> list[RowResult]:
-        return [RowResult(list(p), row.token_ids, row.text, row.finish_reason) for p, row in zip(prompts, rows)]
-
-    if options.max_new_tokens == 0 or not rows:
-        return results(), Timings()
-    timings = Timings(prefill_tokens=sum(min(len(p), decoder.context_length) for p in prompts))
-    if seeds is None:
-        seeds = [options.seed] * len(rows)
-    generators = None if options.greedy else [make_generator(seed) for seed in seeds]
-    # Each row's whole prompt and new ids, for --repetition-penalty (as a lone Generation keeps them).
-    seen = [list(p) for p in prompts] if options.penalizes else None
-    start = time.perf_counter()
-    logits = decoder.prefill(prompts, options.max_new_tokens)  # (B, V)
-    for i in range(options.max_new_tokens):
-        if generators is None:
-            next_ids = select_next(logits, options, None, seen).tolist()
-        else:
-            next_ids = [int(select_next(logits[b : b + 1], options, g, None if seen is None else [seen[b]])[0])
-                        for b, g in enumerate(generators)]
-        if seen is not None:
-            for history, token_id in zip(seen, next_ids):
-                history.append(token_id)
-        elapsed = time.perf_counter() - start
-        live = [row for row in rows if not row.done]
-        if observe is not None:
-            observe(logits, next_ids, [b for b, row in enumerate(rows) if not row.done])
-        if i == 0:
-            timings.prefill_s = elapsed
-        else:
-            timings.decode_s += elapsed
-            timings.decode_tokens += len(live)
-        for row, token_id in zip(rows, next_ids):
-            if not row.done:
-                row.accept(token_id)
-        if all(row.done for row in rows):
-            break
-        start = time.perf_counter()
-        logits = decoder.step(next_ids)
-    return results(), timings

@@ -5,7 +5,7 @@ them with a sink, and renders the ``RowEvent``s the sink receives.
 
 One background thread owns the model. Between two decode steps it ends the rows that finished or were
 cancelled, admits waiting rows (up to ``max_batch``; they are prefilled in a forward call of their
-own and join the batch, see ``gptcli.batch.ContinuousBatchDecoder``) and runs work that needs the
+own and join the batch, see ``gptcli.batch.BatchLoop``) and runs work that needs the
 model alone (a prompt's own log-probabilities for ``echo``). Every row samples from its own
 generator, seeded as ``gptcli generate --seed`` seeds it, so on the CPU a row's ids are the ones it
 gets alone, whatever else runs beside it.
@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from gptcli.decode_kernels import BATCH_ROWS
-from gptcli.generate import Continuation, SamplingOptions, make_generator, select_next
+from gptcli.generate import SamplingOptions, SequenceState
 
 if TYPE_CHECKING:
     import torch
 
+    from gptcli.batch import BatchLoop
     from gptcli.logprobs import TokenLogprob
     from gptcli.runtime import Runtime
 
@@ -81,19 +82,6 @@ class Ticket:
         self.cancelled = True
 
 
-@dataclass
-class _Row:
-    ticket: Ticket
-    index: int
-    continuation: Continuation
-    generator: "torch.Generator | None"
-    last_id: int = -1
-
-    @property
-    def request(self) -> RowRequest:
-        return self.ticket.rows[self.index]
-
-
 class Engine:
     """Continuous batching over one model; ``start`` it, ``submit`` work, ``close`` it.
 
@@ -102,8 +90,6 @@ class Engine:
     """
 
     def __init__(self, runtime: "Runtime", *, max_batch: int = CHECKED_BATCH_ROWS, max_queue: int = 64):
-        from gptcli.batch import ContinuousBatchDecoder
-
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be 1 or more and max_queue 0 or more")
         self.runtime = runtime
@@ -111,10 +97,10 @@ class Engine:
         self.max_queue = max_queue
         self.eos_id = runtime.tokenizer.eot_id
         self.token_bytes = runtime.tokenizer.token_bytes
-        self._decoder = ContinuousBatchDecoder(runtime.model, runtime.device, runtime.dtype)
-        self._active: list[_Row] = []  # in the decoder's row order
+        self._loop = self._new_loop()
+        self._owners: dict[int, tuple[Ticket, int]] = {}  # id(sequence) -> (ticket, row index), while it runs
         self._waiting: deque[tuple[Ticket, int]] = deque()  # (ticket, row index) not yet admitted
-        self._admitting = 0  # rows taken from the queue, being prefilled: in neither list, but holding places
+        self._places = 0  # rows running or being admitted (set by the engine's thread, under the lock)
         self._calls: deque[tuple[Callable[[], object], Future]] = deque()
         self._lock = threading.Condition()
         self._draining = False  # no new work; what runs finishes
@@ -136,7 +122,7 @@ class Engine:
         with self._lock:
             if self._draining or self._closing:
                 raise EngineClosed("the server is shutting down")
-            free = max(0, self.max_batch - len(self._active) - self._admitting)
+            free = max(0, self.max_batch - self._places)
             if len(self._waiting) + len(rows) > self.max_queue + free:
                 raise QueueFull(f"{len(self._waiting)} rows are waiting already")
             self._waiting.extend((ticket, i) for i in range(len(rows)))
@@ -172,7 +158,7 @@ class Engine:
     def load(self) -> dict[str, int]:
         """Rows running and waiting now, and the counts since start."""
         with self._lock:
-            return {"running": len(self._active), "waiting": len(self._waiting), "steps": self.steps,
+            return {"running": len(self._loop.running), "waiting": len(self._waiting), "steps": self.steps,
                     "admitted": self.admitted, "joined": self.joined, "peak_rows": self.peak_rows}
 
     def drain(self) -> None:
@@ -203,7 +189,7 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not (self._closing or self._waiting or self._active or self._calls):
+                while not (self._closing or self._waiting or self._loop.running or self._calls):
                     self._lock.wait()
                 if self._closing:
                     break
@@ -215,14 +201,11 @@ class Engine:
                     self._run_call(fn, future)
                 self._release_finished()
                 if newcomers:
-                    try:
-                        self._admit(newcomers)
-                    finally:
-                        with self._lock:
-                            self._admitting = 0
+                    self._admit(newcomers)
                     self._release_finished()
-                if self._active:
-                    self._step()
+                if self._loop.running:
+                    self.steps += 1
+                    self._send(self._loop.step())
                     self._release_finished()
             except Exception as exc:  # noqa: BLE001 - a bug must not take the server down with it
                 self._fail_all(f"internal error: {type(exc).__name__}: {exc}")
@@ -230,7 +213,7 @@ class Engine:
 
     def _take_newcomers(self) -> list[tuple[Ticket, int]]:
         """Waiting rows for the free places, first come first served (called under the lock)."""
-        room = self.max_batch - len(self._active)
+        room = self.max_batch - len(self._loop.running)
         taken = []
         while self._waiting and len(taken) < room:
             ticket, index = self._waiting.popleft()
@@ -239,7 +222,7 @@ class Engine:
             taken.append((ticket, index))
         while self._waiting and self._waiting[0][0].cancelled:
             self._waiting.popleft()
-        self._admitting = len(taken)
+        self._places += len(taken)  # they hold their places while they are prefilled
         return taken
 
     @staticmethod
@@ -250,58 +233,52 @@ class Engine:
             future.set_exception(exc)
 
     def _admit(self, newcomers: list[tuple[Ticket, int]]) -> None:
-        rows = []
+        joining = []
         for ticket, index in newcomers:
             request = ticket.rows[index]
-            continuation = Continuation(request.options, self.eos_id, self.token_bytes)
-            generator = None if request.options.greedy else make_generator(request.options.seed)
-            rows.append(_Row(ticket, index, continuation, generator))
-        starting = [r for r in rows if not r.continuation.done]  # max_tokens 0 runs nothing
-        for row in rows:
-            if row.continuation.done:
-                self._finish(row, None, "", None)
-        if not starting:
-            return
-        logits = self._decoder.admit([r.request.prompt_ids for r in starting],
-                                     [r.request.options.max_new_tokens for r in starting])  # (k, V)
-        self.admitted += len(starting)
-        self.joined += len(starting) if self._active else 0
-        with self._lock:  # from "admitting" to active in one move, as submit counts places
-            self._active += starting
-            self._admitting = 0
-        self.peak_rows = max(self.peak_rows, len(self._active))
-        for k, row in enumerate(starting):
-            self._accept(row, logits[k : k + 1])
+            seq = SequenceState(request.prompt_ids, request.options, eos_id=self.eos_id, token_bytes=self.token_bytes)
+            self._owners[id(seq)] = (ticket, index)
+            if seq.done:  # max_tokens 0 runs nothing
+                self._finish(seq, None, "", None)
+            else:
+                joining.append(seq)
+        with self._lock:
+            self._places -= len(newcomers) - len(joining)  # ended at once: they take no place
+        running = len(self._loop.running)
+        events = self._loop.admit(joining)
+        self.admitted += len(joining)
+        self.joined += len(joining) if running else 0
+        self.peak_rows = max(self.peak_rows, len(self._loop.running))
+        self._send(events)
 
-    def _step(self) -> None:
-        logits = self._decoder.step([row.last_id for row in self._active])  # (B, V)
-        self.steps += 1
-        for k, row in enumerate(self._active):
-            self._accept(row, logits[k : k + 1])
-
-    def _accept(self, row: _Row, logits: "torch.Tensor") -> None:
-        """Pick the row's next id from its logits (1, V) and send it on."""
+    def _send(self, events: list[tuple[SequenceState, int, "torch.Tensor", str]]) -> None:
+        """Each row's new id on to its ticket, with its log-probabilities when the request asked."""
         from gptcli.logprobs import step_logprobs
 
-        request = row.request
-        token_id = int(select_next(logits, request.options, row.generator)[0])
-        logprob = None if request.logprobs is None else step_logprobs(logits, [token_id], request.logprobs)[0]
-        row.last_id = token_id
-        text = row.continuation.accept(token_id)
-        self._finish(row, token_id, text, logprob)
+        for seq, token_id, logits, text in events:
+            k = self._owners[id(seq)][0].rows[self._owners[id(seq)][1]].logprobs
+            self._finish(seq, token_id, text, None if k is None else step_logprobs(logits, [token_id], k)[0])
 
-    def _finish(self, row: _Row, token_id: int | None, text: str, logprob: "TokenLogprob | None") -> None:
+    def _finish(self, seq: SequenceState, token_id: int | None, text: str, logprob: "TokenLogprob | None") -> None:
         """Send a row's event; its last one carries the finish reason."""
+        ticket, index = self._owners[id(seq)]
         try:
-            row.ticket.sink(RowEvent(row.index, token_id, text, logprob, row.continuation.finish_reason))
+            ticket.sink(RowEvent(index, token_id, text, logprob, seq.finish_reason))
         except Exception:  # noqa: BLE001 - a sink that fails has nobody listening: free its rows
-            row.ticket.cancel()
+            ticket.cancel()
+        if seq.done:
+            del self._owners[id(seq)]
 
     def _release_finished(self) -> None:
-        keep = [k for k, row in enumerate(self._active) if not row.continuation.done and not row.ticket.cancelled]
-        if len(keep) < len(self._active):
-            self._decoder.release(keep)
-            self._active = [self._active[k] for k in keep]
+        """Finished rows and those of cancelled tickets leave the batch."""
+        before = self._loop.running
+        self._loop.release(lambda seq: self._owners[id(seq)][0].cancelled)
+        still = {id(seq) for seq in self._loop.running}
+        for seq in before:
+            if id(seq) not in still:
+                self._owners.pop(id(seq), None)
+        with self._lock:
+            self._places -= len(before) - len(self._loop.running)
 
     def _emit_error(self, ticket: Ticket, index: int, message: str) -> None:
         try:
@@ -311,15 +288,21 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         """End every running and waiting row with an error, and start again from an empty batch."""
-        from gptcli.batch import ContinuousBatchDecoder
-
         with self._lock:
             waiting = list(self._waiting)
             self._waiting.clear()
-        for row in self._active:
-            if not row.continuation.done:
-                self._emit_error(row.ticket, row.index, message)
+        for seq in self._loop.running:
+            if not seq.done and id(seq) in self._owners:
+                ticket, index = self._owners[id(seq)]
+                self._emit_error(ticket, index, message)
         for ticket, index in waiting:
             self._emit_error(ticket, index, message)
-        self._active = []
-        self._decoder = ContinuousBatchDecoder(self.runtime.model, self.runtime.device, self.runtime.dtype)
+        self._owners.clear()
+        self._loop = self._new_loop()
+        with self._lock:
+            self._places = 0
+
+    def _new_loop(self) -> "BatchLoop":
+        from gptcli.batch import BatchDecoder, BatchLoop
+
+        return BatchLoop(BatchDecoder(self.runtime.model, self.runtime.device, self.runtime.dtype))

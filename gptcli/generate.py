@@ -670,6 +670,10 @@ class SequenceState:
         return self.continuation.text
 
     @property
+    def finish_reason(self) -> str | None:
+        return self.continuation.finish_reason
+
+    @property
     def done(self) -> bool:
         return self.continuation.done
 

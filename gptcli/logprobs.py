@@ -106,21 +106,18 @@ def _top_dict(entry: TokenLogprob, token_bytes: Callable[[int], bytes]) -> dict[
 
 
 class Recorder:
-    """Collects every step's TokenLogprob, row by row: the ``observe`` hook of ``Generation`` and
-    ``gptcli.batch.generate_batch``, called with a step's logits (B, V), the ids chosen for each row
-    and, for a batch, the rows still going (the others' picks are not part of any text)."""
+    """Collects every step's TokenLogprob, row by row: the ``observe`` hook of ``Generation`` (a step's
+    logits (1, V) and the id chosen), and ``row(b)`` the hook of a batch's row b (``generate_batch``)."""
 
     def __init__(self, k: int = 0, rows: int = 1):
         self.k = k
         self.entries: list[list[TokenLogprob]] = [[] for _ in range(rows)]
 
-    def __call__(self, logits: "torch.Tensor", chosen: Sequence[int], rows: Sequence[int] | None = None) -> None:
-        rows = list(range(len(chosen))) if rows is None else list(rows)
-        if not rows:
-            return
-        picked = logits if len(rows) == logits.shape[0] else logits[list(rows)]
-        for row, entry in zip(rows, step_logprobs(picked, [chosen[r] for r in rows], self.k)):
-            self.entries[row].append(entry)
+    def __call__(self, logits: "torch.Tensor", chosen: Sequence[int], row: int = 0) -> None:
+        self.entries[row] += step_logprobs(logits, chosen, self.k)
+
+    def row(self, b: int) -> Callable[["torch.Tensor", Sequence[int]], None]:
+        return lambda logits, chosen: self(logits, chosen, b)
 
     @property
     def last(self) -> TokenLogprob | None:

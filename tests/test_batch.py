@@ -108,12 +108,12 @@ def test_masked_batch_attention_still_matches_lone_rows(monkeypatch):
 
 
 def _run_continuously(model, jobs, max_rows):
-    """Decode ``jobs`` (prompt, options, arrival step) with rows joining and leaving a ContinuousBatchDecoder
+    """Decode ``jobs`` (prompt, options, arrival step) with rows joining and leaving a BatchDecoder
     between steps, at most ``max_rows`` at once; each job's ids, and the most rows seen together."""
-    from gptcli.batch import ContinuousBatchDecoder
+    from gptcli.batch import BatchDecoder
     from gptcli.generate import Continuation, make_generator, select_next
 
-    decoder = ContinuousBatchDecoder(model, CPU, torch.float32)
+    decoder = BatchDecoder(model, CPU, torch.float32)
     waiting, active, results, step, peak, joined = list(range(len(jobs))), [], {}, 0, 0, 0
 
     def pick(row, logits):

@@ -121,14 +121,14 @@ def test_rows_being_admitted_hold_their_places():
     """--max-batch 1 --max-queue 0: while the first row is prefilled (in neither the queue nor the batch),
     a second request is refused, as the help promises, rather than waiting."""
     engine = Engine(runtime(), max_batch=1, max_queue=0)
-    decoder_admit, entered, release = engine._decoder.admit, threading.Event(), threading.Event()
+    decoder_admit, entered, release = engine._loop.decoder.admit, threading.Event(), threading.Event()
 
     def slow_admit(*args, **kwargs):
         entered.set()
         assert release.wait(30)
         return decoder_admit(*args, **kwargs)
 
-    engine._decoder.admit = slow_admit
+    engine._loop.decoder.admit = slow_admit
     engine.start()
     try:
         first = Collector(1)

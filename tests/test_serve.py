@@ -330,7 +330,7 @@ def test_eight_requests_at_once_get_what_each_gets_alone_and_what_generate_print
     2..8 rows and a lone row is multiplied as two (gptcli.onednn.linear); attention runs row by row over
     each row's own keys (model._attend_rows); a row is cached until it, not the longest row, outgrows
     the window, and newcomers are prefilled in a call of their own and spliced into the cache
-    (gptcli.batch.ContinuousBatchDecoder); every row samples from its own generator seeded like
+    (gptcli.batch.BatchDecoder); every row samples from its own generator seeded like
     `gptcli generate --seed`. The log-probabilities are compared exactly too: they are the logits'
     log-softmax, so a change in a logit's last bit shows there even when no id changes (running
     attention as one masked call for the batch, for one, fails this test here).

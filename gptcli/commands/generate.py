@@ -579,40 +579,35 @@ def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOption
 def _each_line_batches(prompts: list[str], encoded: list[list[int]], options: SamplingOptions, speed: SpeedOptions,
                        loaded: "Runtime", json_output: bool, echo: bool, total: "Timings",
                        written: list[int], samples: int = 1, logprobs_k: int | None = None) -> None:
-    """Generate and write every batch, adding to ``total``; ``written[0]`` counts the prompts written.
-
-    With ``samples`` > 1 every prompt is ``samples`` rows, seeded ``options.seed``, +1, ..., written in that order."""
-    from gptcli.batch import BatchDecoder, generate_batch
-    from gptcli.generate import crop_prompt
+    """Generate every line, at most ``--batch-size`` rows at a time (a row that ends leaves, the next line
+    joins), and write each in input order as soon as it can, adding to ``total``; ``written[0]`` counts
+    the prompts written. With ``samples`` > 1 every prompt is ``samples`` rows, seeded ``options.seed``,
+    +1, ..., written in that order."""
+    from gptcli.batch import BatchDecoder, decode_rows_in_order
+    from gptcli.generate import SequenceState, crop_prompt
     from gptcli.logprobs import Recorder, openai_logprobs
 
     cfg, tokenizer = loaded.cfg, loaded.tokenizer
-    decoder = BatchDecoder(loaded.model, loaded.device, loaded.dtype)
     rows = [(index, sample) for index in range(len(prompts)) for sample in range(samples)]
-    for first in range(0, len(rows), speed.batch_size):
-        chunk = rows[first : first + speed.batch_size]
-        batch = [encoded[index] for index, _ in chunk]
-        recorder = None if logprobs_k is None else Recorder(logprobs_k, rows=len(batch))
-        results, t = generate_batch(decoder, batch, options, eos_id=tokenizer.eot_id, token_bytes=tokenizer.token_bytes,
-                                    seeds=[options.seed + sample for _, sample in chunk], observe=recorder)
-        total.prefill_s += t.prefill_s
-        total.decode_s += t.decode_s
-        total.prefill_tokens += t.prefill_tokens
-        total.decode_tokens += t.decode_tokens
-        for n, ((index, sample), result) in enumerate(zip(chunk, results)):
-            dropped = crop_prompt(result.prompt_token_ids, cfg.context_length)[1]
-            if dropped and sample == 0:
-                note(f"line {index + 1}: the prompt has {len(result.prompt_token_ids)} tokens, more than the "
-                     f"context of {cfg.context_length}; dropped the first {dropped}")
-            if json_output:
-                label = {} if samples == 1 else {"sample": sample + 1, "num_samples": samples}
-                line = json.dumps({"line": index + 1, **label, **result_record(
-                    prompts[index], result.prompt_token_ids, dropped, result.token_ids, result.text,
-                    result.finish_reason, loaded, replace(options, seed=options.seed + sample)),
-                    **({} if recorder is None else {"logprobs": openai_logprobs(
-                        recorder.entries[n], tokenizer.token_bytes, len(prompts[index]))})}, ensure_ascii=False)
-            else:
-                line = escape_line((prompts[index] if echo else "") + result.text)
-            sys.stdout.write(line + "\n")
+    recorders = [None if logprobs_k is None else Recorder(logprobs_k) for _ in rows]
+    sequences = [SequenceState(encoded[index], replace(options, seed=options.seed + sample), eos_id=tokenizer.eot_id,
+                               token_bytes=tokenizer.token_bytes, context_length=cfg.context_length, observe=recorder)
+                 for (index, sample), recorder in zip(rows, recorders)]
+    decoder = BatchDecoder(loaded.model, loaded.device, loaded.dtype)
+    for n in decode_rows_in_order(decoder, sequences, speed.batch_size, total):
+        (index, sample), seq, recorder = rows[n], sequences[n], recorders[n]
+        dropped = crop_prompt(seq.prompt_token_ids, cfg.context_length)[1]
+        if dropped and sample == 0:
+            note(f"line {index + 1}: the prompt has {len(seq.prompt_token_ids)} tokens, more than the "
+                 f"context of {cfg.context_length}; dropped the first {dropped}")
+        if json_output:
+            label = {} if samples == 1 else {"sample": sample + 1, "num_samples": samples}
+            line = json.dumps({"line": index + 1, **label, **result_record(
+                prompts[index], seq.prompt_token_ids, dropped, seq.token_ids, seq.text, seq.finish_reason, loaded,
+                seq.options), **({} if recorder is None else {"logprobs": openai_logprobs(
+                    recorder.entries[0], tokenizer.token_bytes, len(prompts[index]))})}, ensure_ascii=False)
+        else:
+            line = escape_line((prompts[index] if echo else "") + seq.text)
+        sys.stdout.write(line + "\n")
         sys.stdout.flush()
-        written[0] = chunk[-1][0] + 1 if chunk[-1][1] == samples - 1 else chunk[-1][0]
+        written[0] = index + 1 if sample == samples - 1 else index
