@@ -9,7 +9,6 @@ What a request gets, field by field, follows OpenAI's reference; where gptcli di
 
 from __future__ import annotations
 
-import codecs
 import math
 import secrets
 import time
@@ -348,11 +347,12 @@ class Choice:
     offsets: list[int] = field(default_factory=list)  # each generated token's text_offset
     finish_reason: str | None = None
     error: str | None = None
-    _chars: int = 0  # characters of the prompt and the tokens decoded so far
-    _utf8: Any = None
+    _offsets: Any = None  # gptcli.logprobs.TextOffsets: characters of the prompt and the tokens so far
 
     def __post_init__(self) -> None:
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        from gptcli.logprobs import TextOffsets
+
+        self._offsets = TextOffsets()
 
     def start(self, prompt_text: str, echo: bool, prompt_entries: Sequence["TokenLogprob"] | None) -> None:
         """Before the first token. ``text_offset`` counts characters from the start of the prompt, as
@@ -365,14 +365,11 @@ class Choice:
             for entry in prompt_entries:
                 self._advance(entry)
         else:
-            self._chars = len(prompt_text)
+            self._offsets.chars = len(prompt_text)
 
-    def _advance(self, entry: "TokenLogprob") -> int:
-        offset = self._chars
+    def _advance(self, entry: "TokenLogprob") -> None:
         self.entries.append(entry)
-        self.offsets.append(offset)
-        self._chars += len(self._utf8.decode(self.token_bytes(entry.token_id)))
-        return offset
+        self.offsets.append(self._offsets.advance(self.token_bytes(entry.token_id)))
 
     def add(self, event: "RowEvent") -> None:
         if event.finish_reason == "error":

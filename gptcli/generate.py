@@ -328,6 +328,10 @@ class Prepared:
     counts: dict[str, int] = field(default_factory=dict)  # layers per kernel
 
 
+# What prepare_model's quantize takes (gptcli.quantize.int4_group_size), spelled out: the CLI checks it without torch.
+QUANTIZE_SCHEMES = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "int4-g256")
+
+
 def load_dtype(quantize: str | None, device: "torch.device", dtype: "torch.dtype") -> "torch.dtype":
     """The dtype to load weights in before ``prepare_model``: float32 when quantizing on the CPU, so
     each layer is quantized straight from the mapped file, with no half-precision copy of the whole

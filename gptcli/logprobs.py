@@ -69,6 +69,23 @@ def token_text(token_bytes: bytes) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in token_bytes)
 
 
+class TextOffsets:
+    """Where each token starts in the decoded text, in characters from ``start``: a token that ends
+    inside a UTF-8 character moves the offset only once the character is complete."""
+
+    def __init__(self, start: int = 0):
+        import codecs
+
+        self.chars = start
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def advance(self, token_bytes: bytes) -> int:
+        """This token's offset; the count moves past its complete characters."""
+        offset = self.chars
+        self.chars += len(self._utf8.decode(token_bytes))
+        return offset
+
+
 def openai_logprobs(entries: Sequence[TokenLogprob], token_bytes: Callable[[int], bytes],
                     start_offset: int = 0) -> dict:
     """OpenAI's ``logprobs`` object for these tokens; offsets count characters from ``start_offset``.
@@ -76,18 +93,14 @@ def openai_logprobs(entries: Sequence[TokenLogprob], token_bytes: Callable[[int]
     A token that ends inside a UTF-8 character moves the offset only when the character is complete,
     so ``text_offset`` always points into the decoded text.
     """
-    import codecs
-
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    offset = start_offset
+    counter = TextOffsets(start_offset)
     for entry in entries:
         raw = token_bytes(entry.token_id)
         tokens.append(token_text(raw))
         token_logprobs.append(entry.logprob)
         top_logprobs.append(None if entry.logprob is None else _top_dict(entry, token_bytes))
-        offsets.append(offset)
-        offset += len(utf8.decode(raw))
+        offsets.append(counter.advance(raw))
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
             "text_offset": offsets}
 

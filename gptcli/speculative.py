@@ -38,13 +38,13 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 from gptcli.errors import UserError
 from gptcli.generate import (
+    QUANTIZE_SCHEMES,
     CompiledDecoder,
     Decoder,
     Generation,
     SamplingOptions,
     crop_prompt,
-    penalize_repetition,
-    sampling_candidates,
+    sampling_probs,
     select_next,
 )
 from gptcli.tokenizer import EOT_ID
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
     from gptcli.runtime import InferenceOptions, Runtime
 
-SELF_DRAFTS = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "int4-g256")  # --draft that quantizes the model
+SELF_DRAFTS = QUANTIZE_SCHEMES  # --draft that quantizes the model
 MIN_DRAFT_TOKENS, MAX_DRAFT_TOKENS = 1, 16
 DEFAULT_DRAFT_TOKENS = 6  # bench/speculative.py: the trained pair gained most at K 6 (with DRAFT_CONFIDENCE)
 DRAFT_CONFIDENCE = 0.3  # a model draft stops guessing after a guess it gives less probability (0: never)
@@ -132,7 +132,7 @@ class ModelDrafter:
             rows_seen = [[*history, *self._guesses]] if options.penalizes else None  # the model's penalty
             token = int(select_next(logits, options, generator, rows_seen)[0])
             if not options.greedy:
-                probs.append(full_probs(logits, options, rows_seen)[0])
+                probs.append(sampling_probs(logits, options, rows_seen)[0])
             self._guesses.append(token)
             if i == k - 1 or (self.confidence > 0 and self._doubtful(logits, token, probs)):
                 break
@@ -242,18 +242,6 @@ class LookupDrafter:
 # Checking guesses
 
 
-def full_probs(logits: "torch.Tensor", options: SamplingOptions,
-               history: Sequence[Sequence[int]] | None = None) -> "torch.Tensor":
-    """Probabilities (B, V) over the whole vocabulary of the distribution ``select_next`` samples from
-    (after the repetition penalty, when ``history`` gives each row's ids)."""
-    import torch
-
-    if options.penalizes and history is not None:
-        logits = penalize_repetition(logits, history, options.repetition_penalty)
-    probs, index = sampling_candidates(logits, options)
-    return torch.zeros(probs.shape[0], logits.shape[-1], dtype=probs.dtype).scatter_(1, index, probs)
-
-
 def row_histories(seen: Sequence[int], guesses: Sequence[int], options: SamplingOptions) -> list[list[int]] | None:
     """Each check row's ids so far (row i: ``seen`` and the first i guesses), for the repetition
     penalty; None when there is none."""
@@ -287,7 +275,7 @@ def check_by_rejection(rows: "torch.Tensor", proposal: Proposal, options: Sampli
     import torch
 
     assert proposal.probs is not None
-    p_all = full_probs(rows, options, row_histories(seen, proposal.tokens, options)).double()  # (K+1, V)
+    p_all = sampling_probs(rows, options, row_histories(seen, proposal.tokens, options)).double()  # (K+1, V)
     q_all = proposal.probs.double()  # (K, V)
     for i, guess in enumerate(proposal.tokens):
         p, q = p_all[i], q_all[i]

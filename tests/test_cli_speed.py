@@ -83,7 +83,7 @@ def test_quantize_int4_runs_in_bfloat16_eager_and_compiled(tiny):
 
 
 def test_quantize_schemes_are_what_prepare_model_takes():
-    from gptcli.commands.generate import QUANTIZE_SCHEMES
+    from gptcli.generate import QUANTIZE_SCHEMES
     from gptcli.quantize import INT4_DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES, int4_group_size
 
     assert QUANTIZE_SCHEMES == ("int8", "int4", *(f"int4-g{g}" for g in INT4_GROUP_SIZES))

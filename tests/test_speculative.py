@@ -17,14 +17,13 @@ from typer.testing import CliRunner
 
 from gptcli.cli import app
 from gptcli.config import GPTConfig, load_config_file
-from gptcli.generate import Decoder, Generation, SamplingOptions, prepare_model
+from gptcli.generate import Decoder, Generation, SamplingOptions, prepare_model, sampling_probs
 from gptcli.kv_cache import KVCache
 from gptcli.model import GPTModel
 from gptcli.speculative import (
     LookupDrafter,
     ModelDrafter,
     SpeculativeGeneration,
-    full_probs,
 )
 from helpers import lively_model
 
@@ -289,7 +288,7 @@ def exact_distribution(model, prompt: list[int], n: int, options: SamplingOption
         for seq, p in out.items():
             with torch.inference_mode():
                 history = [prompt + list(seq)]  # for the repetition penalty
-                probs = full_probs(model(torch.tensor(history))[0, -1:], options, history)[0]
+                probs = sampling_probs(model(torch.tensor(history))[0, -1:], options, history)[0]
             for token, q in enumerate(probs.tolist()):
                 if q > 0:
                     nxt[seq + (token,)] = p * q

@@ -331,3 +331,18 @@ def print_table(
         out.append(line(row))
     sys.stdout.write("\n".join(out) + "\n\n")
     sys.stdout.flush()
+
+
+def check_quantize(quantize: str | None, dtype_name: str) -> str | None:
+    """--quantize as a scheme of QUANTIZE_SCHEMES (None: off); UserError for an unknown one or float32
+    activations (generate and serve share it)."""
+    from gptcli.generate import QUANTIZE_SCHEMES
+
+    scheme = None if quantize is None else quantize.strip().lower()
+    if scheme is not None and scheme not in QUANTIZE_SCHEMES:
+        raise UserError(f"unknown --quantize {quantize!r}; the schemes are int8 and int4 "
+                        "(int4-g64, -g128, -g256: larger groups)")
+    if scheme is not None and dtype_name == "float32":
+        raise UserError(f"--quantize {scheme} needs --dtype bfloat16 or float16 activations "
+                        f"({scheme} kernels take those)")
+    return scheme

@@ -18,6 +18,7 @@ from gptcli.commands.common import (
     NoTuneOption,
     ThreadsOption,
     WeightsOption,
+    check_quantize,
     check_tokenizer_early,
     err,
     escape_line,
@@ -339,23 +340,6 @@ def generate(
         # The reader went away (`| head -c 5`): that is how pipelines end, not an error.
         silence_stdout()
         raise typer.Exit(0) from None
-
-
-# What prepare_model accepts (gptcli.quantize.int4_group_size), spelled out here: the check must not import torch.
-QUANTIZE_SCHEMES = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "int4-g256")
-
-
-def check_quantize(quantize: str | None, dtype_name: str) -> str | None:
-    """--quantize as a scheme of QUANTIZE_SCHEMES (None: off); UserError for an unknown one or float32
-    activations (generate and serve share it)."""
-    scheme = None if quantize is None else quantize.strip().lower()
-    if scheme is not None and scheme not in QUANTIZE_SCHEMES:
-        raise UserError(f"unknown --quantize {quantize!r}; the schemes are int8 and int4 "
-                        "(int4-g64, -g128, -g256: larger groups)")
-    if scheme is not None and dtype_name == "float32":
-        raise UserError(f"--quantize {scheme} needs --dtype bfloat16 or float16 activations "
-                        f"({scheme} kernels take those)")
-    return scheme
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,13 @@ from gptcli.commands.common import (
     SizeOption,
     ThreadsOption,
     WeightsOption,
+    check_quantize,
     check_tokenizer_early,
     err,
     load_for_command,
     note,
     user_errors,
 )
-from gptcli.commands.generate import check_quantize
 from gptcli.devices import check_device_name, check_dtype_name
 from gptcli.errors import UserError
 
