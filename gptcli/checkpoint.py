@@ -102,7 +102,7 @@ def checkpoint_file(path: str | Path) -> Path:
 def refuse_run_internals(path: Path) -> None:
     """A UserError that says what a training run's own file is, for ``--weights runs/x/data/train.bin``
     or ``runs/x/state.safetensors``: the run folder is what to pass."""
-    from gptcli.training.run_folder import DATA_DIR, RUN_MARKERS, STATE_FILE
+    from gptcli.run_layout import DATA_DIR, RUN_MARKERS, STATE_FILE
 
     run = path.parent.parent if path.parent.name == DATA_DIR else path.parent
     if path.name == "model.safetensors" or not any((run / marker).is_file() for marker in RUN_MARKERS):

@@ -349,7 +349,7 @@ def tokenizer_description(header: ckpt.Header) -> str:
 def run_summary(folder: Path) -> dict[str, Any] | None:
     """For the weights of a training run (``folder`` holds its train.jsonl): the steps its last
     checkpoint holds and the best validation loss so far; None for any other folder."""
-    from gptcli.training.run_folder import LOG_FILE
+    from gptcli.run_layout import LOG_FILE
 
     log = folder / LOG_FILE
     if not log.is_file():

@@ -286,14 +286,16 @@ def _missing_local(spec: str) -> str:
 
 
 def random_model(cfg: GPTConfig, seed: int) -> "GPTModel":
-    """Seeded random init on the CPU, drawing in the book's order (so seed 123 gives the book's numbers)."""
+    """Seeded random init on the CPU, drawing in the book's order (so seed 123 gives the book's numbers),
+    with the row-invariant CPU linear for inference (``gptcli.onednn.use_for_inference``), as loaded ones."""
     import torch
 
     from gptcli.model import GPTModel
+    from gptcli.onednn import use_for_inference
 
     torch.manual_seed(seed)
     with torch.device("cpu"):
-        return GPTModel(cfg)
+        return use_for_inference(GPTModel(cfg))
 
 
 def check_vocab(cfg: GPTConfig, where: str, tokenizer: "Tokenizer | None" = None) -> None:
@@ -628,6 +630,9 @@ def load_model(
                                 name=located.hub_id or None, note=say, mapped=mapped, header=header)
         cfg, source, checkpoint = model.cfg, located.source, located.path
         tokenizer = from_metadata(header.metadata, str(header.path))
+    from gptcli.onednn import use_for_inference
+
+    use_for_inference(model)  # the row-invariant CPU linear; training swaps in its own kernels over it
     return LoadedModel(
         model=model, cfg=cfg, source=source, device=device, dtype=dtype,
         load_seconds=time.perf_counter() - start, notes=notes, checkpoint=checkpoint, tokenizer=tokenizer,

@@ -19,19 +19,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from gptcli.errors import UserError
-from gptcli.training.state import STATE_FILE
+from gptcli.run_layout import (  # noqa: F401 - the run's names, for this package's modules
+    BEST_DIR,
+    DATA_DIR,
+    LOG_FILE,
+    MODEL_FILE,
+    PLOT_FILE,
+    RUN_ENTRIES,
+    RUN_MARKERS,
+    STATE_FILE,
+)
 
 if TYPE_CHECKING:
     import numpy as np
-
-LOG_FILE = "train.jsonl"
-PLOT_FILE = "loss.png"
-BEST_DIR = "best"
-DATA_DIR = "data"
-RUN_MARKERS = (STATE_FILE, LOG_FILE)  # a folder holding one of these is a training run
-MODEL_FILE = "model.safetensors"
-# Every name a run writes (and the temporary files of its atomic writes, ".NAME.tmp-PID").
-RUN_ENTRIES = (STATE_FILE, LOG_FILE, PLOT_FILE, MODEL_FILE, "config.json", BEST_DIR, DATA_DIR)
 
 
 def _run_entry(name: str) -> bool:

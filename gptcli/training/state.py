@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gptcli.errors import UserError
+from gptcli.run_layout import STATE_FILE  # noqa: F401 - the file this module reads and writes
 from gptcli.training.settings import TrainSettings
 
 if TYPE_CHECKING:
@@ -19,8 +20,6 @@ if TYPE_CHECKING:
     from gptcli.data import Batches
     from gptcli.model import GPTModel
     from gptcli.tokenizer import Tokenizer
-
-STATE_FILE = "state.safetensors"
 
 
 @dataclass
