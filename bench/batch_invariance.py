@@ -33,11 +33,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from workers import cpu_model  # shared by the benchmarks; run as scripts, they find it beside them
+if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
+from bench.workers import cpu_model  # noqa: E402 - shared by the benchmarks
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def onednn(x, w, b):

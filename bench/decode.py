@@ -97,8 +97,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workers import Outcome, Worker, WorkerFailed, cpu_model, peak_rss_bytes  # noqa: E402 - shared with the other benchmarks, in this folder
+if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
+from bench.workers import Outcome, Worker, WorkerFailed, cpu_model, peak_rss_bytes  # noqa: E402 - shared by the benchmarks
 
 if TYPE_CHECKING:
     from gptcli.generate import Timings
@@ -801,7 +802,7 @@ def run_benchmark(args: argparse.Namespace) -> tuple[str, bool]:
         ok = not any(o.error for o in outcomes.values())
         tables = cli_tables(args, checkpoint)
         if args.first_token:
-            from first_token import compare
+            from bench.first_token import compare
 
             log("timing load plus first token, whole processes")
             tables.append("\n".join(compare(checkpoint, 3, args.threads, scratch,

@@ -35,9 +35,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_rss import write_checkpoint  # noqa: E402 - a sibling script
-from workers import cpu_model  # noqa: E402
+if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
+from bench.load_rss import write_checkpoint  # noqa: E402 - a sibling script
+from bench.workers import cpu_model  # noqa: E402
 
 PROMPT = "Hello, I am a language model,"
 PROMPT_IDS = [15496, 11, 314, 716, 257, 3303, 2746, 11]

@@ -22,6 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
+
 
 def hf_shapes(size: str) -> dict[str, tuple[tuple[int, ...], bool]]:
     """Tensor name -> (shape, is_weight) for a released GPT-2 size, in the order the release files use."""

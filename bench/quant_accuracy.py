@@ -28,6 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
+
 PROMPTS = [
     "Hello, I am a language model,",
     "The capital of France is",

@@ -45,7 +45,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from workers import cpu_model  # shared by the benchmarks; run as scripts, they find it beside them
+if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
+from bench.workers import cpu_model  # noqa: E402 - shared by the benchmarks
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TEXT = "the-verdict.txt"
@@ -228,7 +230,6 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    sys.path.insert(0, str(REPO))
     args = parse_args(argv)
     report = run(args)
     sys.stdout.write(report)

@@ -41,9 +41,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import EOS_ID, StepClock, model_shape, quiet_transformers, write_checkpoint  # noqa: E402 - in this folder
-from workers import cpu_model  # noqa: E402
+if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
+from bench.decode import EOS_ID, StepClock, model_shape, quiet_transformers, write_checkpoint  # noqa: E402
+from bench.workers import cpu_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [

@@ -64,9 +64,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import fmt, markdown_table  # noqa: E402 - the benchmarks' shared table format, in this folder
-from workers import cpu_model  # noqa: E402
+if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
+from bench.decode import fmt, markdown_table  # noqa: E402 - the benchmarks' shared table format
+from bench.workers import cpu_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DRAFT_ARCH = ["--n-layers", "2", "--emb-dim", "256", "--n-heads", "4"]

@@ -16,8 +16,11 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from workers import cpu_model
+if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
+from bench.workers import cpu_model  # noqa: E402
 
 COMMANDS = {
     "tokenize TEXT": ["tokenize", "--count", "Hello, world! How are you today?"],

@@ -91,8 +91,9 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import IO, Any, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workers import Outcome, Worker, WorkerFailed, cpu_model, peak_rss_bytes  # noqa: E402 - shared with the other benchmarks, in this folder
+if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
+from bench.workers import Outcome, Worker, WorkerFailed, cpu_model, peak_rss_bytes  # noqa: E402 - shared by the benchmarks
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20
@@ -754,7 +755,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        sys.path.insert(0, str(REPO))
         worker_main(args)
         return
     load_before, started = load_average(), datetime.now(timezone.utc)

@@ -1,5 +1,5 @@
-"""Smoke tests of bench/batch_invariance.py, bench/threads.py and bench/kernels.py: they run and print their tables with
-numbers in them. The figures themselves are not checked here (they are in BENCHMARKS.md)."""
+"""Smoke tests of bench/batch_invariance.py, bench/threads.py and bench/kernel_tuner.py: they run and print their
+tables with numbers in them. The figures themselves are not checked here (they are in BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ def test_threads_bench_prints_a_row_per_setting():
     assert re.search(r"\| \d+ \|$", rows["`configure_threads(None)` chose (each round)"])
 
 
-def test_kernels_bench_prints_each_candidate_and_the_tuning_time():
-    proc = run(str(BENCH / "kernels.py"), "--dtypes", "bfloat16", "--threads", "1")
+def test_kernel_tuner_prints_each_candidate_and_the_tuning_time():
+    proc = run(str(BENCH / "kernel_tuner.py"), "--dtypes", "bfloat16", "--threads", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("## Kernel tuning on ")
     assert re.search(r"### bfloat16: first run \d+\.\d\d s \(measured\), cached run \d+\.\d ms \(cache\)", proc.stdout)

@@ -1,8 +1,8 @@
 """What ``gptcli.decode_kernels.tune`` measures on this CPU, and how long it takes.
 
-    python bench/kernels.py                      # 124M, float32 and bfloat16, 2 threads
-    python bench/kernels.py --size 1558M --dtypes float32 --checkpoint DIR   # a checkpoint's own layout
-    python bench/kernels.py --threads 1
+    python bench/kernel_tuner.py                 # 124M, float32 and bfloat16, 2 threads
+    python bench/kernel_tuner.py --size 1558M --dtypes float32 --checkpoint DIR   # a checkpoint's own layout
+    python bench/kernel_tuner.py --threads 1
 
 For each dtype it builds the model (random weights, or ``--checkpoint`` loaded memory-mapped as
 ``gptcli generate`` loads it, so a Hugging Face file's Conv1D weights keep their (in, out) layout),
@@ -24,8 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workers import cpu_model  # noqa: E402 - shared with the other benchmarks, in this folder
+if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
+from bench.workers import cpu_model  # noqa: E402 - shared by the benchmarks
 
 
 def main() -> None:
@@ -46,7 +47,7 @@ def main() -> None:
     print(f"## Kernel tuning on {cpu_model()}\n")
     print(f"- torch {torch.__version__}, {args.threads} threads; {args.size}"
           f"{', ' + args.checkpoint if args.checkpoint else ', random weights'}")
-    print(f"- Command: `python bench/kernels.py {' '.join(sys.argv[1:])}`".rstrip())
+    print(f"- Command: `python bench/kernel_tuner.py {' '.join(sys.argv[1:])}`".rstrip())
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         with tempfile.TemporaryDirectory() as cache:

@@ -1,0 +1,1 @@
+"""The benchmarks: run each as `python bench/NAME.py` or `python -m bench.NAME`; bench/workers.py is their shared code."""

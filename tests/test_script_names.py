@@ -1,0 +1,28 @@
+"""No file in bench/ or tests/ is named like an importable top-level module (issue 25).
+
+``python bench/x.py`` puts bench/ first on sys.path, and pytest puts tests/ there, so a file named like an
+installed package shadows it: bench/kernels.py hid the ``kernels`` package that transformers 5.25 imports."""
+
+from __future__ import annotations
+
+import pkgutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FOLDERS = (REPO / "bench", REPO / "tests")
+
+
+def _importable_top_level_names() -> set[str]:
+    """Built-in and standard-library modules, and those on sys.path outside this checkout's own folders."""
+    own = {REPO, *FOLDERS}
+    paths = [p for p in sys.path if p and Path(p).resolve() not in own]
+    found = {m.name for m in pkgutil.iter_modules(paths)}
+    return set(sys.builtin_module_names) | set(sys.stdlib_module_names) | found
+
+
+def test_no_bench_or_test_file_shadows_an_importable_module():
+    names = _importable_top_level_names()
+    assert {"json", "torch"} <= names, "the search missed the standard library or site-packages"
+    clashes = sorted(f"{p.relative_to(REPO)}" for folder in FOLDERS for p in folder.glob("*.py") if p.stem in names)
+    assert not clashes, f"named like an importable module, which they would hide when run: {clashes}"
