@@ -14,11 +14,11 @@ row the same bits whatever the batch around it. This script prints, for this CPU
    (1 row) equals row 0 inside 2..8 rows, and whether row 0 among 2 rows equals row 0 among 3..8, 64
    and 512 rows (a decode step and a prefill). Then attention: one ``scaled_dot_product_attention``
    call over a left-padded batch under a mask against each row's lone call (what gptcli used to do),
-   and the per-row calls gptcli makes now (``model._attend_rows``).
+   and the per-row calls gptcli makes now (``gptcli.attention.attend_rows``).
 2. **Model.** Logits of every row of a left-padded batch of 8 (``BatchDecoder``) against the same
    prompt decoded alone (``Decoder``), prefill and 6 steps, bit for bit, 124M shapes, random weights.
 3. **Cost.** (a) the matrices of one 124M decode step (4 per block and the head) with one row,
-   as before, against two rows (what ``model.Linear`` now runs for a lone row); (b) one decode step's
+   as before, against two rows (what ``onednn.InferenceLinear`` now runs for a lone row); (b) one decode step's
    attention for 8 rows (12 layers) as one masked call against 8 per-row calls, at a few cache
    lengths; (c) end to end, 124M float32: batch-1 decode tok/s and the aggregate tok/s of 8 prompts
    through ``generate_batch``, and their ratio. Timings are medians of interleaved rounds.
@@ -85,7 +85,7 @@ def attention_check(heads: int, head_dim: int, dtypes: list[str]) -> list[str]:
     import torch
     import torch.nn.functional as F
 
-    from gptcli.model import _attend_rows
+    from gptcli.attention import attend_rows
 
     lines = []
     g = torch.Generator().manual_seed(1)
@@ -100,7 +100,7 @@ def attention_check(heads: int, head_dim: int, dtypes: list[str]) -> list[str]:
         v = torch.randn(B, heads, L, head_dim, generator=g).to(dtype)
         with torch.inference_mode():
             masked = one_masked_call(q, k, v, pad, L - 1, 0.0)
-            rows = _attend_rows(q, k, v, pad, L - 1, 0.0)
+            rows = attend_rows(q, k, v, pad, L - 1, 0.0)
             alone = [F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1, :, p:], v[i:i + 1, :, p:])
                      for i, p in enumerate(pad)]
         same_masked = sum(torch.equal(masked[i:i + 1], a) for i, a in enumerate(alone))
@@ -197,11 +197,11 @@ def attention_cost(cfg, lengths: list[int], rounds: int) -> list[str]:
                     one_masked_call(q, k, v, pad, L - 1, 0.0)
 
         def per_row() -> None:
-            from gptcli.model import _attend_rows
+            from gptcli.attention import attend_rows
 
             with torch.inference_mode():
                 for _ in range(cfg.n_layers):
-                    _attend_rows(q, k, v, pad, L - 1, 0.0)
+                    attend_rows(q, k, v, pad, L - 1, 0.0)
 
         t = interleaved({"masked": masked, "rows": per_row}, rounds)
         lines.append(f"- (b) attention of one decode step, 8 rows, {cfg.n_layers} layers, {L} cached positions: "
@@ -234,8 +234,9 @@ def end_to_end(cfg, new_tokens: int, rounds: int) -> list[str]:
 
     import gptcli.decode_kernels as kernels_module
     import gptcli.onednn as onednn
-    import gptcli.model as model_module
+    from gptcli.attention import row_invariant
     from gptcli.batch import BatchDecoder, generate_batch
+    from gptcli.model import causal_attention
     from gptcli.generate import Decoder, Generation, SamplingOptions
     from gptcli.weights import random_model
 
@@ -249,8 +250,8 @@ def end_to_end(cfg, new_tokens: int, rounds: int) -> list[str]:
     prompt = [15496, 11, 314, 716, 257, 3303, 2746, 11]  # "Hello, I am a language model,"
     prompts = [prompt[i % 4:] for i in range(8)]  # 8, 7, 6, 5 tokens, twice: left-padded
     options = SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True)
-    exact = (onednn.linear, model_module._attend_rows)
-    setups = {"before: one-row products, one masked attention call": (plain, (one_row_as_is, one_masked_call)),
+    exact = (onednn.linear, row_invariant)
+    setups = {"before: one-row products, one masked attention call": (plain, (one_row_as_is, causal_attention)),
               "exact, plain weights": (plain, exact),
               "exact, packed weights (the default kernel)": (packed, exact),
               f"exact, tuned kernels (generate now: {', '.join(sorted(set(plan.summary().values())))})": (tuned, exact)}
@@ -260,18 +261,16 @@ def end_to_end(cfg, new_tokens: int, rounds: int) -> list[str]:
         model, (linear, attend) = setups[name]
 
         def run() -> None:
-            onednn.linear = linear  # model.py and decode_kernels.py call it through the module
-            model_module._attend_rows = attend
+            onednn.linear = linear  # InferenceLinear and decode_kernels call it through the module
             try:
+                decoder = Decoder(model, cpu, torch.float32) if batch == 1 else BatchDecoder(model, cpu, torch.float32)
+                decoder.attention = attend  # the attention the decoder passes to the model
                 if batch == 1:
-                    t = Generation(Decoder(model, cpu, torch.float32), prompt, options,
-                                   token_bytes=lambda i: b"").run().timings
+                    t = Generation(decoder, prompt, options, token_bytes=lambda i: b"").run().timings
                 else:
-                    _, t = generate_batch(BatchDecoder(model, cpu, torch.float32), prompts, options,
-                                          token_bytes=lambda i: b"")
+                    _, t = generate_batch(decoder, prompts, options, token_bytes=lambda i: b"")
             finally:
                 onednn.linear = exact[0]
-                model_module._attend_rows = exact[1]
             rates.setdefault((name, batch), []).append(t.decode_tokens_per_s)
         return run
 
