@@ -30,6 +30,7 @@ from gptcli.errors import UserError
 if TYPE_CHECKING:
     import torch
 
+    from gptcli.logprobs import TokenLogprob
     from gptcli.model import GPTModel
     from gptcli.tokenizer import Tokenizer
 
@@ -303,3 +304,41 @@ def score_texts(
     ids = encode_texts(tokenizer, texts, bos=bos, names=names)
     results = score_ids(model, ids, stride=stride, batch_size=batch_size, progress=progress)
     return [Score(n, value, len(text.encode("utf-8"))) for (n, value), text in zip(results, texts)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Each token's log-probability (gptcli score --tokens)
+
+
+def text_logprobs(model, ids: Sequence[int], *, stride: int | None = None, k: int = 0) -> list["TokenLogprob"]:
+    """Every token of a text with its log-probability under ``model``, in the windows ``gptcli score``
+    uses (``sliding_windows``), so the mean of the negated values is its loss. The
+    tokens no window scores (the first) get None."""
+    import torch
+
+    from gptcli.logprobs import TokenLogprob, step_logprobs
+
+    context = model.cfg.context_length
+    stride = check_stride(default_stride(context) if stride is None else stride, context)
+    entries = [TokenLogprob(int(t), None) for t in ids]
+    device = next(model.parameters()).device
+    tokens = torch.as_tensor(list(ids), dtype=torch.long)
+    rows = max(1, HEAD_CHUNK_ELEMENTS // model.cfg.vocab_size)
+    with torch.inference_mode():
+        for window in sliding_windows(len(ids), context, stride):
+            x = tokens[window.start : window.end - 1].view(1, -1).to(device)  # (1, W)
+            hidden = model(x, head=False)[0, -window.n_targets :]  # (n_targets, emb_dim)
+            for first in range(0, window.n_targets, rows):
+                logits = model.out_head(hidden[first : first + rows])  # (rows, V)
+                at = window.first_target + first
+                targets = [int(t) for t in ids[at : at + logits.shape[0]]]
+                entries[at : at + len(targets)] = step_logprobs(logits, targets, k)
+    return entries
+
+
+def score_tokens(model, tokenizer, texts: Sequence[str], *, stride: int | None = None, bos: bool = False,
+                 names: Sequence[str] | None = None, k: int = 1) -> list[list["TokenLogprob"]]:
+    """Each text's tokens with their log-probabilities (``text_logprobs``), encoded as ``gptcli score``
+    encodes them (``<|endoftext|>`` first with ``bos``)."""
+    return [text_logprobs(model, ids, stride=stride, k=k)
+            for ids in encode_texts(tokenizer, texts, bos=bos, names=names)]

@@ -161,7 +161,7 @@ def score(
                                  batch_size=batch, progress=progress, names=names)
         entries = None
         if per_token:
-            from gptcli.logprobs import score_tokens
+            from gptcli.scoring import score_tokens
 
             entries = score_tokens(loaded.model, loaded.tokenizer, texts, stride=used_stride, bos=bos, names=names)
     except KeyboardInterrupt:
