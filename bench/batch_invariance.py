@@ -8,13 +8,13 @@
 row the same bits whatever the batch around it. This script prints, for this CPU:
 
 1. **Kernels.** For 124M's weight shapes and each Linear route (oneDNN's ``_linear_pointwise`` on
-   plain weights, the untuned inference path, and every eager candidate of ``gptcli.decode_kernels``:
+   plain weights, the untuned inference path, and every eager candidate of ``gptcli.kernels.decode``:
    ``onednn`` packed, ``blas`` = ``F.linear``, ``blas-t`` = ``x @ W`` with W stored (in, out),
    called as ``generate`` calls them), whether row 0 computed alone
    (1 row) equals row 0 inside 2..8 rows, and whether row 0 among 2 rows equals row 0 among 3..8, 64
    and 512 rows (a decode step and a prefill). Then attention: one ``scaled_dot_product_attention``
    call over a left-padded batch under a mask against each row's lone call (what gptcli used to do),
-   and the per-row calls gptcli makes now (``gptcli.attention.attend_rows``).
+   and the per-row calls gptcli makes now (``gptcli.model.attention.attend_rows``).
 2. **Model.** Logits of every row of a left-padded batch of 8 (``BatchDecoder``) against the same
    prompt decoded alone (``Decoder``), prefill and 6 steps, bit for bit, 124M shapes, random weights.
 3. **Cost.** (a) the matrices of one 124M decode step (4 per block and the head) with one row,
@@ -59,12 +59,12 @@ def kernel_table(shapes: list[tuple[int, int]], dtypes: list[str]) -> list[str]:
             w = (torch.randn(out_f, in_f, generator=g) * 0.02).to(dtype)
             b = (torch.randn(out_f, generator=g) * 0.02).to(dtype)
             x = torch.randn(512, in_f, generator=g).to(dtype)
-            from gptcli import decode_kernels as kernels
+            from gptcli.kernels import decode as kernels
 
             routes = [("oneDNN, plain weights", onednn)]
             for kernel_name in kernels.candidates(w):
                 kernel = kernels.KERNELS[kernel_name](w).prepare()
-                routes.append((f"gptcli.decode_kernels {kernel_name}", lambda x_, w_, b_, k=kernel: k(x_, b_)))
+                routes.append((f"gptcli.kernels.decode {kernel_name}", lambda x_, w_, b_, k=kernel: k(x_, b_)))
             for name, fn in routes:
                 with torch.inference_mode():
                     alone = fn(x[:1], w, b)
@@ -85,7 +85,7 @@ def attention_check(heads: int, head_dim: int, dtypes: list[str]) -> list[str]:
     import torch
     import torch.nn.functional as F
 
-    from gptcli.attention import attend_rows
+    from gptcli.model.attention import attend_rows
 
     lines = []
     g = torch.Generator().manual_seed(1)
@@ -113,8 +113,8 @@ def attention_check(heads: int, head_dim: int, dtypes: list[str]) -> list[str]:
 def model_check(cfg, dtype_name: str, steps: int = 6) -> str:
     import torch
 
-    from gptcli.batch import BatchDecoder
-    from gptcli.generate import Decoder
+    from gptcli.decoding.batch import BatchDecoder
+    from gptcli.decoding.generate import Decoder
     from gptcli.weights import random_model
 
     dtype = getattr(torch, dtype_name)
@@ -155,7 +155,7 @@ def linear_cost(cfg, rounds: int) -> list[str]:
     """The matrices of one decode step: plain weights with 1, 2 and 8 rows against packed ones with 2 and 8."""
     import torch
 
-    from gptcli.decode_kernels import BATCH_ROWS
+    from gptcli.kernels.decode import BATCH_ROWS
 
     d, V = cfg.emb_dim, cfg.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -197,7 +197,7 @@ def attention_cost(cfg, lengths: list[int], rounds: int) -> list[str]:
                     one_masked_call(q, k, v, pad, L - 1, 0.0)
 
         def per_row() -> None:
-            from gptcli.attention import attend_rows
+            from gptcli.model.attention import attend_rows
 
             with torch.inference_mode():
                 for _ in range(cfg.n_layers):
@@ -214,7 +214,7 @@ def one_masked_call(q, k, v, pad_rows, past, dropout_p):
     import torch
     import torch.nn.functional as F
 
-    from gptcli.model import _padded_positions_and_mask
+    from gptcli.model.gpt import _padded_positions_and_mask
 
     T = q.shape[2]
     _, mask = _padded_positions_and_mask(torch.arange(past, past + T), torch.tensor(pad_rows), past)
@@ -232,12 +232,12 @@ def end_to_end(cfg, new_tokens: int, rounds: int) -> list[str]:
     """Batch-1 and batch-8 decode tok/s: before (emulated), exact with plain weights, exact and packed (now)."""
     import torch
 
-    import gptcli.decode_kernels as kernels_module
-    import gptcli.onednn as onednn
-    from gptcli.attention import row_invariant
-    from gptcli.batch import BatchDecoder, generate_batch
-    from gptcli.model import causal_attention
-    from gptcli.generate import Decoder, Generation, SamplingOptions
+    import gptcli.kernels.decode as kernels_module
+    import gptcli.kernels.onednn as onednn
+    from gptcli.model.attention import row_invariant
+    from gptcli.decoding.batch import BatchDecoder, generate_batch
+    from gptcli.model.gpt import causal_attention
+    from gptcli.decoding.generate import Decoder, Generation, SamplingOptions
     from gptcli.weights import random_model
 
     cpu = torch.device("cpu")

@@ -64,7 +64,7 @@ Columns
 - **load s**: the worker's model load, after the imports: ``from_pretrained``; for gptcli
   ``load_for_inference`` (memory-mapped, int8/int4 quantizing, the kernel choice and the weights' new
   layouts included, as ``gptcli generate`` loads) + building the decoder.
-- **tune s**: of load s, the time ``gptcli.decode_kernels.tune`` spent measuring kernels. All workers share
+- **tune s**: of load s, the time ``gptcli.kernels.decode.tune`` spent measuring kernels. All workers share
   one fresh ``GPTCLI_CACHE_DIR``: the first worker of a dtype and mode (eager or compiled) measures,
   the others read its choice (0.00). The **kernels** line under the table says what was chosen.
 - **compile s**: ``CompiledDecoder.warm_up()``, torch.compile of the decode step, cold: every worker
@@ -102,7 +102,7 @@ if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root i
 from bench.workers import Outcome, Worker, WorkerFailed, cpu_model, peak_rss_bytes  # noqa: E402 - shared by the benchmarks
 
 if TYPE_CHECKING:
-    from gptcli.generate import Timings
+    from gptcli.decoding.generate import Timings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -182,7 +182,7 @@ class Variant:
     @property
     def bytes_per_weight(self) -> float:
         if self.quantize == "int4":
-            from gptcli.quantize import INT4_DEFAULT_GROUP_SIZE
+            from gptcli.kernels.quantize import INT4_DEFAULT_GROUP_SIZE
 
             return 0.5 + 2 * 2 / INT4_DEFAULT_GROUP_SIZE  # a bfloat16 scale and zero per group
         return 1 if self.quantize == "int8" else {"float32": 4, "bfloat16": 2}[self.dtype]
@@ -309,8 +309,8 @@ class GptcliRunner(VariantRunner):
     def setup(self) -> dict[str, float]:
         import torch
 
-        from gptcli.batch import BatchDecoder
-        from gptcli.generate import make_decoder
+        from gptcli.decoding.batch import BatchDecoder
+        from gptcli.decoding.generate import make_decoder
         from gptcli.runtime import InferenceOptions, load_for_inference
 
         v = self.variant
@@ -333,7 +333,7 @@ class GptcliRunner(VariantRunner):
         return info
 
     def _timings(self, ids: list[int], new_tokens: int) -> "Timings":
-        from gptcli.generate import Generation, SamplingOptions
+        from gptcli.decoding.generate import Generation, SamplingOptions
 
         options = SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True)
         return Generation(self.decoder, ids, options, token_bytes=no_text,
@@ -341,8 +341,8 @@ class GptcliRunner(VariantRunner):
 
     def measure(self) -> dict[str, Any]:
         if self.variant.batch > 1:
-            from gptcli.batch import generate_batch
-            from gptcli.generate import SamplingOptions
+            from gptcli.decoding.batch import generate_batch
+            from gptcli.decoding.generate import SamplingOptions
 
             options = SamplingOptions(max_new_tokens=self.work.new_tokens, ignore_eos=True)
             _, t = generate_batch(self.decoder, batch_prompts(), options, token_bytes=no_text)
@@ -703,7 +703,7 @@ def report(args: argparse.Namespace, shape: ModelShape, outcomes: dict[str, Outc
     chosen = [f"{n}: {', '.join(f'{k} x{c}' for k, c in sorted(outcomes[n].info['kernels'].items()))}"
               for n in args.variant_names if outcomes[n].info.get("kernels")]
     if chosen:
-        lines += ["", "Kernels (Linear layers per kernel, gptcli.decode_kernels): " + "; ".join(chosen) + "."]
+        lines += ["", "Kernels (Linear layers per kernel, gptcli.kernels.decode): " + "; ".join(chosen) + "."]
     lines += ["", targets_table(outcomes, gb_s, shape)]
     failures = [f"- {n}: {o.error}" for n, o in outcomes.items() if o.error]
     if failures:

@@ -41,7 +41,7 @@ def write_checkpoint(folder: Path, emb_dim: int, n_layers: int, context: int) ->
 
     from gptcli.config import GPTConfig
     from gptcli.export import save_pretrained
-    from gptcli.model import GPTModel
+    from gptcli.model.gpt import GPTModel
     from gptcli.tokenizer import CharTokenizer
 
     cfg = GPTConfig(vocab_size=len(CHARS), context_length=context, emb_dim=emb_dim, n_heads=4, n_layers=n_layers,

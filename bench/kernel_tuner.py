@@ -1,4 +1,4 @@
-"""What ``gptcli.decode_kernels.tune`` measures on this CPU, and how long it takes.
+"""What ``gptcli.kernels.decode.tune`` measures on this CPU, and how long it takes.
 
     python bench/kernel_tuner.py                 # 124M, float32 and bfloat16, 2 threads
     python bench/kernel_tuner.py --size 1558M --dtypes float32 --checkpoint DIR   # a checkpoint's own layout
@@ -39,7 +39,7 @@ def main() -> None:
 
     import torch
 
-    from gptcli import decode_kernels as kernels
+    from gptcli.kernels import decode as kernels
     from gptcli.config import shipped_config
     from gptcli.weights import load_model, random_model
 

@@ -49,7 +49,7 @@ def gpt2_style_random(cfg, seed: int):
     """GPTModel with transformers' GPT-2 init: weights N(0, 0.02), biases 0, norms 1/0."""
     import torch
 
-    from gptcli.model import GPTModel
+    from gptcli.model.gpt import GPTModel
 
     torch.manual_seed(seed)
     model = GPTModel(cfg).eval()
@@ -70,8 +70,8 @@ def variants(base, dtypes: list[str]):
 
     import torch
 
-    from gptcli.generate import prepare_model
-    from gptcli.quantize import Int8Linear
+    from gptcli.kernels.prepare import prepare_model
+    from gptcli.kernels.quantize import Int8Linear
 
     out = [("float32", base)]
     for name in dtypes:
@@ -91,7 +91,7 @@ def variants(base, dtypes: list[str]):
 def greedy_ids(model, prompt: list[int], n: int) -> list[int]:
     import torch
 
-    from gptcli.generate import Decoder, Generation, SamplingOptions
+    from gptcli.decoding.generate import Decoder, Generation, SamplingOptions
 
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     decoder = Decoder(model, torch.device("cpu"), dtype)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from gptcli.config import shipped_config
-    from gptcli.session import shared_prefix
+    from gptcli.decoding.session import shared_prefix
     from gptcli.tokenizer import encode
 
     start = time.perf_counter()

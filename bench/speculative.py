@@ -187,7 +187,7 @@ class Variant:
 
 
 def plain_variant(name: str, runtime, compile: bool = False) -> Variant:
-    from gptcli.generate import Generation, make_decoder
+    from gptcli.decoding.generate import Generation, make_decoder
 
     decoder = make_decoder(runtime.model, runtime.device, runtime.dtype, compile=compile)
 
@@ -201,7 +201,7 @@ def plain_variant(name: str, runtime, compile: bool = False) -> Variant:
 def speculative_variant(name: str, target, draft, k: int, label: str, confidence: float | None = None,
                         compile: bool = False) -> Variant:
     """``generate --draft`` (``--lookup`` when ``draft`` is None; ``compile``: ``--compile --draft``)."""
-    from gptcli.speculative import SpeculativeOptions, Speculator
+    from gptcli.decoding.speculative import SpeculativeOptions, Speculator
 
     spec = SpeculativeOptions(draft=None if draft is None else label, lookup=draft is None, draft_tokens=k)
     speculator = Speculator(spec, target, draft, compile=compile, confidence=confidence)
@@ -213,7 +213,7 @@ def speculative_variant(name: str, target, draft, k: int, label: str, confidence
 
 
 def options(tokens: int):
-    from gptcli.generate import SamplingOptions
+    from gptcli.decoding.generate import SamplingOptions
 
     return SamplingOptions(max_new_tokens=tokens, ignore_eos=True)  # greedy
 
@@ -283,7 +283,7 @@ def median_time(fn: Callable[[], None], repeats: int) -> float:
 
 def forward_costs(runtime, rows_: int, repeats: int, prompt: int = 64) -> tuple[float, float]:
     """Seconds of one cached forward of 1 row and of ``rows_`` rows after a ``prompt``-token prefill."""
-    from gptcli.generate import Decoder
+    from gptcli.decoding.generate import Decoder
 
     decoder = Decoder(runtime.model, runtime.device, runtime.dtype)
     decoder.prefill(list(range(1, prompt + 1)), max_new_tokens=rows_ + 8)
@@ -301,7 +301,7 @@ def forward_costs(runtime, rows_: int, repeats: int, prompt: int = 64) -> tuple[
 
 def compiled_step_cost(runtime, repeats: int, prompt: int = 64) -> float:
     """Seconds of one compiled one-token step (``--compile``) after a ``prompt``-token prefill."""
-    from gptcli.generate import CompiledDecoder
+    from gptcli.decoding.generate import CompiledDecoder
 
     decoder = CompiledDecoder(runtime.model, runtime.device, runtime.dtype)
     decoder.warm_up(prompt + repeats + 8)
@@ -376,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--k", default=None, help="K values for the pair and int8 (default 2,4,6; --quick 2)")
     parser.add_argument("--repeats", type=int, default=None, help="timings per xl cost (default 7; --quick 2)")
     parser.add_argument("--confidence", default="0", help="extra pair rows whose draft stops guessing below "
-                        "this probability, not gptcli.speculative.DRAFT_CONFIDENCE (comma-separated; '' for none; 0: "
+                        "this probability, not gptcli.decoding.speculative.DRAFT_CONFIDENCE (comma-separated; '' for none; 0: "
                         "never stops)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled plain baseline")
     parser.add_argument("--skip-xl", action="store_true", help="skip the xl shapes")

@@ -46,7 +46,8 @@ def worker(threads: int | None, size: str, new_tokens: int) -> None:
 
     from gptcli.config import GPTConfig, shipped_config
     from gptcli.devices import configure_threads
-    from gptcli.generate import Decoder, Generation, SamplingOptions, prepare_model
+    from gptcli.decoding.generate import Decoder, Generation, SamplingOptions
+    from gptcli.kernels.prepare import prepare_model
     from gptcli.weights import random_model
 
     used = configure_threads(threads)

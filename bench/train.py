@@ -22,7 +22,7 @@ and dtype:
   would drop one position per row), ``torch.optim.AdamW`` with torch's defaults for the CPU.
   bfloat16 is ``torch.autocast("cpu", torch.bfloat16)`` around forward and loss.
 - **gptcli**: what ``gptcli train`` runs: ``gptcli.training.new_model`` (the recipe's init) in a
-  ``training.Trainer`` (its training kernels, ``gptcli.train_kernels``: float32 matmuls through oneDNN,
+  ``training.Trainer`` (its training kernels, ``gptcli.kernels.train``: float32 matmuls through oneDNN,
   the chunked head and cross-entropy, fused AdamW; its optimizer and compile wrapper), timing
   ``Trainer.optimizer_step`` on random batches of the same random ids.
   ``-bf16`` is ``--dtype bfloat16``; ``-compile`` is ``--compile`` (``torch.compile`` of the model).
@@ -69,7 +69,7 @@ Columns
 
 A last table times tokenizing a corpus: Tiny Shakespeare repeated 50 times (``--text``, else
 ``$GPTCLI_DATA_DIR/tinyshakespeare.txt`` or ``../shared/data/tinyshakespeare.txt``) through
-``gptcli.data.encode`` with GPT-2's BPE (tiktoken's batch encoding on 2 threads) and with characters.
+``gptcli.training.data.encode`` with GPT-2's BPE (tiktoken's batch encoding on 2 threads) and with characters.
 GPT-2's BPE needs tiktoken's cache: ``TIKTOKEN_CACHE_DIR``, or a copy of ``../shared/tiktoken-cache``.
 """
 
@@ -270,7 +270,9 @@ class StepRunner:
         import numpy as np
         import torch
 
-        from gptcli import train_kernels, training
+        from gptcli import training
+
+        from gptcli.kernels import train as train_kernels
         from gptcli.tokenizer import gpt2
 
         settings = training.TrainSettings(max_steps=1_000_000, batch_size=self.setting.batch, lr=self.setting.lr,
@@ -357,7 +359,7 @@ class PeakRunner:
 
 
 class TokenizeRunner:
-    """MB/s of gptcli.data.encode over Tiny Shakespeare x TEXT_REPEAT, GPT-2 BPE and characters."""
+    """MB/s of gptcli.training.data.encode over Tiny Shakespeare x TEXT_REPEAT, GPT-2 BPE and characters."""
 
     def __init__(self, text_path: str, repeat: int):
         self.text_path, self.repeat = text_path, repeat
@@ -374,12 +376,12 @@ class TokenizeRunner:
         return info
 
     def _run(self) -> dict[str, int]:
-        from gptcli.data import encode
+        from gptcli.training.data import encode
 
         return {name: len(encode(self.text, tok)) for name, tok in self.tokenizers.items()}
 
     def measure(self) -> dict[str, Any]:
-        from gptcli.data import encode
+        from gptcli.training.data import encode
 
         out = {}
         for name, tok in self.tokenizers.items():
@@ -671,7 +673,7 @@ def report(args: argparse.Namespace, pool: Pool, load_before: str, started: date
             rows = [[name, fmt(tok.median(f"{name}_mb_s"), ".1f"), fmt(tok.spread(f"{name}_mb_s"), ".0f", 100, "%"),
                      fmt(tok.info.get(f"{name}_tokens"), ",.0f")] for name in ("gpt2", "char")]
             lines += ["", f"Tokenizing Tiny Shakespeare × {args.text_repeat} ({fmt(tok.info.get('mb'), '.1f')} MB) "
-                      "with `gptcli.data.encode` (peak RSS "
+                      "with `gptcli.training.data.encode` (peak RSS "
                       f"{fmt(tok.info.get('peak_rss'), '.0f', 1 / MIB)} MiB):", "",
                       markdown_table(["tokenizer", "MB/s", "spread", "tokens"], rows)]
     elif not args.no_tokenize:

@@ -19,7 +19,7 @@ from gptcli.files import save_safetensors, write_json
 if TYPE_CHECKING:
     import torch
 
-    from gptcli.model import GPTModel
+    from gptcli.model.gpt import GPTModel
     from gptcli.tokenizer import Tokenizer
 
 MODEL_FILE = "model.safetensors"

@@ -1,7 +1,7 @@
 """What `gptcli inspect` shows: the module tree, figures for a config, a checkpoint's header, next tokens.
 
 Everything but ``next_tokens`` is arithmetic on a config or on a safetensors header, so it needs no
-torch: ``describe`` mirrors the modules of ``gptcli.model`` by name and shape (a test checks it
+torch: ``describe`` mirrors the modules of ``gptcli.model.gpt`` by name and shape (a test checks it
 against the model built on the meta device), and checkpoints are read through
 ``gptcli.checkpoint.read_header``, which never touches tensor data.
 """
@@ -22,7 +22,7 @@ from gptcli.errors import UserError
 from gptcli.params import count_params, weight_memory
 
 if TYPE_CHECKING:
-    from gptcli.model import GPTModel
+    from gptcli.model.gpt import GPTModel
     from gptcli.tokenizer import Tokenizer
     from gptcli.weights import Located
 

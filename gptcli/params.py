@@ -1,6 +1,6 @@
 """Parameter counts and weight memory, by arithmetic on a config. No torch here.
 
-The counts follow the modules in ``gptcli.model`` one for one; a test checks them against
+The counts follow the modules in ``gptcli.model.gpt`` one for one; a test checks them against
 ``sum(p.numel())`` of each shipped config built on the meta device.
 """
 

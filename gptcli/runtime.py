@@ -4,7 +4,7 @@ ready to decode with. Never prints.
 ``load_for_inference`` is what ``generate``, ``score``, ``inspect --prompt``, ``serve`` and the
 benchmarks call: it sets the thread count, resolves device and dtype, loads the weights (memory-mapped
 when they will be prepared for decoding), quantizes when asked and, on the CPU, gives every Linear
-layer the kernel measured fastest for its shape (``gptcli.decode_kernels``). What is about a terminal
+layer the kernel measured fastest for its shape (``gptcli.kernels.decode``). What is about a terminal
 (a note that kernels are being measured) reaches the caller through callbacks.
 """
 
@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     import torch
 
     from gptcli.config import GPTConfig
-    from gptcli.decode_kernels import DecodePlan
-    from gptcli.model import GPTModel
+    from gptcli.kernels.decode import DecodePlan
+    from gptcli.model.gpt import GPTModel
     from gptcli.tokenizer import Tokenizer
 
 Note = Callable[[str], None]
@@ -97,9 +97,9 @@ def load_for_inference(options: InferenceOptions, *, note: Note = _ignore,
     ``on_measure`` is called just before this CPU's kernels are measured (the first run of a model
     shape: 0.5-2.5 s), so a terminal can say why it waits.
     """
-    from gptcli.decode_kernels import will_measure
+    from gptcli.kernels.decode import will_measure
     from gptcli.devices import configure_threads, resolve_device
-    from gptcli.generate import load_dtype, prepare_model
+    from gptcli.kernels.prepare import load_dtype, prepare_model
     from gptcli.weights import load_model
 
     configure_threads(options.threads)

@@ -30,8 +30,8 @@ from gptcli.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from gptcli.logprobs import TokenLogprob
-    from gptcli.model import GPTModel
+    from gptcli.decoding.logprobs import TokenLogprob
+    from gptcli.model.gpt import GPTModel
     from gptcli.tokenizer import Tokenizer
 
 LN2 = math.log(2)
@@ -222,7 +222,7 @@ def _run_batch(model: "GPTModel", jobs: Sequence[_Job], device: "torch.device") 
     """Total nats of each job's targets: (B,) float64 on the CPU. Rows of different widths are left-padded."""
     import torch
 
-    from gptcli.attention import invariant_on
+    from gptcli.model.attention import invariant_on
 
     widths = [j.window.width for j in jobs]
     width = max(widths)
@@ -316,7 +316,7 @@ def text_logprobs(model, ids: Sequence[int], *, stride: int | None = None, k: in
     tokens no window scores (the first) get None."""
     import torch
 
-    from gptcli.logprobs import TokenLogprob, step_logprobs
+    from gptcli.decoding.logprobs import TokenLogprob, step_logprobs
 
     context = model.cfg.context_length
     stride = check_stride(default_stride(context) if stride is None else stride, context)

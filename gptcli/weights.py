@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     import torch
 
     from gptcli.checkpoint import Header, TensorInfo
-    from gptcli.decode_kernels import DecodePlan
-    from gptcli.model import GPTModel
+    from gptcli.kernels.decode import DecodePlan
+    from gptcli.model.gpt import GPTModel
     from gptcli.tokenizer import Tokenizer
 
 Note = Callable[[str], None]
@@ -287,11 +287,11 @@ def _missing_local(spec: str) -> str:
 
 def random_model(cfg: GPTConfig, seed: int) -> "GPTModel":
     """Seeded random init on the CPU, drawing in the book's order (so seed 123 gives the book's numbers),
-    with the row-invariant CPU linear for inference (``gptcli.onednn.use_for_inference``), as loaded ones."""
+    with the row-invariant CPU linear for inference (``gptcli.kernels.onednn.use_for_inference``), as loaded ones."""
     import torch
 
-    from gptcli.model import GPTModel
-    from gptcli.onednn import use_for_inference
+    from gptcli.model.gpt import GPTModel
+    from gptcli.kernels.onednn import use_for_inference
 
     torch.manual_seed(seed)
     with torch.device("cpu"):
@@ -379,7 +379,7 @@ class MappedFile:
 
     For inference in the file's own dtype nothing is copied at load: a Hugging Face Conv1D weight,
     stored (in, out), becomes the (out, in) transposed view nn.Linear expects, which BLAS reads as
-    it is (gptcli.decode_kernels' ``blas``). A kernel that copies a weight into its own layout calls
+    it is (gptcli.kernels.decode' ``blas``). A kernel that copies a weight into its own layout calls
     ``release`` on the view, which gives its pages back (madvise), so memory holds one copy.
     """
 
@@ -475,7 +475,7 @@ def load_checkpoint(
         optional_tensors,
         read_header,
     )
-    from gptcli.model import build_model
+    from gptcli.model.gpt import build_model
 
     device = torch.device(device)
     dtype = dtype or torch.float32
@@ -630,7 +630,7 @@ def load_model(
                                 name=located.hub_id or None, note=say, mapped=mapped, header=header)
         cfg, source, checkpoint = model.cfg, located.source, located.path
         tokenizer = from_metadata(header.metadata, str(header.path))
-    from gptcli.onednn import use_for_inference
+    from gptcli.kernels.onednn import use_for_inference
 
     use_for_inference(model)  # the row-invariant CPU linear; training swaps in its own kernels over it
     return LoadedModel(

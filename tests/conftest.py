@@ -45,7 +45,7 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiktoken_cache
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    monkeypatch.setenv("GPTCLI_CACHE_DIR", str(tmp_path / "gptcli-cache"))  # the kernel choices (gptcli.decode_kernels)
+    monkeypatch.setenv("GPTCLI_CACHE_DIR", str(tmp_path / "gptcli-cache"))  # the kernel choices (gptcli.kernels.decode)
     monkeypatch.delenv("GPTCLI_NO_TUNE", raising=False)
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)

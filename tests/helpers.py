@@ -50,7 +50,7 @@ def lively_model(seed: int = 0, tie: bool = True, *, vocab_size: int = 300, emb_
     import torch
 
     from gptcli.config import GPTConfig
-    from gptcli.model import GPTModel
+    from gptcli.model.gpt import GPTModel
 
     cfg = GPTConfig(vocab_size=vocab_size, context_length=context_length, emb_dim=emb_dim, n_heads=4, n_layers=2,
                     drop_rate=0.0, qkv_bias=True, tie_weights=tie, name="tiny")
@@ -97,7 +97,7 @@ def lively_char_model(chars: str, context_length: int = 48, seed: int = 0):
     import torch
 
     from gptcli.config import GPTConfig
-    from gptcli.model import GPTModel
+    from gptcli.model.gpt import GPTModel
 
     cfg = GPTConfig(vocab_size=len(chars), context_length=context_length, emb_dim=32, n_heads=4, n_layers=2,
                     drop_rate=0.0, qkv_bias=True, tie_weights=True, name="char")

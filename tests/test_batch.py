@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from gptcli.batch import BatchDecoder, generate_batch
-from gptcli.generate import Decoder, Generation, SamplingOptions
+from gptcli.decoding.batch import BatchDecoder, generate_batch
+from gptcli.decoding.generate import Decoder, Generation, SamplingOptions
 from helpers import lively_model
 
 CPU = torch.device("cpu")
@@ -77,7 +77,7 @@ def test_batch_rows_are_bit_identical_to_lone_rows(dtype, kernels):
     masked attention call or a one-row product moved logits by ~1e-6; python bench/batch_invariance.py
     checks each kernel on another CPU.
     """
-    from gptcli.decode_kernels import DecodePlan as Plan, apply, tune
+    from gptcli.kernels.decode import DecodePlan as Plan, apply, tune
 
     model = lively_model(4).to(dtype)
     if kernels != "plain":
@@ -95,9 +95,9 @@ def test_batch_rows_are_bit_identical_to_lone_rows(dtype, kernels):
 def test_masked_batch_attention_still_matches_lone_rows(monkeypatch):
     """The path a GPU takes (one attention call under the padding mask): equal to the lone rows to rounding,
     including rows that keep their cache while a longer one has outgrown the window."""
-    import gptcli.attention
+    import gptcli.model.attention
 
-    monkeypatch.setattr(gptcli.attention, "ROW_ATTENTION_DEVICES", ())
+    monkeypatch.setattr(gptcli.model.attention, "ROW_ATTENTION_DEVICES", ())
     model = lively_model(6)
     prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [12, 13, 14]]
     feed = [[(31 * step + 7 * row) % 300 for row in range(len(prompts))] for step in range(10)]
@@ -110,8 +110,8 @@ def test_masked_batch_attention_still_matches_lone_rows(monkeypatch):
 def _run_continuously(model, jobs, max_rows):
     """Decode ``jobs`` (prompt, options, arrival step) with rows joining and leaving a BatchDecoder
     between steps, at most ``max_rows`` at once; each job's ids, and the most rows seen together."""
-    from gptcli.batch import BatchDecoder
-    from gptcli.generate import Continuation, make_generator, select_next
+    from gptcli.decoding.batch import BatchDecoder
+    from gptcli.decoding.generate import Continuation, make_generator, select_next
 
     decoder = BatchDecoder(model, CPU, torch.float32)
     waiting, active, results, step, peak, joined = list(range(len(jobs))), [], {}, 0, 0, 0

@@ -20,7 +20,7 @@ def test_batch_invariance_quick_prints_kernels_model_and_cost():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert out.startswith("## Batch invariance on ") and "- Command: `python bench/batch_invariance.py" in out
-    rows = [line for line in out.splitlines() if line.startswith("| oneDNN") or line.startswith("| gptcli.decode_kernels")]
+    rows = [line for line in out.splitlines() if line.startswith("| oneDNN") or line.startswith("| gptcli.kernels.decode")]
     assert len(rows) == 4 * 5 * 2  # plain oneDNN and the 3 eager kernels, five shapes, two dtypes
     assert all(line.split("|")[4].strip() == "yes" for line in rows if "kernels onednn" in line)  # lone row as two
     assert re.search(r"model \(tiny, float32\): 56/56 row logits bit-identical", out)  # what the code promises

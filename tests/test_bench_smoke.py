@@ -66,7 +66,7 @@ def test_quick_run_prints_the_tables(tmp_path: Path) -> None:
     assert rows["gptcli-fp32-batch8"]["ref"] == "gptcli-fp32" and is_number(rows["gptcli-fp32-batch8"]["vs ref"])
     assert is_number(rows["gptcli-fp32"]["prefill tok/s"]) and rows["gptcli-fp32-batch8"]["prefill tok/s"] == "—"
     assert float(rows["gptcli-fp32"]["tune s"]) >= 0 and rows["hf-fp32"]["tune s"] == "—"
-    assert "Kernels (Linear layers per kernel, gptcli.decode_kernels): gptcli-fp32: " in proc.stdout
+    assert "Kernels (Linear layers per kernel, gptcli.kernels.decode): gptcli-fp32: " in proc.stdout
 
     assert processes[0] == ["command", "median s", "min s", "status"]
     commands = [row[0] for row in processes[1:]]

@@ -93,7 +93,7 @@ def forced_tokens(monkeypatch):
     def force(text: str) -> list[int]:
         ids = encode(text)
         script = iter(ids)
-        monkeypatch.setattr("gptcli.generate.select_next", lambda logits, options, generator: torch.tensor([next(script)]))
+        monkeypatch.setattr("gptcli.decoding.generate.select_next", lambda logits, options, generator: torch.tensor([next(script)]))
         return ids
 
     return force
@@ -350,7 +350,7 @@ def interrupt_after(monkeypatch):
                 return torch.tensor([token])
             raise KeyboardInterrupt
 
-        monkeypatch.setattr("gptcli.generate.select_next", select)
+        monkeypatch.setattr("gptcli.decoding.generate.select_next", select)
 
     return arm
 

@@ -367,7 +367,7 @@ def test_a_run_folder_shows_its_own_architecture_tokenizer_steps_and_best_loss(t
 
     from gptcli.config import GPTConfig
     from gptcli.export import save_pretrained
-    from gptcli.model import GPTModel
+    from gptcli.model.gpt import GPTModel
     from gptcli.tokenizer import CharTokenizer
 
     cfg = GPTConfig(vocab_size=12, context_length=16, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0,

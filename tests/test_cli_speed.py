@@ -83,8 +83,8 @@ def test_quantize_int4_runs_in_bfloat16_eager_and_compiled(tiny):
 
 
 def test_quantize_schemes_are_what_prepare_model_takes():
-    from gptcli.generate import QUANTIZE_SCHEMES
-    from gptcli.quantize import INT4_DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES, int4_group_size
+    from gptcli.kernels.prepare import QUANTIZE_SCHEMES
+    from gptcli.kernels.quantize import INT4_DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES, int4_group_size
 
     assert QUANTIZE_SCHEMES == ("int8", "int4", *(f"int4-g{g}" for g in INT4_GROUP_SIZES))
     assert int4_group_size("int4") == INT4_DEFAULT_GROUP_SIZE and int4_group_size("int4-g128") == 128
@@ -150,8 +150,8 @@ def test_split_prompt_lines():
 
 def test_compile_warm_up_builds_the_cache_the_run_will_use():
     from gptcli.config import shipped_config
-    from gptcli.generate import CompiledDecoder, Generation, SamplingOptions
-    from gptcli.model import build_model
+    from gptcli.decoding.generate import CompiledDecoder, Generation, SamplingOptions
+    from gptcli.model.gpt import build_model
 
     cfg = shipped_config("124M")
     decoder = CompiledDecoder(build_model(cfg, "meta"), torch.device("cpu"), torch.float32)

@@ -1,11 +1,11 @@
-"""gptcli.data.encode: a text cut into pieces for tiktoken's threads gives the ids of the whole text."""
+"""gptcli.training.data.encode: a text cut into pieces for tiktoken's threads gives the ids of the whole text."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from gptcli import data
+from gptcli.training import data
 from gptcli.tokenizer import CharTokenizer, GPT2BPE, get_tokenizer
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n  indented line\n"
@@ -43,7 +43,7 @@ def test_characters_map_through_the_vocabulary():
 def test_a_folder_says_what_it_skipped(tmp_path):
     from pathlib import Path
 
-    from gptcli.data import read_texts
+    from gptcli.training.data import read_texts
     from gptcli.errors import UserError
 
     folder = tmp_path / "docs"

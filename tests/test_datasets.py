@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gptcli import datasets
+from gptcli.training import downloads as datasets
 from gptcli.errors import UserError
 
 DATA = os.environ.get("GPTCLI_DATA_DIR")

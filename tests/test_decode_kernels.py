@@ -1,4 +1,4 @@
-"""Decode kernels chosen by measuring (gptcli.decode_kernels): every kernel computes the same layer, the
+"""Decode kernels chosen by measuring (gptcli.kernels.decode): every kernel computes the same layer, the
 choice is cached per machine, and turning tuning off measures nothing. No test depends on which
 kernel wins: the winner differs between CPUs."""
 
@@ -10,9 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptcli import decode_kernels as kernels
+from gptcli.kernels import decode as kernels
 from gptcli.cli import app
-from gptcli.generate import Decoder, Generation, SamplingOptions, prepare_model
+from gptcli.decoding.generate import Decoder, Generation, SamplingOptions
+from gptcli.kernels.prepare import prepare_model
 from helpers import lively_model
 
 CPU = torch.device("cpu")

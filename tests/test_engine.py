@@ -1,4 +1,4 @@
-"""gptcli.engine without HTTP: rows submitted while others run get their lone ids; cancel, queue and drain."""
+"""gptcli.serving.engine without HTTP: rows submitted while others run get their lone ids; cancel, queue and drain."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from gptcli.engine import Engine, EngineClosed, QueueFull, RowRequest
-from gptcli.generate import Decoder, Generation, SamplingOptions
+from gptcli.serving.engine import Engine, EngineClosed, QueueFull, RowRequest
+from gptcli.decoding.generate import Decoder, Generation, SamplingOptions
 from gptcli.runtime import Runtime
 from helpers import lively_model
 

@@ -8,7 +8,7 @@ import torch
 from gptcli.config import load_config_file
 from gptcli.devices import check_device_name, check_dtype_name, resolve_device, resolve_dtype
 from gptcli.errors import UserError
-from gptcli.generate import (
+from gptcli.decoding.generate import (
     FINISH_EOS,
     FINISH_LENGTH,
     FINISH_STOP,
@@ -22,7 +22,7 @@ from gptcli.generate import (
     select_next,
     stop_holdback,
 )
-from gptcli.model import GPTModel
+from gptcli.model.gpt import GPTModel
 from gptcli.tokenizer import EOT_ID, VOCAB_SIZE, decode, encode, token_bytes
 from helpers import generate_text_simple, lively_model
 
@@ -333,7 +333,7 @@ def test_dtypes():
 
 
 def _greedy_ids(decoder, prompt, n, temperature=0.0):
-    from gptcli.generate import Generation, SamplingOptions
+    from gptcli.decoding.generate import Generation, SamplingOptions
 
     options = SamplingOptions(max_new_tokens=n, ignore_eos=True, temperature=temperature, seed=7)
     return Generation(decoder, prompt, options, token_bytes=lambda i: b"x").run().token_ids
@@ -345,7 +345,7 @@ def test_fast_cpu_linear_equals_f_linear(dtype):
     training keeps autograd."""
     import torch.nn.functional as F
 
-    from gptcli import onednn
+    from gptcli.kernels import onednn
 
     dt = getattr(torch, dtype)
     torch.manual_seed(0)
@@ -364,7 +364,7 @@ def test_fast_cpu_linear_equals_f_linear(dtype):
 
 
 def test_cache_bucket():
-    from gptcli.generate import cache_bucket
+    from gptcli.decoding.generate import cache_bucket
 
     assert [cache_bucket(n, 1024) for n in (1, 256, 257, 600, 1024)] == [256, 256, 512, 1024, 1024]
     assert cache_bucket(40, 16) == 16
@@ -373,7 +373,7 @@ def test_cache_bucket():
 def test_compiled_decoder_gives_the_eager_ids_past_the_window():
     import torch
 
-    from gptcli.generate import CompiledDecoder, Decoder
+    from gptcli.decoding.generate import CompiledDecoder, Decoder
 
     model = lively_model(1)
     cpu = torch.device("cpu")
@@ -386,7 +386,7 @@ def test_compiled_decoder_switches_cache_length_safely():
     """Guards are skipped only for the cache the last guarded step used: a longer run after a short one
     (another cache bucket, another graph) and a short one after it give the eager ids."""
     from gptcli.config import GPTConfig
-    from gptcli.generate import CompiledDecoder, Decoder
+    from gptcli.decoding.generate import CompiledDecoder, Decoder
 
     cfg = GPTConfig(vocab_size=300, context_length=600, emb_dim=32, n_heads=4, n_layers=1, drop_rate=0.0,
                     qkv_bias=True, tie_weights=True, name="long")

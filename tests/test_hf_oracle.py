@@ -89,7 +89,7 @@ def gptcli_greedy_plain(model, ids: list[int], new_tokens: int) -> list[int]:
 
 def gptcli_greedy_library(model, ids: list[int], new_tokens: int) -> list[int]:
     """gptcli's own decoding (KV cache while the sequence fits, cropped recompute past the window)."""
-    from gptcli.generate import Decoder, Generation, SamplingOptions
+    from gptcli.decoding.generate import Decoder, Generation, SamplingOptions
 
     options = SamplingOptions(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     generation = Generation(Decoder(model, CPU, torch.float32), ids, options, context_length=model.cfg.context_length)

@@ -29,7 +29,7 @@ from gptcli.params import count_params
 
 
 def _assert_matches_meta_model(cfg) -> None:
-    from gptcli.model import build_model
+    from gptcli.model.gpt import build_model
 
     model = build_model(cfg)  # meta: shapes only, nothing allocated
     tree = describe(cfg)
@@ -157,7 +157,7 @@ def _write_gptcli_checkpoint(path, cfg, drop=(), extra=None, metadata=None):
     import torch
     from safetensors.torch import save_file
 
-    from gptcli.model import GPTModel
+    from gptcli.model.gpt import GPTModel
 
     torch.manual_seed(0)
     state = GPTModel(cfg).state_dict()

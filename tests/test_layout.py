@@ -75,19 +75,19 @@ def test_commands_do_not_build_models_or_runs_themselves():
         if not name.startswith("gptcli.commands"):
             continue
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module in ("gptcli.weights", "gptcli.model"):
+            if isinstance(node, ast.ImportFrom) and node.module in ("gptcli.weights", "gptcli.model.gpt"):
                 imported = {a.name for a in node.names}
                 assert not imported & {"load_model", "GPTModel", "build_model", "random_model"}, (name, imported)
 
 
 def test_the_model_file_stays_the_books():
-    """gptcli/model.py: the maths only. Speed is applied from outside (Linear swaps, attention functions
+    """gptcli/model/gpt.py: the maths only. Speed is applied from outside (Linear swaps, attention functions
     passed in), so it imports no kernel, decoding or serving module, never asks whether it is being
     compiled, has one attention call site and stays short (issue 26)."""
-    source = (PACKAGE / "model.py").read_text(encoding="utf-8")
+    source = (PACKAGE / "model" / "gpt.py").read_text(encoding="utf-8")
     tree = ast.parse(source)
-    imported = _imports("gptcli.model", tree, set(_modules()))
-    assert imported <= {"gptcli.config", "gptcli.kv_cache"}, imported
+    imported = _imports("gptcli.model.gpt", tree, set(_modules()))
+    assert imported <= {"gptcli.config", "gptcli.model.kv_cache"}, imported
     assert "is_compiling" not in source and "onednn" not in source.split('"""', 2)[2]
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
              and n.func.id == "attend"]
@@ -95,3 +95,63 @@ def test_the_model_file_stays_the_books():
     assert len(source.splitlines()) <= 270
     classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
     assert {"GPTModel", "TransformerBlock", "MultiHeadAttention", "FeedForward", "LayerNorm", "GELU"} <= classes
+
+
+FOLDERS = ("model", "kernels", "decoding", "serving", "training", "commands")
+
+
+def _unit(name: str) -> str:
+    """A folder's modules count as one unit; a module at the top is a unit of its own."""
+    parts = name.split(".")
+    return parts[1] if len(parts) >= 2 and parts[1] in FOLDERS else name
+
+
+def test_folders_import_one_way():
+    """Folders by concern (issue 26): no import runs back up, so the folders and the modules at the top
+    form no circle either (a folder's modules taken together)."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, tree in modules.items():
+        graph.setdefault(_unit(name), set()).update(_unit(t) for t in _imports(name, tree, set(modules)))
+    for unit in graph:
+        graph[unit].discard(unit)
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            assert state.get(nxt) != 1, "folder-level circle: " + " -> ".join(path[path.index(nxt):] + [node, nxt])
+            if nxt not in state:
+                visit(nxt, path + [node])
+        state[node] = 2
+
+    for unit in sorted(graph):
+        if unit not in state:
+            visit(unit, [])
+
+
+def test_what_each_folder_may_import():
+    """The model imports no kernels, decoding or serving; kernels no decoding or serving; decoding no
+    serving or training; nothing but the CLI imports commands."""
+    forbidden = {"model": {"kernels", "decoding", "serving", "training", "commands"},
+                 "kernels": {"decoding", "serving", "training", "commands"},
+                 "decoding": {"serving", "training", "commands"},
+                 "serving": {"commands", "training"},
+                 "training": {"serving", "commands"}}
+    modules = _modules()
+    wrong = []
+    for name, tree in modules.items():
+        unit = _unit(name)
+        for target in _imports(name, tree, set(modules)):
+            if _unit(target) in forbidden.get(unit, set()) or (_unit(target) == "commands" and unit not in
+                                                                ("commands", "gptcli.cli")):
+                wrong.append(f"{name} imports {target}")
+    assert not wrong, wrong
+
+
+def test_new_folders_have_empty_inits():
+    """``params``, ``tokenize`` and ``--help`` import these folders' names without torch: their __init__ holds
+    a docstring only."""
+    for folder in ("model", "kernels", "decoding", "serving"):
+        tree = ast.parse((PACKAGE / folder / "__init__.py").read_text(encoding="utf-8"))
+        assert len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr), folder

@@ -1,10 +1,10 @@
-"""gptcli.logprobs: the model's own log-probabilities, in OpenAI's legacy completions format."""
+"""gptcli.decoding.logprobs: the model's own log-probabilities, in OpenAI's legacy completions format."""
 
 import math
 
 import torch
 
-from gptcli.logprobs import openai_logprobs, sequence_logprobs, step_logprobs, token_text
+from gptcli.decoding.logprobs import openai_logprobs, sequence_logprobs, step_logprobs, token_text
 
 
 def test_step_logprobs_are_the_log_softmax_and_the_top_is_sorted():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gptcli.config import load_config_file, shipped_config
-from gptcli.kv_cache import KVCache
-from gptcli.model import GELU, GPTModel, LayerNorm, build_model
+from gptcli.model.kv_cache import KVCache
+from gptcli.model.gpt import GELU, GPTModel, LayerNorm, build_model
 from helpers import generate_text_simple
 
 HELLO_I_AM = [15496, 11, 314, 716]

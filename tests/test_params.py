@@ -36,7 +36,7 @@ def test_breakdown_adds_up(size):
 
 @pytest.mark.parametrize("size", list(SIZES))
 def test_arithmetic_equals_the_meta_model(size):
-    from gptcli.model import build_model
+    from gptcli.model.gpt import build_model
 
     cfg = shipped_config(size)
     model = build_model(cfg, device="meta")
@@ -50,7 +50,7 @@ def test_arithmetic_equals_the_meta_model(size):
 
 def test_tiny_config_counts_match_a_real_model(tiny_config_file):
     from gptcli.config import load_config_file
-    from gptcli.model import GPTModel
+    from gptcli.model.gpt import GPTModel
 
     for tie in (True, False):
         for bias in (True, False):

@@ -95,12 +95,12 @@ def completion(srv: Server, prompt: str, headers: dict | None = None, **fields) 
 
 
 def test_the_page_is_one_self_contained_file_from_the_package(server, keyed_server):
-    from gptcli.playground import playground_html
+    from gptcli.serving.playground import playground_html
 
     status, headers, body = server.request("GET", "/")
     html = body.decode()
     assert status == 200 and headers["content-type"].startswith("text/html")
-    assert html == playground_html() == (Path(__file__).parent.parent / "gptcli/static/playground.html").read_text()
+    assert html == playground_html() == (Path(__file__).parent.parent / "gptcli/serving/static/playground.html").read_text()
     # Nothing fetched from elsewhere: no external URL, no script or style file, and a policy that forbids them.
     assert "http://" not in html and "https://" not in html
     assert "<script src" not in html and 'rel="stylesheet"' not in html

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from gptcli.commands.probability_view import BANDS, coloured_chunks, colour_for
-from gptcli.logprobs import TokenLogprob
+from gptcli.decoding.logprobs import TokenLogprob
 
 
 def test_bands_cover_every_probability():

@@ -5,8 +5,8 @@ import torch
 
 from gptcli.config import load_config_file
 from gptcli.errors import UserError
-from gptcli.model import GPTModel
-from gptcli.quantize import (
+from gptcli.model.gpt import GPTModel
+from gptcli.kernels.quantize import (
     Int4Linear,
     Int8Linear,
     int4_dequantize,

@@ -23,9 +23,9 @@ from transformers.generation.logits_process import (  # noqa: E402
     TopKLogitsWarper,
 )
 
-from gptcli.batch import BatchDecoder, generate_batch  # noqa: E402
+from gptcli.decoding.batch import BatchDecoder, generate_batch  # noqa: E402
 from gptcli.cli import app  # noqa: E402
-from gptcli.generate import (  # noqa: E402
+from gptcli.decoding.generate import (  # noqa: E402
     Decoder,
     Generation,
     SamplingOptions,

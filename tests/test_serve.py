@@ -327,10 +327,10 @@ def test_eight_requests_at_once_get_what_each_gets_alone_and_what_generate_print
     """The server's promise: a request's text and ids do not depend on what else runs.
 
     What it relies on (CPU, eager kernels, float32): oneDNN's linear gives a row the same bits among
-    2..8 rows and a lone row is multiplied as two (gptcli.onednn.linear); attention runs row by row over
+    2..8 rows and a lone row is multiplied as two (gptcli.kernels.onednn.linear); attention runs row by row over
     each row's own keys (model._attend_rows); a row is cached until it, not the longest row, outgrows
     the window, and newcomers are prefilled in a call of their own and spliced into the cache
-    (gptcli.batch.BatchDecoder); every row samples from its own generator seeded like
+    (gptcli.decoding.batch.BatchDecoder); every row samples from its own generator seeded like
     `gptcli generate --seed`. The log-probabilities are compared exactly too: they are the logits'
     log-softmax, so a change in a logit's last bit shows there even when no id changes (running
     attention as one masked call for the batch, for one, fails this test here).
@@ -605,6 +605,6 @@ def test_another_address_without_a_key_warns_before_anything_else(env, tmp_path)
 
 def test_the_checked_batch_sizes_are_the_kernel_checks():
     from gptcli.commands.serve import CHECKED_BATCH_ROWS
-    from gptcli.decode_kernels import BATCH_ROWS
+    from gptcli.kernels.decode import BATCH_ROWS
 
     assert CHECKED_BATCH_ROWS == BATCH_ROWS

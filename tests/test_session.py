@@ -1,4 +1,4 @@
-"""gptcli.session: turns reuse the cache (only unseen tokens are run), greedy text equals `generate` on
+"""gptcli.decoding.session: turns reuse the cache (only unseen tokens are run), greedy text equals `generate` on
 the concatenated text, past the window included, and an interrupted turn leaves the session usable."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import torch
 
 from gptcli.config import GPTConfig
 from gptcli.errors import UserError
-from gptcli.generate import Decoder, Generation, SamplingOptions, prompt_ids
+from gptcli.decoding.generate import Decoder, Generation, SamplingOptions, prompt_ids
 from gptcli.runtime import Runtime
-from gptcli.session import Session, apply_setting
+from gptcli.decoding.session import Session, apply_setting
 from gptcli.tokenizer import CharTokenizer, gpt2
 from helpers import lively_char_model
 
@@ -54,7 +54,7 @@ def test_turns_prefill_only_unseen_tokens_and_match_generate():
 
 def test_decoder_reuses_the_longest_cached_prefix_when_bpe_merges_across_the_boundary():
     """"The cat" then "s": " cats" is one token, so only "The" is reused and the logits are a fresh prefill's."""
-    from gptcli.session import SessionDecoder
+    from gptcli.decoding.session import SessionDecoder
     from gptcli.weights import random_model
 
     cfg = GPTConfig(vocab_size=50257, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
@@ -144,7 +144,7 @@ def test_settings():
 
 
 def speculative_session(rt: Runtime, options: SamplingOptions, kind: str, draft_seed: int = 1) -> Session:
-    from gptcli.speculative import SpeculativeOptions
+    from gptcli.decoding.speculative import SpeculativeOptions
 
     if kind == "lookup":
         return Session(rt, options, spec=SpeculativeOptions(lookup=True, draft_tokens=4))

@@ -1,4 +1,4 @@
-"""Speculative decoding (gptcli.speculative, `generate --draft/--lookup`): a K+1-row check gives each position
+"""Speculative decoding (gptcli.decoding.speculative, `generate --draft/--lookup`): a K+1-row check gives each position
 the bits a one-token step gives; greedy ids equal plain decoding's for a separate draft, an int8 self-draft and
 prompt lookup, past the window too; sampling with a draft has plain sampling's distribution (chi-square against
 the exact distribution of the first tokens); prompt lookup's sampled ids are plain sampling's; bad input is one
@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 
 from gptcli.cli import app
 from gptcli.config import GPTConfig, load_config_file
-from gptcli.generate import Decoder, Generation, SamplingOptions, prepare_model, sampling_probs
-from gptcli.kv_cache import KVCache
-from gptcli.model import GPTModel
-from gptcli.speculative import (
+from gptcli.decoding.generate import Decoder, Generation, SamplingOptions, sampling_probs
+from gptcli.kernels.prepare import prepare_model
+from gptcli.model.kv_cache import KVCache
+from gptcli.model.gpt import GPTModel
+from gptcli.decoding.speculative import (
     LookupDrafter,
     ModelDrafter,
     SpeculativeGeneration,
@@ -70,9 +71,9 @@ def int8_copy(model):
 
 def check_rows_and_steps(model, past: int, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of ``rows`` tokens after ``past`` cached ones: one forward of all rows, and one step each, with
-    the kernels and attention decoders use (gptcli.onednn.use_for_inference, gptcli.attention.invariant_on)."""
-    from gptcli.attention import invariant_on
-    from gptcli.onednn import use_for_inference
+    the kernels and attention decoders use (gptcli.kernels.onednn.use_for_inference, gptcli.model.attention.invariant_on)."""
+    from gptcli.model.attention import invariant_on
+    from gptcli.kernels.onednn import use_for_inference
 
     cfg, attention = model.cfg, invariant_on(CPU)
     use_for_inference(model)
@@ -168,7 +169,7 @@ def test_greedy_ids_with_a_repetition_penalty_equal_plain_decoding(kind):
 def test_a_compiled_draft_guesses_and_the_ids_stay_plain_decodings():
     """``--compile --draft``: the draft's one-token steps are one compiled graph; feed and rollback keep
     its cache right (a compiled step writes at its position and masks the later ones)."""
-    from gptcli.generate import CompiledDecoder
+    from gptcli.decoding.generate import CompiledDecoder
 
     target = lively_model(0, context_length=32)
     drafter = ModelDrafter(CompiledDecoder(near_copy(target), CPU, torch.float32))
@@ -182,7 +183,7 @@ def test_a_compiled_draft_guesses_and_the_ids_stay_plain_decodings():
 
 
 def test_a_compiled_decoders_feed_and_rollback_give_the_eager_decoders_logits():
-    from gptcli.generate import CompiledDecoder
+    from gptcli.decoding.generate import CompiledDecoder
 
     model = lively_model(4, context_length=32)
     eager, compiled = Decoder(model, CPU, torch.float32), CompiledDecoder(model, CPU, torch.float32)
@@ -490,7 +491,7 @@ def test_help_says_each_line_uses_plain_decoding():
 
 def test_the_draft_loads_through_the_front_door_with_the_models_own_options():
     from gptcli.runtime import InferenceOptions
-    from gptcli.speculative import SpeculativeOptions, draft_inference_options
+    from gptcli.decoding.speculative import SpeculativeOptions, draft_inference_options
 
     target = InferenceOptions(size="124M", weights="auto", device="cpu", dtype="float32", seed=9, threads=1)
     own = draft_inference_options(SpeculativeOptions(draft="INT8"), target)

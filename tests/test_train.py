@@ -561,7 +561,7 @@ def test_data_from_stdin_and_folders(tmp_path):
     out = tmp_path / "folder-run"
     result = train(str(folder), *TINY, "--max-steps", "1", "--sample-every", "0", "--out", str(out))
     assert result.exit_code == 0, result.stderr
-    from gptcli.data import Text, join_texts, read_texts
+    from gptcli.training.data import Text, join_texts, read_texts
 
     texts = read_texts([str(folder)])
     assert [Path(t.name).name for t in texts] == ["a.txt", "b.txt"]
@@ -576,7 +576,7 @@ def test_data_from_stdin_and_folders(tmp_path):
 def test_chunked_bpe_equals_whole_text(monkeypatch):
     """Large texts are tokenized in pieces on tiktoken's threads; the pieces end where GPT-2's
     pre-tokenizer splits anyway, so the ids are those of the whole text."""
-    from gptcli import data
+    from gptcli.training import data
     from gptcli.tokenizer import gpt2
 
     text = make_text(4000, seed=9).replace(".\nThe", ".\n\n  The")  # blank lines and indents near the cuts

@@ -1,4 +1,4 @@
-"""gptcli.train_kernels: the training kernels compute what the plain torch path computes (their speed is
+"""gptcli.kernels.train: the training kernels compute what the plain torch path computes (their speed is
 bench/train.py's business, never a test's)."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptcli import train_kernels as speed
+from gptcli.kernels import train as speed
 from gptcli.config import shipped_config
-from gptcli.model import GPTModel
+from gptcli.model.gpt import GPTModel
 
 needs_onednn = pytest.mark.skipif(not speed.onednn_available(), reason="this torch has no oneDNN")
 

@@ -144,7 +144,7 @@ def test_loaded_parameters_are_plain_contiguous_cpu_tensors(tmp_path, tiny_cfg):
 def test_mapped_load_keeps_the_conv1d_orientation_without_copies_and_gives_the_same_logits(tmp_path, tiny_cfg):
     """For inference (``mapped``) a Conv1D weight is a transposed view of the mapped file: nothing is
     copied or transposed at load, and the kernels read (in, out) as it is."""
-    from gptcli.generate import prepare_model
+    from gptcli.kernels.prepare import prepare_model
 
     model = tiny_model(tiny_cfg())
     save_hf(model, tmp_path / "hf")
@@ -172,7 +172,7 @@ def test_quantizing_a_mapped_checkpoint_reads_float32_layer_by_layer(tmp_path, t
     the same layers as quantizing the model in memory, the rest in the activation dtype."""
     import copy
 
-    from gptcli.generate import prepare_model
+    from gptcli.kernels.prepare import prepare_model
 
     model = tiny_model(tiny_cfg(tie_weights=True))
     save_hf(model, tmp_path / "hf")

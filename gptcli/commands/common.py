@@ -172,7 +172,7 @@ def parse_number(option: str, value: str, kind: type) -> int | float:
 
 def parse_seed(value: str, option: str = "--seed") -> int:
     """A seed option's value: a whole number that torch's generators take (0 to 2**64 - 1)."""
-    from gptcli.generate import check_seed
+    from gptcli.decoding.generate import check_seed
 
     return check_seed(int(parse_number(option, value, int)), option)
 
@@ -336,7 +336,7 @@ def print_table(
 def check_quantize(quantize: str | None, dtype_name: str) -> str | None:
     """--quantize as a scheme of QUANTIZE_SCHEMES (None: off); UserError for an unknown one or float32
     activations (generate and serve share it)."""
-    from gptcli.generate import QUANTIZE_SCHEMES
+    from gptcli.kernels.prepare import QUANTIZE_SCHEMES
 
     scheme = None if quantize is None else quantize.strip().lower()
     if scheme is not None and scheme not in QUANTIZE_SCHEMES:

@@ -1,4 +1,4 @@
-"""`gptcli generate`: stream a continuation of a prompt. Parsing and rendering only; decoding is gptcli.generate."""
+"""`gptcli generate`: stream a continuation of a prompt. Parsing and rendering only; decoding is gptcli.decoding.generate."""
 
 from __future__ import annotations
 
@@ -38,11 +38,11 @@ from gptcli.commands.common import (
 from gptcli.devices import check_device_name, check_dtype_name
 from gptcli.devices import dtype_name as name_of
 from gptcli.errors import UserError
-from gptcli.generate import FINISH_CLOSED, FINISH_INTERRUPTED, MAX_SEED, SamplingOptions
-from gptcli.speculative import SpeculativeGeneration, SpeculativeOptions, Speculator, draft_inference_options
+from gptcli.decoding.generate import FINISH_CLOSED, FINISH_INTERRUPTED, MAX_SEED, SamplingOptions
+from gptcli.decoding.speculative import SpeculativeGeneration, SpeculativeOptions, Speculator, draft_inference_options
 
 if TYPE_CHECKING:
-    from gptcli.generate import Generation, Timings
+    from gptcli.decoding.generate import Generation, Timings
     from gptcli.runtime import InferenceOptions, Runtime
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -378,7 +378,7 @@ def _stats_line(load_s: float, t: "Timings", compile_s: float | None, loaded: "R
 
     compiled = "" if compile_s is None else f", compile {compile_s:.2f} s"
     if loaded.kernel_plan is not None:
-        from gptcli.decode_kernels import describe
+        from gptcli.kernels.decode import describe
 
         tuned = "" if loaded.tune_seconds is None else f", tuned in {loaded.tune_seconds:.2f} s"
         compiled = f" (kernels {describe(loaded.kernel_counts)}{tuned})" + compiled
@@ -394,7 +394,7 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
          samples: int = 1, logprobs_k: int | None = None, show_probs: bool = False,
          spec: SpeculativeOptions = SpeculativeOptions()) -> None:
     from gptcli.commands.probability_view import StreamView
-    from gptcli.generate import Generation, crop_prompt, make_decoder, prompt_ids
+    from gptcli.decoding.generate import Generation, crop_prompt, make_decoder, prompt_ids
 
     check_tokenizer_early(weights)  # its error is quicker than loading a model
     greedy_note(options)
@@ -423,7 +423,7 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
     for sample in range(1, samples + 1):
         sample_options = options if samples == 1 else replace(options, seed=options.seed + sample - 1)
         view = StreamView(logprobs_k, show_probs and not json_output)
-        if speculator:  # the same protocol, with a draft (gptcli.speculative)
+        if speculator:  # the same protocol, with a draft (gptcli.decoding.speculative)
             generation = speculator.generation(ids, sample_options, observe=view.recorder)
         else:
             generation = Generation(decoder, ids, sample_options, context_length=cfg.context_length,
@@ -492,7 +492,7 @@ def _stream_one(generation: "Generation", prompt_text: str, ids: list[int], drop
 
 
 def _speculative_json(generation, draft: "Runtime | None") -> dict:
-    """``speculative`` for --json, only with a draft (gptcli.speculative.SpeculativeStats)."""
+    """``speculative`` for --json, only with a draft (gptcli.decoding.speculative.SpeculativeStats)."""
     if not isinstance(generation, SpeculativeGeneration):
         return {}
     t = generation.timings
@@ -535,7 +535,7 @@ def result_record(prompt: str, prompt_ids: list[int], dropped: int, token_ids: l
 def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOptions, *, size, config, weights: str,
                    device_name: str, dtype_name: str, json_output: bool, stats: bool, echo: bool,
                    samples: int = 1, logprobs_k: int | None = None) -> None:
-    from gptcli.generate import Timings, prompt_ids
+    from gptcli.decoding.generate import Timings, prompt_ids
 
     prompts = split_lines(stdin_text)
     greedy_note(options)
@@ -567,9 +567,9 @@ def _each_line_batches(prompts: list[str], encoded: list[list[int]], options: Sa
     joins), and write each in input order as soon as it can, adding to ``total``; ``written[0]`` counts
     the prompts written. With ``samples`` > 1 every prompt is ``samples`` rows, seeded ``options.seed``,
     +1, ..., written in that order."""
-    from gptcli.batch import BatchDecoder, decode_rows_in_order
-    from gptcli.generate import SequenceState, crop_prompt
-    from gptcli.logprobs import Recorder, openai_logprobs
+    from gptcli.decoding.batch import BatchDecoder, decode_rows_in_order
+    from gptcli.decoding.generate import SequenceState, crop_prompt
+    from gptcli.decoding.logprobs import Recorder, openai_logprobs
 
     cfg, tokenizer = loaded.cfg, loaded.tokenizer
     rows = [(index, sample) for index in range(len(prompts)) for sample in range(samples)]

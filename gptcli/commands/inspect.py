@@ -30,7 +30,7 @@ from gptcli import checkpoint as ckpt
 from gptcli.config import GPTConfig, resolve_config
 from gptcli.devices import check_device_name, check_dtype_name
 from gptcli.errors import UserError
-from gptcli.generate import check_seed
+from gptcli.decoding.generate import check_seed
 from gptcli.inspection import (
     Node,
     checkpoint_report,

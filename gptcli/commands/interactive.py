@@ -1,4 +1,4 @@
-"""`gptcli generate --interactive`: the terminal side of a session (gptcli.session): line editing and
+"""`gptcli generate --interactive`: the terminal side of a session (gptcli.decoding.session): line editing and
 history (readline), slash commands, Ctrl-C and Ctrl-D. The model and the running text live in the library."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from gptcli.commands.common import check_tokenizer_early, err, load_for_command,
 from gptcli.errors import UserError
 
 if TYPE_CHECKING:
-    from gptcli.generate import SamplingOptions
+    from gptcli.decoding.generate import SamplingOptions
     from gptcli.runtime import InferenceOptions
-    from gptcli.session import Session, TurnStats
-    from gptcli.speculative import SpeculativeOptions
+    from gptcli.decoding.session import Session, TurnStats
+    from gptcli.decoding.speculative import SpeculativeOptions
 
 PROMPT = "> "
 EXIT_INTERRUPTED = 130
@@ -39,8 +39,8 @@ Ctrl-C stops the model's continuation (what it wrote stays) or clears the line y
 def run_session(prompt: str | None, options: "SamplingOptions", inference: "InferenceOptions", *, stats: bool,
                 show_probs: bool, spec: "SpeculativeOptions | None" = None) -> None:
     """Load the model (and a --draft) once, then read lines until Ctrl-D or /quit."""
-    from gptcli.session import Session
-    from gptcli.speculative import draft_inference_options
+    from gptcli.decoding.session import Session
+    from gptcli.decoding.speculative import draft_inference_options
 
     check_tokenizer_early(inference.weights)
     if options.greedy and (options.top_k is not None or options.top_p is not None):
@@ -211,7 +211,7 @@ def _or_none(value: object) -> str:
 
 
 def _tokens(session: "Session", last: int = 40) -> str:
-    from gptcli.pieces import pieces
+    from gptcli.token_pieces import pieces
 
     ids = session.token_ids() if session.text else []
     shown = pieces(session.runtime.tokenizer, ids[-last:])
@@ -222,7 +222,7 @@ def _tokens(session: "Session", last: int = 40) -> str:
 
 
 def _history_file():
-    from gptcli.decode_kernels import cache_path
+    from gptcli.kernels.decode import cache_path
 
     return cache_path().parent / "history"
 

@@ -1,5 +1,5 @@
 """Text coloured by the probability the model gave each token: ``generate --show-probs``, ``score
---show`` and the interactive session. Rendering only; the log-probabilities come from gptcli.logprobs.
+--show`` and the interactive session. Rendering only; the log-probabilities come from gptcli.decoding.logprobs.
 
 Colours are shown only where stdout gets Rich output (a terminal, or FORCE_COLOR; see
 ``stdout_styled``) and NO_COLOR is not set (non-empty, as Rich reads it). Otherwise nothing here
@@ -14,7 +14,7 @@ import sys
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 if TYPE_CHECKING:
-    from gptcli.logprobs import TokenLogprob
+    from gptcli.decoding.logprobs import TokenLogprob
 
 # (lowest probability, Rich colour, label), likeliest band first. Surprisal is -log2 of the probability:
 # the bands are 1, 3.3 and 6.6 bits.
@@ -103,7 +103,7 @@ def check_view_options(logprobs: str | None, *, show_probs: bool, json_output: b
     """``generate``'s --logprobs K (None when not given), after checking it goes with the other options."""
     from gptcli.commands.common import parse_number
     from gptcli.errors import UserError
-    from gptcli.logprobs import MAX_LOGPROBS
+    from gptcli.decoding.logprobs import MAX_LOGPROBS
 
     if interactive and (json_output or each_line):
         raise UserError("--interactive is a session on a terminal; not with --json or --each-line")
@@ -128,7 +128,7 @@ class StreamView:
     as ``Generation(observe=...)``, colours for its pieces, and the JSON ``logprobs`` object."""
 
     def __init__(self, logprobs_k: int | None, show_probs: bool, legend: bool = True):
-        from gptcli.logprobs import Recorder
+        from gptcli.decoding.logprobs import Recorder
 
         self.k = logprobs_k
         self.colours = ColouredOutput() if show_probs and colours_wanted() else None
@@ -145,7 +145,7 @@ class StreamView:
 
     def json(self, tokenizer, start_offset: int = 0) -> dict:
         """``{"logprobs": ...}`` in OpenAI's format with --logprobs, else nothing."""
-        from gptcli.logprobs import openai_logprobs
+        from gptcli.decoding.logprobs import openai_logprobs
 
         if self.k is None or self.recorder is None:
             return {}

@@ -1,5 +1,5 @@
 """`gptcli score --tokens / --worst N / --show`: a text token by token, its most surprising tokens, and
-the text coloured by probability. Rendering only; the numbers come from gptcli.logprobs."""
+the text coloured by probability. Rendering only; the numbers come from gptcli.decoding.logprobs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 from gptcli.commands.common import print_table, stdout_styled
 
 if TYPE_CHECKING:
-    from gptcli.logprobs import TokenLogprob
+    from gptcli.decoding.logprobs import TokenLogprob
     from gptcli.tokenizer import Tokenizer
 
 BEFORE = 24  # characters of context shown before a surprising token
@@ -21,14 +21,14 @@ def percent(prob: float) -> str:
 
 
 def _offsets(entries: Sequence["TokenLogprob"], tokenizer: "Tokenizer") -> tuple[list[int], str]:
-    from gptcli.pieces import pieces
+    from gptcli.token_pieces import pieces
 
     found = pieces(tokenizer, [e.token_id for e in entries])
     return [p.start for p in found], tokenizer.decode([e.token_id for e in entries])
 
 
 def _top(entry: "TokenLogprob", tokenizer: "Tokenizer") -> str:
-    from gptcli.pieces import visible
+    from gptcli.token_pieces import visible
 
     if not entry.top:
         return "-"
@@ -37,7 +37,7 @@ def _top(entry: "TokenLogprob", tokenizer: "Tokenizer") -> str:
 
 
 def _row(index: int, offset: int, entry: "TokenLogprob", tokenizer: "Tokenizer") -> list[str]:
-    from gptcli.pieces import visible
+    from gptcli.token_pieces import visible
 
     token = visible(tokenizer.token_bytes(entry.token_id))
     if entry.logprob is None:
@@ -57,8 +57,8 @@ def render_tokens(name: str, entries: Sequence["TokenLogprob"], tokenizer: "Toke
 
 
 def render_worst(name: str, entries: Sequence["TokenLogprob"], tokenizer: "Tokenizer", n: int) -> None:
-    from gptcli.logprobs import least_likely
-    from gptcli.pieces import visible
+    from gptcli.decoding.logprobs import least_likely
+    from gptcli.token_pieces import visible
 
     offsets, text = _offsets(entries, tokenizer)
     rows = []
@@ -91,7 +91,7 @@ def render_show(entries: Sequence["TokenLogprob"], tokenizer: "Tokenizer") -> No
 def json_fields(entries: Sequence["TokenLogprob"], tokenizer: "Tokenizer", *, tokens: bool, worst: int | None
                 ) -> dict:
     """``logprobs`` (OpenAI's format) with --tokens, ``worst`` with --worst N."""
-    from gptcli.logprobs import least_likely, openai_logprobs, token_text
+    from gptcli.decoding.logprobs import least_likely, openai_logprobs, token_text
 
     out: dict = {}
     if tokens:

@@ -1,5 +1,5 @@
-"""`gptcli serve`: an OpenAI-compatible HTTP server. Parsing and notes only; the server is gptcli.server,
-the batching gptcli.engine (both imported when the command runs, so `gptcli --help` loads neither)."""
+"""`gptcli serve`: an OpenAI-compatible HTTP server. Parsing and notes only; the server is gptcli.serving.server,
+the batching gptcli.serving.engine (both imported when the command runs, so `gptcli --help` loads neither)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from gptcli.errors import UserError
 
 API_KEY_ENV = "GPTCLI_API_KEY"
 EXIT_INTERRUPTED = 130
-CHECKED_BATCH_ROWS = 8  # gptcli.decode_kernels.BATCH_ROWS, the rows its invariance check covers (no torch here)
+CHECKED_BATCH_ROWS = 8  # gptcli.kernels.decode.BATCH_ROWS, the rows its invariance check covers (no torch here)
 
 
 def is_loopback(host: str) -> bool:
@@ -119,9 +119,9 @@ def serve(
 def _serve(*, size: str | None, config, weights: str, host: str, port: int, max_batch: int, max_queue: int,
            max_tokens_cap: int, api_key: str | None, model_name: str | None, device_name: str, dtype_name: str,
            scheme: str | None, threads: int | None, tune: bool) -> None:
-    from gptcli.completions import Limits
+    from gptcli.serving.completions import Limits
     from gptcli.runtime import InferenceOptions
-    from gptcli.server import ServeSettings, default_model_id, listen, run_server
+    from gptcli.serving.server import ServeSettings, default_model_id, listen, run_server
 
     sock = listen(host, port)  # before loading: a port in use fails at once
     runtime = load_for_command(InferenceOptions(size=size, config=config, weights=weights, device=device_name,

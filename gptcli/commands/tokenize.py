@@ -1,5 +1,5 @@
 """`gptcli tokenize`: a text's tokens (id, piece, offsets), or ids back to text. No torch: the
-tokenizer alone, from tiktoken or a checkpoint's safetensors header (gptcli.pieces)."""
+tokenizer alone, from tiktoken or a checkpoint's safetensors header (gptcli.token_pieces)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def tokenize(
       gptcli tokenize --count < story.txt
       gptcli tokenize --weights runs/shakespeare "ROMEO:"     # a run's own (character) tokenizer
     """
-    from gptcli import pieces
+    from gptcli import token_pieces as pieces
 
     words = list(text or [])
     if not decode and len(words) > 1:

@@ -7,8 +7,8 @@
 - ``optimizer``: the learning-rate schedule and AdamW; ``state``: the resumable state file;
 - ``run_folder``: what a run folder holds and the checks before writing one; ``distributed``: torchrun.
 
-The batches come from ``gptcli.data`` (the book's windows or nanoGPT's random ones), the training
-kernels from ``gptcli.train_kernels``.
+The batches come from ``gptcli.training.data`` (the book's windows or nanoGPT's random ones), the training
+kernels from ``gptcli.kernels.train``.
 
 Importing this package loads none of them: each name below is imported from its module on first
 use (PEP 562), so `gptcli train --help`, which reads the settings' defaults, stays quick.

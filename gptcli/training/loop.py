@@ -30,7 +30,7 @@ from gptcli.training.state import STATE_FILE, Position, restore_optimizer, resto
 if TYPE_CHECKING:
     import torch
 
-    from gptcli.train_kernels import TrainPlan
+    from gptcli.kernels.train import TrainPlan
 
 
 def autocast(device: "torch.device", dtype: str):
@@ -48,7 +48,7 @@ def batch_loss(model, x: "torch.Tensor", y: "torch.Tensor", *, device: "torch.de
 
     ``model`` may be wrapped (torch.compile, DDP). When training with a plan whose ``head_loss`` is
     on, the output head (``head_weight``) and the cross-entropy run as one chunked function
-    (``gptcli.train_kernels.head_loss``) after the model's blocks; evaluation (no grad) takes the plain route.
+    (``gptcli.kernels.train.head_loss``) after the model's blocks; evaluation (no grad) takes the plain route.
     """
     import torch
     import torch.nn.functional as F
@@ -56,11 +56,11 @@ def batch_loss(model, x: "torch.Tensor", y: "torch.Tensor", *, device: "torch.de
     x, y = x.to(device), y.to(device)
     attention = None
     if plan is not None and torch.is_grad_enabled():
-        from gptcli.train_kernels import attention_for
+        from gptcli.kernels.train import attention_for
 
         attention = attention_for(plan)
     if plan is not None and plan.head_loss and head_weight is not None and torch.is_grad_enabled():
-        from gptcli.train_kernels import head_loss
+        from gptcli.kernels.train import head_loss
 
         with autocast(device, dtype):
             hidden = model(x, head=False, attention=attention)  # (B, T, emb_dim)
@@ -75,8 +75,8 @@ class Trainer:
     current step with a checkpoint. ``plan`` overrides the training kernels (benchmarks)."""
 
     def __init__(self, run: Run, plan: "TrainPlan | None" = None):
-        from gptcli import train_kernels
-        from gptcli.data import make_batches
+        from gptcli.kernels import train as train_kernels
+        from gptcli.training.data import make_batches
 
         self.run, self.settings, self.model = run, run.settings, run.model
         s, cfg = run.settings, run.model.cfg
@@ -150,7 +150,7 @@ class Trainer:
         """A continuation of the sample prompt, drawn as the settings say: greedy (the book's
         generate_and_print_sample) or sampled with a fixed seed (nanoGPT's sample.py). The samples'
         generator is their own, so sampling never moves the training's random numbers."""
-        from gptcli.generate import Decoder, Generation, prompt_ids
+        from gptcli.decoding.generate import Decoder, Generation, prompt_ids
 
         model, tok, s = self.model, self.run.tokenizer, self.settings
         model.eval()

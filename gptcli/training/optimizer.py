@@ -10,8 +10,8 @@ from gptcli.training.settings import TrainSettings
 if TYPE_CHECKING:
     import torch
 
-    from gptcli.model import GPTModel
-    from gptcli.train_kernels import TrainPlan
+    from gptcli.model.gpt import GPTModel
+    from gptcli.kernels.train import TrainPlan
 
 
 def learning_rate(step: int, s: TrainSettings, total_steps: int) -> float:

@@ -200,7 +200,7 @@ def clear_run(out: Path) -> None:
 
 def store_data(train: "np.ndarray", val: "np.ndarray", out: Path, vocab_size: int) -> tuple["np.ndarray", "np.ndarray"]:
     """Write the ids under ``out/data`` and map them back from there (they leave memory)."""
-    from gptcli import data
+    from gptcli.training import data
 
     folder = out / DATA_DIR
     folder.mkdir(parents=True, exist_ok=True)

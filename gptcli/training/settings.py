@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gptcli.errors import UserError
-from gptcli.generate import check_seed
+from gptcli.decoding.generate import check_seed
 
 if TYPE_CHECKING:
-    from gptcli.generate import SamplingOptions
+    from gptcli.decoding.generate import SamplingOptions
 
 
 @dataclass
@@ -116,7 +116,7 @@ class TrainSettings:
 
     def sampling_options(self) -> "SamplingOptions":
         """How the progress samples are drawn: the recipe's temperature and top-k, a fixed seed."""
-        from gptcli.generate import SamplingOptions
+        from gptcli.decoding.generate import SamplingOptions
 
         return SamplingOptions(max_new_tokens=self.sample_tokens, temperature=float(self.sample_temperature),
                                top_k=self.sample_top_k, seed=self.seed if self.sample_seed is None else self.sample_seed,
@@ -126,7 +126,7 @@ class TrainSettings:
 SETTING_NAMES = {f.name for f in dataclasses.fields(TrainSettings)}
 # Recipe keys that choose the model rather than how it trains.
 MODEL_KEYS = ("size", "config", "model", "weights")
-# "data": the dataset (gptcli.datasets) a recipe trains on when no DATA is given.
+# "data": the dataset (gptcli.training.downloads) a recipe trains on when no DATA is given.
 RECIPE_KEYS = {"description", "data", *MODEL_KEYS, *SETTING_NAMES} - {"dtype", "compile", "device"}
 
 
@@ -139,7 +139,7 @@ class Recipe:
     model: dict[str, Any] = field(default_factory=dict)  # architecture overrides
     weights: str | None = None
     description: str = ""
-    data: str | None = None  # a gptcli.datasets name: what to train on without DATA
+    data: str | None = None  # a gptcli.training.downloads name: what to train on without DATA
 
 
 def recipes_dir() -> Path:

@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     import torch
 
     from gptcli.config import GPTConfig
-    from gptcli.data import Text
-    from gptcli.model import GPTModel
+    from gptcli.training.data import Text
+    from gptcli.model.gpt import GPTModel
     from gptcli.tokenizer import Tokenizer
 
 Note = Callable[[str], None]
@@ -149,7 +149,7 @@ def set_dropout(model: "GPTModel", p: float) -> None:
     """Change every dropout rate of a built model (the config's drop_rate)."""
     import torch.nn as nn
 
-    from gptcli.model import MultiHeadAttention
+    from gptcli.model.gpt import MultiHeadAttention
 
     for m in model.modules():
         if isinstance(m, nn.Dropout):
@@ -161,7 +161,7 @@ def set_dropout(model: "GPTModel", p: float) -> None:
 
 def encode_data(texts, tokenizer: "Tokenizer", s: TrainSettings, progress=None) -> tuple["np.ndarray", "np.ndarray"]:
     """Split and tokenize: (training ids, validation ids), in memory."""
-    from gptcli import data
+    from gptcli.training import data
 
     text = data.join_texts(texts, tokenizer.name)
     train_text, val_text = data.split_text(text, s.val_fraction)
@@ -178,7 +178,7 @@ def encode_data(texts, tokenizer: "Tokenizer", s: TrainSettings, progress=None) 
 
 def check_data(train_ids, val_ids, s: TrainSettings, context_length: int) -> tuple[int, int | None]:
     """Is there enough text for this run? (total steps, steps per epoch); UserError naming what is short."""
-    from gptcli.data import n_windows
+    from gptcli.training.data import n_windows
 
     stride = s.stride or context_length
     if s.sampling == "windows":
@@ -212,7 +212,7 @@ def new_model(cfg: "GPTConfig", s: TrainSettings, device: "torch.device") -> "GP
     init, when ``choose_init`` picks it), as the book's chapter 5 does before training."""
     import torch
 
-    from gptcli.model import GPTModel
+    from gptcli.model.gpt import GPTModel
 
     init = choose_init(s.init, cfg)
     torch.manual_seed(s.seed)
@@ -268,7 +268,7 @@ def check_sample_prompt(settings: TrainSettings, tok: "Tokenizer", note: Note) -
 def check_folder_room(out: Path, cfg: "GPTConfig", n_tokens: int, vocab_size: int, resuming: bool = False) -> None:
     """The run folder's disk can take this run's checkpoints (``run_folder.folder_bytes``); a resumed
     run's folder holds them already and needs the room to rewrite one."""
-    from gptcli.data import id_dtype
+    from gptcli.training.data import id_dtype
     from gptcli.params import count_params
 
     need = run_folder.folder_bytes(count_params(cfg).total, n_tokens, id_dtype(vocab_size).itemsize)
@@ -361,7 +361,7 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
     a seeded new model (or the weights to fine-tune). Only rank 0 writes."""
     import torch
 
-    from gptcli.data import digest, read_texts
+    from gptcli.training.data import digest, read_texts
     from gptcli.devices import configure_threads
 
     configure_threads(request.threads)  # first: the automatic count measures the load since startup
@@ -369,7 +369,7 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
     settings = _settings(request, dict(recipe.settings) if recipe else {})
     data = request.data
     if not data and recipe is not None and recipe.data is not None:
-        from gptcli.datasets import fetch
+        from gptcli.training.downloads import fetch
 
         data = (str(fetch(recipe.data, note=note)),)  # the recipe's own text, downloaded once and cached
     if not data:
@@ -476,7 +476,7 @@ def resume_threads(requested: int | None, recorded: int | None, note: Note) -> i
 
 def resume_run(request: RunRequest, *, note: Note = _ignore) -> Run:
     """The run in ``request.resume``, from its state file and data/, to continue where it stopped."""
-    from gptcli.data import digest, load_ids, read_texts
+    from gptcli.training.data import digest, load_ids, read_texts
     from gptcli.devices import check_device_name
 
     folder = request.resume

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     import torch
 
     from gptcli.config import GPTConfig
-    from gptcli.data import Batches
-    from gptcli.model import GPTModel
+    from gptcli.training.data import Batches
+    from gptcli.model.gpt import GPTModel
     from gptcli.tokenizer import Tokenizer
 
 
@@ -160,7 +160,7 @@ def restore_position(state: TrainingState, batches: "Batches") -> Position:
 
 def model_from_state(state: TrainingState, device: "torch.device") -> "GPTModel":
     """The model a state file holds, built on the meta device and filled with its tensors."""
-    from gptcli.model import build_model
+    from gptcli.model.gpt import build_model
 
     cfg = state.cfg
     weights = dict(state.model)

@@ -1,11 +1,11 @@
-"""``gptcli serve``'s HTTP layer: OpenAI's API over FastAPI and uvicorn, on top of ``gptcli.engine``.
+"""``gptcli serve``'s HTTP layer: OpenAI's API over FastAPI and uvicorn, on top of ``gptcli.serving.engine``.
 
 Imported only by ``gptcli.commands.serve`` (FastAPI and uvicorn are loaded by ``serve`` alone). This
-module translates: HTTP and JSON in, ``gptcli.completions`` to check them, the engine to decode,
+module translates: HTTP and JSON in, ``gptcli.serving.completions`` to check them, the engine to decode,
 JSON or server-sent events out. Every refusal is OpenAI's error object with a 4xx (``ApiError``);
 nothing here prints (uvicorn's own log is kept at warnings).
 
-``GET /`` is the playground page (``gptcli.playground``); it needs no key, the API calls it makes do.
+``GET /`` is the playground page (``gptcli.serving.playground``); it needs no key, the API calls it makes do.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gptcli.completions import (
+from gptcli.serving.completions import (
     ApiError,
     Choice,
     CompletionRequest,
@@ -37,9 +37,9 @@ from gptcli.completions import (
     stream_chunk,
     usage_chunk,
 )
-from gptcli.engine import Engine, EngineClosed, QueueFull, RowEvent, Ticket
+from gptcli.serving.engine import Engine, EngineClosed, QueueFull, RowEvent, Ticket
 from gptcli.errors import UserError
-from gptcli.playground import HEADERS as PAGE_HEADERS, playground_html
+from gptcli.serving.playground import HEADERS as PAGE_HEADERS, playground_html
 
 if TYPE_CHECKING:
     from gptcli.runtime import Runtime

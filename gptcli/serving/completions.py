@@ -1,6 +1,6 @@
 """OpenAI's legacy completions API (``/v1/completions``) as data: checking a request's JSON and turning
-it into ``gptcli.engine.RowRequest``s, and turning the engine's events into OpenAI's response and
-stream chunks. No web code and no model here (``gptcli.server`` serves it). Never prints.
+it into ``gptcli.serving.engine.RowRequest``s, and turning the engine's events into OpenAI's response and
+stream chunks. No web code and no model here (``gptcli.serving.server`` serves it). Never prints.
 
 What a request gets, field by field, follows OpenAI's reference; where gptcli differs, the README's
 ``gptcli serve`` section says so. Every mistake is an ``ApiError``: a 4xx and OpenAI's error object
@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from gptcli.errors import UserError
-from gptcli.generate import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, MAX_SEED, SamplingOptions, prompt_ids
+from gptcli.decoding.generate import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, MAX_SEED, SamplingOptions, prompt_ids
 
 if TYPE_CHECKING:
-    from gptcli.engine import RowEvent, RowRequest
-    from gptcli.logprobs import TokenLogprob
+    from gptcli.serving.engine import RowEvent, RowRequest
+    from gptcli.decoding.logprobs import TokenLogprob
     from gptcli.tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -101,7 +101,7 @@ class CompletionRequest:
 
     def rows(self) -> list["RowRequest"]:
         """One RowRequest per choice, in OpenAI's order: choice ``i * n + j`` is prompt i's j-th."""
-        from gptcli.engine import RowRequest
+        from gptcli.serving.engine import RowRequest
 
         return [RowRequest(prompt, self.options[j], self.logprobs) for prompt in self.prompts for j in range(self.n)]
 
@@ -347,10 +347,10 @@ class Choice:
     offsets: list[int] = field(default_factory=list)  # each generated token's text_offset
     finish_reason: str | None = None
     error: str | None = None
-    _offsets: Any = None  # gptcli.logprobs.TextOffsets: characters of the prompt and the tokens so far
+    _offsets: Any = None  # gptcli.decoding.logprobs.TextOffsets: characters of the prompt and the tokens so far
 
     def __post_init__(self) -> None:
-        from gptcli.logprobs import TextOffsets
+        from gptcli.decoding.logprobs import TextOffsets
 
         self._offsets = TextOffsets()
 
@@ -385,7 +385,7 @@ class Choice:
             self.finish_reason = FINISH_REASONS.get(event.finish_reason, event.finish_reason)
 
     def logprobs_object(self, entries: Sequence["TokenLogprob"], offsets: Sequence[int]) -> dict:
-        from gptcli.logprobs import openai_logprobs
+        from gptcli.decoding.logprobs import openai_logprobs
 
         out = openai_logprobs(entries, self.token_bytes)
         out["text_offset"] = list(offsets)

@@ -1,11 +1,11 @@
 """Continuous batching for ``gptcli serve``: requests join a running batch between decode steps. Never prints.
 
-No web code here: the HTTP layer (``gptcli.server``) turns requests into ``RowRequest``s, ``submit``s
+No web code here: the HTTP layer (``gptcli.serving.server``) turns requests into ``RowRequest``s, ``submit``s
 them with a sink, and renders the ``RowEvent``s the sink receives.
 
 One background thread owns the model. Between two decode steps it ends the rows that finished or were
 cancelled, admits waiting rows (up to ``max_batch``; they are prefilled in a forward call of their
-own and join the batch, see ``gptcli.batch.BatchLoop``) and runs work that needs the
+own and join the batch, see ``gptcli.decoding.batch.BatchLoop``) and runs work that needs the
 model alone (a prompt's own log-probabilities for ``echo``). Every row samples from its own
 generator, seeded as ``gptcli generate --seed`` seeds it, so on the CPU a row's ids are the ones it
 gets alone, whatever else runs beside it.
@@ -19,17 +19,17 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from gptcli.decode_kernels import BATCH_ROWS
-from gptcli.generate import SamplingOptions, SequenceState
+from gptcli.kernels.decode import BATCH_ROWS
+from gptcli.decoding.generate import SamplingOptions, SequenceState
 
 if TYPE_CHECKING:
     import torch
 
-    from gptcli.batch import BatchLoop
-    from gptcli.logprobs import TokenLogprob
+    from gptcli.decoding.batch import BatchLoop
+    from gptcli.decoding.logprobs import TokenLogprob
     from gptcli.runtime import Runtime
 
-# The batch sizes whose rows gptcli.decode_kernels checks to be invariant on this CPU when it chooses
+# The batch sizes whose rows gptcli.kernels.decode checks to be invariant on this CPU when it chooses
 # the kernels: 2..BATCH_ROWS (one row is multiplied as two). A larger --max-batch runs, unchecked.
 CHECKED_BATCH_ROWS = BATCH_ROWS
 
@@ -132,7 +132,7 @@ class Engine:
     def prompt_logprobs(self, ids: Sequence[int], k: int) -> "Future[list[TokenLogprob]]":
         """Every token's log-probability under the model (the first has none), and the ``k`` likeliest
         at each position; computed in the engine's thread between steps."""
-        from gptcli.logprobs import sequence_logprobs
+        from gptcli.decoding.logprobs import sequence_logprobs
 
         def run() -> list["TokenLogprob"]:
             import torch
@@ -253,7 +253,7 @@ class Engine:
 
     def _send(self, events: list[tuple[SequenceState, int, "torch.Tensor", str]]) -> None:
         """Each row's new id on to its ticket, with its log-probabilities when the request asked."""
-        from gptcli.logprobs import step_logprobs
+        from gptcli.decoding.logprobs import step_logprobs
 
         for seq, token_id, logits, text in events:
             k = self._owners[id(seq)][0].rows[self._owners[id(seq)][1]].logprobs
@@ -303,6 +303,6 @@ class Engine:
             self._places = 0
 
     def _new_loop(self) -> "BatchLoop":
-        from gptcli.batch import BatchDecoder, BatchLoop
+        from gptcli.decoding.batch import BatchDecoder, BatchLoop
 
         return BatchLoop(BatchDecoder(self.runtime.model, self.runtime.device, self.runtime.dtype))

@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptcli import onednn
+from gptcli.kernels import onednn
 
 EAGER = "eager"
 COMPILED = "compiled"
@@ -90,7 +90,7 @@ def _free_slot(handle: int) -> None:
 # with a batch's: it multiplies the lone row as it is (20 us a call against 37 for the pair through
 # torch.library.custom_op, 0.7 ms of a 124M step). Defined with torch.library.Library, whose calls
 # cost less than custom_op's.
-_LIBRARY = torch.library.Library("gptcli", "FRAGMENT")  # gptcli.train_kernels defines training ops there too
+_LIBRARY = torch.library.Library("gptcli", "FRAGMENT")  # gptcli.kernels.train defines training ops there too
 _LIBRARY.define("decode_linear(Tensor x, Tensor? bias, int handle, int out_features) -> Tensor")
 
 

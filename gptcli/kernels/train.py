@@ -1,6 +1,6 @@
 """Training kernels, beside the model: what the training loop selects at run time.
 
-``gptcli.model`` reads like the book; this module makes its training steps faster without changing
+``gptcli.model.gpt`` reads like the book; this module makes its training steps faster without changing
 their maths. ``plan(device)`` says what the machine supports, ``prepare(model, plan)`` applies it:
 
 - **oneDNN matmuls for float32 Linear layers on the CPU.** torch's float32 ``F.linear`` on the CPU
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from gptcli.model import GPTModel
+    from gptcli.model.gpt import GPTModel
 
 # Rows of logits that head_loss computes at once: 1024 x 50257 float32 is 206 MB. Smaller chunks
 # add a pass over the (vocab, emb) weight gradient each; 1024 was the fastest of 512-2048 here.
@@ -42,7 +42,7 @@ HEAD_CHUNK_ROWS = 1024
 
 
 def onednn_available() -> bool:
-    from gptcli import onednn
+    from gptcli.kernels import onednn
 
     return onednn.AVAILABLE
 
@@ -55,7 +55,7 @@ def _onednn_linear(a: "torch.Tensor", b: "torch.Tensor", bias: "torch.Tensor | N
 
     if torch.compiler.is_compiling():
         return torch.ops.gptcli.onednn_linear(a, b, bias)  # registered by prepare(), before any tracing
-    from gptcli import onednn
+    from gptcli.kernels import onednn
 
     return onednn.linear_pointwise(a, b, bias)
 
@@ -83,7 +83,7 @@ def _define_train_linear() -> type:
     """TrainLinear: the model's Linear layers in training (``prepare`` swaps them in)."""
     import torch
 
-    from gptcli.onednn import InferenceLinear
+    from gptcli.kernels.onednn import InferenceLinear
 
     class TrainLinear(InferenceLinear):
         """nn.Linear (same parameters and state_dict) whose float32 training matmuls go through
@@ -107,7 +107,7 @@ def _define_onednn_linear() -> type:
     @torch.library.custom_op("gptcli::onednn_linear", mutates_args=(),
                              schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
     def onednn_linear_op(x, weight, bias):
-        from gptcli import onednn
+        from gptcli.kernels import onednn
 
         return onednn.linear_pointwise(x, weight, bias)
 
@@ -314,12 +314,12 @@ def attention_kernel(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", dr
 
 
 def training_attention(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", ctx, dropout_p: float) -> "torch.Tensor":
-    """The attention the training loop passes to the model (an ``gptcli.model.Attention``):
+    """The attention the training loop passes to the model (an ``gptcli.model.gpt.Attention``):
     ``attention_kernel`` for a training step's causal self-attention with gradients on, the model's
     own ``causal_attention`` for anything else."""
     import torch
 
-    from gptcli.model import causal_attention
+    from gptcli.model.gpt import causal_attention
 
     if ctx.mask is None and ctx.cache is None and torch.is_grad_enabled():
         return attention_kernel(q, k, v, dropout_p)
@@ -378,7 +378,7 @@ def plan(device: "torch.device") -> TrainPlan:
 def prepare(model: "GPTModel", chosen: TrainPlan) -> None:
     """Swap the model's Linear layers for TrainLinear with the plan's kernel (the model's maths is
     unchanged); the loop passes ``attention_for(chosen)`` to the model's forward."""
-    from gptcli.onednn import swap_linears
+    from gptcli.kernels.onednn import swap_linears
 
     train_linear = _functions()["TrainLinear"]  # also defines the custom op now: torch.compile cannot trace that
     for layer in swap_linears(model, train_linear):

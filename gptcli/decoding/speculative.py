@@ -17,7 +17,7 @@ new query the very attention call a one-token step makes). Sampling with a model
 Leviathan et al. (2023) / Chen et al. (2023): accept draft token d with probability min(1, p(d)/q(d)),
 at the first rejection draw from norm(max(0, p - q)), and draw a bonus token from p when all K are
 accepted; p and q are the model's and the draft's distributions after the same temperature/top-k/
-top-p (``gptcli.generate.sampling_candidates``), so the output has plain sampling's distribution.
+top-p (``gptcli.decoding.generate.sampling_candidates``), so the output has plain sampling's distribution.
 Prompt lookup has no q: it draws each position from the model, exactly as plain sampling does with
 the same generator, and keeps going while the draw equals the guess, so its sampled ids too are
 plain decoding's for the seed.
@@ -26,7 +26,7 @@ Past the context window plain decoding recomputes the whole window every step (`
 is no cache to check guesses against, so from the point where K+1 more positions no longer fit,
 generation falls back to plain one-token steps (same ids, no speed-up).
 
-``SpeculativeGeneration`` is a ``gptcli.generate.Generation``: the same text pieces, stop strings,
+``SpeculativeGeneration`` is a ``gptcli.decoding.generate.Generation``: the same text pieces, stop strings,
 finish reasons and timings, plus ``stats`` (acceptance, tokens per model forward, the draft's time).
 """
 
@@ -37,16 +37,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 from gptcli.errors import UserError
-from gptcli.generate import (
-    QUANTIZE_SCHEMES,
-    CompiledDecoder,
-    Decoder,
-    Generation,
-    SamplingOptions,
-    crop_prompt,
-    sampling_probs,
-    select_next,
-)
+from gptcli.decoding.generate import CompiledDecoder, Decoder, Generation, SamplingOptions, crop_prompt, sampling_probs, select_next
+from gptcli.kernels.prepare import QUANTIZE_SCHEMES
 from gptcli.tokenizer import EOT_ID
 
 if TYPE_CHECKING:

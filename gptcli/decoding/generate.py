@@ -13,14 +13,14 @@ Three layers, each usable on its own:
 holds the ids, the text, the finish reason and the timings. The CLI renders; nothing here writes.
 
 ``CompiledDecoder`` (torch.compile'd steps over a static cache) follows the same ``prefill``/``step``
-protocol; batches of prompts live in ``gptcli.batch``.
+protocol; batches of prompts live in ``gptcli.decoding.batch``.
 """
 
 from __future__ import annotations
 
 import codecs
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 from gptcli.errors import UserError
@@ -29,9 +29,8 @@ from gptcli.tokenizer import EOT_ID
 if TYPE_CHECKING:
     import torch
 
-    from gptcli.decode_kernels import DecodePlan
-    from gptcli.kv_cache import KVCache
-    from gptcli.model import GPTModel
+    from gptcli.model.gpt import GPTModel
+    from gptcli.model.kv_cache import KVCache
     from gptcli.tokenizer import Tokenizer
 
 FINISH_EOS = "eos"  # the model produced <|endoftext|>
@@ -145,15 +144,15 @@ class Decoder:
         self._cache: KVCache | None = None
         self._use_cache = False
         self._token = torch.zeros((1, 1), dtype=torch.long, device=device)  # (1, 1), reused every step
-        from gptcli.attention import invariant_on
-        from gptcli.onednn import use_for_inference
+        from gptcli.model.attention import invariant_on
+        from gptcli.kernels.onednn import use_for_inference
 
         self.attention = invariant_on(device)
         use_for_inference(model)
 
     def _ensure_cache(self, length: int) -> "KVCache":
         """A cache of at least ``length`` positions, allocated once and reused while big enough."""
-        from gptcli.kv_cache import KVCache
+        from gptcli.model.kv_cache import KVCache
 
         if self._cache is None or self._cache.max_len < length or self._cache.keys[0].dtype != self.dtype:
             self._cache = KVCache.empty(self.cfg, batch_size=1, max_len=length, device=self.device, dtype=self.dtype)
@@ -197,7 +196,7 @@ class Decoder:
         """Logits (1, V) for ``self._token`` at ``position``, extending the cache."""
         return self.model(self._token, self._cache, attention=self.attention)[:, -1, :]  # (1, V)
 
-    # Speculative decoding (gptcli.speculative) checks several guessed tokens in one pass and forgets
+    # Speculative decoding (gptcli.decoding.speculative) checks several guessed tokens in one pass and forgets
     # the rejected ones.
 
     def room(self) -> int:
@@ -209,7 +208,7 @@ class Decoder:
     def feed(self, tokens: Sequence[int]) -> "torch.Tensor":
         """Append ``tokens`` through the cache in one forward pass; logits (len(tokens), V), row i for
         the token after tokens[i]. Each row is what a one-token ``step`` gives there (on the CPU:
-        row-invariant kernels and ``gptcli.attention.row_invariant``)."""
+        row-invariant kernels and ``gptcli.model.attention.row_invariant``)."""
         import torch
 
         self._check_room(tokens)
@@ -252,7 +251,7 @@ class CompiledDecoder(Decoder):
         super().__init__(model, device, dtype)
         configure_inductor()
         self._position = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
-        from gptcli.attention import for_compiled_step
+        from gptcli.model.attention import for_compiled_step
 
         self._step_attention = for_compiled_step(device)
         if mode is None:
@@ -317,70 +316,6 @@ def cache_bucket(length: int, context_length: int, smallest: int = 256) -> int:
     while bucket < length:
         bucket *= 2
     return min(bucket, context_length)
-
-
-@dataclass
-class Prepared:
-    """A model made ready to decode with, and the kernels it got (``gptcli.decode_kernels``)."""
-
-    model: "GPTModel"
-    plan: "DecodePlan | None" = None  # None: plain Linear layers (not the CPU, quantized, or kernels=None)
-    counts: dict[str, int] = field(default_factory=dict)  # layers per kernel
-
-
-# What prepare_model's quantize takes (gptcli.quantize.int4_group_size), spelled out: the CLI checks it without torch.
-QUANTIZE_SCHEMES = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "int4-g256")
-
-
-def load_dtype(quantize: str | None, device: "torch.device", dtype: "torch.dtype") -> "torch.dtype":
-    """The dtype to load weights in before ``prepare_model``: float32 when quantizing on the CPU, so
-    each layer is quantized straight from the mapped file, with no half-precision copy of the whole
-    model first (1558M int8 peaked at 5.3 GB that way); ``dtype`` otherwise."""
-    import torch
-
-    return torch.float32 if quantize and device.type == "cpu" else dtype
-
-
-def prepare_model(
-    model: "GPTModel", device: "torch.device", dtype: "torch.dtype", quantize: str | None = None,
-    kernels: str | None = None, tune: bool = True,
-) -> Prepared:
-    """Make a loaded model ready to decode with, in place.
-
-    ``quantize="int8"``: weight-only int8 Linear layers; ``"int4"``: weight-only int4 in groups of
-    ``INT4_DEFAULT_GROUP_SIZE`` inputs (``"int4-gN"``: groups of N), with a fast kernel on the CPU
-    only (see gptcli.quantize). A model loaded in float32 (memory-mapped: each layer's pages go back
-    once quantized) is quantized from float32 and the rest cast to ``dtype``.
-    ``kernels``: on the CPU, give each Linear layer the kernel measured fastest for its shape on this
-    CPU (``gptcli.decode_kernels``; ``"eager"`` or ``"compiled"`` for ``--compile``'s steps), measured once
-    and cached on disk; ``tune=False`` (``--no-tune``) takes the defaults without measuring.
-    Inference only: a layer whose kernel copied the weight releases the plain one (and, for a model
-    loaded ``mapped``, gives the file's pages under it back).
-    """
-    from gptcli.quantize import int4_group_size, quantize_int4, quantize_int8
-
-    mapping = getattr(model, "mapped_file", None)
-    release = mapping.release if mapping is not None else None
-    from gptcli.onednn import use_for_inference
-
-    use_for_inference(model)  # row-invariant oneDNN on the CPU; quantized or tuned layers replace it below
-    if quantize is not None:
-        if quantize == "int8":
-            quantize_int8(model, dtype, release)
-        elif int4_group_size(quantize):
-            quantize_int4(model, dtype, group_size=int4_group_size(quantize), release=release)
-        else:
-            raise UserError(f"unknown --quantize {quantize!r}; choose int8, int4 or int4-g32/64/128/256")
-        model.to(dtype)  # what stays in floating point (embeddings, norms, biases), if loaded in float32
-        if mapping is not None:
-            mapping.release(mapping.bytes)  # nothing reads the file any more
-        return Prepared(model)
-    if kernels is None or device.type != "cpu":
-        return Prepared(model)
-    from gptcli import decode_kernels as kernel_choice
-
-    plan = kernel_choice.tune(model, kernels, enabled=tune)
-    return Prepared(model, plan, kernel_choice.apply(model, plan, release))
 
 
 def make_decoder(model: "GPTModel", device: "torch.device", dtype: "torch.dtype", *, compile: bool = False) -> Decoder:
@@ -458,7 +393,7 @@ def keep_for_sampling(logits: "torch.Tensor", options: SamplingOptions) -> tuple
 
 
 def sampling_candidates(logits: "torch.Tensor", options: SamplingOptions) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """The distribution ``select_next`` samples from, as numbers (``gptcli.speculative`` needs them):
+    """The distribution ``select_next`` samples from, as numbers (``gptcli.decoding.speculative`` needs them):
     probabilities (B, k) over the ids ``index`` (B, k), most likely first (zeros where filtered out).
     On the CPU in float32, whatever the logits' device and dtype. No repetition penalty: it needs
     each row's history (``select_next``'s ``history``)."""
@@ -647,7 +582,7 @@ class Continuation:
 
 class SequenceState:
     """One sequence being decoded, whatever runs it (``Generation``, ``SpeculativeGeneration``, or a batch
-    that rows join and leave: ``gptcli.batch.decode_rows``, the server's engine): its prompt and
+    that rows join and leave: ``gptcli.decoding.batch.decode_rows``, the server's engine): its prompt and
     options, its own sampling generator (seeded ``options.seed``, so its ids do not depend on what runs
     beside it), the ids it has seen (for ``--repetition-penalty``), its continuation (text, stop rule,
     finish reason), an ``observe`` hook and its timings."""
@@ -658,7 +593,7 @@ class SequenceState:
         self.prompt_token_ids = list(prompt_token_ids)
         self.options = options
         self.continuation = Continuation(options, eos_id, token_bytes)
-        self.observe = observe  # sees each step's logits (1, V) and the id picked (gptcli.logprobs.Recorder)
+        self.observe = observe  # sees each step's logits (1, V) and the id picked (gptcli.decoding.logprobs.Recorder)
         self.generator = None if options.greedy else make_generator(options.seed)
         self.history = list(self.prompt_token_ids) if options.penalizes else []  # every id seen, if it matters
         self.timings = Timings()

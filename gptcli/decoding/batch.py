@@ -8,7 +8,7 @@ draws from one generator per row (``SequenceState``), seeded like a single run, 
 Each row is cached while it fits in the context window and recomputed from its own last
 ``context_length`` tokens once it has outgrown it, as ``Decoder`` does for one sequence.
 ``BatchLoop`` runs sequences on a ``BatchDecoder``: ``decode_rows`` (``--each-line``) and
-``gptcli.engine`` (the server) both drive it.
+``gptcli.serving.engine`` (the server) both drive it.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-from gptcli.generate import SamplingOptions, SequenceState, Timings, crop_prompt
+from gptcli.decoding.generate import SamplingOptions, SequenceState, Timings, crop_prompt
 from gptcli.tokenizer import EOT_ID
 
 if TYPE_CHECKING:
     import torch
 
-    from gptcli.kv_cache import KVCache
-    from gptcli.model import GPTModel
+    from gptcli.model.kv_cache import KVCache
+    from gptcli.model.gpt import GPTModel
 
 
 class BatchDecoder:
@@ -56,8 +56,8 @@ class BatchDecoder:
         self._cached: list[int] = []  # the rows whose keys and values are in the cache, in the cache's order
         self._pad: "torch.Tensor | None" = None  # (len(_cached),) left padding of the cached rows
         self._cache: KVCache | None = None
-        from gptcli.attention import invariant_on
-        from gptcli.onednn import use_for_inference
+        from gptcli.model.attention import invariant_on
+        from gptcli.kernels.onednn import use_for_inference
 
         self.attention = invariant_on(device)
         use_for_inference(model)
@@ -66,7 +66,7 @@ class BatchDecoder:
         """Left-padded ids (B, T) and the padding per row (B,).
 
         The padding goes to the model even when it is all zeros: with it every row attends on its
-        own, as it would alone (``gptcli.attention.row_invariant``); one attention call for rows of equal length
+        own, as it would alone (``gptcli.model.attention.row_invariant``); one attention call for rows of equal length
         rounded differently from a lone row's.
         """
         import torch
@@ -99,7 +99,7 @@ class BatchDecoder:
         """Start the batch; ``max_new_tokens``: one count for every row, or one per row."""
         import torch
 
-        from gptcli.kv_cache import KVCache
+        from gptcli.model.kv_cache import KVCache
 
         ctx = self.context_length
         self._rows = [crop_prompt(p, ctx)[0] for p in prompts]
@@ -180,7 +180,7 @@ class BatchDecoder:
         """Append ``newcomers``' cache rows (batch rows ``rows``) to the cache, both right-aligned."""
         import torch
 
-        from gptcli.kv_cache import KVCache
+        from gptcli.model.kv_cache import KVCache
 
         if not rows:
             return
@@ -230,7 +230,7 @@ class BatchDecoder:
     def _fit_cache(self) -> None:
         """Before a step: rows that outgrew the window leave the cache, its common padding goes,
         and a full cache grows (never dropped: recomputing a row that fits would change its numbers)."""
-        from gptcli.kv_cache import KVCache
+        from gptcli.model.kv_cache import KVCache
 
         if self._cache is None:
             return
@@ -363,7 +363,7 @@ def generate_batch(
     input order, and the batch's timings.
 
     ``seeds[b]``: row b's sampling seed (``--num-samples``); by default every row has ``options.seed``.
-    ``observe(b)``: row b's hook, which sees each of its steps' logits (1, V) and id (gptcli.logprobs.Recorder.row).
+    ``observe(b)``: row b's hook, which sees each of its steps' logits (1, V) and id (gptcli.decoding.logprobs.Recorder.row).
     """
     seeds = [options.seed] * len(prompts) if seeds is None else list(seeds)
     sequences = [

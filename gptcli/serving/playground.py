@@ -1,5 +1,5 @@
 """The playground page ``gptcli serve`` answers ``GET /`` with: one HTML file shipped in the package
-(``gptcli/static/playground.html``, its CSS and JavaScript inline), so it works offline and needs no
+(``gptcli/serving/static/playground.html``, its CSS and JavaScript inline), so it works offline and needs no
 build step. The page talks only to the server that sent it (its API, with the key the user types)."""
 
 from __future__ import annotations
@@ -24,4 +24,4 @@ HEADERS = {
 @lru_cache(maxsize=1)
 def playground_html() -> str:
     """The page's HTML, read once from the package."""
-    return resources.files("gptcli").joinpath("static").joinpath(PAGE).read_text(encoding="utf-8")
+    return resources.files("gptcli.serving").joinpath("static").joinpath(PAGE).read_text(encoding="utf-8")

@@ -1,4 +1,4 @@
-"""Attention functions with ``gptcli.model.causal_attention``'s maths, for callers that need more than its
+"""Attention functions with ``gptcli.model.gpt.causal_attention``'s maths, for callers that need more than its
 one call: decoders pass one to ``GPTModel.forward(attention=...)``. Leaf of the model: imports only it.
 
 - ``row_invariant``: on the CPU, each row of a padded batch and each of several new queries attends
@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from gptcli.model import Attention, Context, causal_attention
+from gptcli.model.gpt import Attention, Context, causal_attention
 
 # Where decoders take rows and queries one by one, for batch invariance. Not on a GPU: its matmuls are
 # not batch-invariant anyway, and B small kernels per layer cost time there.

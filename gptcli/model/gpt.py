@@ -7,9 +7,9 @@ Differences from the book's code are for speed only and leave the maths unchange
 - an optional key/value cache (``KVCache``) lets decoding feed one token at a time.
 
 Faster kernels are applied from outside, as gpt-fast does: the Linear layers are plain ``nn.Linear``
-that ``gptcli.onednn``, ``gptcli.decode_kernels``, ``gptcli.train_kernels`` and ``gptcli.quantize``
+that ``gptcli.kernels.onednn``, ``gptcli.kernels.decode``, ``gptcli.kernels.train`` and ``gptcli.kernels.quantize``
 swap for their own, and a caller may pass another attention function of the same maths
-(``gptcli.attention``). Model code never prints; it only computes.
+(``gptcli.model.attention``). Model code never prints; it only computes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptcli.config import GPTConfig
-from gptcli.kv_cache import KVCache
+from gptcli.model.kv_cache import KVCache
 
 
 class LayerNorm(nn.Module):
@@ -206,8 +206,8 @@ class GPTModel(nn.Module):
           nothing else, and the head is the largest matrix).
         - ``head=False``: the final-normed hidden states (B, T, emb_dim) instead of logits, for callers
           that apply ``out_head`` to a few positions only (scoring) or fuse it with the loss
-          (``gptcli.train_kernels.head_loss``).
-        - ``attention``: another function with ``causal_attention``'s maths (``gptcli.attention``).
+          (``gptcli.kernels.train.head_loss``).
+        - ``attention``: another function with ``causal_attention``'s maths (``gptcli.model.attention``).
         """
         B, T = in_idx.shape
         start = cache.length if cache is not None and input_pos is None else 0

@@ -7,7 +7,7 @@ the last generated token, which was picked but never fed). Tokenizing the whole 
 appending the typed text's own tokens, keeps a turn exactly what ``gptcli generate`` does with the
 concatenated text as its prompt, even where BPE merges across the boundary.
 
-Past the context window the rule of ``gptcli.generate.Decoder`` holds: the last context_length
+Past the context window the rule of ``gptcli.decoding.generate.Decoder`` holds: the last context_length
 tokens are recomputed each step (cached keys are stale once positions move). A Ctrl-C between two
 steps (or inside one) leaves the cache consistent: ``KVCache.length`` is updated only after a
 forward pass completes, and only that prefix is ever reused.
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from gptcli.errors import UserError
-from gptcli.generate import (FINISH_INTERRUPTED, Decoder, Generation, SamplingOptions, check_seed, crop_prompt,
+from gptcli.decoding.generate import (FINISH_INTERRUPTED, Decoder, Generation, SamplingOptions, check_seed, crop_prompt,
                              prompt_ids)
-from gptcli.speculative import SpeculativeOptions, SpeculativeStats, Speculator
+from gptcli.decoding.speculative import SpeculativeOptions, SpeculativeStats, Speculator
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +53,7 @@ class SessionDecoder(Decoder):
     def prefill(self, ids: Sequence[int], max_new_tokens: int) -> "torch.Tensor":
         import torch
 
-        from gptcli.kv_cache import KVCache
+        from gptcli.model.kv_cache import KVCache
 
         ids = list(ids)
         if not ids:
@@ -155,7 +155,7 @@ class Session:
     """The running text and a decoder that keeps its cache. ``turn(typed)`` yields the continuation's
     pieces as they are decoded, adding each to ``text``; stopping early (Ctrl-C) keeps what came.
 
-    ``spec`` (``--draft``/``--lookup``) makes every turn speculative (gptcli.speculative), the same
+    ``spec`` (``--draft``/``--lookup``) makes every turn speculative (gptcli.decoding.speculative), the same
     ids as without it; ``draft`` is the loaded draft model (None for lookup), whose cache is kept
     between turns too.
     """
@@ -203,7 +203,7 @@ class Session:
         """Append ``typed`` and continue the running text; yields the new text as it becomes printable.
         A text the tokenizer cannot encode raises UserError (on the first ``next``) and changes nothing.
 
-        ``observe`` is ``Generation``'s hook (gptcli.logprobs.Recorder). Each turn samples with seed
+        ``observe`` is ``Generation``'s hook (gptcli.decoding.logprobs.Recorder). Each turn samples with seed
         ``seed + turn``, so a seeded session repeats and its turns differ.
         """
         tokenizer = self.runtime.tokenizer

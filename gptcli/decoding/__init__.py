@@ -1,0 +1,1 @@
+"""From ids to text: sampling, the decoders, generation (plain, batched, speculative), sessions."""
