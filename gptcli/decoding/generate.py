@@ -675,24 +675,40 @@ class Generation:
         self.continuation.finish_reason = reason
 
     def __iter__(self) -> Iterator[str]:
-        """Text pieces as they become printable; the model runs only while the sequence goes on."""
+        """Text pieces as they become printable; the model runs only while the sequence goes on.
+
+        The one loop of single-sequence decoding: ``_first`` and ``_advance`` give the next ids and the
+        logits (n, V) each was picked from (one at a time here; several per model pass for
+        ``SpeculativeGeneration``)."""
         seq = self.sequence
         if seq.done:
             return
         start = time.perf_counter()
-        logits = self.decoder.prefill(seq.prompt_token_ids, self.options.max_new_tokens)  # (1, V)
+        ids, logits = self._first()
+        seq.timings.add(time.perf_counter() - start, first=True)
         first = True
         while True:
-            next_id = seq.pick(logits)
-            seq.timings.add(time.perf_counter() - start, first)
-            first = False
-            piece = seq.accept(next_id, logits)
-            if piece:
-                yield piece
-            if seq.done:
-                return
+            for i, token in enumerate(ids):
+                seq.timings.decode_tokens += 0 if first else 1
+                first = False
+                piece = seq.accept(token, logits[i : i + 1])
+                if piece:
+                    yield piece
+                if seq.done:
+                    return
             start = time.perf_counter()
-            logits = self.decoder.step(next_id)
+            ids, logits = self._advance(ids[-1])
+            seq.timings.add(time.perf_counter() - start, first=False, tokens=0)
+
+    def _first(self) -> tuple[list[int], "torch.Tensor"]:
+        """Prefill the prompt; the first id and its logits (1, V)."""
+        logits = self.decoder.prefill(self.sequence.prompt_token_ids, self.options.max_new_tokens)  # (1, V)
+        return [self.sequence.pick(logits)], logits
+
+    def _advance(self, last: int) -> tuple[list[int], "torch.Tensor"]:
+        """One step after ``last``: the next id and its logits (1, V)."""
+        logits = self.decoder.step(last)  # (1, V)
+        return [self.sequence.pick(logits)], logits
 
     def run(self) -> "Generation":
         """Generate to the end without streaming; returns self."""

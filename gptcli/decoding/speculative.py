@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from gptcli.errors import UserError
 from gptcli.decoding.generate import CompiledDecoder, Decoder, Generation, SamplingOptions, crop_prompt, sampling_probs, select_next
@@ -386,30 +386,18 @@ class SpeculativeGeneration(Generation):
         self.stats.draft_s += time.perf_counter() - start
         self.stats.pauses = getattr(self.drafter, "pauses", 0)
 
-    def __iter__(self) -> Iterator[str]:
-        seq, opts = self.sequence, self.options
-        if seq.done:
-            return
+    def _first(self) -> tuple[list[int], "torch.Tensor"]:
+        """Prefill the model and start the draft; the first id and its logits (1, V)."""
+        seq = self.sequence
+        logits = self.decoder.prefill(seq.prompt_token_ids, self.options.max_new_tokens)  # (1, V)
         start = time.perf_counter()
-        logits = self.decoder.prefill(seq.prompt_token_ids, opts.max_new_tokens)  # (1, V)
-        draft_start = time.perf_counter()
-        self.drafter.start(crop_prompt(seq.prompt_token_ids, self.decoder.context_length)[0], opts.max_new_tokens)
-        self.stats.draft_prefill_s = time.perf_counter() - draft_start
-        ids = [seq.pick(logits)]
-        seq.timings.add(time.perf_counter() - start, first=True)
-        first = True
-        while True:
-            for i, token in enumerate(ids):
-                seq.timings.decode_tokens += 0 if first else 1
-                first = False
-                piece = seq.accept(token, logits[i : i + 1])
-                if piece:
-                    yield piece
-                if seq.done:
-                    return
-            start = time.perf_counter()
-            ids, logits = self._next_ids(ids[-1], seq.generator)
-            seq.timings.add(time.perf_counter() - start, first=False, tokens=0)
+        self.drafter.start(crop_prompt(seq.prompt_token_ids, self.decoder.context_length)[0],
+                           self.options.max_new_tokens)
+        self.stats.draft_prefill_s = time.perf_counter() - start
+        return [seq.pick(logits)], logits
+
+    def _advance(self, last: int) -> tuple[list[int], "torch.Tensor"]:
+        return self._next_ids(last, self.sequence.generator)
 
 
 # ---------------------------------------------------------------------------------------------
