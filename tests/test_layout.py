@@ -155,3 +155,18 @@ def test_new_folders_have_empty_inits():
     for folder in ("model", "kernels", "decoding", "serving"):
         tree = ast.parse((PACKAGE / folder / "__init__.py").read_text(encoding="utf-8"))
         assert len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr), folder
+
+
+def test_every_decode_loop_keeps_its_rows_in_one_sequence_state():
+    """A sequence's generator and continuation are made in one place, SequenceState (issue 26): plain,
+    speculative, --each-line and the server's rows all decode through it."""
+    made = []
+    for name, tree in _modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                    node.func.id in ("make_generator", "Continuation"):
+                made.append((name, node.func.id))
+    assert sorted(made) == [("gptcli.decoding.generate", "Continuation"), ("gptcli.decoding.generate", "make_generator")]
+    source = (PACKAGE / "decoding" / "generate.py").read_text(encoding="utf-8")
+    state = source[source.index("class SequenceState"):source.index("class Generation")]
+    assert "make_generator(" in state and "Continuation(" in state
