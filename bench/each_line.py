@@ -74,8 +74,8 @@ def run(repo: Path, checkpoint: Path, lines: Path, args: argparse.Namespace) -> 
             str(args.tokens), "-t", "1", "--seed", "7", "--stop", STOP, "--batch-size", str(args.batch_size),
             "--threads", str(args.threads), "--device", "cpu", "--dtype", "float32", "--json"]
     start = time.perf_counter()
-    with lines.open("rb") as stdin:
-        proc = subprocess.run(argv, stdin=stdin, capture_output=True, text=True, env=env)
+    with lines.open("rb") as stdin:  # cwd: `python -m` puts it first on sys.path, before PYTHONPATH
+        proc = subprocess.run(argv, stdin=stdin, capture_output=True, text=True, env=env, cwd=lines.parent)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{repo}: exit {proc.returncode}\n{proc.stderr}")
