@@ -179,12 +179,13 @@ def generate(
     ] = None,
     each_line: Annotated[
         bool, typer.Option("--each-line", help="Read one prompt per stdin line and write one completion per line "
-                           "(JSON Lines with --json), in input order, generating --batch-size prompts at once. "
+                           "(JSON Lines with --json), in input order, decoding up to --batch-size prompts together (a line "
+                           "that ends leaves the batch, the next one joins). "
                            "Newlines and backslashes inside a plain-text completion are written as \\n and \\\\. "
                            "Plain decoding only (no --draft, --lookup).")
     ] = False,
     batch_size: Annotated[
-        str, typer.Option("--batch-size", "-b", metavar="N", help="Prompts per batch with --each-line.")
+        str, typer.Option("--batch-size", "-b", metavar="N", help="Prompts decoded together with --each-line.")
     ] = "8",
     threads: ThreadsOption = None,
     no_tune: NoTuneOption = False,
