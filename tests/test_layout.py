@@ -92,7 +92,7 @@ def test_the_model_file_stays_the_books():
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
              and n.func.id == "attend"]
     assert len(calls) == 1, "MultiHeadAttention.forward calls its attention function once"
-    assert len(source.splitlines()) <= 270
+    assert len(source.splitlines()) <= 250
     classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
     assert {"GPTModel", "TransformerBlock", "MultiHeadAttention", "FeedForward", "LayerNorm", "GELU"} <= classes
 

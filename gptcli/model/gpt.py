@@ -6,10 +6,9 @@ Differences from the book's code are for speed only and leave the maths unchange
 - attention runs through ``scaled_dot_product_attention`` (``causal_attention``);
 - an optional key/value cache (``KVCache``) lets decoding feed one token at a time.
 
-Faster kernels are applied from outside, as gpt-fast does: the Linear layers are plain ``nn.Linear``
-that ``gptcli.kernels.onednn``, ``gptcli.kernels.decode``, ``gptcli.kernels.train`` and ``gptcli.kernels.quantize``
-swap for their own, and a caller may pass another attention function of the same maths
-(``gptcli.model.attention``). Model code never prints; it only computes.
+Speed is applied from outside, as in gpt-fast: ``gptcli.kernels`` swaps the plain ``nn.Linear`` layers
+for its own, and decoders pass attention functions of the same maths (``gptcli.model.attention``).
+Model code never prints; it only computes.
 """
 
 from __future__ import annotations
@@ -51,11 +50,8 @@ class GELU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim, bias=cfg.bias),
-            GELU(),
-            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim, bias=cfg.bias),
-        )
+        self.layers = nn.Sequential(nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim, bias=cfg.bias), GELU(),
+                                    nn.Linear(4 * cfg.emb_dim, cfg.emb_dim, bias=cfg.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -141,15 +137,9 @@ class MultiHeadAttention(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.att = MultiHeadAttention(
-            d_in=cfg.emb_dim,
-            d_out=cfg.emb_dim,
-            context_length=cfg.context_length,
-            num_heads=cfg.n_heads,
-            dropout=cfg.drop_rate,
-            qkv_bias=cfg.qkv_bias,
-            bias=cfg.bias,
-        )
+        self.att = MultiHeadAttention(d_in=cfg.emb_dim, d_out=cfg.emb_dim, context_length=cfg.context_length,
+                                      num_heads=cfg.n_heads, dropout=cfg.drop_rate, qkv_bias=cfg.qkv_bias,
+                                      bias=cfg.bias)
         self.ff = FeedForward(cfg)
         self.norm1 = LayerNorm(cfg.emb_dim, bias=cfg.bias)
         self.norm2 = LayerNorm(cfg.emb_dim, bias=cfg.bias)
@@ -183,17 +173,9 @@ class GPTModel(nn.Module):
         if self.cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
 
-    def forward(
-        self,
-        in_idx: torch.Tensor,
-        cache: KVCache | None = None,
-        *,
-        pad: torch.Tensor | None = None,
-        input_pos: torch.Tensor | None = None,
-        last_only: bool = False,
-        head: bool = True,
-        attention: Attention | None = None,
-    ) -> torch.Tensor:
+    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None, *, pad: torch.Tensor | None = None,
+                input_pos: torch.Tensor | None = None, last_only: bool = False, head: bool = True,
+                attention: Attention | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids (B, T); (B, 1, vocab_size) with ``last_only``.
 
         - ``cache``: ``in_idx`` continues the cached positions and the cache is extended.
