@@ -2,7 +2,8 @@
 
 - tiktoken reads GPT-2's BPE file from a temporary copy of ../shared/tiktoken-cache
   (tiktoken deletes a cached file whose hash does not match, so never point it at the original);
-- the Hugging Face cache is a fresh temporary folder and the Hub is offline.
+- the Hugging Face cache is a fresh temporary folder and the Hub is offline;
+- torch.compile's Inductor cache is one temporary folder for the session (compiles are reused).
 """
 
 from __future__ import annotations
@@ -36,15 +37,23 @@ def tiktoken_cache(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
     return target
 
 
+@pytest.fixture(scope="session")
+def inductor_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One Inductor cache for the whole session, so a graph compiled once is reused by later tests (no test
+    measures a cold compile; a test that did would ask for a folder of its own)."""
+    return tmp_path_factory.mktemp("inductor")
+
+
 @pytest.fixture(autouse=True)
-def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiktoken_cache: Path | None) -> None:
+def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiktoken_cache: Path | None,
+                 inductor_cache: Path) -> None:
     if tiktoken_cache is not None:
         monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tiktoken_cache))
     else:
         monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "no-tiktoken-cache"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache))
     monkeypatch.setenv("GPTCLI_CACHE_DIR", str(tmp_path / "gptcli-cache"))  # the kernel choices (gptcli.kernels.decode)
     monkeypatch.delenv("GPTCLI_NO_TUNE", raising=False)
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
