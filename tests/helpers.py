@@ -110,3 +110,24 @@ def lively_char_model(chars: str, context_length: int = 48, seed: int = 0):
             else:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
+
+
+def hf_tiny_gpt2(folder=None, *, seed: int = 0, jitter: float = 0.0, vocab_size: int = 50257, n_positions: int = 16,
+                 n_embd: int = 32, n_layer: int = 2, n_head: int = 4, **config):
+    """A tiny random transformers ``GPT2LMHeadModel`` (the independent oracle), seeded; ``jitter`` adds
+    N(0, jitter) to every bias and norm (so a mix-up would show); saved with ``save_pretrained`` to
+    ``folder`` when given. Returns the model (eval mode)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head, **config)).eval()
+    if jitter:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 1:
+                    p.add_(torch.randn_like(p) * jitter)
+    if folder is not None:
+        model.save_pretrained(folder)
+    return model

@@ -41,15 +41,12 @@ def run_json(*args) -> dict:
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory) -> Path:
     """A tiny GPT-2 saved by transformers' save_pretrained: model.safetensors + config.json."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     import torch
 
+    from helpers import hf_tiny_gpt2
+
     folder = tmp_path_factory.mktemp("hf-tiny")
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=16, vocab_size=50257)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(config).eval()
-    model.save_pretrained(folder)
+    model = hf_tiny_gpt2(folder)
     with torch.no_grad():  # transformers' own next-token distribution after "Hello, I am"
         probs = torch.softmax(model(torch.tensor([HELLO_I_AM])).logits[0, -1], dim=-1)
     (folder / "expected-top.json").write_text(json.dumps(probs.topk(3).indices.tolist()))

@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from gptcli.cli import app  # noqa: E402
 from gptcli.tokenizer import CharTokenizer, to_metadata  # noqa: E402
+from helpers import hf_tiny_gpt2  # noqa: E402
 
 runner = CliRunner()
 FAST = ["--device", "cpu", "--dtype", "float32", "--no-tune"]
@@ -27,11 +28,8 @@ CHARS = "".join(sorted(set("abcdefghijklmnopqrstuvwxyz .,\n")))
 
 def hf_checkpoint(folder, vocab_size: int = 50257, seed: int = 0, tokenizer: CharTokenizer | None = None):
     """A tiny random GPT-2 saved by transformers (context 32); with ``tokenizer``, its metadata added."""
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                                     initializer_range=0.2, attn_implementation="eager")
-    model = transformers.GPT2LMHeadModel(config).eval()
-    model.save_pretrained(folder)
+    model = hf_tiny_gpt2(folder, seed=seed, vocab_size=vocab_size, n_positions=32, initializer_range=0.2,
+                         attn_implementation="eager")
     if tokenizer is not None:
         from safetensors.torch import load_file, save_file
 

@@ -65,17 +65,12 @@ N_POSITIONS = 32
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory):
     """A tiny random GPT2LMHeadModel saved by transformers; gptcli loads the folder with --weights."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=50257, n_positions=N_POSITIONS, n_embd=64, n_layer=2, n_head=4,
-                                     attn_implementation="eager", initializer_range=0.2)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.1)
+    pytest.importorskip("transformers")
+    from helpers import hf_tiny_gpt2
+
     folder = tmp_path_factory.mktemp("hf-tiny")
-    model.save_pretrained(folder)
+    model = hf_tiny_gpt2(folder, jitter=0.1, n_positions=N_POSITIONS, n_embd=64, attn_implementation="eager",
+                         initializer_range=0.2)
     return model, folder
 
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 transformers = pytest.importorskip("transformers")
 
 from gptcli.cli import app  # noqa: E402
-from helpers import network_tests_enabled  # noqa: E402
+from helpers import hf_tiny_gpt2, network_tests_enabled  # noqa: E402
 from gptcli.tokenizer import encode  # noqa: E402
 from gptcli.weights import HUB_IDS, load_model  # noqa: E402
 
@@ -32,18 +32,9 @@ CPU = torch.device("cpu")
 
 def hf_model(tie: bool, seed: int = 0, n_layer: int = 2, n_embd: int = 64, n_head: int = 4):
     """A tiny random GPT2LMHeadModel whose biases and norms are non-trivial (so a mix-up would show)."""
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        vocab_size=50257, n_positions=N_POSITIONS, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-        tie_word_embeddings=tie, attn_implementation="eager",
-        initializer_range=0.2,  # GPT-2's 0.02 makes a tiny model repeat one token; this one varies
-    )
-    model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+    # GPT-2's initializer_range 0.02 makes a tiny model repeat one token; 0.2 varies.
+    return hf_tiny_gpt2(seed=seed, jitter=0.1, n_positions=N_POSITIONS, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                        tie_word_embeddings=tie, attn_implementation="eager", initializer_range=0.2)
 
 
 def save(model, folder: Path, prefixed: bool) -> Path:

@@ -157,11 +157,11 @@ def test_char_model_is_first_class(tmp_path, corpus):
 
 
 def test_fine_tuning_a_transformers_checkpoint(tmp_path, corpus):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=2, n_head=2)).eval()
-    base.save_pretrained(tmp_path / "base")
+    from helpers import hf_tiny_gpt2
+
+    base = hf_tiny_gpt2(tmp_path / "base", n_positions=32, n_head=2)
     out = tmp_path / "tuned"
     result = train(str(corpus), "--weights", str(tmp_path / "base"), "--out", str(out), "--max-steps", "3",
                    "--batch-size", "2", "--sample-every", "0", "--lr", "1e-3")
