@@ -92,14 +92,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
     sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
-from bench.workers import Outcome, Worker, WorkerFailed, cpu_model, peak_rss_bytes  # noqa: E402 - shared by the benchmarks
+from bench.report import command_line, date_line, fmt, invocation, logger, machine_line, markdown_table  # noqa: E402
+from bench.workers import Outcome, Worker, WorkerFailed, peak_rss_bytes, quiet_transformers, send  # noqa: E402
 
 if TYPE_CHECKING:
     from gptcli.decoding.generate import Timings
@@ -214,8 +213,7 @@ def batch_prompts() -> list[list[int]]:
     return [SHORT_PROMPT[i % 4 :] for i in range(BATCH_ROWS)]
 
 
-def log(message: str) -> None:
-    print(f"[decode bench] {message}", file=sys.stderr, flush=True)
+log = logger("decode bench")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,15 +253,6 @@ class VariantRunner:
     def __init__(self, variant: Variant, work: Workload):
         self.variant = variant
         self.work = work
-
-
-def quiet_transformers() -> Any:
-    """transformers, without its warnings and progress bars on stderr."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    return transformers
 
 
 class HFRunner(VariantRunner):
@@ -379,11 +368,6 @@ def make_runner(name: str, work: Workload) -> Runner:
         return BandwidthRunner(work)
     variant = VARIANTS[name]
     return HFRunner(variant, work) if variant.is_hf else GptcliRunner(variant, work)
-
-
-def send(channel: IO[str], message: dict[str, Any]) -> None:
-    channel.write(json.dumps(message) + "\n")
-    channel.flush()
 
 
 def worker_main(name: str, work: Workload, threads: int) -> None:
@@ -568,17 +552,6 @@ def compile_cache_rows(checkpoint: str, new_tokens: int, env: dict[str, str]) ->
 # The report
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: Sequence[int] = (0,)) -> str:
-    """Numbers right-aligned, the ``text_columns`` left-aligned."""
-    align = ["---" if i in text_columns else "---:" for i in range(len(header))]
-    lines = [header, align, *rows]
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
-
-
-def fmt(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") -> str:
-    return "—" if value is None else f"{value * scale:{spec}}{suffix}"
-
-
 VARIANT_HEADER = ["variant", "decode tok/s", "spread", "vs ref", "ref", "% limit", "limit tok/s", "prefill tok/s",
                   "TTFT ms", "load s", "tune s", "compile s", "peak RSS MiB"]
 
@@ -660,16 +633,7 @@ def targets_table(outcomes: dict[str, Outcome], gb_s: float | None, shape: Model
 
 
 def machine_lines(threads: int) -> list[str]:
-    cpu = cpu_model()
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers"))
-    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    commit = git.stdout.strip() or "unknown"
-    return [
-        f"- Machine: {cpu}, {os.cpu_count()} logical CPUs, {threads} torch threads; {versions}, "
-        f"Python {sys.version.split()[0]}",
-        f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; gptcli commit {commit}",
-        f"- Command: `{shlex.join(['python', 'bench/decode.py', *sys.argv[1:]])}`",
-    ]
+    return [machine_line(threads, ("torch", "transformers")), date_line(), command_line("bench/decode.py")]
 
 
 def report(args: argparse.Namespace, shape: ModelShape, outcomes: dict[str, Outcome],
@@ -806,7 +770,7 @@ def run_benchmark(args: argparse.Namespace) -> tuple[str, bool]:
 
             log("timing load plus first token, whole processes")
             tables.append("\n".join(compare(checkpoint, 3, args.threads, scratch,
-                                             shlex.join(["python", "bench/decode.py", *sys.argv[1:]])).lines))
+                                             invocation("bench/decode.py")).lines))
         return report(args, shape, outcomes, tables), ok
     finally:
         if args.keep and not args.checkpoint:

@@ -34,35 +34,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
     sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
-from bench.workers import cpu_model  # noqa: E402 - shared by the benchmarks
+from bench.report import command_line, date_line, load_average, logger, machine_line  # noqa: E402
+from bench.workers import quiet_transformers  # noqa: E402 - shared by the benchmarks
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TEXT = "the-verdict.txt"
 TINY = {"n_positions": 128, "n_embd": 64, "n_layer": 2, "n_head": 2}
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
+log = logger()
 
 
 def fail(message: str) -> None:
@@ -82,14 +71,6 @@ def text_path(arg: str | None) -> Path:
     if not path.is_file():
         fail(f"{path}: no such file (pass --text FILE, or set GPTCLI_DATA_DIR to a folder holding {DEFAULT_TEXT})")
     return path
-
-
-def quiet_transformers() -> Any:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    return transformers
 
 
 def write_checkpoint(folder: Path, quick: bool) -> int:
@@ -206,16 +187,13 @@ def run(args: argparse.Namespace) -> str:
         spread = (max(seconds[name]) - min(seconds[name])) / median
         rows.append(f"| {name} | {tokens / median:.0f} | {median:.2f} | {spread:.0%} | {reference / median:.2f}× | "
                     f"{losses[name]:.4f} |")
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers"))
-    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return "\n".join([
         f"## Scoring GPT-2 {'tiny' if args.quick else '124M'} on the CPU: gptcli score vs transformers' sliding window",
         "",
-        f"- Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {args.threads} torch threads; {versions}, "
-        f"Python {sys.version.split()[0]}",
+        machine_line(args.threads, ("torch", "transformers")),
         f"- Load average (1, 5, 15 min) before: {load_before}; after: {load_after}",
-        f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; gptcli commit {git.stdout.strip() or 'unknown'}",
-        f"- Command: `{shlex.join(['python', 'bench/score.py', *sys.argv[1:]])}`",
+        date_line(),
+        command_line("bench/score.py"),
         f"- Text: the first {len(ids)} tokens of {path.name}; windows of {context} tokens, stride {stride}: "
         f"{tokens} tokens scored; float32; medians of {args.rounds} interleaved rounds after a warm-up.",
         "",

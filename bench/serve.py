@@ -29,22 +29,20 @@ import argparse
 import http.client
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
 if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
     sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
-from bench.decode import EOS_ID, StepClock, model_shape, quiet_transformers, write_checkpoint  # noqa: E402
-from bench.workers import cpu_model  # noqa: E402
+from bench.decode import EOS_ID, StepClock, model_shape, write_checkpoint  # noqa: E402
+from bench.report import command_line, date_line, fmt, load_average, logger, machine_line  # noqa: E402
+from bench.workers import quiet_transformers  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -55,9 +53,7 @@ PROMPTS = [
 TARGET_RATIO = 4.0  # issue 18: 8 streams >= 4x the aggregate tok/s of 1
 
 
-def log(message: str) -> None:
-    sys.stderr.write(message + "\n")
-    sys.stderr.flush()
+log = logger()
 
 
 @dataclass
@@ -223,21 +219,8 @@ def _encoder():
 # The report
 
 
-def fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
-    return "—" if value is None else format(value * scale, spec)
-
-
-def load_average() -> str:
-    try:
-        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "unknown"
-
-
 def report(args: argparse.Namespace, shape_name: str, phases: list[Phase], hf: Phase | None,
            load_before: str, load_after: str) -> str:
-    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "fastapi", "uvicorn"))
     one = next((p.tok_s for p in phases if p.streams == 1), None)
     rows = []
     for p in phases:
@@ -260,12 +243,10 @@ def report(args: argparse.Namespace, shape_name: str, phases: list[Phase], hf: P
     lines = [
         f"## Serving GPT-2 {shape_name} on the CPU: gptcli serve under load",
         "",
-        f"- Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {args.threads} torch threads; {versions}, "
-        f"Python {sys.version.split()[0]}",
+        machine_line(args.threads, ("torch", "transformers", "fastapi", "uvicorn")),
         f"- Load average (1, 5, 15 min): {load_before} before, {load_after} after",
-        f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; gptcli commit "
-        f"{git.stdout.strip() or 'unknown'}",
-        f"- Command: `{shlex.join(['python', 'bench/serve.py', *sys.argv[1:]])}`",
+        date_line(),
+        command_line("bench/serve.py"),
         f"- Setup: random GPT-2 weights (transformers, seed 0), float32; each stream sends {args.requests} streamed "
         f"greedy requests of {args.new_tokens} new tokens (EOS ignored) one after another, over HTTP on loopback; "
         "`--max-batch 8`.",
@@ -311,7 +292,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    load_before = load_average()
+    load_before = load_average(", ")
     with tempfile.TemporaryDirectory(prefix="gptcli-bench-serve-") as scratch:
         checkpoint = args.checkpoint
         shape = model_shape(args.size)
@@ -335,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_transformers:
             log("transformers, one request at a time")
             hf = run_transformers(checkpoint, args.threads, args.requests, args.new_tokens)
-    text = report(args, shape.name, phases, hf, load_before, load_average())
+    text = report(args, shape.name, phases, hf, load_before, load_average(", "))
     sys.stdout.write(text)
     if args.output:
         args.output.write_text(text)

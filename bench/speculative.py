@@ -60,13 +60,12 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
     sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
-from bench.decode import fmt, markdown_table  # noqa: E402 - the benchmarks' shared table format
+from bench.report import fmt, load_average, logger, markdown_table, utc_date  # noqa: E402 - what the benchmarks print
 from bench.workers import cpu_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,16 +74,7 @@ QUICK_TARGET = ["--n-layers", "2", "--emb-dim", "64", "--n-heads", "2", "--conte
 QUICK_DRAFT = ["--n-layers", "1", "--emb-dim", "32", "--n-heads", "2", "--context-length", "64", "--max-steps", "3"]
 
 
-def log(message: str) -> None:
-    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {message}\n")
-    sys.stderr.flush()
-
-
-def load_average() -> str:
-    try:
-        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
+log = logger(clock=True)
 
 
 def verdict_path(given: str | None) -> Path:
@@ -396,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gptcli.devices import configure_threads
 
     threads = configure_threads(args.threads)
-    load_before = load_average()
+    load_before = load_average(" / ", "n/a")
     text_path = verdict_path(args.text)
     cache = cache_root(args.cache) / ("quick" if quick else "")
     trained = {}
@@ -461,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              "trained 2-layer": (draft, False)} if not quick else {},
                           ks[-1], repeats)
     xl_table, xl_ratio = (None, None) if args.skip_xl else xl_section(quick, repeats)
-    load_after = load_average()
+    load_after = load_average(" / ", "n/a")
 
     pair_best = max(v.tok_s() for v in main_variants if v.name.startswith("pair")) / best
     int8_best = max(v.tok_s() for v in main_variants if v.name.startswith("int8")) / best
@@ -489,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         f"- Machine: {cpu_model()}, {os.cpu_count()} cores, {threads} thread{'s' * (threads != 1)}, torch "
         f"{torch.__version__}; load average (1/5/15 min) {load_before} before, {load_after} after",
-        f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Date: {utc_date()}",
         f"- Command: `python bench/speculative.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         f"- Target: {target.source} ({target.cfg.n_layers} layer{'s' * (target.cfg.n_layers != 1)}, emb {target.cfg.emb_dim}, context "
         f"{target.cfg.context_length}); draft: {draft.source} ({draft.cfg.n_layers} layer{'s' * (draft.cfg.n_layers != 1)}, "

@@ -76,24 +76,21 @@ GPT-2's BPE needs tiktoken's cache: ``TIKTOKEN_CACHE_DIR``, or a copy of ``../sh
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata
-from typing import IO, Any, Sequence
+from typing import Any, Sequence
 
 if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
     sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
-from bench.workers import Outcome, Worker, WorkerFailed, cpu_model, peak_rss_bytes  # noqa: E402 - shared by the benchmarks
+from bench.report import command_line, fmt, git_commit, load_average, logger, markdown_table, utc_date, versions  # noqa: E402
+from bench.workers import Outcome, Worker, WorkerFailed, cpu_model, peak_rss_bytes, quiet_transformers, send  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20
@@ -101,8 +98,7 @@ PEAK_N = 2048  # the peak matmul: PEAK_N x PEAK_N x PEAK_N
 TEXT_REPEAT = 50
 
 
-def log(message: str) -> None:
-    print(f"[train bench] {message}", file=sys.stderr, flush=True)
+log = logger("train bench")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,14 +204,6 @@ def batch_of(cfg, batch: int):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (batch, cfg.context_length + 1), generator=g)
     return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
-
-
-def quiet_transformers():
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    return transformers
 
 
 class StepRunner:
@@ -391,11 +379,6 @@ class TokenizeRunner:
         return out
 
 
-def send(channel: IO[str], message: dict[str, Any]) -> None:
-    channel.write(json.dumps(message) + "\n")
-    channel.flush()
-
-
 def make_runner(args: argparse.Namespace):
     if args.worker in PEAK.values():
         return PeakRunner("float32" if args.worker == PEAK["float32"] else "bfloat16", args.peak_n, args.clock)
@@ -542,15 +525,6 @@ def run_all(args: argparse.Namespace, scratch: Path) -> Pool:
 # The report
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: Sequence[int] = (0,)) -> str:
-    align = ["---" if i in text_columns else "---:" for i in range(len(header))]
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, align, *rows])
-
-
-def fmt(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") -> str:
-    return "—" if value is None else f"{value * scale:{spec}}{suffix}"
-
-
 def cpu_info() -> tuple[str, set[str]]:
     """The CPU's name and its feature flags (avx512_bf16, amx_bf16, ...)."""
     flags: set[str] = set()
@@ -564,28 +538,20 @@ def cpu_info() -> tuple[str, set[str]]:
     return cpu_model(), flags
 
 
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
-
-
 def header_lines(args: argparse.Namespace, load_before: str, started: datetime) -> list[str]:
     import torch
 
     model, flags = cpu_info()
     amx = "yes" if {"amx_bf16", "amx_tile"} & flags else "no"
     bf16 = "yes" if "avx512_bf16" in flags else "no"
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "tiktoken"))
-    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return [
         f"- Machine: {model}, {os.cpu_count()} logical CPUs, {args.threads} torch thread(s); AMX: {amx}; "
         f"AVX-512 BF16: {bf16}; oneDNN: {'yes' if torch.backends.mkldnn.is_available() else 'no'}",
-        f"- Software: {versions}, Python {sys.version.split()[0]}; gptcli commit {git.stdout.strip() or 'unknown'}",
-        f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')}, {(datetime.now(timezone.utc) - started).seconds / 60:.1f} "
+        f"- Software: {versions(('torch', 'transformers', 'tiktoken'))}, Python {sys.version.split()[0]}; "
+        f"gptcli commit {git_commit()}",
+        f"- Date: {utc_date(started)}, {(datetime.now(timezone.utc) - started).seconds / 60:.1f} "
         f"min; load average (1, 5, 15 min) at the start: {load_before}, at the end: {load_average()}",
-        f"- Command: `{shlex.join(['python', 'bench/train.py', *sys.argv[1:]])}`",
+        command_line("bench/train.py"),
     ]
 
 

@@ -1,6 +1,7 @@
-"""What the benchmarks share: a worker process that answers one JSON line per command, the results of
-one worker over interleaved rounds (medians and spread), the CPU's name and a process's peak memory.
-The benchmarks run as scripts from this folder, so they import it as ``workers``."""
+"""What the benchmarks share: a worker process that answers one JSON line per command (``send`` is the
+worker's side), the results of one worker over interleaved rounds (medians and spread), the CPU's name, a
+process's peak memory and a quiet transformers. The scripts import it as ``bench.workers``; what they print
+is in ``bench.report``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from gptcli.devices import cpu_model, proc_kib  # noqa: F401 - the benchmarks import cpu_model from here
 
@@ -22,6 +23,21 @@ def peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def quiet_transformers() -> Any:
+    """transformers, without its warnings and progress bars on stderr."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    return transformers
+
+
+def send(channel: IO[str], message: dict[str, Any]) -> None:
+    """The worker's side: one JSON line, flushed."""
+    channel.write(json.dumps(message) + "\n")
+    channel.flush()
 
 
 class WorkerFailed(Exception):
