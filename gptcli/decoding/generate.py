@@ -580,7 +580,30 @@ class Continuation:
         return out
 
 
-class SequenceState:
+class Continued:
+    """What a sequence has produced so far, read from its ``continuation``: ``token_ids``, ``text`` and
+    ``finish_reason`` (which a caller sets to FINISH_INTERRUPTED)."""
+
+    continuation: Continuation
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.continuation.token_ids
+
+    @property
+    def text(self) -> str:
+        return self.continuation.text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.continuation.finish_reason
+
+    @finish_reason.setter
+    def finish_reason(self, reason: str) -> None:
+        self.continuation.finish_reason = reason
+
+
+class SequenceState(Continued):
     """One sequence being decoded, whatever runs it (``Generation``, ``SpeculativeGeneration``, or a batch
     that rows join and leave: ``gptcli.decoding.batch.decode_rows``, the server's engine): its prompt and
     options, its own sampling generator (seeded ``options.seed``, so its ids do not depend on what runs
@@ -600,17 +623,6 @@ class SequenceState:
         n_seen = len(self.prompt_token_ids) if context_length is None else min(len(self.prompt_token_ids), context_length)
         self.timings.prefill_tokens = n_seen if options.max_new_tokens else 0  # -n 0 runs nothing
 
-    @property
-    def token_ids(self) -> list[int]:
-        return self.continuation.token_ids
-
-    @property
-    def text(self) -> str:
-        return self.continuation.text
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self.continuation.finish_reason
 
     @property
     def done(self) -> bool:
@@ -631,7 +643,7 @@ class SequenceState:
         return self.continuation.accept(token_id)
 
 
-class Generation:
+class Generation(Continued):
     """Generate from ``prompt_token_ids``; iterate to receive the text as it becomes printable.
 
     While and after iterating: ``token_ids`` (every generated id, including a final <|endoftext|>
@@ -658,21 +670,6 @@ class Generation:
         self.prompt_token_ids, self.options = self.sequence.prompt_token_ids, options
         self.continuation, self.timings = self.sequence.continuation, self.sequence.timings
 
-    @property
-    def token_ids(self) -> list[int]:
-        return self.continuation.token_ids
-
-    @property
-    def text(self) -> str:
-        return self.continuation.text
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self.continuation.finish_reason
-
-    @finish_reason.setter
-    def finish_reason(self, reason: str) -> None:  # the caller's FINISH_INTERRUPTED
-        self.continuation.finish_reason = reason
 
     def __iter__(self) -> Iterator[str]:
         """Text pieces as they become printable; the model runs only while the sequence goes on.
