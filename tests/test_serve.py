@@ -411,6 +411,8 @@ BAD = [
     ("top_p 0", "POST", "/v1/completions", ok_body(top_p=0), AUTH, 400, "top_p", "(0, 1]"),
     ("n 0", "POST", "/v1/completions", ok_body(n=0), AUTH, 400, "n", "between"),
     ("n 1000", "POST", "/v1/completions", ok_body(n=1000), AUTH, 400, "n", "between"),
+    ("more completions than the queue holds", "POST", "/v1/completions", ok_body(prompt=["a", "b"], n=16), AUTH, 400,
+     "n", "this request asks for 32 completions (2 prompts x n=16); a request may ask for at most 16"),
     ("logprobs 6", "POST", "/v1/completions", ok_body(logprobs=6), AUTH, 400, "logprobs", "between 0 and 5"),
     ("a negative seed", "POST", "/v1/completions", ok_body(seed=-3), AUTH, 400, "seed", "between"),
     ("a seed past 2**64 - 1", "POST", "/v1/completions", ok_body(seed=2**64), AUTH, 400, "seed",
