@@ -12,7 +12,7 @@ so each accepted guess is a token for (nearly) nothing. Three kinds of draft:
 
 Greedy decoding keeps a draft token while it equals the model's argmax, so the ids are plain
 decoding's, bit for bit: the model's logits for a position in a K+1-row check are the ones a
-one-token step gives there (row-invariant linear kernels, and ``model._attend_queries`` gives each
+one-token step gives there (row-invariant linear kernels, and ``gptcli.model.attention.row_invariant`` gives each
 new query the very attention call a one-token step makes). Sampling with a model draft follows
 Leviathan et al. (2023) / Chen et al. (2023): accept draft token d with probability min(1, p(d)/q(d)),
 at the first rejection draw from norm(max(0, p - q)), and draw a bonus token from p when all K are

@@ -43,7 +43,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and x.shape[-2] == 1:
-            # The element-wise form Inductor turns into a vectorised reduction (see model.Linear).
+            # The element-wise form Inductor turns into a vectorised reduction (see gptcli.kernels.decode).
             y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1) * self.scales.float()
             y = y.to(x.dtype)
         elif x.device.type in ("cpu", "mps"):
