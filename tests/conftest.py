@@ -3,7 +3,7 @@
 - tiktoken reads GPT-2's BPE file from a temporary copy of ../shared/tiktoken-cache
   (tiktoken deletes a cached file whose hash does not match, so never point it at the original);
 - the Hugging Face cache is a fresh temporary folder and the Hub is offline;
-- torch.compile's Inductor cache is one temporary folder for the session (compiles are reused).
+- torch.compile's Inductor cache is one temporary folder for the session.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ def tiktoken_cache(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
 
 @pytest.fixture(scope="session")
 def inductor_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One Inductor cache for the whole session, so a graph compiled once is reused by later tests (no test
-    measures a cold compile; a test that did would ask for a folder of its own)."""
+    """One Inductor cache folder for the whole session. Today's tests gain no time from it (each compiles a
+    graph no other test does, and Inductor keeps kernels in memory within the process); compiles in child
+    processes would reuse it. No test measures a cold compile; one that did would need a folder of its own."""
     return tmp_path_factory.mktemp("inductor")
 
 

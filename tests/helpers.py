@@ -32,6 +32,25 @@ def imported_modules(*args: str) -> tuple[str, set[str]]:
     return proc.stdout, set(proc.stderr.split())
 
 
+def subprocess_env() -> dict:
+    """The environment for a gptcli child process: this one's, with one thread."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def read_all(fd: int) -> bytes:
+    """Everything a child wrote to a pseudo-terminal, read from its controller end ``fd`` until it closes."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO once the child has exited and closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def network_tests_enabled() -> bool:
     """Tests that reach the Hugging Face Hub run only when asked: GPTCLI_NETWORK_TESTS=1.
 

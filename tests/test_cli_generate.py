@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from gptcli.cli import app
 from gptcli.tokenizer import EOT_ID, encode
+from helpers import read_all, subprocess_env
 
 runner = CliRunner()
 BOOK_IDS = [27018, 24086, 47843, 30961, 42348, 7267]
@@ -29,10 +30,6 @@ def gen_json(*args, input=None) -> dict:
     result = gen(*args, "--json", input=input)
     assert result.exit_code == 0, result.stderr
     return json.loads(result.stdout)
-
-
-def subprocess_env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def gptcli(*args) -> list[str]:
@@ -294,19 +291,6 @@ def test_no_prompt_and_a_terminal_on_stdin_prints_usage_instead_of_waiting(tiny)
     assert b"Usage:" in proc.stderr and b"No prompt" in proc.stderr
 
 
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:  # EIO once the child has exited and closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def test_terminal_shows_the_prompt_dimmed_then_the_continuation(tiny):
     text = gen_json("Hello there", *tiny, "-n", "6")["text"]
     out = _generate_on_a_terminal(tiny, no_color=False)
@@ -324,7 +308,7 @@ def _generate_on_a_terminal(tiny, *, no_color: bool) -> str:
     proc = subprocess.Popen(gptcli("Hello there", *tiny, "-n", "6"), stdin=subprocess.DEVNULL, stdout=terminal,
                             stderr=subprocess.PIPE, env=env)
     os.close(terminal)
-    out = _read_all(controller).decode("utf-8").replace("\r\n", "\n")
+    out = read_all(controller).decode("utf-8").replace("\r\n", "\n")
     os.close(controller)
     assert proc.wait(timeout=60) == 0
     return out

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from gptcli.cli import app
 from gptcli.tokenizer import encode
+from helpers import read_all, subprocess_env
 
 runner = CliRunner()
 WORDS = ("the cat sat on a mat while every dog barked at seven small birds that flew over old red houses "
@@ -50,10 +51,6 @@ def write(tmp_path: Path, name: str, text: str | bytes) -> str:
     path = tmp_path / name
     path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
     return str(path)
-
-
-def subprocess_env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,19 +386,6 @@ def test_a_pipe_gets_plain_columns_and_no_progress_bar(tiny, tmp_path):
     assert proc.stdout.decode().splitlines()[4].split()[0] == "-"
 
 
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:  # EIO once the child has exited and closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 @pytest.mark.parametrize("words,shows_bar", [(200, True), (3, False)])
 def test_progress_bar_on_a_terminal_for_long_inputs_only(tiny, tmp_path, words, shows_bar):
     path = write(tmp_path, "text.txt", generated_text(words))
@@ -412,7 +396,7 @@ def test_progress_bar_on_a_terminal_for_long_inputs_only(tiny, tmp_path, words, 
         proc = subprocess.Popen(gptcli(path, *tiny, "--json", "-b", "1"), stdout=subprocess.PIPE, stderr=terminal,
                                 env=env)
         os.close(terminal)
-        stderr = _read_all(controller)
+        stderr = read_all(controller)
         stdout, _ = proc.communicate(timeout=120)
     finally:
         os.close(controller)
