@@ -182,3 +182,77 @@ def test_cli_no_tune(tiny):
     assert timings["tune_s"] is None and timings["kernels"] == {kernels.DEFAULT_KERNEL: 9}
     assert "measuring" not in result.stderr and not kernels.cache_path().exists()
     assert "--no-tune" in runner.invoke(app, ["generate", "--help"]).stdout
+
+
+# --- Packing behind the first tokens (apply(lazy=True)) ----------------------------------------------
+
+
+def _as_checkpoint_views(model):
+    """Every Linear weight a transposed view of an (in, out) tensor, as a memory-mapped Hugging Face
+    checkpoint gives them (gptcli.weights.MappedFile)."""
+    for layer in kernels.linear_layers(model):
+        if layer.weight is not model.tok_emb.weight:
+            layer.weight = torch.nn.Parameter(layer.weight.detach().t().contiguous().t(), requires_grad=False)
+    return model
+
+
+def test_the_tuner_checks_that_unpacked_weights_give_the_packed_bits():
+    model = _as_checkpoint_views(lively_model(15))
+    plan = kernels.tune(model, use_cache=False)
+    for layer in kernels.linear_layers(model):
+        measured = plan.choices[kernels.shape_key(layer.weight)].measured["onednn"]
+        assert isinstance(measured["same_unpacked"], bool)
+    bf16 = kernels.tune(_as_checkpoint_views(lively_model(15).to(torch.bfloat16)), use_cache=False)
+    assert not any(c.measured["onednn"]["same_unpacked"] for c in bf16.choices.values())  # float32 only
+
+
+def test_a_generation_that_switches_kernels_midway_decodes_the_same_ids(monkeypatch):
+    """Layers start on their weights as stored and switch to packed ones between tokens (here two
+    layers after each token, on the test's thread): the ids and every logit stay the packed model's.
+    Relies on what the tuner checks on the CPU at hand; where it finds other bits, nothing is lazy."""
+    monkeypatch.setattr(kernels.BackgroundPacker, "autostart", False)
+    packed, switching = (_as_checkpoint_views(lively_model(16)) for _ in range(2))
+    plan = kernels.tune(switching, use_cache=False)
+    lazy_layers = sum(plan.same_unpacked(layer.weight) for layer in kernels.linear_layers(switching))
+    kernels.apply(packed, plan)
+    kernels.apply(switching, plan, lazy=True)
+    packer = switching.packer
+    assert (packer.total if packer else 0) == lazy_layers  # a shape whose bits differed was packed up front
+    if lazy_layers < 9:
+        pytest.skip(f"oneDNN gave other bits unpacked for {9 - lazy_layers} of 9 layers on this CPU")
+    assert packer.packed == 0
+
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.inference_mode():
+        assert torch.equal(switching(ids), packed(ids))  # nothing packed yet
+        options = SamplingOptions(max_new_tokens=10, ignore_eos=True)
+        generation = Generation(Decoder(switching, CPU, torch.float32), [5, 6, 7], options, token_bytes=lambda i: b"x")
+        for _ in generation:
+            packer.pack_next()
+            packer.pack_next()
+        assert packer.done and packer.packed == 9
+        assert torch.equal(switching(ids), packed(ids))
+    assert generation.token_ids == _greedy(packed, [5, 6, 7], n=10)
+    assert switching.trf_blocks[0].ff.layers[0].weight.is_meta  # a packed layer lets its plain weight go
+
+
+def test_a_mapped_checkpoint_packs_on_a_thread_after_the_first_forward(tmp_path):
+    from gptcli.weights import load_checkpoint
+
+    from helpers import save_checkpoint
+
+    path = save_checkpoint(lively_model(17, vocab_size=50257), tmp_path / "m.safetensors")
+    eager = load_checkpoint(path, mapped=False)
+    prepare_model(eager, CPU, torch.float32, kernels=kernels.EAGER)
+    model = load_checkpoint(path, mapped=True)
+    prepared = prepare_model(model, CPU, torch.float32, kernels=kernels.EAGER)
+    if model.packer is None:
+        pytest.skip("oneDNN gave other bits on unpacked weights on this CPU: everything was packed at load")
+    assert not model.packer.done and model.packer.packed == 0  # nothing packs before the first forward
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.inference_mode():
+        first = model(ids)
+        assert kernels.wait_packed(model, timeout=60) and model.packer.error is None
+        assert model.packer.packed == model.packer.total and model.packer.seconds is not None
+        assert torch.equal(first, model(ids)) and torch.equal(first, eager(ids))
+    assert prepared.counts == {"onednn": 9}

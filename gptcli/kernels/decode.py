@@ -38,6 +38,7 @@ Tuning runs only on the CPU, in inference mode, and is skipped with ``GPTCLI_NO_
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -57,7 +58,7 @@ from gptcli.kernels import onednn
 EAGER = "eager"
 COMPILED = "compiled"
 DEFAULT_KERNEL = "onednn"  # the winner on the AMD EPYC measured (BENCHMARKS.md)
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: oneDNN's entries say whether unpacked weights give its bits
 NO_TUNE_ENV = "GPTCLI_NO_TUNE"
 BATCH_ROWS = 8  # --each-line's default batch
 SAMPLE_BYTES = 256 * 2**20  # weights a candidate is timed over: more than a CPU's cache, so they stream as in decoding
@@ -151,14 +152,19 @@ class OneDNN(Kernel):
     def prepare(self) -> "OneDNN":
         # From (out, in) row-major: packing a transposed view directly gave a layout that oneDNN
         # reorders again on every call (8 ms instead of 0.4 for 1558M's (1600, 6400)).
-        source, self._source = self._source, None
+        source = self._source
         if source is not None:
             try:
                 _PACKED[self.handle] = torch.ops.mkldnn._reorder_linear_weight(source.contiguous(), BATCH_ROWS)
             except BaseException:
                 self._finalizer()
                 raise
+            self._source = None  # after the packed weight is in place: __call__ reads them in the other order
         return self
+
+    @property
+    def packed(self) -> bool:
+        return self._source is None
 
     @staticmethod
     def available(weight: torch.Tensor) -> bool:
@@ -167,7 +173,12 @@ class OneDNN(Kernel):
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return torch.ops.gptcli.decode_linear(x, bias, self.handle, self.out_features)
-        return onednn.linear(x, _PACKED[self.handle], bias, self.out_features)
+        # Until a background packer (``apply(lazy=True)``) is done with this layer, oneDNN multiplies the
+        # weight as stored, which the tuner checked gives the packed weight's bits (``same_unpacked``).
+        # ``prepare`` puts the packed weight in place before it drops the source, so None means packed.
+        source = self._source
+        weight = source if source is not None else _PACKED[self.handle]
+        return onednn.linear(x, weight, bias, self.out_features)
 
     def release(self) -> None:
         self._finalizer()
@@ -241,6 +252,12 @@ class DecodePlan:
         if choice is not None and KERNELS[choice.kernel].available(weight):
             return choice.kernel
         return candidates(weight)[0]
+
+    def same_unpacked(self, weight: torch.Tensor) -> bool:
+        """Whether oneDNN was measured to give this shape the same bits on its weight as stored as packed."""
+        choice = self.choices.get(shape_key(weight))
+        return bool(choice is not None and choice.kernel == OneDNN.name
+                    and choice.measured.get(OneDNN.name, {}).get("same_unpacked"))
 
     def summary(self) -> dict[str, str]:
         return {key: c.kernel for key, c in self.choices.items()}
@@ -335,6 +352,22 @@ def _invariant(kernel: Kernel, bias: torch.Tensor | None, rows: torch.Tensor,
                for m in range(2, rows.shape[0] + 1) for i in range(m))
 
 
+# Row counts at which the weight as stored must give the packed weight's bits before a layer may decode
+# on it while packing (``apply(lazy=True)``); 1 and 2 for decoding, the rest for prompts. Float32 only:
+# bfloat16 weights stored (in, out) gave other bits at 8 to 512 rows (Intel Xeon, oneDNN in torch 2.13).
+UNPACKED_ROWS = (1, 2, 3, 8, 16, 33, 64, 128)
+LAZY_DTYPES = (torch.float32,)
+
+
+def _same_unpacked(packed: Kernel, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if weight.dtype not in LAZY_DTYPES:
+        return False
+    gen = torch.Generator().manual_seed(1)
+    probe = torch.randn(max(UNPACKED_ROWS), weight.shape[1], generator=gen).to(weight.dtype)
+    return all(torch.equal(onednn.linear(probe[:m], weight.detach(), bias, weight.shape[0]), packed(probe[:m], bias))
+               for m in UNPACKED_ROWS)
+
+
 def _eager_call(kernel: Kernel, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return kernel(x, bias)
 
@@ -352,7 +385,10 @@ def measure(layers: Sequence[nn.Module], name: str, dtype: torch.dtype) -> dict[
         # Only a kernel invariant by construction can serve eager decoding; checking the others would
         # cost 1558M's tuning a second for nothing (bench/batch_invariance.py shows them anyway).
         invariant = KERNELS[name].row_invariant and _invariant(kernels[0], biases[0], rows, _eager_call)
-        return {"one": round(one, 2), "batch": round(batch, 2), "invariant": invariant}
+        result = {"one": round(one, 2), "batch": round(batch, 2), "invariant": invariant}
+        if name == OneDNN.name:
+            result["same_unpacked"] = _same_unpacked(kernels[0], weight, biases[0])
+        return result
     finally:
         for kernel in kernels:
             kernel.release()
@@ -456,7 +492,8 @@ def tune(model: nn.Module, mode: str = EAGER, *, enabled: bool = True, use_cache
     return DecodePlan(mode, choices, tune_s=time.perf_counter() - start, source="measured" if todo else "cache")
 
 
-def apply(model: nn.Module, plan: DecodePlan, release: Callable[[torch.Tensor], None] | None = None) -> dict[str, int]:
+def apply(model: nn.Module, plan: DecodePlan, release: Callable[[torch.Tensor], None] | None = None,
+          lazy: bool = False) -> dict[str, int]:
     """Make every Linear layer a ``KernelLinear`` with its planned kernel; counts per kernel.
 
     A kernel that copied the weight into its own layout leaves the plain weight behind: it is then
@@ -464,21 +501,135 @@ def apply(model: nn.Module, plan: DecodePlan, release: Callable[[torch.Tensor], 
     still needs it (a head tied to the token embedding). ``release(tensor)`` is called on each
     dropped weight first (``gptcli.weights`` uses it to give a file mapping's pages back).
     From here on the model decodes only: no training, saving or moving.
+
+    ``lazy`` (eager plans): the layers whose oneDNN kernel the tuner found to give the same bits on
+    the weight as stored as on the packed one (``same_unpacked``) start on the weight as stored, and a
+    background thread packs them one by one (``model.packer``, a ``BackgroundPacker``), so the first
+    token does not wait for packing a large model's weights and no token's ids depend on when each
+    layer switches.
     """
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    counts: dict[str, int] = {}
-    layers = linear_layers(model)
-    kernels = [KERNELS[plan.kernel_for(layer.weight)](layer.weight) for layer in layers]
-    for layer, kernel in zip(layers, prepare_all(kernels)):
-        layer.__class__ = KernelLinear  # the same module: parameters and a tied head stay
-        layer.kernel = kernel
-        counts[kernel.name] = counts.get(kernel.name, 0) + 1
+
+    def drop_plain(layer: nn.Module, kernel: Kernel) -> None:
         if kernel.copies_weight and id(layer.weight) not in embedding_weights:
             if release is not None:
                 release(layer.weight)
             layer.weight = nn.Parameter(torch.empty_like(layer.weight, device="meta"), requires_grad=False)
             return_freed_memory()
+
+    counts: dict[str, int] = {}
+    layers = linear_layers(model)
+    kernels = [KERNELS[plan.kernel_for(layer.weight)](layer.weight) for layer in layers]
+    later = [lazy and plan.mode == EAGER and isinstance(k, OneDNN) and plan.same_unpacked(layer.weight)
+             for layer, k in zip(layers, kernels)]
+    now = [(layer, k) for layer, k, waits in zip(layers, kernels, later) if not waits]
+    for (layer, _), kernel in zip(now, prepare_all([k for _, k in now])):
+        _install(layer, kernel)
+        drop_plain(layer, kernel)
+    pending = [(layer, k) for layer, k, waits in zip(layers, kernels, later) if waits]
+    for layer, kernel in pending:
+        _install(layer, kernel)
+    model.packer = None
+    if pending:
+        model.packer = BackgroundPacker(pending, drop_plain)
+        # Packing beside the first forward (a prompt's) slowed it 2x on 2 cores: start after it.
+        def start_packing(*_: object) -> None:  # a forward hook: returning None keeps the output
+            hook.remove()
+            model.packer.start()
+
+        hook = model.register_forward_hook(start_packing)
+    for kernel in kernels:
+        counts[kernel.name] = counts.get(kernel.name, 0) + 1
     return counts
+
+
+def _install(layer: nn.Module, kernel: Kernel) -> None:
+    layer.__class__ = KernelLinear  # the same module: parameters and a tied head stay
+    layer.kernel = kernel
+
+
+class BackgroundPacker:
+    """Packs layers' oneDNN weights on a thread of its own, in model order, while they already decode
+    on their weights as stored; each layer switches when its packing is done (``OneDNN.__call__``).
+    At exit it stops after the matrix under way."""
+
+    _live: "set[BackgroundPacker]" = set()
+    _lock = threading.Lock()
+    autostart = True  # tests turn it off to switch layers at chosen steps with ``pack_next``
+
+    def __init__(self, pending: Sequence[tuple[nn.Module, "OneDNN"]],
+                 finished: Callable[[nn.Module, Kernel], None]):
+        self.total = len(pending)
+        self.packed = 0
+        self.error: BaseException | None = None
+        self.started = time.perf_counter()
+        self.seconds: float | None = None  # how long packing took, once done
+        self._pending = list(pending)
+        self._finished = finished
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gptcli-pack", daemon=True)
+
+    def start(self) -> None:
+        """Start packing on the thread (once; not when ``autostart`` is off)."""
+        if self.autostart and not self._thread.is_alive() and not self._done.is_set():
+            with self._lock:
+                self._live.add(self)
+            self.started = time.perf_counter()
+            self._thread.start()
+
+    def pack_next(self) -> bool:
+        """Pack the next layer (on the calling thread); whether any are left."""
+        if self.packed < self.total:
+            layer, kernel = self._pending[self.packed]
+            kernel.prepare()
+            self._finished(layer, kernel)
+            self._pending[self.packed] = None  # type: ignore[call-overload] - let the layer go
+            self.packed += 1
+        if self.packed == self.total and not self._done.is_set():
+            self.seconds = time.perf_counter() - self.started
+            self._done.set()
+        return self.packed < self.total
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set() and self.pack_next():
+                pass
+        except BaseException as exc:  # noqa: BLE001 - the unpacked layers keep working, only slower
+            self.error = exc
+            self._done.set()
+        finally:
+            with self._lock:
+                self._live.discard(self)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every layer is packed (or packing failed); whether it is done."""
+        return self._done.wait(timeout)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    @classmethod
+    def stop_all(cls) -> None:
+        with cls._lock:
+            live = list(cls._live)
+        for packer in live:
+            packer.stop()
+
+
+atexit.register(BackgroundPacker.stop_all)  # never tear the interpreter down under a packing thread
+
+
+def wait_packed(model: nn.Module, timeout: float | None = None) -> bool:
+    """Block until ``model``'s background packing (``apply(lazy=True)``) is done; True when none is left."""
+    packer = getattr(model, "packer", None)
+    return packer is None or packer.wait(timeout)
 
 
 def return_freed_memory() -> None:

@@ -77,4 +77,5 @@ def prepare_model(
     from gptcli.kernels import decode as kernel_choice
 
     plan = kernel_choice.tune(model, kernels, enabled=tune)
-    return Prepared(model, plan, kernel_choice.apply(model, plan, release))
+    # Mapped weights are read lazily anyway: pack them behind the first tokens rather than before.
+    return Prepared(model, plan, kernel_choice.apply(model, plan, release, lazy=mapping is not None))
