@@ -28,7 +28,7 @@ rounding (the book's chapter-5 figures are unchanged). ``bench/train.py`` measur
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -308,8 +308,17 @@ def attention_kernel(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", dr
     import torch
     import torch.nn.functional as F
 
-    if q.shape[-2] < ATTENTION_MIN_T or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if q.shape[-2] < ATTENTION_MIN_T:
+        if q.dtype != torch.bfloat16 or q.device.type != "cpu":
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        # torch's bfloat16 flash attention backward on the CPU took 9x its float32 one (shakespeare-char,
+        # Intel Xeon: 5.6 against 0.65 ms a layer), so short contexts attend in float32 (autocast off,
+        # or it would cast them back).
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True)
+        return out.to(q.dtype)
     return causal_attention(q, k, v, dropout_p)
 
 
@@ -351,10 +360,16 @@ class TrainPlan:
     head_loss: bool  # the output head and cross-entropy through head_loss
     fused_adamw: bool
     attention: bool = False  # causal attention through attention_kernel
+    # What ``measure_linears`` timed (ms of forward and backward over the model's Linear layers), when
+    # the linear kernel was chosen by measuring; None for the default.
+    measured: dict | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict:
-        return {"linear": self.linear, "head_loss": self.head_loss, "fused_adamw": self.fused_adamw,
-                "attention": self.attention}
+        out = {"linear": self.linear, "head_loss": self.head_loss, "fused_adamw": self.fused_adamw,
+               "attention": self.attention}
+        if self.measured is not None:
+            out["measured_ms"] = dict(self.measured)
+        return out
 
 
 def fused_adamw_available(device: "torch.device") -> bool:
@@ -368,11 +383,111 @@ def fused_adamw_available(device: "torch.device") -> bool:
     return True
 
 
-def plan(device: "torch.device") -> TrainPlan:
+def plan(device: "torch.device", model: "GPTModel | None" = None, rows: int | None = None) -> TrainPlan:
+    """The training kernels for ``device``. On the CPU, given the model and the rows of a micro-batch,
+    the float32 Linear kernel is the faster of oneDNN and torch's (MKL) for this model's shapes,
+    measured once per machine (``measure_linears``): oneDNN won on the AMD EPYC measured, MKL on the
+    Intel Xeon (book-ch05, 1 thread: 4.97 against 4.20 s a step with nothing else of the plan)."""
     onednn = device.type == "cpu" and onednn_available()
     cpu = device.type == "cpu"
-    return TrainPlan(linear="onednn" if onednn else "torch", head_loss=cpu, fused_adamw=fused_adamw_available(device),
-                attention=cpu)
+    linear, measured = ("onednn" if onednn else "torch"), None
+    if onednn and model is not None and rows:
+        measured = measure_linears(linear_shapes(model), rows)
+        if measured:
+            linear = min(LINEAR_KERNELS, key=lambda k: measured[k])
+    return TrainPlan(linear=linear, head_loss=cpu, fused_adamw=fused_adamw_available(device), attention=cpu,
+                     measured=measured)
+
+
+# --- Choosing by measuring -----------------------------------------------------------------------
+# Like the decode kernels (gptcli.kernels.decode), measured on the CPU at hand and cached in the same
+# file under this machine's key, one entry per weight shape and row count.
+
+LINEAR_KERNELS = ("onednn", "torch")  # float32; "bfloat16" is timed beside them for --dtype auto
+# bfloat16 autocast must multiply this much faster than float32 for --dtype auto to take it: its
+# casts and the float32 work around the matmuls (GELU, LayerNorm, attention, AdamW) eat the rest.
+BF16_MIN_GAIN = 1.5
+TRAIN_REPEATS = 3
+
+
+def linear_shapes(model: "GPTModel") -> dict[tuple[int, int], int]:
+    """(out, in) -> how many of the model's Linear layers have it (the head, which ``head_loss`` runs, too)."""
+    import torch.nn as nn
+
+    shapes: dict[tuple[int, int], int] = {}
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            shapes[tuple(m.weight.shape)] = shapes.get(tuple(m.weight.shape), 0) + 1
+    return shapes
+
+
+def _time_linear(kernel: str, out_f: int, in_f: int, rows: int) -> float:
+    """Milliseconds for one Linear layer's forward and backward (three matmuls) with ``kernel``."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, in_f, generator=gen, requires_grad=True)
+    w = torch.randn(out_f, in_f, generator=gen, requires_grad=True)
+    g = torch.randn(rows, out_f, generator=gen)
+
+    def step() -> None:
+        if kernel == "onednn":
+            y = onednn_linear(x, w, None)
+        elif kernel == "bfloat16":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = F.linear(x, w)
+        else:
+            y = F.linear(x, w)
+        y.backward(g)
+        x.grad = w.grad = None
+
+    best = float("inf")
+    for _ in range(TRAIN_REPEATS + 1):  # the first warms up
+        start = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def measure_linears(shapes: dict[tuple[int, int], int], rows: int) -> dict[str, float] | None:
+    """Milliseconds of forward and backward over every Linear layer of ``shapes`` at ``rows`` rows, per
+    candidate (``LINEAR_KERNELS`` and ``bfloat16``): from the cache, else measured now and cached.
+    None when tuning is off (``GPTCLI_NO_TUNE``)."""
+    from gptcli.kernels import decode
+
+    if decode.tuning_disabled():
+        return None
+    path = decode.cache_path()
+    known = decode._cached_measurements()
+    totals = dict.fromkeys((*LINEAR_KERNELS, "bfloat16"), 0.0)
+    fresh: dict[str, dict[str, float]] = {}
+    for (out_f, in_f), count in shapes.items():
+        key = f"train {out_f}x{in_f} rows {rows}"
+        entry = known.get(key)
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), (int, float)) for k in totals)):
+            entry = fresh[key] = {k: round(_time_linear(k, out_f, in_f, rows), 3) for k in totals}
+        for k in totals:
+            totals[k] += entry[k] * count
+    if fresh:
+        cache = decode._read_cache(path) or {"version": decode.CACHE_VERSION, "machines": {}}
+        cache.setdefault("machines", {}).setdefault(decode._machine_key(), {}).update(fresh)
+        decode._write_cache(path, cache)
+    return {k: round(v, 2) for k, v in totals.items()}
+
+
+def choose_dtype(model: "GPTModel", rows: int) -> tuple[str, str]:
+    """``--dtype auto`` on the CPU: bfloat16 autocast when its matmuls measured ``BF16_MIN_GAIN`` times
+    faster than the faster float32 kernel for this model (CPUs with AMX), else float32; and why."""
+    measured = measure_linears(linear_shapes(model), rows)
+    if not measured:
+        return "float32", "not measured (tuning is off)"
+    fp32 = min(measured[k] for k in LINEAR_KERNELS)
+    gain = fp32 / max(measured["bfloat16"], 1e-9)
+    dtype = "bfloat16" if gain >= BF16_MIN_GAIN else "float32"
+    return dtype, f"this model's bfloat16 matmuls measured {gain:.1f}x as fast as float32's here; bfloat16 from {BF16_MIN_GAIN}x"
 
 
 def prepare(model: "GPTModel", chosen: TrainPlan) -> None:

@@ -64,7 +64,8 @@ def batch_loss(model, x: "torch.Tensor", y: "torch.Tensor", *, device: "torch.de
 
         with autocast(device, dtype):
             hidden = model(x, head=False, attention=attention)  # (B, T, emb_dim)
-        return head_loss(hidden.flatten(0, 1).float(), head_weight, y.flatten(), dtype=getattr(torch, dtype))
+        return head_loss(hidden.flatten(0, 1).float(), head_weight, y.flatten(), dtype=getattr(torch, dtype),
+                         onednn=plan.linear == "onednn" and hidden.device.type == "cpu")
     with autocast(device, dtype):
         logits = model(x, attention=attention)  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
@@ -90,7 +91,8 @@ class Trainer:
         self.batches = make_batches(s.sampling, run.train_ids, run.val_ids, length=cfg.context_length,
                                     stride=s.stride or cfg.context_length, batch_size=s.batch_size,
                                     grad_accum=s.grad_accum, seed=s.seed, rank=run.dist.rank, world=run.dist.world)
-        self.plan = plan or train_kernels.plan(run.device)
+        rows = max(1, s.batch_size // run.dist.world) * cfg.context_length  # a micro-batch's, in this process
+        self.plan = plan or train_kernels.plan(run.device, self.model, rows)
         train_kernels.prepare(self.model, self.plan)
         self.optimizer = make_optimizer(self.model, s, self.plan)
         self.position = Position()

@@ -49,7 +49,7 @@ class TrainSettings:
     # auto: book for an untied head, gpt2 for a tied one (setup.choose_init) | book (chapter 4's nn defaults)
     # | gpt2 (N(0, 0.02), as GPT-2 and nanoGPT)
     init: str = "auto"
-    dtype: str = "float32"  # float32 | bfloat16 (autocast: float32 weights and AdamW state) | float16
+    dtype: str = "float32"  # float32 | bfloat16 (autocast: float32 weights and AdamW state) | float16 | auto (resolved at start)
     compile: bool = False
     device: str = "auto"
 
@@ -108,8 +108,8 @@ class TrainSettings:
         if self.sample_every == "epoch" and self.sampling != "windows":
             raise UserError("--sample-every 'epoch' needs sampling: windows (random batches have no epochs); "
                             "give a number of steps")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise UserError(f"unknown training dtype {self.dtype!r}; choose float32, bfloat16 or float16")
+        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise UserError(f"unknown training dtype {self.dtype!r}; choose float32, bfloat16, float16 or auto")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         return self
 
@@ -127,7 +127,8 @@ SETTING_NAMES = {f.name for f in dataclasses.fields(TrainSettings)}
 # Recipe keys that choose the model rather than how it trains.
 MODEL_KEYS = ("size", "config", "model", "weights")
 # "data": the dataset (gptcli.training.downloads) a recipe trains on when no DATA is given.
-RECIPE_KEYS = {"description", "data", *MODEL_KEYS, *SETTING_NAMES} - {"dtype", "compile", "device"}
+# A recipe may say dtype "auto" (or a dtype), never how to compile or which device: those are the machine's.
+RECIPE_KEYS = {"description", "data", *MODEL_KEYS, *SETTING_NAMES} - {"compile", "device"}
 
 
 @dataclass

@@ -232,6 +232,27 @@ def check_dtype(name: str, device: "torch.device") -> None:
         raise UserError("--dtype float16 trains on GPUs only; on the CPU use bfloat16 or float32")
 
 
+def resolve_dtype(settings: TrainSettings, cfg: "GPTConfig", device: "torch.device", dist: Dist) -> str | None:
+    """Settle ``--dtype auto`` (in place): on the CPU bfloat16 autocast where its matmuls measured well
+    ahead of float32's for this model (``gptcli.kernels.train.choose_dtype``), on a GPU bfloat16 where
+    it has it; float32 otherwise. Returns why, for a note; None when the dtype was given."""
+    if settings.dtype != "auto":
+        return None
+    import torch
+
+    if device.type == "cpu":
+        from gptcli.kernels.train import choose_dtype
+        from gptcli.model.gpt import build_model
+
+        rows = max(1, settings.batch_size // dist.world) * cfg.context_length
+        settings.dtype, why = choose_dtype(build_model(cfg, "meta"), rows)
+    elif device.type == "cuda" and torch.cuda.is_bf16_supported():
+        settings.dtype, why = "bfloat16", "this GPU has bfloat16"
+    else:
+        settings.dtype, why = "float32", f"no bfloat16 measured on {device.type}"
+    return f"--dtype auto: {settings.dtype}: {why}"
+
+
 def check_memory(cfg: "GPTConfig", settings: TrainSettings, device: "torch.device", dist: Dist) -> None:
     """Refuse a run that will not fit: estimate_memory per process against what the device has free."""
     from gptcli.params import human_bytes
@@ -404,6 +425,9 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
     else:
         model, tok, source = _fine_tuned(request, weights, settings, tok, say)
         cfg = model.cfg
+    why = resolve_dtype(settings, cfg, device, dist)  # the state records the dtype it settled on, not "auto"
+    if why:
+        say(why)
     check_memory(cfg, settings, device, dist)
 
     with tokenizing(sum(len(t.text) for t in texts) if dist.main else 0) as progress:
