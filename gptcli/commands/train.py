@@ -41,8 +41,9 @@ def _setting(name: str, *names: str, help: str, metavar: str | None = None):
 @user_errors
 def train(
     data: Annotated[Optional[List[str]], typer.Argument(
-        metavar="DATA...", help="UTF-8 text files, folders of *.txt, or - for stdin. Not needed with --resume, nor with "
-        "--recipe shakespeare-char/book-ch05 (their text is downloaded once and cached).",
+        metavar="DATA...", help="UTF-8 text files, folders of *.txt, or - for stdin (--task classify: one TSV/CSV of "
+        "text and label). Not needed with --resume, nor with --recipe shakespeare-char/book-ch05/book-ch06 (their "
+        "data is downloaded once and cached).",
         show_default=False)] = None,
     out: Annotated[Optional[Path], _opt("--out", "-o", metavar="DIR", help="The run folder: weights (Hugging Face "
                    "layout + config.json), best/, state.safetensors, train.jsonl, loss.png. Default runs/NAME.")] = None,
@@ -151,11 +152,18 @@ def train(
                            "events on stdout, or the plain lines a terminal shows (the book's evaluation lines and "
                            "the samples). Default: plain on a terminal, JSON in a pipe.")] = None,
 ) -> None:
-    """Pretrain or fine-tune GPT-2 on your own text.
+    """Pretrain or fine-tune GPT-2 on your own text, or fine-tune it to classify texts (--task classify).
 
     Recipes: book-ch05 is chapter 5 of the book (124M, context 256, The Verdict; prints the book's figures);
+    book-ch06 is chapter 6 (GPT-2 124M fine-tuned on the SMS Spam Collection to tell spam from ham);
     shakespeare-char is nanoGPT's CPU recipe (a 0.8M-parameter character model). Flags override a recipe.
-    A recipe without DATA trains on its own text, downloaded once (sha256-checked) and cached.
+    A recipe without DATA trains on its own data, downloaded once and cached.
+
+    --task classify reads a TSV or CSV of text and label (a header row naming text and label, or two
+    columns; --text-column/--label-column otherwise), replaces the output head by one row per label,
+    trains the last block, final LayerNorm and head, and prints accuracy beside the loss; use the run with
+    gptcli classify. --lora RANK (appendix E) trains low-rank adapters instead of the weights, for either
+    task; the run saves the adapters alone, --weights RUN loads them on their base, gptcli export merges them.
 
     On a terminal a progress bar shows step, epoch, loss, lr, tokens/s and ETA, with evaluations and samples
     above it. In a pipe or with --json, stdout gets one JSON event per line (start, eval, sample, checkpoint,
@@ -172,6 +180,9 @@ def train(
       gptcli generate --weights runs/shakespeare "ROMEO:" -n 200 -t 0.8 --top-k 50
       gptcli train notes/ --weights gpt2 --epochs 2 --lr 5e-5 --out runs/notes
       gptcli train --resume runs/shakespeare --max-steps 3000
+      gptcli train --recipe book-ch06 --out runs/spam      # downloads the SMS Spam Collection once
+      gptcli train reviews.csv --task classify --weights gpt2 --epochs 3 --out runs/reviews
+      gptcli train notes/ --weights gpt2 --lora 16 --epochs 2 --lr 5e-4 --out runs/notes-lora
     """
     from gptcli import training
 
@@ -386,7 +397,9 @@ def _render(trainer, run: "Run", json_mode: bool) -> None:
                     elif ev.get("task") == "classify":
                         note(classify_start_line(ev, where, run.out))
                     else:
-                        note(f"{ev['params']:,} parameters, {ev['train_tokens']:,} training and "
+                        lora = f" ({ev['trainable_params']:,} trainable: LoRA adapters)" \
+                            if ev.get("trainable_params") != ev["params"] else ""
+                        note(f"{ev['params']:,} parameters{lora}, {ev['train_tokens']:,} training and "
                              f"{ev['val_tokens']:,} validation tokens ({ev['tokenizer']}), {ev['total_steps']} "
                              f"step{'s' * (ev['total_steps'] != 1)} on {where}; writing {run.out}")
                 if kind == "step":
