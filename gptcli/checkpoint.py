@@ -75,6 +75,11 @@ def checkpoint_file(path: str | Path) -> Path:
         candidate = path / "model.safetensors"
         if candidate.is_file():
             return candidate
+        from gptcli.run_layout import ADAPTERS_FILE, CLASSIFIER_FILE
+
+        for other in (ADAPTERS_FILE, CLASSIFIER_FILE):  # a LoRA or classifier run: its weights file
+            if (path / other).is_file():
+                return path / other
         if (path / "model.safetensors.index.json").is_file():
             raise UserError(f"{path}: holds a sharded checkpoint (model.safetensors.index.json); "
                             "gptcli loads a single model.safetensors")

@@ -16,7 +16,7 @@ from gptcli import __version__
 from gptcli.commands.common import err, silence_stdout
 
 # Command name -> its module in gptcli.commands (the function has the command's name), in --help's order.
-COMMANDS = ("params", "generate", "inspect", "train", "score", "tokenize", "serve")
+COMMANDS = ("params", "generate", "inspect", "train", "classify", "score", "tokenize", "serve", "export")
 
 
 def build_app(names: Sequence[str] = COMMANDS) -> typer.Typer:

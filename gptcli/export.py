@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from gptcli.files import save_safetensors, write_json
 
@@ -97,3 +97,23 @@ def save_pretrained(model: "GPTModel", folder: str | Path, tokenizer: "Tokenizer
     save_safetensors(hf_state_dict(model), folder / MODEL_FILE, info)
     write_json(hf_config(model, tokenizer), folder / CONFIG_FILE)
     return folder
+
+
+def export_weights(source: str, out: str | Path, *, force: bool = False,
+                   note: "Callable[[str], None]" = lambda _: None) -> dict:
+    """``gptcli export``: the model ``source`` names (anything ``--weights`` takes; a ``--lora`` run's
+    adapters merged into their base, W + alpha * (A @ B)^T) written to ``out`` in the Hugging Face
+    layout, so transformers' ``GPT2LMHeadModel.from_pretrained(out)`` loads it. What was written."""
+    import torch
+
+    from gptcli.errors import UserError
+    from gptcli.weights import load_model
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
+        raise UserError(f"{out}: exists and is not an empty folder; pass --force to write into it")
+    loaded = load_model(size=None, config=None, weights=source, device=torch.device("cpu"), dtype=torch.float32,
+                        note=note)
+    save_pretrained(loaded.model, out, loaded.tokenizer)
+    return {"source": loaded.source, "out": str(out), "config": loaded.cfg.to_dict(),
+            "tokenizer": loaded.tokenizer.name, "files": [MODEL_FILE, CONFIG_FILE]}

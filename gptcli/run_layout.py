@@ -8,6 +8,9 @@ PLOT_FILE = "loss.png"
 BEST_DIR = "best"
 DATA_DIR = "data"
 MODEL_FILE = "model.safetensors"
+ADAPTERS_FILE = "adapters.safetensors"  # a --lora run's weights: the adapters alone (gptcli.adapters)
+CLASSIFIER_FILE = "classifier.safetensors"  # a --task classify run's weights (gptcli.adapters)
 RUN_MARKERS = (STATE_FILE, LOG_FILE)  # a folder holding one of these is a training run
 # Every name a run writes (and the temporary files of its atomic writes, ".NAME.tmp-PID").
-RUN_ENTRIES = (STATE_FILE, LOG_FILE, PLOT_FILE, MODEL_FILE, "config.json", BEST_DIR, DATA_DIR)
+RUN_ENTRIES = (STATE_FILE, LOG_FILE, PLOT_FILE, MODEL_FILE, ADAPTERS_FILE, CLASSIFIER_FILE, "config.json", BEST_DIR,
+               DATA_DIR)

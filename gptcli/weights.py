@@ -625,9 +625,15 @@ def load_model(
     else:
         from gptcli.checkpoint import read_header
 
+        from gptcli.adapters import file_kind
+
         header = read_header(located.path)
-        model = load_checkpoint(located.path, wanted, device=device, dtype=dtype, config_json=located.config_json,
-                                name=located.hub_id or None, note=say, mapped=mapped, header=header)
+        if file_kind(header.metadata) is not None:  # a --lora run: its base with the adapters merged in
+            model = load_adapted(located.path, device=device, dtype=dtype, note=say)
+        else:
+            model = load_checkpoint(located.path, wanted, device=device, dtype=dtype,
+                                    config_json=located.config_json, name=located.hub_id or None, note=say,
+                                    mapped=mapped, header=header)
         cfg, source, checkpoint = model.cfg, located.source, located.path
         tokenizer = from_metadata(header.metadata, str(header.path))
     from gptcli.kernels.onednn import use_for_inference
@@ -637,3 +643,45 @@ def load_model(
         model=model, cfg=cfg, source=source, device=device, dtype=dtype,
         load_seconds=time.perf_counter() - start, notes=notes, checkpoint=checkpoint, tokenizer=tokenizer,
     )
+
+
+def load_base(base: dict, note: Note = _ignore) -> "GPTModel":
+    """The base weights a LoRA run recorded (``gptcli.adapters.base_record``), on the CPU in float32:
+    random weights rebuilt from their config and seed, else the Hub id or path it started from."""
+    import torch
+
+    from gptcli.checkpoint import ARCH_KEYS
+    from gptcli.config import validate
+
+    raw = dict(base.get("config") or {})
+    cfg = validate({k: v for k, v in raw.items() if k != "name"}, "the adapters' base config",
+                   name=raw.get("name", "custom"))
+    if base.get("weights") == "random":
+        return random_model(cfg, int(base.get("seed", 123)))
+    try:
+        loaded = load_model(size=None, config=None, weights=str(base["weights"]), device=torch.device("cpu"),
+                            dtype=torch.float32, note=note)
+    except UserError as exc:
+        raise UserError(f"cannot load the base weights these adapters were trained on, {base['weights']}: "
+                        f"{exc}") from None
+    differ = [k for k in ARCH_KEYS if getattr(loaded.cfg, k) != getattr(cfg, k)]
+    if differ:
+        raise UserError(f"the base weights {base['weights']} are not the model these adapters were trained on "
+                        f"({', '.join(differ)} differ)")
+    return loaded.model
+
+
+def load_adapted(path: Path, *, device: "torch.device", dtype: "torch.dtype", note: Note = _ignore) -> "GPTModel":
+    """A ``--lora`` run's language model: its base weights with the adapters merged in
+    (W + alpha * (A @ B)^T), so every kernel and option works on it as on any checkpoint."""
+    from gptcli.adapters import attach_adapters, read_weights_file
+    from gptcli.model.lora import merge_lora
+
+    found = read_weights_file(path)
+    if found.classifier is not None:
+        run = path.parent if path.parent.name else path
+        raise UserError(f"{path} is a text classifier ({', '.join(found.classifier.labels)}), not a language model; "
+                        f"use gptcli classify --weights {run}")
+    model = load_base(found.base or {}, note)
+    attach_adapters(model, found)
+    return merge_lora(model).to(device=device, dtype=dtype).eval()

@@ -119,3 +119,33 @@ def test_canonical_sources():
                                                    "ch02/01_main-chapter-code/the-verdict.txt")
     with pytest.raises(UserError, match="unknown dataset 'x'; the known ones are tinyshakespeare, the-verdict"):
         datasets.dataset("x")
+
+
+def test_the_sms_spam_zip_is_downloaded_unzipped_and_its_sha256_reported(serve):
+    """Chapter 6's data comes as a zip whose sha256 is not pinned (unknown on the machine this was
+    written on): the member is kept, the archive is not, and a note gives the digest to pin."""
+    import hashlib
+    import zipfile
+
+    d = datasets.dataset("sms-spam")
+    assert d.sha256 is None  # said in the code and the README: not known here
+    body = "ham\tOk lar...\nspam\tWINNER!! Claim your prize\n"
+    with zipfile.ZipFile(serve / d.archive, "w") as z:
+        z.writestr("readme", "the UCI readme")
+        z.writestr(d.member, body)
+    notes: list[str] = []
+    path = datasets.fetch("sms-spam", note=notes.append)
+    assert path.name == d.file and path.read_text() == body
+    assert [p.name for p in path.parent.iterdir()] == [d.file]  # the zip is not kept
+    digest = hashlib.sha256((serve / d.archive).read_bytes()).hexdigest()
+    assert notes[-1].startswith(f"{d.title}: sha256 {digest}") and "not pinned" in notes[-1]
+    assert Quiet.requests == [f"/mirror/{d.archive}"]
+    assert datasets.fetch("sms-spam") == path and len(Quiet.requests) == 1  # cached
+
+
+def test_a_download_that_is_not_a_zip_keeps_nothing(serve):
+    d = datasets.dataset("sms-spam")
+    (serve / d.archive).write_text("<html>not found</html>")
+    with pytest.raises(UserError, match="not the expected zip"):
+        datasets.fetch("sms-spam")
+    assert not any((Path(os.environ["GPTCLI_CACHE_DIR"]) / "data").iterdir())

@@ -41,13 +41,39 @@ def _setting(name: str, *names: str, help: str, metavar: str | None = None):
 @user_errors
 def train(
     data: Annotated[Optional[List[str]], typer.Argument(
-        metavar="DATA...", help="UTF-8 text files, folders of *.txt, or - for stdin. Not needed with --resume, nor with "
-        "--recipe shakespeare-char/book-ch05 (their text is downloaded once and cached).",
+        metavar="DATA...", help="UTF-8 text files, folders of *.txt, or - for stdin (--task classify: one TSV/CSV of "
+        "text and label). Not needed with --resume, nor with --recipe shakespeare-char/book-ch05/book-ch06 (their "
+        "data is downloaded once and cached).",
         show_default=False)] = None,
     out: Annotated[Optional[Path], _opt("--out", "-o", metavar="DIR", help="The run folder: weights (Hugging Face "
                    "layout + config.json), best/, state.safetensors, train.jsonl, loss.png. Default runs/NAME.")] = None,
     recipe: Annotated[Optional[str], _opt("--recipe", "-r", metavar="NAME|FILE", help="A recipe of settings: "
-                      "book-ch05, shakespeare-char, or your YAML. Flags override it.")] = None,
+                      "book-ch05, book-ch06, shakespeare-char, or your YAML. Flags override it.")] = None,
+    task: Annotated[Optional[str], _setting("task", "--task", metavar="lm|classify", help="lm: language modelling "
+                    "on text (the book's chapter 5). classify: a TSV/CSV of text and label; the output head becomes "
+                    "one row per label, the last token decides (chapter 6).")] = None,
+    trainable: Annotated[Optional[str], _opt("--trainable", metavar="last-block|all|head", help="classify: which "
+                         "weights train: the last transformer block, the final LayerNorm and the head (the book's, "
+                         "the default), all, or only the head.")] = None,
+    label_token: Annotated[Optional[str], _setting("label_token", "--label-token", metavar="last|last-real",
+                           help="classify: last: texts padded with <|endoftext|> to the longest training text, "
+                           "the last position decides (the book); last-real: each text's last real token.")] = None,
+    text_column: Annotated[Optional[str], _opt("--text-column", metavar="NAME|N", help="classify: the column of "
+                           "the texts, by header name or number (1 is the first). Default: a header column named "
+                           "text (or sms, message, ...), else of two columns the one with more distinct values.")] = None,
+    label_column: Annotated[Optional[str], _opt("--label-column", metavar="NAME|N", help="classify: the column of "
+                            "the labels (default: a header column named label, else of two columns the one with "
+                            "fewer distinct values).")] = None,
+    test_fraction: Annotated[Optional[float], _setting("test_fraction", "--test-fraction", metavar="F", help="classify: "
+                             "rows held out for the test accuracy at the end (book-ch06: 0.2).")] = None,
+    balance: Annotated[Optional[bool], typer.Option("--balance/--no-balance", show_default=False, help="classify: "
+                       "undersample every label to the rarest label's count, as the book does with ham "
+                       "(book-ch06: on). [default: off]")] = None,
+    lora: Annotated[Optional[int], _opt("--lora", metavar="RANK", help="Train LoRA adapters of this rank instead "
+                    "of the weights (appendix E; the book: 16); the run saves the adapters alone, and --weights RUN "
+                    "loads them on their base.")] = None,
+    lora_alpha: Annotated[Optional[float], _setting("lora_alpha", "--lora-alpha", metavar="ALPHA", help="LoRA's "
+                          "scale: linear(x) + alpha * (x @ A @ B), as the book (which uses 16).")] = None,
     tokenizer: Annotated[Optional[str], _setting("tokenizer", "--tokenizer", metavar="gpt2|char", help="gpt2 (GPT-2's BPE, the "
                          "default) or char (the sorted characters of the training text, as nanoGPT).")] = None,
     size: SizeOption = None,
@@ -128,11 +154,18 @@ def train(
                            "events on stdout, or the plain lines a terminal shows (the book's evaluation lines and "
                            "the samples). Default: plain on a terminal, JSON in a pipe.")] = None,
 ) -> None:
-    """Pretrain or fine-tune GPT-2 on your own text.
+    """Pretrain or fine-tune GPT-2 on your own text, or fine-tune it to classify texts (--task classify).
 
     Recipes: book-ch05 is chapter 5 of the book (124M, context 256, The Verdict; prints the book's figures);
+    book-ch06 is chapter 6 (GPT-2 124M fine-tuned on the SMS Spam Collection to tell spam from ham);
     shakespeare-char is nanoGPT's CPU recipe (a 0.8M-parameter character model). Flags override a recipe.
-    A recipe without DATA trains on its own text, downloaded once (sha256-checked) and cached.
+    A recipe without DATA trains on its own data, downloaded once and cached.
+
+    --task classify reads a TSV or CSV of text and label (a header row naming text and label, or two
+    columns; --text-column/--label-column otherwise), replaces the output head by one row per label,
+    trains the last block, final LayerNorm and head, and prints accuracy beside the loss; use the run with
+    gptcli classify. --lora RANK (appendix E) trains low-rank adapters instead of the weights, for either
+    task; the run saves the adapters alone, --weights RUN loads them on their base, gptcli export merges them.
 
     On a terminal a progress bar shows step, epoch, loss, lr, tokens/s and ETA, with evaluations and samples
     above it. In a pipe or with --json, stdout gets one JSON event per line (start, eval, sample, checkpoint,
@@ -149,6 +182,9 @@ def train(
       gptcli generate --weights runs/shakespeare "ROMEO:" -n 200 -t 0.8 --top-k 50
       gptcli train notes/ --weights gpt2 --epochs 2 --lr 5e-5 --out runs/notes
       gptcli train --resume runs/shakespeare --max-steps 3000
+      gptcli train --recipe book-ch06 --out runs/spam      # downloads the SMS Spam Collection once
+      gptcli train reviews.csv --task classify --weights gpt2 --epochs 3 --out runs/reviews
+      gptcli train notes/ --weights gpt2 --lora 16 --epochs 2 --lr 5e-4 --out runs/notes-lora
     """
     from gptcli import training
 
@@ -161,6 +197,9 @@ def train(
         "eval_batches": eval_batches, "sample_prompt": sample_prompt, "sample_tokens": sample_tokens,
         "sample_temperature": sample_temperature, "sample_top_k": sample_top_k, "sample_seed": sample_seed,
         "save_every": save_every, "seed": seed, "init": init, "dtype": dtype,
+        "task": task, "trainable": trainable, "label_token": label_token, "text_column": text_column,
+        "label_column": label_column, "test_fraction": test_fraction, "balance": balance, "lora": lora,
+        "lora_alpha": lora_alpha,
     }
     flags = {k: v for k, v in flags.items() if v is not None}
     if grad_clip is not None:
@@ -186,7 +225,7 @@ def train(
         err("error: stopped before training started; nothing was trained (the same command starts again)")
         raise typer.Exit(STOP_SIGNALS.get(stopped[0], EXIT_INTERRUPTED) if stopped else EXIT_INTERRUPTED) from None
     try:
-        _render(training.Trainer(run), run, json_mode)
+        _render(training.trainer_for(run), run, json_mode)
     finally:
         training.finish_distributed(run.dist)
 
@@ -260,6 +299,32 @@ def sample_label(ev: dict) -> str:
     return f"sample after step {ev['step']} ({how}):"
 
 
+def accuracy_line(ev: dict) -> str:
+    """The book's line after each epoch of chapter 6."""
+    return f"Training accuracy: {ev['train_acc'] * 100:.2f}% | Validation accuracy: {ev['val_acc'] * 100:.2f}%"
+
+
+def accuracy_summary(end: dict) -> str:
+    """The accuracy on each whole split after the last step (the book's final figures)."""
+    acc = end.get("accuracy") or {}
+    parts = [f"{name} {acc[key] * 100:.2f}%" for key, name in (("train", "training"), ("val", "validation"),
+                                                                ("test", "test")) if acc.get(key) is not None]
+    return f"; accuracy: {', '.join(parts)}" if parts else ""
+
+
+def classify_start_line(ev: dict, where: str, out) -> str:
+    """What a classification run is about to do."""
+    rows, cut = ev["rows"], sum(ev["truncated"].values())
+    what = ("LoRA adapters" + (" and the head" if ev["task"] == "classify" else "")) if ev["trainable"] == "lora" \
+        else {"last-block": "the last block, final LayerNorm and head", "all": "every weight",
+              "head": "the head"}[ev["trainable"]]
+    cuts = f"; {cut} text{'s' * (cut != 1)} longer than {ev['max_length']} tokens cut ({', '.join(f'{k} {v}' for k, v in ev['truncated'].items() if v)})" \
+        if cut else ""
+    return (f"{ev['params']:,} parameters, {ev['trainable_params']:,} trainable ({what}); labels "
+            f"{', '.join(ev['labels'])}; {rows['train']} training, {rows['val']} validation and {rows['test']} test "
+            f"rows, padded to {ev['max_length']} tokens{cuts}; {ev['total_steps']} steps on {where}; writing {out}")
+
+
 def final_summary(ev: dict | None) -> str:
     """The evaluation after the last step, when it was off the --eval-every schedule, for the summary."""
     if ev is None:
@@ -331,8 +396,12 @@ def _render(trainer, run: "Run", json_mode: bool) -> None:
                         if ev["device"] == "cpu" else ev["device"]
                     if ev["resumed"]:
                         note(f"resuming {run.out} after step {ev['step'] - 1} on {where}")
+                    elif ev.get("task") == "classify":
+                        note(classify_start_line(ev, where, run.out))
                     else:
-                        note(f"{ev['params']:,} parameters, {ev['train_tokens']:,} training and "
+                        lora = f" ({ev['trainable_params']:,} trainable: LoRA adapters)" \
+                            if ev.get("trainable_params") != ev["params"] else ""
+                        note(f"{ev['params']:,} parameters{lora}, {ev['train_tokens']:,} training and "
                              f"{ev['val_tokens']:,} validation tokens ({ev['tokenizer']}), {ev['total_steps']} "
                              f"step{'s' * (ev['total_steps'] != 1)} on {where}; writing {run.out}")
                 if kind == "step":
@@ -346,6 +415,8 @@ def _render(trainer, run: "Run", json_mode: bool) -> None:
                     final = ev  # in the summary: the book's lines are the scheduled evaluations only
                 elif kind == "eval":
                     _print_above(progress, book_line(ev))
+                elif kind == "accuracy":
+                    _print_above(progress, accuracy_line(ev))
                 elif kind == "sample":
                     _print_above(progress, sample_line(ev, run.tokenizer.name), label=sample_label(ev))
                 if kind == "end":
@@ -381,8 +452,13 @@ def _render(trainer, run: "Run", json_mode: bool) -> None:
                      f"{run.out}")
             raise typer.Exit(stopper.exit_code)
         steps = f"{end['step'] + 1} step{'s' * (end['step'] != 0)}"
-        note(f"done: {steps} in {end['wall_s']:.1f} s{rate}{final_summary(final)}; weights in {run.out} (best in "
-             f"{run.out / 'best'}); try: gptcli generate --weights {run.out} \"...\"")
+        if run.settings.task == "classify":
+            note(f"done: {steps} in {end['wall_s']:.1f} s{final_summary(final)}{accuracy_summary(end)}; weights in "
+                 f"{run.out}; try: gptcli classify --weights {run.out} \"...\"")
+            return
+        best = "" if run.settings.lora else f" (best in {run.out / 'best'})"
+        note(f"done: {steps} in {end['wall_s']:.1f} s{rate}{final_summary(final)}; weights in {run.out}{best}; try: "
+             f"gptcli generate --weights {run.out} \"...\"")
 
 
 def _print_above(progress, text: str, label: str | None = None) -> None:

@@ -5,7 +5,9 @@
   a new one (tokenizer, config, data tokenized and stored, seeded model) or a resumed one;
 - ``loop``: ``Trainer``, the book's ``train_model_simple`` grown nanoGPT's options, yielding events;
 - ``optimizer``: the learning-rate schedule and AdamW; ``state``: the resumable state file;
-- ``run_folder``: what a run folder holds and the checks before writing one; ``distributed``: torchrun.
+- ``run_folder``: what a run folder holds and the checks before writing one; ``distributed``: torchrun;
+- ``tasks``: which task a run trains (``prepare_run``, ``trainer_for``): ``lm``, or ``classify``
+  (``classify``: chapter 6); ``lora``: LoRA adapters for any task (appendix E).
 
 The batches come from ``gptcli.training.data`` (the book's windows or nanoGPT's random ones), the training
 kernels from ``gptcli.kernels.train``.
@@ -52,20 +54,21 @@ _WHERE = {
     "model_from_state": "gptcli.training.state",
     "new_model": "gptcli.training.setup",
     "param_groups": "gptcli.training.optimizer",
-    "prepare_run": "gptcli.training.setup",
+    "prepare_run": "gptcli.training.tasks",
     "read_state": "gptcli.training.state",
     "recipe_names": "gptcli.training.settings",
     "recipes_dir": "gptcli.training.settings",
     "rewrite_log": "gptcli.training.run_folder",
     "set_dropout": "gptcli.training.setup",
     "store_data": "gptcli.training.run_folder",
+    "trainer_for": "gptcli.training.tasks",
     "write_state": "gptcli.training.state",
 }
 
 __all__ = sorted(_WHERE)
 
 
-_MODULES = ("distributed", "loop", "optimizer", "run_folder", "settings", "setup", "state")
+_MODULES = ("classify", "distributed", "loop", "lora", "optimizer", "run_folder", "settings", "setup", "state", "tasks")
 
 
 def __getattr__(name: str) -> Any:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import torch
 
     from gptcli.kernels.train import TrainPlan
+    from gptcli.training.data import Batches
 
 
 def autocast(device: "torch.device", dtype: str):
@@ -77,21 +78,18 @@ class Trainer:
 
     def __init__(self, run: Run, plan: "TrainPlan | None" = None):
         from gptcli.kernels import train as train_kernels
-        from gptcli.training.data import make_batches
 
         self.run, self.settings, self.model = run, run.settings, run.model
-        s, cfg = run.settings, run.model.cfg
+        s = run.settings
         self._stop = False
         self.saving = False  # a checkpoint is being written (see save)
-        self.total_steps, self.steps_per_epoch = check_data(run.train_ids, run.val_ids, s, cfg.context_length)
+        self.total_steps, self.steps_per_epoch = self.plan_steps()
         if run.resume_state is not None and run.resume_state.position.step >= self.total_steps:
             done = run.resume_state.position.step
             raise UserError(f"the run in {run.out} already finished its {done} steps; pass --max-steps (or "
                             f"--epochs) beyond that to continue it")
-        self.batches = make_batches(s.sampling, run.train_ids, run.val_ids, length=cfg.context_length,
-                                    stride=s.stride or cfg.context_length, batch_size=s.batch_size,
-                                    grad_accum=s.grad_accum, seed=s.seed, rank=run.dist.rank, world=run.dist.world)
-        rows = max(1, s.batch_size // run.dist.world) * cfg.context_length  # a micro-batch's, in this process
+        self.batches = self.make_batches()
+        rows = max(1, s.batch_size // run.dist.world) * self.tokens_per_row()  # a micro-batch's, in this process
         self.plan = plan or train_kernels.plan(run.device, self.model, rows)
         train_kernels.prepare(self.model, self.plan)
         self.optimizer = make_optimizer(self.model, s, self.plan)
@@ -105,6 +103,53 @@ class Trainer:
 
             ids = [run.device.index] if run.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
+
+    # What a task changes (gptcli.training.classify's ClassifyTrainer overrides these): the steps, the
+    # batches, the loss of a batch, the evaluation's figures, the events at an epoch's end and after the
+    # last step, and the weights a checkpoint writes.
+
+    def plan_steps(self) -> tuple[int, int | None]:
+        """(total optimizer steps, steps per epoch or None)."""
+        return check_data(self.run.train_ids, self.run.val_ids, self.settings, self.model.cfg.context_length)
+
+    def make_batches(self) -> "Batches":
+        from gptcli.training.data import make_batches
+
+        s, cfg, run = self.settings, self.model.cfg, self.run
+        return make_batches(s.sampling, run.train_ids, run.val_ids, length=cfg.context_length,
+                            stride=s.stride or cfg.context_length, batch_size=s.batch_size, grad_accum=s.grad_accum,
+                            seed=s.seed, rank=run.dist.rank, world=run.dist.world)
+
+    def tokens_per_row(self) -> int:
+        return self.model.cfg.context_length
+
+    def epoch_end_events(self, step: int, epoch: int) -> Iterator[dict]:
+        return iter(())
+
+    def end_metrics(self) -> dict:
+        return {}
+
+    def state_extra(self) -> dict[str, str]:
+        """Metadata a task adds to the state file (what rebuilding its model needs)."""
+        import json
+
+        from gptcli.adapters import BASE_KEY
+
+        return {BASE_KEY: json.dumps(self.run.base)} if self.run.base is not None else {}
+
+    def save_weights(self, folder: Path, metadata: dict[str, str] | None = None) -> None:
+        """The run's weights: the Hugging Face layout, or the adapters alone for a --lora run."""
+        from gptcli.export import save_pretrained
+
+        if self.settings.lora:
+            from gptcli.adapters import save_adapters
+            from gptcli.run_layout import ADAPTERS_FILE
+
+            folder.mkdir(parents=True, exist_ok=True)
+            save_adapters(self.model, folder / ADAPTERS_FILE, self.run.tokenizer, rank=self.settings.lora,
+                          alpha=self.settings.lora_alpha, base=self.run.base, metadata=metadata)
+        else:
+            save_pretrained(self.model, folder, self.run.tokenizer, metadata)
 
     def request_stop(self) -> None:
         self._stop = True
@@ -123,10 +168,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for micro in range(s.grad_accum):
-            x, y = self.batches.next()
+            batch = self.batches.next()
             sync = micro == s.grad_accum - 1 or self.run.dist.world == 1
             with self.train_model.no_sync() if not sync else contextlib.nullcontext():
-                loss = self.loss(self.train_model, x, y)
+                loss = self.loss(self.train_model, *batch)
                 (loss / s.grad_accum).backward()
             step_loss += loss.item() / s.grad_accum
         if s.grad_clip is not None:
@@ -134,19 +179,20 @@ class Trainer:
         self.optimizer.step()
         return mean_across(step_loss, self.run.device) if self.run.dist.world > 1 else step_loss
 
-    def evaluate(self) -> tuple[float, float]:
-        """The book's evaluate_model: mean loss over ``eval_batches`` batches of each split, in eval mode."""
+    def evaluate(self) -> dict[str, float]:
+        """The book's evaluate_model: mean loss over ``eval_batches`` batches of each split, in eval mode:
+        ``{"train_loss", "val_loss"}``."""
         import torch
 
         self.model.eval()
-        out = []
+        out = {}
         with torch.no_grad():
             for split in ("train", "val"):
-                losses = [self.loss(self.model, x, y).item()
-                          for x, y in self.batches.evaluation(split, self.settings.eval_batches)]
-                out.append(sum(losses) / len(losses))
+                losses = [self.loss(self.model, *batch).item()
+                          for batch in self.batches.evaluation(split, self.settings.eval_batches)]
+                out[f"{split}_loss"] = sum(losses) / len(losses)
         self.model.train()
-        return out[0], out[1]
+        return out
 
     def sample(self) -> dict:
         """A continuation of the sample prompt, drawn as the settings say: greedy (the book's
@@ -173,8 +219,6 @@ class Trainer:
         to a temporary name and renamed: stopping in the middle would keep the previous one, but a
         run with no checkpoint yet would have none). A write that fails (a full disk) is a UserError
         that names the last good checkpoint."""
-        from gptcli.export import save_pretrained
-
         run = self.run
         self.saving = True
         try:
@@ -182,20 +226,17 @@ class Trainer:
                 write_state(run.out / STATE_FILE, self.model, self.optimizer, settings=self.settings,
                             tokenizer=run.tokenizer, position=self.position, batches=self.batches,
                             weights_source=run.weights_source, data_digest=run.data_digest,
-                            world_size=run.dist.world)
-                save_pretrained(self.model, run.out, run.tokenizer)
+                            world_size=run.dist.world, extra=self.state_extra())
+                self.save_weights(run.out)
         finally:
             self.saving = False
         return run.out
 
     def _save_best(self, step: int, val_loss: float) -> None:
-        from gptcli.export import save_pretrained
-
         self.position.best_val = val_loss
         if self.run.dist.main:
             with run_folder.writing(self.run.out, f"the best weights ({BEST_DIR}/)"):
-                save_pretrained(self.model, self.run.out / BEST_DIR, self.run.tokenizer,
-                                {"gptcli.step": str(step), "gptcli.val_loss": repr(val_loss)})
+                self.save_weights(self.run.out / BEST_DIR, {"gptcli.step": str(step), "gptcli.val_loss": repr(val_loss)})
 
     def _checkpoint(self, step: int) -> Iterator[dict]:
         if self.run.dist.main:
@@ -218,6 +259,8 @@ class Trainer:
         return {"event": "start", "step": self.position.step, "total_steps": self.total_steps,
                 "steps_per_epoch": self.steps_per_epoch, "train_tokens": len(run.train_ids),
                 "val_tokens": len(run.val_ids), "params": sum(p.numel() for p in self.model.parameters()),
+                "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                "task": self.settings.task,
                 "config": cfg.to_dict(), "tokenizer": run.tokenizer.name, "vocab_size": run.tokenizer.vocab_size,
                 "weights": run.weights_source, "device": str(run.device), "world_size": run.dist.world,
                 "threads": torch.get_num_threads(), "settings": self.settings.to_dict(), "kernels": self.plan.to_dict(),
@@ -228,7 +271,7 @@ class Trainer:
         s, pos, total = self.settings, self.position, self.total_steps
         yield self.start_event()
         start_time, session_tokens, saved_step = time.perf_counter(), 0, pos.step
-        step_tokens = s.batch_size * self.model.cfg.context_length * s.grad_accum  # over all processes
+        step_tokens = s.batch_size * self.tokens_per_row() * s.grad_accum  # over all processes
         self.model.train()
         reason = "done"
         while pos.step < total:
@@ -256,15 +299,17 @@ class Trainer:
             last = pos.step == total
             scheduled = done_step % s.eval_every == 0
             if scheduled or last:
-                train_loss, val_loss = self.evaluate()
+                metrics = self.evaluate()
                 # "final": the evaluation after the last step, off the --eval-every schedule (the book's
                 # loop has none; its printed lines are the scheduled ones).
                 yield {"event": "eval", "step": done_step, "epoch": shown_epoch, "tokens_seen": pos.tokens_seen,
-                       "train_loss": train_loss, "val_loss": val_loss, "lr": lr, "final": not scheduled}
-                if val_loss < pos.best_val:
-                    self._save_best(done_step, val_loss)
+                       **metrics, "lr": lr, "final": not scheduled}
+                if metrics["val_loss"] < pos.best_val:
+                    self._save_best(done_step, metrics["val_loss"])
             if self._sample_due(done_step, epoch_end, last):
                 yield {"event": "sample", "step": done_step, "epoch": shown_epoch, **self.sample()}
+            if epoch_end:
+                yield from self.epoch_end_events(done_step, shown_epoch)
             if (s.save_every and done_step and done_step % s.save_every == 0) or last or self._stop:
                 saved_step = pos.step
                 yield from self._checkpoint(done_step)
@@ -273,4 +318,5 @@ class Trainer:
         wall = time.perf_counter() - start_time
         yield {"event": "end", "step": pos.step - 1, "reason": reason, "wall_s": round(wall, 3),
                "tokens_per_s": round(session_tokens / wall, 1) if wall > 0 else None,
-               "best_val_loss": None if math.isinf(pos.best_val) else pos.best_val}
+               "best_val_loss": None if math.isinf(pos.best_val) else pos.best_val,
+               **(self.end_metrics() if reason == "done" else {})}

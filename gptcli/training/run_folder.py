@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from gptcli.errors import UserError
 from gptcli.run_layout import (  # noqa: F401 - the run's names, for this package's modules
+    ADAPTERS_FILE,
     BEST_DIR,
+    CLASSIFIER_FILE,
     DATA_DIR,
     LOG_FILE,
     MODEL_FILE,
@@ -46,7 +48,7 @@ def unfinished_run(out: Path) -> bool:
     except OSError:
         return False
     return bool(entries) and all(_run_entry(n) for n in entries) and STATE_FILE not in entries \
-        and MODEL_FILE not in entries
+        and not {MODEL_FILE, ADAPTERS_FILE, CLASSIFIER_FILE} & set(entries)
 
 
 def check_out_dir(out: Path, *, resume: bool, force: bool) -> bool:
@@ -188,7 +190,7 @@ def writing(out: Path, what: str) -> Iterator[None]:
 
 def clear_run(out: Path) -> None:
     """--force: remove the files of the run in ``out`` (only those a run writes)."""
-    for name in (STATE_FILE, LOG_FILE, PLOT_FILE, MODEL_FILE, "config.json"):
+    for name in (STATE_FILE, LOG_FILE, PLOT_FILE, MODEL_FILE, ADAPTERS_FILE, CLASSIFIER_FILE, "config.json"):
         (out / name).unlink(missing_ok=True)
     for leftover in out.glob(".*.tmp-*"):  # an atomic write cut short by a kill
         if leftover.is_file():

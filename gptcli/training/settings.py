@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 class TrainSettings:
     """Hyperparameters of a run: a recipe's keys, each also a command-line flag."""
 
+    task: str = "lm"  # lm (language modelling, the book's ch. 5) | classify (ch. 6: gptcli.training.classify)
     tokenizer: str = "gpt2"  # gpt2 | char
     epochs: int | None = None  # passes over the training windows (sampling: windows)
     max_steps: int | None = None  # optimizer steps; with epochs, whichever ends first
@@ -52,6 +53,18 @@ class TrainSettings:
     dtype: str = "float32"  # float32 | bfloat16 (autocast: float32 weights and AdamW state) | float16 | auto (resolved at start)
     compile: bool = False
     device: str = "auto"
+    # classify: which weights train (last-block: the book's last block, final LayerNorm and head; all;
+    # head), which position decides (last: the book's, padding included; last-real), the columns of
+    # the data, the share held out for a test split, and undersampling every label to the rarest's count
+    trainable: str | None = None  # None: last-block for classify (lm trains everything)
+    label_token: str = "last"
+    text_column: str | None = None
+    label_column: str | None = None
+    test_fraction: float = 0.0
+    balance: bool = False
+    # LoRA (appendix E): the adapters' rank (None: no LoRA) and alpha (the book: rank 16, alpha 16)
+    lora: int | None = None
+    lora_alpha: float = 16.0
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -108,11 +121,33 @@ class TrainSettings:
         if self.sample_every == "epoch" and self.sampling != "windows":
             raise UserError("--sample-every 'epoch' needs sampling: windows (random batches have no epochs); "
                             "give a number of steps")
+        self._validate_task()
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise UserError(f"unknown training dtype {self.dtype!r}; choose float32, bfloat16, float16 or auto")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         return self
 
+
+    def _validate_task(self) -> None:
+        if self.task not in ("lm", "classify"):
+            raise UserError(f"unknown task {self.task!r}; choose lm or classify")
+        if self.trainable is not None and self.trainable not in ("last-block", "all", "head"):
+            raise UserError(f"unknown --trainable {self.trainable!r}; choose last-block, all or head")
+        if self.trainable is not None and self.task != "classify":
+            raise UserError("--trainable is for --task classify (language modelling trains every weight; "
+                            "--lora trains adapters only)")
+        if self.trainable is not None and self.lora:
+            raise UserError("--lora trains the adapters (and a classifier's head) only; leave out --trainable")
+        if self.label_token not in ("last", "last-real"):
+            raise UserError(f"unknown --label-token {self.label_token!r}; choose last or last-real")
+        if not (isinstance(self.test_fraction, (int, float)) and 0 <= self.test_fraction < 1
+                and self.val_fraction + self.test_fraction < 1):
+            raise UserError(f"--test-fraction must be in [0, 1) and leave rows to train on with --val-fraction "
+                            f"{self.val_fraction}, got {self.test_fraction!r}")
+        if self.lora is not None and (not isinstance(self.lora, int) or isinstance(self.lora, bool) or self.lora < 1):
+            raise UserError(f"--lora RANK must be a whole number of 1 or more (the book uses 16), got {self.lora!r}")
+        if not (isinstance(self.lora_alpha, (int, float)) and 0 < self.lora_alpha < float("inf")):
+            raise UserError(f"--lora-alpha must be above 0, got {self.lora_alpha!r}")
 
     def sampling_options(self) -> "SamplingOptions":
         """How the progress samples are drawn: the recipe's temperature and top-k, a fixed seed."""

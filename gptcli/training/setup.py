@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager
 from gptcli.errors import UserError
 from gptcli.training import run_folder
 from gptcli.training.distributed import Dist, barrier, check_batch_split, dist_from_env, init_distributed
+from gptcli.adapters import base_record
+from gptcli.training.lora import apply_lora, check_lora, trainable_for
 from gptcli.training.settings import TrainSettings, load_recipe
 from gptcli.training.state import STATE_FILE, TrainingState, model_from_state, read_state
 
@@ -79,6 +81,8 @@ class Run:
     data_digest: str = ""
     dist: Dist = field(default_factory=Dist)
     resume_state: TrainingState | None = None  # the run folder's state when resuming
+    base: dict[str, Any] | None = None  # a --lora run's base weights (gptcli.adapters.base_record)
+    task_data: Any = None  # what a task other than lm trains on (gptcli.training.classify.ClassifyData)
 
 
 def plan_steps(s: TrainSettings, n_train_windows: int | None) -> tuple[int, int | None]:
@@ -388,6 +392,9 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
     configure_threads(request.threads)  # first: the automatic count measures the load since startup
     recipe = load_recipe(request.recipe) if request.recipe else None
     settings = _settings(request, dict(recipe.settings) if recipe else {})
+    if settings.task != "lm":
+        raise UserError(f"task {settings.task!r} is not language modelling; gptcli.training.tasks.prepare_run "
+                        "prepares it")
     data = request.data
     if not data and recipe is not None and recipe.data is not None:
         from gptcli.training.downloads import fetch
@@ -428,6 +435,7 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
     why = resolve_dtype(settings, cfg, device, dist)  # the state records the dtype it settled on, not "auto"
     if why:
         say(why)
+    check_lora(settings, cfg, has_base=weights is not None)
     check_memory(cfg, settings, device, dist)
 
     with tokenizing(sum(len(t.text) for t in texts) if dist.main else 0) as progress:
@@ -444,9 +452,13 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
     else:
         torch.manual_seed(settings.seed)
         model = model.to(device)
+    base = None
+    if settings.lora:
+        base = base_record(source, model.cfg, settings.seed)
+        apply_lora(model, settings)
     model.train()
     return Run(out=out, settings=settings, model=model, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,
-               device=device, weights_source=source, data_digest=digest(texts), dist=dist)
+               device=device, weights_source=source, data_digest=digest(texts), dist=dist, base=base)
 
 
 def _refuse_changes(request: RunRequest) -> None:
@@ -532,9 +544,20 @@ def resume_run(request: RunRequest, *, note: Note = _ignore) -> Run:
     check_folder_room(folder, state.cfg, len(train_ids) + len(val_ids), tok.vocab_size, resuming=True)
     device, dist = _start_distributed(settings)
     model = model_from_state(state, device)
+    trainable_for(model, settings)
     model.train()
     if dist.main:
         run_folder.rewrite_log(folder, state.position.step)
     return Run(out=folder, settings=settings, model=model, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,
                device=device, weights_source=state.weights_source, data_digest=state.data_digest, dist=dist,
-               resume_state=state)
+               resume_state=state, base=resumed_base(state))
+
+
+def resumed_base(state: TrainingState) -> dict[str, Any] | None:
+    """The base weights a resumed --lora run recorded in its state."""
+    import json
+
+    from gptcli.adapters import BASE_KEY
+
+    raw = state.extra.get(BASE_KEY)
+    return json.loads(raw) if raw else None

@@ -13,6 +13,9 @@ from gptcli.errors import UserError
 from gptcli.run_layout import STATE_FILE  # noqa: F401 - the file this module reads and writes
 from gptcli.training.settings import TrainSettings
 
+# Metadata keys a task adds to the state (Trainer.state_extra), kept in TrainingState.extra.
+EXTRA_KEYS = ("gptcli.base", "gptcli.classifier")
+
 if TYPE_CHECKING:
     import torch
 
@@ -56,7 +59,7 @@ class TrainingState:
 
 def write_state(path: Path, model: "GPTModel", optimizer: "torch.optim.Optimizer", *, settings: TrainSettings,
                 tokenizer: "Tokenizer", position: Position, batches: "Batches", weights_source: str,
-                data_digest: str, world_size: int) -> None:
+                data_digest: str, world_size: int, extra: dict[str, str] | None = None) -> None:
     """Weights, AdamW state, RNG states and the data position, as one safetensors file, atomically."""
     import torch
 
@@ -92,6 +95,7 @@ def write_state(path: Path, model: "GPTModel", optimizer: "torch.optim.Optimizer
         # The sums' order depends on it: --resume reuses it, so the run continues bit for bit.
         "gptcli.threads": str(torch.get_num_threads()),
         **to_metadata(tokenizer),
+        **(extra or {}),  # a task's own: a classifier's labels, a LoRA run's base weights
     }
     save_safetensors(tensors, path, meta)
 
@@ -136,6 +140,7 @@ def read_state(path: Path) -> TrainingState:
         rng_cpu=tensors["rng.cpu"], data_generator=tensors["rng.data"], epoch_rng=tensors.get("rng.epoch"),
         weights_source=meta.get("gptcli.weights_source", ""), data_digest=meta.get("gptcli.data_digest", ""),
         threads=threads if threads is None or threads >= 1 else None,
+        extra={k: v for k, v in meta.items() if k in EXTRA_KEYS},
     )
 
 
@@ -159,7 +164,8 @@ def restore_position(state: TrainingState, batches: "Batches") -> Position:
 
 
 def model_from_state(state: TrainingState, device: "torch.device") -> "GPTModel":
-    """The model a state file holds, built on the meta device and filled with its tensors."""
+    """The model a state file holds, built on the meta device in the run's shape (a classifier's head,
+    LoRA adapters) and filled with its tensors."""
     from gptcli.model.gpt import build_model
 
     cfg = state.cfg
@@ -167,6 +173,14 @@ def model_from_state(state: TrainingState, device: "torch.device") -> "GPTModel"
     if cfg.tie_weights:
         weights["out_head.weight"] = weights["tok_emb.weight"]
     model = build_model(cfg, "meta")
+    if state.settings.task == "classify" and "out_head.weight" in weights:
+        from gptcli.classify import make_classifier
+
+        make_classifier(model, weights["out_head.weight"].shape[0])
+    if state.settings.lora:
+        from gptcli.model.lora import add_lora
+
+        add_lora(model, state.settings.lora, state.settings.lora_alpha)
     try:
         model.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=True, assign=True)
     except RuntimeError as exc:
