@@ -364,6 +364,7 @@ def _timings_json(load_s: float, t: "Timings", compile_s: float | None, loaded: 
         "load_s": round(load_s, 6),
         "tune_s": None if loaded.tune_seconds is None else round(loaded.tune_seconds, 6),
         "kernels": dict(loaded.kernel_counts) or None,
+        "kernel_plan": None if loaded.kernel_plan is None else loaded.kernel_plan.to_dict(),
         "compile_s": None if compile_s is None else round(compile_s, 6),
         "prefill_s": round(t.prefill_s, 6),
         "decode_s": round(t.decode_s, 6),
@@ -483,6 +484,12 @@ def _stream_one(generation: "Generation", prompt_text: str, ids: list[int], drop
             sys.stdout.flush()
     if stats:
         err(_stats_line(loaded.load_seconds, t, compile_s, loaded, str(generation.finish_reason)))
+        if loaded.kernel_plan is not None:
+            source = {"measured": "measured now", "cache": "from the cache", "default": "defaults, not measured"}
+            err(f"kernels ({source.get(loaded.kernel_plan.source, loaded.kernel_plan.source)}, "
+                f"{loaded.kernel_plan.mode} decoding):")
+            for line in loaded.kernel_plan.explain():
+                err(f"  {line}")
         if isinstance(generation, SpeculativeGeneration):
             err(generation.stats.line(t.decode_tokens, t.decode_s))
     if pipe_closed:

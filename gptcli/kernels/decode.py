@@ -262,6 +262,28 @@ class DecodePlan:
     def summary(self) -> dict[str, str]:
         return {key: c.kernel for key, c in self.choices.items()}
 
+    def to_dict(self) -> dict:
+        """What was chosen and what was measured (microseconds per call), for --json and inspect."""
+        return {"mode": self.mode, "source": self.source, "tune_s": round(self.tune_s, 6),
+                "choices": {key: {"kernel": c.kernel, "measured": c.measured} for key, c in self.choices.items()}}
+
+    def explain(self) -> list[str]:
+        """A line per weight shape: the kernel taken, each candidate's times, and why (for --stats)."""
+        lines = []
+        for key, c in sorted(self.choices.items()):
+            parts = []
+            for name, m in c.measured.items():
+                why = ""
+                if self.mode == EAGER and not (KERNELS[name].row_invariant and m.get("invariant")):
+                    why = ", rows depend on the batch: not for eager decoding"
+                elif m.get("same_unpacked"):
+                    why = ", same bits unpacked: decodes while packing"
+                parts.append(f"{name} {float(m['one']):.1f} us 1 row / {float(m['batch']):.1f} us {BATCH_ROWS} rows{why}")
+            taken = f"{c.kernel} (cost: 1 row + 1/{BATCH_ROWS} of {BATCH_ROWS} rows)" if self.mode == EAGER else \
+                f"{c.kernel} (cost: 1 row)"
+            lines.append(f"{key}: {taken}; " + "; ".join(parts) if parts else f"{key}: {c.kernel} (not measured)")
+        return lines
+
 
 def shape_key(weight: torch.Tensor) -> str:
     """(out, in), dtype and storage orientation: what decides a kernel's speed."""
