@@ -253,6 +253,77 @@ def test_the_chat_endpoint_says_to_use_completions(client):
 
 
 # ---------------------------------------------------------------------------------------------
+# OpenAI's logit_bias, frequency_penalty and presence_penalty
+
+
+def _ids(client, **fields) -> list[int]:
+    body = {"prompt": "Hello", "max_tokens": 10, "temperature": 0, **fields}
+    r = client.completions.create(model=MODEL, extra_body={"return_token_ids": True, "ignore_eos": True}, **body)
+    return extra(r.choices[0], "token_ids")
+
+
+def test_a_strongly_negative_logit_bias_bans_the_greedy_tokens(client):
+    plain = _ids(client)
+    banned = {str(t): -100 for t in set(plain)}
+    biased = _ids(client, logit_bias=banned)
+    assert biased != plain and not set(biased) & set(plain)  # no banned id ever appears
+    first_only = _ids(client, logit_bias={str(plain[0]): -100})
+    assert first_only[0] != plain[0] and plain[0] not in first_only
+    sampled = _ids(client, logit_bias=banned, temperature=1.0, seed=3, max_tokens=30)
+    assert not set(sampled) & set(plain)
+
+
+def test_a_positive_logit_bias_forces_an_id_and_logprobs_stay_the_models(client):
+    forced = 464  # "The": nothing the tiny model picks greedily after "Hello"
+    assert forced not in _ids(client)
+    assert _ids(client, logit_bias={str(forced): 100}) == [forced] * 10
+    assert _ids(client, logit_bias={str(forced): 100}, temperature=1.0, seed=5) == [forced] * 10
+    # The log-probabilities are the model's own, before the bias (as before temperature): the forced
+    # token's are what scoring the same text gives, and the likeliest token is another one.
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0, logprobs=2,
+                                  logit_bias={str(forced): 100})
+    lp = r.choices[0].logprobs
+    assert lp.tokens == ["The"] * 4
+    assert all(max(top.values()) > logprob for top, logprob in zip(lp.top_logprobs, lp.token_logprobs))
+    scored = client.completions.create(model=MODEL, prompt="Hello" + r.choices[0].text, max_tokens=0, echo=True,
+                                       logprobs=0)
+    assert scored.choices[0].logprobs.token_logprobs[-4:] == pytest.approx(lp.token_logprobs, abs=1e-4)
+
+
+def test_frequency_and_presence_penalties_reduce_repetition(client):
+    plain = _ids(client, max_tokens=40)
+    assert len(set(plain)) <= 10  # the tiny model loops greedily
+    for fields in ({"frequency_penalty": 1.0}, {"presence_penalty": 1.0}, {"frequency_penalty": 0.3}):
+        penalized = _ids(client, max_tokens=40, **fields)
+        assert len(set(penalized)) > 2 * len(set(plain)), fields
+    # a negative frequency penalty rewards repeats: fewer distinct ids than with a positive one
+    assert len(set(_ids(client, max_tokens=40, frequency_penalty=-1.0))) < len(set(_ids(client, max_tokens=40,
+                                                                                          frequency_penalty=1.0)))
+    # Only generated ids are counted (OpenAI's definition): a prompt full of the greedy token does not stop it.
+    first = plain[0]
+    repeated_prompt = client.completions.create(model=MODEL, prompt=[first] * 8, max_tokens=1, temperature=0,
+                                                extra_body={"return_token_ids": True})
+    penalized_prompt = client.completions.create(model=MODEL, prompt=[first] * 8, max_tokens=1, temperature=0,
+                                                 presence_penalty=2, frequency_penalty=2,
+                                                 extra_body={"return_token_ids": True})
+    assert extra(repeated_prompt.choices[0], "token_ids") == extra(penalized_prompt.choices[0], "token_ids")
+
+
+def test_bad_penalties_and_biases_are_400s_and_the_client_goes_on(client):
+    for fields, words in [({"frequency_penalty": 2.5}, "'frequency_penalty' must be in [-2, 2], got 2.5"),
+                          ({"presence_penalty": -3}, "'presence_penalty' must be in [-2, 2], got -3"),
+                          ({"logit_bias": {"50257": 5}}, "token id 50257 is not in the vocabulary (0-50256)"),
+                          ({"logit_bias": {"-1": 5}}, "token id -1 is not in the vocabulary"),
+                          ({"logit_bias": {"11": 101}}, "values must be in [-100, 100], got 101 for token 11"),
+                          ({"logit_bias": {"hello": 1}}, "keys must be token ids, got 'hello'")]:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, **fields)
+        assert words in info.value.body["message"], (fields, info.value.body)
+        assert info.value.body["param"] == next(iter(fields))
+    assert _ids(client, max_tokens=3, logit_bias={"11": 100}) == [11, 11, 11]
+
+
+# ---------------------------------------------------------------------------------------------
 # Invariance under load
 
 
@@ -261,11 +332,13 @@ def test_the_chat_endpoint_says_to_use_completions(client):
 LOAD = [
     {"prompt": "Hello", "max_tokens": 30, "temperature": 0},
     {"prompt": "Once upon a time there was a", "max_tokens": 9, "temperature": 0},
-    {"prompt": "The meaning of life is", "max_tokens": 22, "temperature": 1.0, "seed": 7},
+    {"prompt": "The meaning of life is", "max_tokens": 22, "temperature": 1.0, "seed": 7, "frequency_penalty": 0.8},
     {"prompt": "A", "max_tokens": 5, "temperature": 0.8, "seed": 1, "top_k": 40},
-    {"prompt": "In the beginning God created the heaven and the", "max_tokens": 14, "temperature": 0},
-    {"prompt": "My name is", "max_tokens": 26, "temperature": 1.2, "seed": 99, "top_p": 0.9},
-    {"prompt": "1, 2, 3,", "max_tokens": 3, "temperature": 0},
+    {"prompt": "In the beginning God created the heaven and the", "max_tokens": 14, "temperature": 0,
+     "presence_penalty": 1.5, "logit_bias": {"11": 2.5, "13": -100}},
+    {"prompt": "My name is", "max_tokens": 26, "temperature": 1.2, "seed": 99, "top_p": 0.9,
+     "frequency_penalty": -0.5, "presence_penalty": 0.7},
+    {"prompt": "1, 2, 3,", "max_tokens": 3, "temperature": 0, "frequency_penalty": 2, "logit_bias": {"604": 1.5}},
     {"prompt": "The quick brown fox jumps over", "max_tokens": 18, "temperature": 0.7, "seed": 123, "top_k": 100,
      "top_p": 0.95},
 ]
@@ -292,9 +365,12 @@ def _complete(base_url: str, spec: dict, logprobs: int | None = None, barrier: t
 def _generate_args(checkpoint: Path, spec: dict) -> list[str]:
     args = ["generate", spec["prompt"], "--weights", str(checkpoint), "--json", "-n", str(spec["max_tokens"]),
             "-t", str(spec["temperature"]), "--seed", str(spec.get("seed", 123))]
-    for key, option in (("top_k", "--top-k"), ("top_p", "--top-p")):
+    for key, option in (("top_k", "--top-k"), ("top_p", "--top-p"), ("frequency_penalty", "--frequency-penalty"),
+                        ("presence_penalty", "--presence-penalty")):
         if key in spec:
             args += [option, str(spec[key])]
+    for token_id, bias in spec.get("logit_bias", {}).items():
+        args += ["--logit-bias", f"{token_id}={bias}"]
     return args
 
 
@@ -434,6 +510,16 @@ BAD = [
      "Unrecognized"),
     ("best_of 3 (unsupported)", "POST", "/v1/completions", ok_body(best_of=3), AUTH, 400, "best_of",
      "not supported"),
+    ("frequency_penalty as a string", "POST", "/v1/completions", ok_body(frequency_penalty="1"), AUTH, 400,
+     "frequency_penalty", "must be a number"),
+    ("presence_penalty NaN", "POST", "/v1/completions", b'{"model": "tiny", "prompt": "x", "presence_penalty": NaN}',
+     AUTH, 400, None, "NaN"),
+    ("logit_bias as an array", "POST", "/v1/completions", ok_body(logit_bias=[1, 2]), AUTH, 400, "logit_bias",
+     "must be an object"),
+    ("a logit_bias value as a string", "POST", "/v1/completions", ok_body(logit_bias={"11": "5"}), AUTH, 400,
+     "logit_bias", "values must be numbers"),
+    ("a logit_bias id twice", "POST", "/v1/completions", ok_body(logit_bias={"11": 1, "011": 2}), AUTH, 400,
+     "logit_bias", "twice"),
     ("a body over 1 MiB", "POST", "/v1/completions", ok_body(prompt="x" * (1 << 20)), AUTH, 413, None, "bytes"),
     ("no API key", "POST", "/v1/completions", ok_body(), {}, 401, None, "API key"),
     ("a wrong API key", "POST", "/v1/completions", ok_body(), {"Authorization": "Bearer nope"}, 401, None,

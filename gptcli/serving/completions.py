@@ -10,6 +10,7 @@ What a request gets, field by field, follows OpenAI's reference; where gptcli di
 from __future__ import annotations
 
 import math
+import re
 import secrets
 import time
 import uuid
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from gptcli.errors import UserError
-from gptcli.decoding.generate import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, MAX_SEED, SamplingOptions, prompt_ids
+from gptcli.decoding.generate import (FINISH_EOS, FINISH_LENGTH, FINISH_STOP, MAX_LOGIT_BIAS, MAX_PENALTY, MAX_SEED,
+                                      SamplingOptions, prompt_ids)
 
 if TYPE_CHECKING:
     from gptcli.serving.engine import RowEvent, RowRequest
@@ -36,13 +38,10 @@ FINISH_REASONS = {FINISH_EOS: "stop", FINISH_STOP: "stop", FINISH_LENGTH: "lengt
 # Fields OpenAI's completions take that gptcli has no use for: accepted only with the value that changes nothing.
 NEUTRAL = {
     "best_of": lambda v, n: v is None or v == n,
-    "frequency_penalty": lambda v, n: v is None or (_is_number(v) and v == 0),
-    "presence_penalty": lambda v, n: v is None or (_is_number(v) and v == 0),
-    "logit_bias": lambda v, n: v is None or v == {},
     "suffix": lambda v, n: v is None or v == "",
 }
 KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "echo", "logprobs", "stream",
-         "stream_options", "user", *NEUTRAL,
+         "stream_options", "user", "frequency_penalty", "presence_penalty", "logit_bias", *NEUTRAL,
          # vLLM's extra fields, under vLLM's names
          "top_k", "ignore_eos", "return_token_ids"}
 
@@ -177,6 +176,34 @@ def _stops(body: dict) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def _logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias``: an object from token id (a JSON key, so a string) to a bias in [-100, 100]."""
+    value = body.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise bad(f"'logit_bias' must be an object from token ids to numbers, got {_type_name(value)}", "logit_bias",
+                  "invalid_type")
+    pairs = []
+    for key, bias in value.items():
+        if not re.fullmatch(r"-?[0-9]{1,12}", key):
+            raise bad(f"'logit_bias' keys must be token ids, got {key!r}", "logit_bias", "invalid_value")
+        token_id = int(key)
+        if not 0 <= token_id < vocab_size:
+            raise bad(f"'logit_bias': token id {token_id} is not in the vocabulary (0-{vocab_size - 1})", "logit_bias",
+                      "invalid_value")
+        if not _is_number(bias):
+            raise bad(f"'logit_bias' values must be numbers, got {_type_name(bias)} for token {token_id}",
+                      "logit_bias", "invalid_type")
+        if not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+            raise bad(f"'logit_bias' values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias:g} for "
+                      f"token {token_id}", "logit_bias", "invalid_value")
+        pairs.append((token_id, float(bias)))
+    if len({t for t, _ in pairs}) < len(pairs):  # "7" and "07" name one token
+        raise bad("'logit_bias' names a token id twice", "logit_bias", "invalid_value")
+    return tuple(pairs)
+
+
 def _is_ids(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
@@ -257,6 +284,9 @@ def parse_completion(body: Any, tokenizer: "Tokenizer", limits: Limits, model_id
     top_k = _integer(body, "top_k", None, -1, limits.vocab_size)
     if top_k is not None and top_k <= 0:  # vLLM's -1 (and 0): no top-k
         top_k = None
+    frequency_penalty = _number(body, "frequency_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY)
+    presence_penalty = _number(body, "presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY)
+    logit_bias = _logit_bias(body, limits.vocab_size)
     logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
     seed = _integer(body, "seed", None, 0, MAX_SEED)  # the range gptcli generate --seed takes
     if seed is not None and seed + n - 1 > MAX_SEED:
@@ -277,7 +307,9 @@ def parse_completion(body: Any, tokenizer: "Tokenizer", limits: Limits, model_id
     if seed is None:
         seed = secrets.randbelow(MAX_SEED - limits.max_n)
     options = tuple(SamplingOptions(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    seed=seed + j, stop=stops, ignore_eos=ignore_eos) for j in range(n))
+                                    seed=seed + j, stop=stops, ignore_eos=ignore_eos,
+                                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                                    logit_bias=logit_bias) for j in range(n))
     return CompletionRequest(model=model, prompts=tuple(tuple(p) for p in ids), prompt_texts=tuple(texts), n=n,
                              options=options, logprobs=logprobs, echo=echo, stream=stream,
                              include_usage=include_usage, return_token_ids=return_token_ids)
