@@ -17,6 +17,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from helpers import imported_modules  # noqa: E402
+from test_metrics import parse_exposition, value_of  # noqa: E402
 from servers import CONTEXT, Server, server_env, sse_events, write_tiny_checkpoint  # noqa: E402
 
 KEY = "test-key-123"
@@ -321,6 +322,61 @@ def test_bad_penalties_and_biases_are_400s_and_the_client_goes_on(client):
         assert words in info.value.body["message"], (fields, info.value.body)
         assert info.value.body["param"] == next(iter(fields))
     assert _ids(client, max_tokens=3, logit_bias={"11": 100}) == [11, 11, 11]
+
+
+# ---------------------------------------------------------------------------------------------
+# /metrics
+
+
+def scrape(server, headers=AUTH) -> dict:
+    status, response_headers, data = server.request("GET", "/metrics", headers=headers)
+    assert status == 200, data[:300]
+    assert response_headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    return parse_exposition(data.decode())
+
+
+def test_metrics_count_requests_tokens_and_time_them(server, client):
+    wait_idle(server)
+    before = scrape(server)
+    usages = []
+    for i in range(3):
+        usages.append(client.completions.create(model=MODEL, prompt="Hello there" * (i + 1), max_tokens=4,
+                                                temperature=0).usage)
+    for _ in range(2):
+        chunks = list(client.completions.create(model=MODEL, prompt="Once", max_tokens=5, temperature=0, stream=True,
+                                                stream_options={"include_usage": True}))
+        usages.append(chunks[-1].usage)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, frequency_penalty=9)
+    assert server.request("GET", "/metrics")[0] == 401  # the key guards it, as every endpoint but /health
+    after = scrape(server)
+
+    def grew(family, sample=None, **labels):
+        return value_of(after, family, sample, **labels) - value_of(before, family, sample, **labels)
+
+    completions = "/v1/completions"
+    assert grew("gptcli_requests_total", endpoint=completions, status="200") == 5
+    assert grew("gptcli_requests_total", endpoint=completions, status="400") == 1
+    assert grew("gptcli_requests_total", endpoint="/metrics", status="401") == 1
+    assert grew("gptcli_requests_total", endpoint="/metrics", status="200") == 1  # the first scrape
+    assert grew("gptcli_prompt_tokens_total") == sum(u.prompt_tokens for u in usages) > 0
+    assert grew("gptcli_completion_tokens_total") == sum(u.completion_tokens for u in usages) == 3 * 4 + 2 * 5
+    latency, ttft = "gptcli_request_duration_seconds", "gptcli_time_to_first_token_seconds"
+    assert grew(latency, latency + "_count", endpoint=completions) == 6  # the refused one too
+    assert grew(ttft, ttft + "_count", endpoint=completions) == 5  # one per request that generated
+    assert grew(ttft, ttft + "_sum", endpoint=completions) > 0
+    assert grew(latency, latency + "_sum", endpoint=completions) >= grew(ttft, ttft + "_sum", endpoint=completions)
+    for family, kind in [("gptcli_queue_rows", "gauge"), ("gptcli_batch_rows", "gauge"), (latency, "histogram"),
+                         (ttft, "histogram"), ("gptcli_requests_total", "counter")]:
+        assert after[family]["type"] == kind
+    assert value_of(after, "gptcli_batch_rows") == value_of(after, "gptcli_queue_rows") == 0
+    # While a stream runs, the gauge shows its row.
+    sock = open_stream(server, ok_body(max_tokens=1000, temperature=1.0, stream=True, ignore_eos=True))
+    try:
+        assert value_of(scrape(server), "gptcli_batch_rows") == 1
+    finally:
+        sock.close()
+    wait_idle(server)
 
 
 # ---------------------------------------------------------------------------------------------
