@@ -247,10 +247,14 @@ def test_sse_framing_on_the_wire(server):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
 
 
-def test_the_chat_endpoint_says_to_use_completions(client):
+def test_the_chat_endpoint_says_to_use_completions(client, server):
+    """A model whose checkpoint names no template (tests/test_serve_chat.py has one that does) has no chat."""
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
-    assert "/v1/completions" in info.value.body["message"]
+    assert "/v1/completions" in info.value.body["message"] and "no chat format" in info.value.body["message"]
+    assert info.value.body["code"] == "unsupported_endpoint"
+    status, body = server.json("GET", "/v1/models", headers=AUTH)
+    assert status == 200 and body["data"][0]["chat_template"] is None
 
 
 # ---------------------------------------------------------------------------------------------
