@@ -34,6 +34,20 @@ def write_char_checkpoint(folder: Path, chars: str, seed: int = 0) -> Path:
     return save_checkpoint(lively_char_model(chars, seed=seed), folder, metadata=to_metadata(CharTokenizer(chars)))
 
 
+CHAT_CONTEXT = 128  # room for the Alpaca template's preamble and headers (about 40 tokens) and an answer
+
+
+def write_chat_checkpoint(folder: Path, seed: int = 0, template: str = "alpaca") -> Path:
+    """A tiny GPT-2-vocabulary model (context 128) whose checkpoint names a prompt template, as `gptcli train
+    --task instruct` records it (metadata ``gptcli.template``), saved as ``folder/model.safetensors``."""
+    from helpers import lively_model, save_checkpoint
+
+    from gptcli.templates import TEMPLATE_METADATA_KEY
+
+    model = lively_model(seed, vocab_size=50257, emb_dim=32, context_length=CHAT_CONTEXT)
+    return save_checkpoint(model, folder, metadata={TEMPLATE_METADATA_KEY: template})
+
+
 def server_env(tiktoken_cache: Path | None, cache_dir: Path) -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NO_COLOR": "1",
            "GPTCLI_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}

@@ -431,3 +431,101 @@ def test_with_an_api_key_the_page_asks_for_it_and_works_once_given(keyed_server,
         assert not by_id(driver, "error").is_displayed() and by_id(driver, "keybox").is_displayed()
     finally:
         driver.quit()
+
+
+# ---------------------------------------------------------------------------------------------
+# The chat view, for a model whose checkpoint names a template
+
+
+CHAT_MODEL = "instruct"
+
+
+@pytest.fixture(scope="module")
+def chat_server(env, tmp_path_factory):
+    from servers import write_chat_checkpoint
+
+    srv = Server(["--weights", str(write_chat_checkpoint(tmp_path_factory.mktemp("chat") / CHAT_MODEL).parent)], env)
+    yield srv
+    srv.stop()
+
+
+def chat_api(srv: Server, messages: list[dict], **fields) -> dict:
+    status, body = srv.json("POST", "/v1/chat/completions", {"model": CHAT_MODEL, "messages": messages, **fields})
+    assert status == 200, body
+    return body["choices"][0]
+
+
+def messages_on_page(driver) -> list[tuple[str, str]]:
+    return [tuple(m) for m in driver.execute_script("return [...document.querySelectorAll('#messages .msg')].map("
+                                 "(m) => [m.className.replace('msg ', ''), m.querySelector('.body').textContent])")]
+
+
+def send_chat(driver, text: str) -> None:
+    driver.execute_script("delete document.getElementById('messages').dataset.done")
+    set_field(driver, "chat-input", text)
+    by_id(driver, "send").click()
+    wait_for(driver, lambda d: by_id(d, "messages").get_attribute("data-done") == "true", "the answer did not end")
+
+
+@needs_browser
+def test_the_chat_view_is_there_only_for_a_model_with_a_template(browser, server, chat_server, artifacts):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    page_errors(browser)  # reading the log empties it: what earlier tests left is not this test's
+    open_page(browser, server)  # no template: completions only, no chat controls
+    assert not by_id(browser, "modes").is_displayed() and not by_id(browser, "chatbox").is_displayed()
+    assert by_id(browser, "promptbox").is_displayed()
+
+    browser.get(root_url(chat_server))
+    wait_for(browser, lambda d: by_id(d, "model").text.startswith(CHAT_MODEL), "the page did not load the model")
+    wait_for(browser, lambda d: by_id(d, "chatbox").is_displayed(), "a model with a template opens in the chat view")
+    assert by_id(browser, "modes").is_displayed() and not by_id(browser, "promptbox").is_displayed()
+    assert "alpaca" in by_id(browser, "chatinfo").text
+    set_field(browser, "max_tokens", "10")
+    set_field(browser, "temperature", "0.9")  # sampled, seeded: the tiny random model loops when greedy
+    set_field(browser, "seed", "3")
+    set_field(browser, "system", "You answer in one word.")
+    first = "Name three colours."
+    send_chat(browser, first)
+    system = {"role": "system", "content": "You answer in one word."}
+    api = chat_api(chat_server, [system, {"role": "user", "content": first}], max_tokens=10, temperature=0.9,
+                   seed=3, top_p=1, logprobs=True, top_logprobs=5)
+    answer = api["message"]["content"]
+    assert answer and messages_on_page(browser) == [("user", first), ("assistant", answer)]
+    spans = browser.execute_script("return [...document.querySelectorAll('#messages .tok')].map("
+                                   "(s) => JSON.parse(s.dataset.logprobs))")
+    assert [lp for s in spans for lp in s] == pytest.approx([t["logprob"] for t in api["logprobs"]["content"]],
+                                                            abs=1e-12)
+    assert "10 tokens" in by_id(browser, "chat-stats").text
+
+    # A second turn sends the whole conversation: the API's answer to the same messages.
+    second = "And a fourth?"
+    send_chat(browser, second)
+    again = chat_api(chat_server, [system, {"role": "user", "content": first}, {"role": "assistant", "content": answer},
+                                   {"role": "user", "content": second}], max_tokens=10, temperature=0.9, seed=3,
+                   top_p=1)
+    assert messages_on_page(browser) == [("user", first), ("assistant", answer), ("user", second),
+                                         ("assistant", again["message"]["content"])]
+    assert not by_id(browser, "error").is_displayed()
+    ActionChains(browser).move_to_element(browser.find_elements(By.CSS_SELECTOR, "#messages .tok")[0]).perform()
+    wait_for(browser, lambda d: by_id(d, "tip").is_displayed(), "no tooltip on a chat token")
+    assert len(by_id(browser, "tip").find_elements(By.CSS_SELECTOR, "tr")) == 5
+    shoot(browser, artifacts, "playground-chat.png")
+    assert page_errors(browser) == []
+
+    # A bad message is the API's 400 on the page, and the message goes back to the input.
+    set_field(browser, "max_tokens", "100000")
+    set_field(browser, "chat-input", "hello")
+    by_id(browser, "send").click()
+    wait_for(browser, lambda d: by_id(d, "error").is_displayed(), "the 400 was not shown")
+    assert "Error 400" in by_id(browser, "error").text and "max_tokens" in by_id(browser, "error").text
+    assert by_id(browser, "chat-input").get_attribute("value") == "hello" and len(messages_on_page(browser)) == 4
+
+    by_id(browser, "mode-complete").click()  # the completions view is one click away
+    assert by_id(browser, "promptbox").is_displayed() and not by_id(browser, "chatbox").is_displayed()
+    by_id(browser, "mode-chat").click()
+    assert len(messages_on_page(browser)) == 4  # the conversation is still there
+    by_id(browser, "newchat").click()
+    assert messages_on_page(browser) == []
+    assert [e for e in page_errors(browser) if "status of 400" not in e] == []  # the refused request, logged

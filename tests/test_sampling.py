@@ -1,4 +1,4 @@
-"""--repetition-penalty, --min-p and --num-samples.
+"""--repetition-penalty, --min-p, --frequency-penalty, --presence-penalty, --logit-bias and --num-samples.
 
 transformers' own logits processors (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
 TopKLogitsWarper, MinPLogitsWarper) are the oracle: on random logits, and step by step on a tiny
@@ -29,6 +29,8 @@ from gptcli.decoding.generate import (  # noqa: E402
     Decoder,
     Generation,
     SamplingOptions,
+    Seen,
+    adjust_logits,
     penalize_repetition,
     sampling_probs,
     select_next,
@@ -140,14 +142,83 @@ def test_sampling_distribution_on_a_checkpoint_is_transformers(tmp_path):
         torch.testing.assert_close(ours, expected, rtol=1e-3, atol=1e-6)
 
 
+def openai_penalties(logits: torch.Tensor, generated: list[int], frequency: float, presence: float,
+                     bias: dict[int, float]) -> torch.Tensor:
+    """OpenAI's formula for one row, written out id by id: mu[j] - c[j] * frequency - (c[j] > 0) * presence + bias[j]."""
+    out = logits.clone()
+    for j in range(out.shape[-1]):
+        c = generated.count(j)
+        out[j] = out[j] - c * frequency - float(c > 0) * presence + bias.get(j, 0.0)
+    return out
+
+
+@pytest.mark.parametrize("frequency,presence", [(0.5, 0.0), (0.0, 1.5), (-0.7, 2.0), (2.0, -2.0)])
+def test_frequency_and_presence_penalties_and_logit_bias_are_openais_formula(frequency, presence):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 60, generator=g) * 3
+    prompts = [[1, 2, 2], [], [9] * 5]
+    generated = [[2, 2, 2, 5, 7, 5], [0, 59], []]
+    bias = {3: -100.0, 7: 4.5, 59: 0.25}
+    options = SamplingOptions(frequency_penalty=frequency, presence_penalty=presence, logit_bias=tuple(bias.items()))
+    history = [Seen(p + gen, len(p)) for p, gen in zip(prompts, generated)]
+    ours = adjust_logits(logits, options, history)
+    for row in range(3):  # the prompt's ids are not counted: only what was generated
+        torch.testing.assert_close(ours[row], openai_penalties(logits[row], generated[row], frequency, presence, bias),
+                                   rtol=0, atol=1e-5)
+    assert not torch.equal(ours[2] - logits[2], torch.zeros(60)) and ours[2, 9] == logits[2, 9] + 0  # bias only
+    # Greedy picks from the adjusted logits; the logits themselves are untouched.
+    assert select_next(logits, options, None, history).tolist() == ours.argmax(-1).tolist()
+    with pytest.raises(TypeError, match="Seen"):  # plain ids cannot say which were generated
+        adjust_logits(logits, options, [p + gen for p, gen in zip(prompts, generated)])
+
+
+def test_the_repetition_penalty_applies_first_then_the_rest():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    options = SamplingOptions(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25,
+                              logit_bias=((3, -1.0),))
+    ours = adjust_logits(logits, options, [Seen([0, 1, 1], 1)])  # prompt [0], generated [1, 1]
+    # 0: 2 / 2 (seen in the prompt: repetition only); 1: -1 * 2 - 2 * 0.5 - 0.25; 2: untouched; 3: + bias
+    assert ours.tolist() == [[1.0, -3.25, 0.5, 2.0]]
+
+
+def test_a_logit_bias_bans_and_forces_when_sampling_too():
+    logits = torch.tensor([[5.0, 4.0, 1.0, 0.0, -2.0]])
+    ban = SamplingOptions(temperature=1.0, logit_bias=((0, -100.0), (1, -100.0)))
+    force = SamplingOptions(temperature=1.5, logit_bias=((4, 100.0),))
+    g = torch.Generator().manual_seed(0)
+    assert {int(select_next(logits, ban, g)[0]) for _ in range(300)} == {2, 3, 4}
+    assert {int(select_next(logits, force, g)[0]) for _ in range(100)} == {4}
+    assert torch.equal(sampling_probs(logits, force)[0] > 0.999, torch.tensor([False] * 4 + [True]))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("frequency_penalty", 2.5, "--frequency-penalty must be in [-2, 2], got 2.5"),
+    ("presence_penalty", float("nan"), "--presence-penalty must be in [-2, 2], got nan"),
+    ("logit_bias", ((5, 100.5),), "--logit-bias 5=100.5: the bias must be in [-100, 100]"),
+    ("logit_bias", ((-1, 1.0),), "--logit-bias: token id -1 is not in the vocabulary"),
+    ("logit_bias", ((4, 1.0), (4, 2.0)), "--logit-bias: token id 4 is given twice"),
+])
+def test_bad_penalty_and_bias_values(field, value, message):
+    from gptcli.errors import UserError
+
+    with pytest.raises(UserError) as info:
+        SamplingOptions(**{field: value}).validate()
+    assert str(info.value) == message
+    with pytest.raises(UserError, match=r"token id 300 is not in the model's vocabulary \(0-299\)"):
+        SamplingOptions(logit_bias=((300, 1.0),)).check_vocab(300)
+
+
 PROMPTS = [[1, 2, 3, 1, 2], [4], [5, 6, 7, 8, 9, 10, 11], list(range(20, 40))]  # the last is past the window
 
 
+@pytest.mark.parametrize("penalties", [dict(repetition_penalty=1.4, min_p=0.05),
+                                       dict(frequency_penalty=0.9, presence_penalty=0.3, logit_bias=((4, 2.0),)),
+                                       dict(repetition_penalty=1.2, frequency_penalty=-0.5, presence_penalty=1.0)],
+                         ids=["repetition-min-p", "frequency-presence-bias", "all-penalties"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_batch_rows_equal_lone_runs_with_penalty_and_min_p(temperature):
+def test_batch_rows_equal_lone_runs_with_penalties(temperature, penalties):
     model = lively_model(3)
-    options = SamplingOptions(max_new_tokens=20, temperature=temperature, seed=11, ignore_eos=True,
-                              repetition_penalty=1.4, min_p=0.05)
+    options = SamplingOptions(max_new_tokens=20, temperature=temperature, seed=11, ignore_eos=True, **penalties)
     seeds = [11, 12, 13, 14]
     results, _ = generate_batch(BatchDecoder(model, CPU, torch.float32), PROMPTS, options, seeds=seeds)
     for prompt, seed, result in zip(PROMPTS, seeds, results):
@@ -214,6 +285,43 @@ def test_bad_sampling_options_are_one_line(tiny, args, message):
     result = gen("Hello", *tiny, *args)
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1
+
+
+def test_generate_frequency_penalty_and_logit_bias(weights):
+    def ids(*args: str) -> list[int]:
+        result = gen("the the the cat", *weights, "-n", "24", "--ignore-eos", "--json", *args)
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout)["token_ids"]
+
+    plain = ids()
+    assert len(set(plain)) < len(set(ids("--frequency-penalty", "1.5")))  # fewer repeats
+    assert len(set(plain)) < len(set(ids("--presence-penalty", "1.5")))
+    banned = ids(*[a for t in set(plain) for a in ("--logit-bias", f"{t}=-100")])
+    assert not set(banned) & set(plain)
+    assert ids("--logit-bias", "42=100") == [42] * 24
+    record = json.loads(gen("Hi", *weights, "-n", "2", "--json", "--frequency-penalty", "0.5", "--presence-penalty",
+                            "-0.25", "--logit-bias", "42=3", "--logit-bias", "7=-1.5").stdout)
+    assert record["sampling"]["frequency_penalty"] == 0.5 and record["sampling"]["presence_penalty"] == -0.25
+    assert record["sampling"]["logit_bias"] == {"42": 3.0, "7": -1.5}
+    # --each-line batches keep every row's ids with these options too
+    lines = runner.invoke(app, ["generate", "--each-line", *weights, "-n", "24", "--ignore-eos", "--json",
+                                "--frequency-penalty", "1.5"], input="the the the cat\nHello\n")
+    assert lines.exit_code == 0, lines.stderr
+    assert json.loads(lines.stdout.splitlines()[0])["token_ids"] == ids("--frequency-penalty", "1.5")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--frequency-penalty", "3"], "error: --frequency-penalty must be in [-2, 2], got 3"),
+    (["--presence-penalty", "x"], "error: --presence-penalty expects a number, got 'x'"),
+    (["--logit-bias", "42"], "error: --logit-bias expects ID=BIAS (a token id and a number, e.g. 198=-100), got '42'"),
+    (["--logit-bias", "a=1"], "error: --logit-bias expects ID=BIAS"),
+    (["--logit-bias", "42=200"], "error: --logit-bias 42=200: the bias must be in [-100, 100]"),
+    (["--logit-bias", "50257=1"], "error: --logit-bias: token id 50257 is not in the model's vocabulary (0-50256)"),
+])
+def test_bad_penalty_and_bias_options_are_one_line(tiny, args, message):
+    result = gen("Hello", *tiny, *args)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
 
 
 def test_min_p_when_greedy_is_noted(tiny):

@@ -17,6 +17,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from helpers import imported_modules  # noqa: E402
+from test_metrics import parse_exposition, value_of  # noqa: E402
 from servers import CONTEXT, Server, server_env, sse_events, write_tiny_checkpoint  # noqa: E402
 
 KEY = "test-key-123"
@@ -246,10 +247,140 @@ def test_sse_framing_on_the_wire(server):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
 
 
-def test_the_chat_endpoint_says_to_use_completions(client):
+def test_the_chat_endpoint_says_to_use_completions(client, server):
+    """A model whose checkpoint names no template (tests/test_serve_chat.py has one that does) has no chat."""
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
-    assert "/v1/completions" in info.value.body["message"]
+    assert "/v1/completions" in info.value.body["message"] and "no chat format" in info.value.body["message"]
+    assert info.value.body["code"] == "unsupported_endpoint"
+    status, body = server.json("GET", "/v1/models", headers=AUTH)
+    assert status == 200 and body["data"][0]["chat_template"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI's logit_bias, frequency_penalty and presence_penalty
+
+
+def _ids(client, **fields) -> list[int]:
+    body = {"prompt": "Hello", "max_tokens": 10, "temperature": 0, **fields}
+    r = client.completions.create(model=MODEL, extra_body={"return_token_ids": True, "ignore_eos": True}, **body)
+    return extra(r.choices[0], "token_ids")
+
+
+def test_a_strongly_negative_logit_bias_bans_the_greedy_tokens(client):
+    plain = _ids(client)
+    banned = {str(t): -100 for t in set(plain)}
+    biased = _ids(client, logit_bias=banned)
+    assert biased != plain and not set(biased) & set(plain)  # no banned id ever appears
+    first_only = _ids(client, logit_bias={str(plain[0]): -100})
+    assert first_only[0] != plain[0] and plain[0] not in first_only
+    sampled = _ids(client, logit_bias=banned, temperature=1.0, seed=3, max_tokens=30)
+    assert not set(sampled) & set(plain)
+
+
+def test_a_positive_logit_bias_forces_an_id_and_logprobs_stay_the_models(client):
+    forced = 464  # "The": nothing the tiny model picks greedily after "Hello"
+    assert forced not in _ids(client)
+    assert _ids(client, logit_bias={str(forced): 100}) == [forced] * 10
+    assert _ids(client, logit_bias={str(forced): 100}, temperature=1.0, seed=5) == [forced] * 10
+    # The log-probabilities are the model's own, before the bias (as before temperature): the forced
+    # token's are what scoring the same text gives, and the likeliest token is another one.
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0, logprobs=2,
+                                  logit_bias={str(forced): 100})
+    lp = r.choices[0].logprobs
+    assert lp.tokens == ["The"] * 4
+    assert all(max(top.values()) > logprob for top, logprob in zip(lp.top_logprobs, lp.token_logprobs))
+    scored = client.completions.create(model=MODEL, prompt="Hello" + r.choices[0].text, max_tokens=0, echo=True,
+                                       logprobs=0)
+    assert scored.choices[0].logprobs.token_logprobs[-4:] == pytest.approx(lp.token_logprobs, abs=1e-4)
+
+
+def test_frequency_and_presence_penalties_reduce_repetition(client):
+    plain = _ids(client, max_tokens=40)
+    assert len(set(plain)) <= 10  # the tiny model loops greedily
+    for fields in ({"frequency_penalty": 1.0}, {"presence_penalty": 1.0}, {"frequency_penalty": 0.3}):
+        penalized = _ids(client, max_tokens=40, **fields)
+        assert len(set(penalized)) > 2 * len(set(plain)), fields
+    # a negative frequency penalty rewards repeats: fewer distinct ids than with a positive one
+    assert len(set(_ids(client, max_tokens=40, frequency_penalty=-1.0))) < len(set(_ids(client, max_tokens=40,
+                                                                                          frequency_penalty=1.0)))
+    # Only generated ids are counted (OpenAI's definition): a prompt full of the greedy token does not stop it.
+    first = plain[0]
+    repeated_prompt = client.completions.create(model=MODEL, prompt=[first] * 8, max_tokens=1, temperature=0,
+                                                extra_body={"return_token_ids": True})
+    penalized_prompt = client.completions.create(model=MODEL, prompt=[first] * 8, max_tokens=1, temperature=0,
+                                                 presence_penalty=2, frequency_penalty=2,
+                                                 extra_body={"return_token_ids": True})
+    assert extra(repeated_prompt.choices[0], "token_ids") == extra(penalized_prompt.choices[0], "token_ids")
+
+
+def test_bad_penalties_and_biases_are_400s_and_the_client_goes_on(client):
+    for fields, words in [({"frequency_penalty": 2.5}, "'frequency_penalty' must be in [-2, 2], got 2.5"),
+                          ({"presence_penalty": -3}, "'presence_penalty' must be in [-2, 2], got -3"),
+                          ({"logit_bias": {"50257": 5}}, "token id 50257 is not in the vocabulary (0-50256)"),
+                          ({"logit_bias": {"-1": 5}}, "token id -1 is not in the vocabulary"),
+                          ({"logit_bias": {"11": 101}}, "values must be in [-100, 100], got 101 for token 11"),
+                          ({"logit_bias": {"hello": 1}}, "keys must be token ids, got 'hello'")]:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, **fields)
+        assert words in info.value.body["message"], (fields, info.value.body)
+        assert info.value.body["param"] == next(iter(fields))
+    assert _ids(client, max_tokens=3, logit_bias={"11": 100}) == [11, 11, 11]
+
+
+# ---------------------------------------------------------------------------------------------
+# /metrics
+
+
+def scrape(server, headers=AUTH) -> dict:
+    status, response_headers, data = server.request("GET", "/metrics", headers=headers)
+    assert status == 200, data[:300]
+    assert response_headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    return parse_exposition(data.decode())
+
+
+def test_metrics_count_requests_tokens_and_time_them(server, client):
+    wait_idle(server)
+    before = scrape(server)
+    usages = []
+    for i in range(3):
+        usages.append(client.completions.create(model=MODEL, prompt="Hello there" * (i + 1), max_tokens=4,
+                                                temperature=0).usage)
+    for _ in range(2):
+        chunks = list(client.completions.create(model=MODEL, prompt="Once", max_tokens=5, temperature=0, stream=True,
+                                                stream_options={"include_usage": True}))
+        usages.append(chunks[-1].usage)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, frequency_penalty=9)
+    assert server.request("GET", "/metrics")[0] == 401  # the key guards it, as every endpoint but /health
+    after = scrape(server)
+
+    def grew(family, sample=None, **labels):
+        return value_of(after, family, sample, **labels) - value_of(before, family, sample, **labels)
+
+    completions = "/v1/completions"
+    assert grew("gptcli_requests_total", endpoint=completions, status="200") == 5
+    assert grew("gptcli_requests_total", endpoint=completions, status="400") == 1
+    assert grew("gptcli_requests_total", endpoint="/metrics", status="401") == 1
+    assert grew("gptcli_requests_total", endpoint="/metrics", status="200") == 1  # the first scrape
+    assert grew("gptcli_prompt_tokens_total") == sum(u.prompt_tokens for u in usages) > 0
+    assert grew("gptcli_completion_tokens_total") == sum(u.completion_tokens for u in usages) == 3 * 4 + 2 * 5
+    latency, ttft = "gptcli_request_duration_seconds", "gptcli_time_to_first_token_seconds"
+    assert grew(latency, latency + "_count", endpoint=completions) == 6  # the refused one too
+    assert grew(ttft, ttft + "_count", endpoint=completions) == 5  # one per request that generated
+    assert grew(ttft, ttft + "_sum", endpoint=completions) > 0
+    assert grew(latency, latency + "_sum", endpoint=completions) >= grew(ttft, ttft + "_sum", endpoint=completions)
+    for family, kind in [("gptcli_queue_rows", "gauge"), ("gptcli_batch_rows", "gauge"), (latency, "histogram"),
+                         (ttft, "histogram"), ("gptcli_requests_total", "counter")]:
+        assert after[family]["type"] == kind
+    assert value_of(after, "gptcli_batch_rows") == value_of(after, "gptcli_queue_rows") == 0
+    # While a stream runs, the gauge shows its row.
+    sock = open_stream(server, ok_body(max_tokens=1000, temperature=1.0, stream=True, ignore_eos=True))
+    try:
+        assert value_of(scrape(server), "gptcli_batch_rows") == 1
+    finally:
+        sock.close()
+    wait_idle(server)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,11 +392,13 @@ def test_the_chat_endpoint_says_to_use_completions(client):
 LOAD = [
     {"prompt": "Hello", "max_tokens": 30, "temperature": 0},
     {"prompt": "Once upon a time there was a", "max_tokens": 9, "temperature": 0},
-    {"prompt": "The meaning of life is", "max_tokens": 22, "temperature": 1.0, "seed": 7},
+    {"prompt": "The meaning of life is", "max_tokens": 22, "temperature": 1.0, "seed": 7, "frequency_penalty": 0.8},
     {"prompt": "A", "max_tokens": 5, "temperature": 0.8, "seed": 1, "top_k": 40},
-    {"prompt": "In the beginning God created the heaven and the", "max_tokens": 14, "temperature": 0},
-    {"prompt": "My name is", "max_tokens": 26, "temperature": 1.2, "seed": 99, "top_p": 0.9},
-    {"prompt": "1, 2, 3,", "max_tokens": 3, "temperature": 0},
+    {"prompt": "In the beginning God created the heaven and the", "max_tokens": 14, "temperature": 0,
+     "presence_penalty": 1.5, "logit_bias": {"11": 2.5, "13": -100}},
+    {"prompt": "My name is", "max_tokens": 26, "temperature": 1.2, "seed": 99, "top_p": 0.9,
+     "frequency_penalty": -0.5, "presence_penalty": 0.7},
+    {"prompt": "1, 2, 3,", "max_tokens": 3, "temperature": 0, "frequency_penalty": 2, "logit_bias": {"604": 1.5}},
     {"prompt": "The quick brown fox jumps over", "max_tokens": 18, "temperature": 0.7, "seed": 123, "top_k": 100,
      "top_p": 0.95},
 ]
@@ -292,9 +425,12 @@ def _complete(base_url: str, spec: dict, logprobs: int | None = None, barrier: t
 def _generate_args(checkpoint: Path, spec: dict) -> list[str]:
     args = ["generate", spec["prompt"], "--weights", str(checkpoint), "--json", "-n", str(spec["max_tokens"]),
             "-t", str(spec["temperature"]), "--seed", str(spec.get("seed", 123))]
-    for key, option in (("top_k", "--top-k"), ("top_p", "--top-p")):
+    for key, option in (("top_k", "--top-k"), ("top_p", "--top-p"), ("frequency_penalty", "--frequency-penalty"),
+                        ("presence_penalty", "--presence-penalty")):
         if key in spec:
             args += [option, str(spec[key])]
+    for token_id, bias in spec.get("logit_bias", {}).items():
+        args += ["--logit-bias", f"{token_id}={bias}"]
     return args
 
 
@@ -434,6 +570,16 @@ BAD = [
      "Unrecognized"),
     ("best_of 3 (unsupported)", "POST", "/v1/completions", ok_body(best_of=3), AUTH, 400, "best_of",
      "not supported"),
+    ("frequency_penalty as a string", "POST", "/v1/completions", ok_body(frequency_penalty="1"), AUTH, 400,
+     "frequency_penalty", "must be a number"),
+    ("presence_penalty NaN", "POST", "/v1/completions", b'{"model": "tiny", "prompt": "x", "presence_penalty": NaN}',
+     AUTH, 400, None, "NaN"),
+    ("logit_bias as an array", "POST", "/v1/completions", ok_body(logit_bias=[1, 2]), AUTH, 400, "logit_bias",
+     "must be an object"),
+    ("a logit_bias value as a string", "POST", "/v1/completions", ok_body(logit_bias={"11": "5"}), AUTH, 400,
+     "logit_bias", "values must be numbers"),
+    ("a logit_bias id twice", "POST", "/v1/completions", ok_body(logit_bias={"11": 1, "011": 2}), AUTH, 400,
+     "logit_bias", "twice"),
     ("a body over 1 MiB", "POST", "/v1/completions", ok_body(prompt="x" * (1 << 20)), AUTH, 413, None, "bytes"),
     ("no API key", "POST", "/v1/completions", ok_body(), {}, 401, None, "API key"),
     ("a wrong API key", "POST", "/v1/completions", ok_body(), {"Authorization": "Bearer nope"}, 401, None,

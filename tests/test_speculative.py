@@ -7,7 +7,6 @@ error line and exit code 2."""
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 import json
 import math
 
@@ -149,13 +148,17 @@ def test_greedy_ids_equal_plain_decoding_with_prompt_lookup(seed):
             assert run.token_ids == plain_ids(target, prompt, options), (prompt, k)
 
 
+@pytest.mark.parametrize("penalties", [dict(repetition_penalty=1.3),
+                                       dict(frequency_penalty=-0.3, presence_penalty=0.2, logit_bias=((7, 1.5),))],
+                         ids=["repetition", "frequency-presence-bias"])
 @pytest.mark.parametrize("kind", ["draft", "int8", "lookup"])
-def test_greedy_ids_with_a_repetition_penalty_equal_plain_decoding(kind):
-    """Each check row is picked with the ids before it (the kept guesses included), as plain decoding picks."""
+def test_greedy_ids_with_penalties_equal_plain_decoding(kind, penalties):
+    """Each check row is picked with the ids before it (the kept guesses included, counted as generated
+    for the frequency and presence penalties), as plain decoding picks."""
     target = lively_model(3)
-    options = SamplingOptions(max_new_tokens=40, ignore_eos=True, repetition_penalty=1.3)
-    assert plain_ids(target, [5, 5, 5, 5], options) != plain_ids(target, [5, 5, 5, 5], replace(options,
-                                                                                             repetition_penalty=1.0))
+    options = SamplingOptions(max_new_tokens=40, ignore_eos=True, **penalties)
+    assert plain_ids(target, [5, 5, 5, 5], options) != plain_ids(target, [5, 5, 5, 5], SamplingOptions(
+        max_new_tokens=40, ignore_eos=True))
     accepted = 0
     for prompt in PROMPTS:
         drafter = (LookupDrafter() if kind == "lookup" else model_drafter(near_copy(target)) if kind == "draft"
@@ -260,12 +263,13 @@ def test_lookup_switches_itself_off_while_it_keeps_missing():
 # Sampling
 
 
-@pytest.mark.parametrize("penalty", [1.0, 1.5])
-def test_prompt_lookup_samples_the_ids_plain_sampling_samples(penalty):
+@pytest.mark.parametrize("penalties", [dict(), dict(repetition_penalty=1.5),
+                                       dict(frequency_penalty=0.5, presence_penalty=-0.3, logit_bias=((5, -2.0),))])
+def test_prompt_lookup_samples_the_ids_plain_sampling_samples(penalties):
     target = lively_model(2)
     for seed in range(4):
         options = SamplingOptions(max_new_tokens=30, temperature=0.8, top_k=20, seed=seed, ignore_eos=True,
-                                  repetition_penalty=penalty)
+                                  **penalties)
         run = speculative(target, LookupDrafter(), [5, 5, 5, 5, 6, 5, 5, 5], options, 6)
         assert run.token_ids == plain_ids(target, [5, 5, 5, 5, 6, 5, 5, 5], options)
 

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Annotated, List, Optional
+from typing import TYPE_CHECKING, Annotated, List, Optional, Sequence
 
 import typer
 
@@ -133,6 +133,24 @@ def generate(
                      "less likely: its logit is divided by R if positive, multiplied by R if negative (CTRL's "
                      "penalty, as transformers applies it; greedy too). 1 is off; 1.1-1.3 stops most loops."),
     ] = "1",
+    frequency_penalty: Annotated[
+        str,
+        typer.Option("--frequency-penalty", metavar="F", help="OpenAI's: each new token's logit minus F times how "
+                     "often the text generated so far holds it (the prompt is not counted), F in [-2, 2]; "
+                     "greedy too. 0 (default) is off."),
+    ] = "0",
+    presence_penalty: Annotated[
+        str,
+        typer.Option("--presence-penalty", metavar="P", help="OpenAI's: minus P, once, for every token the text "
+                     "generated so far holds (the prompt is not counted), P in [-2, 2]; greedy too. 0 (default) "
+                     "is off."),
+    ] = "0",
+    logit_bias: Annotated[
+        Optional[List[str]],
+        typer.Option("--logit-bias", metavar="ID=BIAS", help="Add BIAS, in [-100, 100], to token ID's logit before "
+                     "picking (greedy too; OpenAI's logit_bias): -100 bans the token, 100 forces it. Repeatable; "
+                     "`gptcli tokenize` shows a text's ids.", show_default=False),
+    ] = None,
     num_samples: Annotated[
         str,
         typer.Option("--num-samples", metavar="N", help="Generate N samples of the prompt, seeded --seed, --seed+1, "
@@ -241,6 +259,7 @@ def generate(
       gptcli generate "The meaning of life is" -t 0.8 --top-k 50 --top-p 0.95 --seed 7
       gptcli generate "Q: What is 2+2? A:" --stop "Q:" -n 30
       gptcli generate "Once upon a time" -t 0.8 --min-p 0.05 --repetition-penalty 1.2 --num-samples 3
+      gptcli generate "Once upon a time" --frequency-penalty 0.5 --logit-bias 198=-100  # no newlines
       echo "Once upon a time" | gptcli generate -n 20
       gptcli generate -n 20 < story.txt > continuation.txt
       gptcli generate --json "Hello" -n 10 | jq -r .text
@@ -263,6 +282,9 @@ def generate(
         ignore_eos=ignore_eos,
         repetition_penalty=float(parse_number("--repetition-penalty", repetition_penalty, float)),
         min_p=None if min_p is None else float(parse_number("--min-p", min_p, float)),
+        frequency_penalty=float(parse_number("--frequency-penalty", frequency_penalty, float)),
+        presence_penalty=float(parse_number("--presence-penalty", presence_penalty, float)),
+        logit_bias=parse_logit_bias(logit_bias or ()),
     ).validate()
     samples = int(parse_number("--num-samples", num_samples, int))
     if samples < 1:
@@ -406,6 +428,7 @@ def _run(prompt_text: str, options: SamplingOptions, speed: SpeedOptions, *, siz
         inference = replace(inference, kernels="eager")
     loaded = load_for_command(inference)
     cfg, tokenizer = loaded.cfg, loaded.tokenizer
+    options.check_vocab(cfg.vocab_size)
     ids = prompt_ids(prompt_text, tokenizer)
     draft = load_for_command(draft_inference_options(spec, inference, compile=speed.compile)) \
         if spec.draft is not None else None
@@ -511,6 +534,22 @@ def _speculative_json(generation, draft: "Runtime | None") -> dict:
     return {"speculative": record}
 
 
+def parse_logit_bias(values: Sequence[str]) -> tuple[tuple[int, float], ...]:
+    """``--logit-bias ID=BIAS`` values as (id, bias) pairs; UserError naming a malformed one (the ranges
+    are ``SamplingOptions.validate``'s, the vocabulary ``check_vocab``'s)."""
+    pairs = []
+    for value in values:
+        token, sep, bias = value.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            pairs.append((int(token.strip()), float(bias.strip())))
+        except ValueError:
+            raise UserError(f"--logit-bias expects ID=BIAS (a token id and a number, e.g. 198=-100), got "
+                            f"{value!r}") from None
+    return tuple(pairs)
+
+
 def greedy_note(options: SamplingOptions) -> None:
     """Say so when sampling-only options were given for greedy decoding."""
     if options.greedy and (options.top_k is not None or options.top_p is not None or options.min_p is not None):
@@ -535,7 +574,9 @@ def result_record(prompt: str, prompt_ids: list[int], dropped: int, token_ids: l
         "dtype": name_of(loaded.dtype),
         "seed": options.seed,
         "sampling": {"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p,
-                     "min_p": options.min_p, "repetition_penalty": options.repetition_penalty},
+                     "min_p": options.min_p, "repetition_penalty": options.repetition_penalty,
+                     "frequency_penalty": options.frequency_penalty, "presence_penalty": options.presence_penalty,
+                     "logit_bias": {str(t): b for t, b in options.logit_bias}},
         "stop": list(options.stop),
     }
 
@@ -550,6 +591,7 @@ def _run_each_line(stdin_text: str, options: SamplingOptions, speed: SpeedOption
     check_tokenizer_early(weights)
     loaded = load_for_command(speed.inference(size=size, config=config, weights=weights, device=device_name,
                                               dtype=dtype_name, seed=options.seed))
+    options.check_vocab(loaded.cfg.vocab_size)
     encoded = [prompt_ids(p, loaded.tokenizer) for p in prompts]
     total = Timings()
     written = [0]  # prompts whose line is out, for the stats after a closed pipe

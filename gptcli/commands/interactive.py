@@ -27,7 +27,7 @@ lets the model go on. \\n in what you type is a newline; start a line with // to
   /reset                    start again from an empty text (settings stay)
   /set NAME VALUE           change a setting: temperature 0.8, top_k 50 (or none), top_p 0.95,
                             max_new_tokens 100 (or n 100), seed 7, ignore_eos on, min_p 0.05,
-                            repetition_penalty 1.2
+                            repetition_penalty 1.2, frequency_penalty 0.5, presence_penalty 0.5
   /settings                 show the settings
   /tokens                   the running text's tokens: count, cached, the last ones
   /text                     the running text so far
@@ -47,6 +47,7 @@ def run_session(prompt: str | None, options: "SamplingOptions", inference: "Infe
         note("--top-k and --top-p only apply when sampling (--temperature above 0); decoding greedily")
     try:
         loaded = load_for_command(inference)
+        options.check_vocab(loaded.cfg.vocab_size)
         draft = None
         if spec is not None and spec.draft is not None:
             draft = load_for_command(draft_inference_options(spec, inference))
@@ -203,7 +204,10 @@ def _settings(session: "Session") -> str:
             f"top_p {_or_none(o.top_p)}, "
             f"max_new_tokens {o.max_new_tokens}, seed {o.seed}, ignore_eos {'on' if o.ignore_eos else 'off'}"
             + (f", min_p {o.min_p}" if o.min_p is not None else "")
-            + (f", repetition_penalty {o.repetition_penalty:g}" if o.penalizes else ""))
+            + (f", repetition_penalty {o.repetition_penalty:g}" if o.repetition_penalty != 1 else "")
+            + (f", frequency_penalty {o.frequency_penalty:g}" if o.frequency_penalty else "")
+            + (f", presence_penalty {o.presence_penalty:g}" if o.presence_penalty else "")
+            + (", logit_bias " + " ".join(f"{t}={b:g}" for t, b in o.logit_bias) if o.logit_bias else ""))
 
 
 def _or_none(value: object) -> str:

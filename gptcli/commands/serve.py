@@ -78,8 +78,10 @@ def serve(
     threads: ThreadsOption = None,
     no_tune: NoTuneOption = False,
 ) -> None:
-    """Serve the model over OpenAI's HTTP API: /v1/completions (streaming, n, stop, logprobs, echo, seed),
-    /v1/models, /tokenize, /detokenize, /health, and a playground page at /.
+    """Serve the model over OpenAI's HTTP API: /v1/completions (streaming, n, stop, logprobs, echo, seed,
+    logit_bias, frequency and presence penalties), /v1/chat/completions for a model whose checkpoint names a
+    prompt template (a `gptcli train --task instruct` run), /v1/models, /tokenize, /detokenize, /health,
+    /metrics (Prometheus), and a playground page at /.
 
     Requests that arrive while others run join the running batch between decode steps (continuous
     batching), and on the CPU a request's text and token ids are the same whether it runs alone or
@@ -119,6 +121,7 @@ def serve(
 def _serve(*, size: str | None, config, weights: str, host: str, port: int, max_batch: int, max_queue: int,
            max_tokens_cap: int, api_key: str | None, model_name: str | None, device_name: str, dtype_name: str,
            scheme: str | None, threads: int | None, tune: bool) -> None:
+    from gptcli.serving.chat import checkpoint_template
     from gptcli.serving.completions import Limits
     from gptcli.runtime import InferenceOptions
     from gptcli.serving.server import ServeSettings, default_model_id, listen, run_server
@@ -134,10 +137,12 @@ def _serve(*, size: str | None, config, weights: str, host: str, port: int, max_
         limits=Limits(context_length=runtime.cfg.context_length, vocab_size=runtime.cfg.vocab_size,
                       max_tokens=max_tokens_cap, max_rows=max(max_queue, max_batch)),
         api_key=api_key, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
+        template=checkpoint_template(runtime.checkpoint),
     )
 
     def ready(url: str) -> None:
-        note(f"serving {settings.model_id} ({runtime.source}) at {url}/v1 (pid {os.getpid()}); Ctrl-C stops")
+        chat = f", chat with its {settings.template} template" if settings.template else ""
+        note(f"serving {settings.model_id} ({runtime.source}) at {url}/v1{chat} (pid {os.getpid()}); Ctrl-C stops")
 
     run_server(runtime, settings, sock, on_ready=ready)
     note("stopped")

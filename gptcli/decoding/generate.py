@@ -39,6 +39,9 @@ FINISH_LENGTH = "length"  # --max-new-tokens reached
 FINISH_INTERRUPTED = "interrupted"  # Ctrl-C; set by the caller
 FINISH_CLOSED = "closed"  # the reader closed stdout (`| head`) before the end; set by the caller
 
+MAX_PENALTY = 2.0  # OpenAI's range for frequency_penalty and presence_penalty: [-2, 2]
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit bias: [-100, 100]
+
 
 @dataclass(frozen=True)
 class SamplingOptions:
@@ -53,15 +56,30 @@ class SamplingOptions:
     ignore_eos: bool = False
     repetition_penalty: float = 1.0  # CTRL's: > 1 makes ids already in the sequence less likely; 1 is off
     min_p: float | None = None  # sampling keeps ids at least min_p times as likely as the most likely one
+    # OpenAI's: logit[j] -= frequency_penalty * count[j] + presence_penalty * (count[j] > 0), count over the
+    # ids generated so far (not the prompt); 0 is off (see ``adjust_logits``)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (id, bias) pairs added to the logits, bias in [-100, 100]
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
     @property
+    def counts_generated(self) -> bool:
+        """Whether picking needs how often each id was generated (the frequency and presence penalties)."""
+        return self.frequency_penalty != 0 or self.presence_penalty != 0
+
+    @property
     def penalizes(self) -> bool:
         """Whether picking needs the ids seen so far (``select_next``'s ``history``)."""
-        return self.repetition_penalty != 1
+        return self.repetition_penalty != 1 or self.counts_generated
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether picking changes the model's logits first (``adjust_logits``): penalties or a bias."""
+        return self.penalizes or bool(self.logit_bias)
 
     def validate(self) -> "SamplingOptions":
         """Raise UserError for values no decoder can use; return self."""
@@ -80,8 +98,28 @@ class SamplingOptions:
                             f"got {self.repetition_penalty}")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise UserError(f"--min-p must be in [0, 1], got {self.min_p}")
+        for name, value in (("--frequency-penalty", self.frequency_penalty),
+                            ("--presence-penalty", self.presence_penalty)):
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:  # also catches NaN
+                raise UserError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value:g}")
+        for token_id, bias in self.logit_bias:
+            if token_id < 0:
+                raise UserError(f"--logit-bias: token id {token_id} is not in the vocabulary")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise UserError(f"--logit-bias {token_id}={bias:g}: the bias must be in [-{MAX_LOGIT_BIAS:g}, "
+                                f"{MAX_LOGIT_BIAS:g}]")
+        if len({token_id for token_id, _ in self.logit_bias}) < len(self.logit_bias):
+            twice = next(t for i, (t, _) in enumerate(self.logit_bias) if t in {u for u, _ in self.logit_bias[:i]})
+            raise UserError(f"--logit-bias: token id {twice} is given twice")
         if any(s == "" for s in self.stop):
             raise UserError("--stop must not be empty")
+        return self
+
+    def check_vocab(self, vocab_size: int) -> "SamplingOptions":
+        """Raise UserError when a ``logit_bias`` id is past a vocabulary of ``vocab_size``; return self."""
+        wrong = next((t for t, _ in self.logit_bias if not 0 <= t < vocab_size), None)
+        if wrong is not None:
+            raise UserError(f"--logit-bias: token id {wrong} is not in the model's vocabulary (0-{vocab_size - 1})")
         return self
 
 
@@ -357,18 +395,76 @@ def make_generator(seed: int) -> "torch.Generator":
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def penalize_repetition(logits: "torch.Tensor", history: Sequence[Sequence[int]], penalty: float) -> "torch.Tensor":
+@dataclass(frozen=True)
+class Seen:
+    """The ids one row has seen, for the penalties: ``ids`` (the prompt, then what was generated), of which
+    the first ``prompt_length`` are the prompt. The repetition penalty looks at all of them; the frequency
+    and presence penalties count only the generated ones, as OpenAI defines them."""
+
+    ids: Sequence[int]
+    prompt_length: int
+
+    @property
+    def generated(self) -> Sequence[int]:
+        return self.ids[self.prompt_length :]
+
+    def then(self, more: Sequence[int]) -> "Seen":
+        """These ids followed by ``more`` generated ones (a speculative check's later rows)."""
+        return Seen([*self.ids, *more], self.prompt_length) if more else self
+
+
+History = Sequence["Seen | Sequence[int]"]  # per row: a Seen, or plain ids (repetition penalty only)
+
+
+def _ids_of(row: "Seen | Sequence[int]") -> Sequence[int]:
+    return row.ids if isinstance(row, Seen) else row
+
+
+def penalize_repetition(logits: "torch.Tensor", history: History, penalty: float) -> "torch.Tensor":
     """CTRL's repetition penalty (Keskar et al. 2019) as transformers' RepetitionPenaltyLogitsProcessor
     applies it: in row b, the logit of every id in ``history[b]`` is divided by ``penalty`` when
     positive and multiplied by it when negative. Float32 logits (B, V) on the CPU, a new tensor."""
     import torch
 
     scores = logits.detach().float().cpu().clone()  # (B, V)
-    for row, ids in enumerate(history):
+    for row, seen in enumerate(history):
+        ids = _ids_of(seen)
         if ids:
             index = torch.tensor(sorted(set(ids)), dtype=torch.long)
             seen = scores[row, index]
             scores[row, index] = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return scores
+
+
+def adjust_logits(logits: "torch.Tensor", options: SamplingOptions, history: History | None = None) -> "torch.Tensor":
+    """The logits picking starts from: the model's (B, V), changed by ``options``' penalties and bias, as a
+    new float32 tensor on the CPU. The one place for this maths; greedy argmax and sampling both use it.
+
+    In this order: CTRL's repetition penalty on the raw logits (as transformers applies it), over every
+    id of ``history[b]`` (prompt and generated); then OpenAI's frequency and presence penalties,
+    ``logit[j] -= frequency_penalty * count[j] + presence_penalty * (count[j] > 0)``, where ``count[j]``
+    is how often row b has *generated* id j so far in this sequence (OpenAI's definition: the prompt's
+    ids are not counted, so ``history[b]`` must be a ``Seen`` that says where the prompt ends); then
+    ``logit_bias`` added to its ids. Penalties need ``history``; without it only the bias applies.
+    Each row uses its own logits and ids only, so a row's result does not depend on the batch.
+    """
+    import torch
+
+    if options.repetition_penalty != 1 and history is not None:
+        scores = penalize_repetition(logits, history, options.repetition_penalty)  # (B, V), a copy
+    else:
+        scores = logits.detach().float().cpu().clone()  # (B, V)
+    if options.counts_generated and history is not None:
+        for row, seen in enumerate(history):
+            if not isinstance(seen, Seen):
+                raise TypeError("the frequency and presence penalties need each row's history as a Seen "
+                                "(which ids were generated)")
+            if len(seen.generated):
+                ids, counts = torch.unique(torch.tensor(list(seen.generated), dtype=torch.long), return_counts=True)
+                scores[row, ids] -= options.frequency_penalty * counts.float() + options.presence_penalty
+    if options.logit_bias:
+        index = torch.tensor([t for t, _ in options.logit_bias], dtype=torch.long)
+        scores[:, index] += torch.tensor([b for _, b in options.logit_bias], dtype=torch.float32)
     return scores
 
 
@@ -395,8 +491,8 @@ def keep_for_sampling(logits: "torch.Tensor", options: SamplingOptions) -> tuple
 def sampling_candidates(logits: "torch.Tensor", options: SamplingOptions) -> tuple["torch.Tensor", "torch.Tensor"]:
     """The distribution ``select_next`` samples from, as numbers (``gptcli.decoding.speculative`` needs them):
     probabilities (B, k) over the ids ``index`` (B, k), most likely first (zeros where filtered out).
-    On the CPU in float32, whatever the logits' device and dtype. No repetition penalty: it needs
-    each row's history (``select_next``'s ``history``)."""
+    On the CPU in float32, whatever the logits' device and dtype. No penalties or bias: pass logits
+    through ``adjust_logits`` first for those."""
     import torch
 
     values, index = keep_for_sampling(logits, options)
@@ -404,29 +500,30 @@ def sampling_candidates(logits: "torch.Tensor", options: SamplingOptions) -> tup
 
 
 def sampling_probs(logits: "torch.Tensor", options: SamplingOptions,
-                   history: Sequence[Sequence[int]] | None = None) -> "torch.Tensor":
+                   history: History | None = None) -> "torch.Tensor":
     """The distribution (B, V) that ``select_next`` samples from (float32, on the CPU)."""
     import torch
 
-    if options.penalizes and history is not None:
-        logits = penalize_repetition(logits, history, options.repetition_penalty)
+    if options.adjusts_logits:
+        logits = adjust_logits(logits, options, history)
     values, index = keep_for_sampling(logits, options)
     return torch.zeros(logits.shape, dtype=torch.float32).scatter_(-1, index, torch.softmax(values, dim=-1))
 
 
 def select_next(logits: "torch.Tensor", options: SamplingOptions, generator: "torch.Generator | None",
-                history: Sequence[Sequence[int]] | None = None) -> "torch.Tensor":
+                history: History | None = None) -> "torch.Tensor":
     """Next ids, shape (B,), from logits (B, V). Pure apart from drawing from ``generator``.
 
-    ``history[b]``: the ids row b has seen (prompt and generated), for ``--repetition-penalty``,
-    which applies first (greedy too). Greedy is argmax (the first maximum, like the book). Sampling
-    scales by 1/temperature, keeps the ``top_k`` largest logits, then the smallest set whose
-    probability reaches ``top_p``, then those at least ``min_p`` times as likely as the top one, and draws.
+    ``history[b]``: the ids row b has seen (a ``Seen``: prompt and generated), for the penalties, which
+    apply first with ``logit_bias`` (``adjust_logits``; greedy too). Greedy is argmax (the first
+    maximum, like the book). Sampling scales by 1/temperature, keeps the ``top_k`` largest logits, then
+    the smallest set whose probability reaches ``top_p``, then those at least ``min_p`` times as likely
+    as the top one, and draws.
     """
     import torch
 
-    if options.penalizes and history is not None:
-        logits = penalize_repetition(logits, history, options.repetition_penalty).to(logits.device)
+    if options.adjusts_logits:
+        logits = adjust_logits(logits, options, history).to(logits.device)
     if options.greedy:
         # Half-precision logits through float32 (exact): torch's CPU argmax over 50257 bfloat16 values
         # took 167 us against 60 with the conversion, 5% of an int4 decode step.
@@ -619,6 +716,7 @@ class SequenceState(Continued):
         self.observe = observe  # sees each step's logits (1, V) and the id picked (gptcli.decoding.logprobs.Recorder)
         self.generator = None if options.greedy else make_generator(options.seed)
         self.history = list(self.prompt_token_ids) if options.penalizes else []  # every id seen, if it matters
+        self.prompt_length = len(self.prompt_token_ids)  # history[prompt_length:] is what was generated
         self.timings = Timings()
         n_seen = len(self.prompt_token_ids) if context_length is None else min(len(self.prompt_token_ids), context_length)
         self.timings.prefill_tokens = n_seen if options.max_new_tokens else 0  # -n 0 runs nothing
@@ -628,10 +726,14 @@ class SequenceState(Continued):
     def done(self) -> bool:
         return self.continuation.done
 
+    def seen(self) -> Seen:
+        """The ids this sequence has seen (a view: it grows as ids are accepted), for the penalties."""
+        return Seen(self.history, self.prompt_length)
+
     def pick(self, logits: "torch.Tensor") -> int:
         """The next id from this sequence's logits (1, V): its options, its generator, its history."""
         if self.options.penalizes:
-            return int(select_next(logits, self.options, self.generator, [self.history])[0])
+            return int(select_next(logits, self.options, self.generator, [self.seen()])[0])
         return int(select_next(logits, self.options, self.generator)[0])  # int() also waits for the device
 
     def accept(self, token_id: int, logits: "torch.Tensor | None" = None) -> str:

@@ -131,6 +131,8 @@ for _names, _field, _kind in (
     (("ignore_eos", "ignore-eos"), "ignore_eos", _flag),
     (("min_p", "min-p"), "min_p", _optional(float)),
     (("repetition_penalty", "repetition-penalty"), "repetition_penalty", float),
+    (("frequency_penalty", "frequency-penalty"), "frequency_penalty", float),
+    (("presence_penalty", "presence-penalty"), "presence_penalty", float),
 ):
     for _name in _names:
         SETTINGS[_name] = (_field, _kind)
@@ -140,7 +142,8 @@ def apply_setting(options: SamplingOptions, name: str, value: str) -> SamplingOp
     """``options`` with one setting changed (``/set temperature 0.8``); UserError for a bad name or value."""
     if name.lower() not in SETTINGS:
         raise UserError(f"unknown setting {name!r}; the settings are temperature, top_k, top_p, min_p, "
-                        "repetition_penalty, max_new_tokens (n), seed and ignore_eos")
+                        "repetition_penalty, frequency_penalty, presence_penalty, max_new_tokens (n), seed and "
+                        "ignore_eos")
     field, kind = SETTINGS[name.lower()]
     try:
         parsed = kind(value)

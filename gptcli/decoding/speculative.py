@@ -37,7 +37,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from gptcli.errors import UserError
-from gptcli.decoding.generate import CompiledDecoder, Decoder, Generation, SamplingOptions, crop_prompt, sampling_probs, select_next
+from gptcli.decoding.generate import (CompiledDecoder, Decoder, Generation, SamplingOptions, Seen, crop_prompt,
+                                      sampling_probs, select_next)
 from gptcli.kernels.prepare import QUANTIZE_SCHEMES
 from gptcli.tokenizer import EOT_ID
 
@@ -79,9 +80,9 @@ class Drafter(Protocol):
     def start(self, ids: Sequence[int], max_new_tokens: int) -> None: ...
 
     def propose(self, last: int, k: int, options: SamplingOptions, generator: "torch.Generator | None",
-                history: Sequence[int] = ()) -> Proposal | None:
+                history: Seen | None = None) -> Proposal | None:
         """Up to ``k`` guesses for the tokens after ``last`` (the newest id, not yet seen); None for none.
-        ``history``: every id so far, ``last`` included, for ``--repetition-penalty``."""
+        ``history``: every id so far, ``last`` included, for the penalties."""
 
     def accepted(self, n: int, next_id: int) -> None:
         """The model kept ``n`` guesses of the last proposal, then chose ``next_id`` (or, with no
@@ -109,7 +110,7 @@ class ModelDrafter:
         self._pending, self._guesses = [], []
 
     def propose(self, last: int, k: int, options: SamplingOptions, generator: "torch.Generator | None",
-                history: Sequence[int] = ()) -> Proposal | None:
+                history: Seen | None = None) -> Proposal | None:
         import torch
 
         self._pending.append(last)
@@ -121,7 +122,7 @@ class ModelDrafter:
         self._pending = []
         probs = []
         for i in range(k):
-            rows_seen = [[*history, *self._guesses]] if options.penalizes else None  # the model's penalty
+            rows_seen = [_seen(history).then(self._guesses)] if options.penalizes else None  # the model's penalties
             token = int(select_next(logits, options, generator, rows_seen)[0])
             if not options.greedy:
                 probs.append(sampling_probs(logits, options, rows_seen)[0])
@@ -196,7 +197,7 @@ class LookupDrafter:
         self._indexed = max(self._indexed, len(ids))
 
     def propose(self, last: int, k: int, options: SamplingOptions, generator: "torch.Generator | None",
-                history: Sequence[int] = ()) -> Proposal | None:
+                history: Seen | None = None) -> Proposal | None:
         self.ids.append(last)
         self._guesses = []
         if self._paused > 0:
@@ -234,19 +235,23 @@ class LookupDrafter:
 # Checking guesses
 
 
-def row_histories(seen: Sequence[int], guesses: Sequence[int], options: SamplingOptions) -> list[list[int]] | None:
-    """Each check row's ids so far (row i: ``seen`` and the first i guesses), for the repetition
-    penalty; None when there is none."""
+def _seen(seen: Seen | None) -> Seen:
+    return Seen([], 0) if seen is None else seen
+
+
+def row_histories(seen: Seen | None, guesses: Sequence[int], options: SamplingOptions) -> list[Seen] | None:
+    """Each check row's ids so far (row i: ``seen`` and the first i guesses, generated ids), for the
+    penalties; None when there are none."""
     if not options.penalizes:
         return None
-    return [[*seen, *guesses[:i]] for i in range(len(guesses) + 1)]
+    return [_seen(seen).then(guesses[:i]) for i in range(len(guesses) + 1)]
 
 
 def check_by_drawing(rows: "torch.Tensor", guesses: Sequence[int], options: SamplingOptions,
-                     generator: "torch.Generator | None", seen: Sequence[int] = ()) -> tuple[int, int]:
+                     generator: "torch.Generator | None", seen: Seen | None = None) -> tuple[int, int]:
     """(guesses kept, the model's next id): each position's id is drawn from the model (argmax when
     greedy), exactly as plain decoding draws it, and the guess is kept while it equals the draw.
-    ``seen``: every id before the check's first row, for the repetition penalty."""
+    ``seen``: every id before the check's first row, for the penalties."""
     histories = row_histories(seen, guesses, options)
 
     def draw(i: int) -> int:
@@ -260,7 +265,7 @@ def check_by_drawing(rows: "torch.Tensor", guesses: Sequence[int], options: Samp
 
 
 def check_by_rejection(rows: "torch.Tensor", proposal: Proposal, options: SamplingOptions,
-                       generator: "torch.Generator", seen: Sequence[int] = ()) -> tuple[int, int]:
+                       generator: "torch.Generator", seen: Seen | None = None) -> tuple[int, int]:
     """(guesses kept, the model's next id) by the speculative sampling rule: keep guess d with
     probability min(1, p(d)/q(d)); at the first rejection draw from norm(max(0, p - q)); when all
     are kept, draw a bonus id from p. The ids then have the model's own distribution."""
@@ -357,13 +362,14 @@ class SpeculativeGeneration(Generation):
         opts, stats = self.options, self.stats
         remaining = opts.max_new_tokens - len(self.token_ids)
         k = min(self.draft_tokens, remaining - 1, self.decoder.room() - 1)
-        seen = list(self.sequence.history)  # plain decoding's history for the penalty (empty without one)
+        seq = self.sequence
+        seen = Seen(list(seq.history), seq.prompt_length)  # plain decoding's history for the penalties (empty without)
         start = time.perf_counter()
         proposal = self.drafter.propose(last, k, opts, generator, seen) if k > 0 else None
         stats.draft_s += time.perf_counter() - start
         if proposal is None or not proposal.tokens:
             logits = self.decoder.step(last)  # (1, V)
-            token = int(select_next(logits, opts, generator, [seen])[0])
+            token = int(select_next(logits, opts, generator, [seen] if opts.penalizes else None)[0])
             stats.steps += 1
             self._accepted(0, token)
             return [token], logits

@@ -10,6 +10,7 @@ What a request gets, field by field, follows OpenAI's reference; where gptcli di
 from __future__ import annotations
 
 import math
+import re
 import secrets
 import time
 import uuid
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from gptcli.errors import UserError
-from gptcli.decoding.generate import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, MAX_SEED, SamplingOptions, prompt_ids
+from gptcli.decoding.generate import (FINISH_EOS, FINISH_LENGTH, FINISH_STOP, MAX_LOGIT_BIAS, MAX_PENALTY, MAX_SEED,
+                                      SamplingOptions, prompt_ids)
 
 if TYPE_CHECKING:
     from gptcli.serving.engine import RowEvent, RowRequest
@@ -36,13 +38,10 @@ FINISH_REASONS = {FINISH_EOS: "stop", FINISH_STOP: "stop", FINISH_LENGTH: "lengt
 # Fields OpenAI's completions take that gptcli has no use for: accepted only with the value that changes nothing.
 NEUTRAL = {
     "best_of": lambda v, n: v is None or v == n,
-    "frequency_penalty": lambda v, n: v is None or (_is_number(v) and v == 0),
-    "presence_penalty": lambda v, n: v is None or (_is_number(v) and v == 0),
-    "logit_bias": lambda v, n: v is None or v == {},
     "suffix": lambda v, n: v is None or v == "",
 }
 KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "echo", "logprobs", "stream",
-         "stream_options", "user", *NEUTRAL,
+         "stream_options", "user", "frequency_penalty", "presence_penalty", "logit_bias", *NEUTRAL,
          # vLLM's extra fields, under vLLM's names
          "top_k", "ignore_eos", "return_token_ids"}
 
@@ -161,7 +160,7 @@ def _boolean(body: dict, name: str, default: bool) -> bool:
     return value
 
 
-def _stops(body: dict) -> tuple[str, ...]:
+def parse_stops(body: dict) -> tuple[str, ...]:
     value = body.get("stop")
     if value is None:
         return ()
@@ -175,6 +174,34 @@ def _stops(body: dict) -> tuple[str, ...]:
     if any(len(s) > MAX_STOP_CHARS for s in stops):
         raise bad(f"'stop' strings must be at most {MAX_STOP_CHARS} characters", "stop", "invalid_value")
     return tuple(stops)
+
+
+def _logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias``: an object from token id (a JSON key, so a string) to a bias in [-100, 100]."""
+    value = body.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise bad(f"'logit_bias' must be an object from token ids to numbers, got {_type_name(value)}", "logit_bias",
+                  "invalid_type")
+    pairs = []
+    for key, bias in value.items():
+        if not re.fullmatch(r"-?[0-9]{1,12}", key):
+            raise bad(f"'logit_bias' keys must be token ids, got {key!r}", "logit_bias", "invalid_value")
+        token_id = int(key)
+        if not 0 <= token_id < vocab_size:
+            raise bad(f"'logit_bias': token id {token_id} is not in the vocabulary (0-{vocab_size - 1})", "logit_bias",
+                      "invalid_value")
+        if not _is_number(bias):
+            raise bad(f"'logit_bias' values must be numbers, got {_type_name(bias)} for token {token_id}",
+                      "logit_bias", "invalid_type")
+        if not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+            raise bad(f"'logit_bias' values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias:g} for "
+                      f"token {token_id}", "logit_bias", "invalid_value")
+        pairs.append((token_id, float(bias)))
+    if len({t for t, _ in pairs}) < len(pairs):  # "7" and "07" name one token
+        raise bad("'logit_bias' names a token id twice", "logit_bias", "invalid_value")
+    return tuple(pairs)
 
 
 def _is_ids(value: Any) -> bool:
@@ -233,11 +260,13 @@ def _prompts(body: dict, tokenizer: "Tokenizer", limits: Limits) -> tuple[list[l
     return ids, texts
 
 
-def parse_completion(body: Any, tokenizer: "Tokenizer", limits: Limits, model_id: str) -> CompletionRequest:
-    """Check a ``/v1/completions`` body (parsed JSON); ApiError for anything wrong with it."""
+def check_request(body: Any, known: set[str], neutral: dict[str, Callable[[Any, int], bool]], model_id: str,
+                  limits: Limits) -> tuple[str, int]:
+    """What every generating endpoint checks first: a JSON object of known fields, naming the served
+    model; fields gptcli has no use for only with a value that changes nothing. Returns (model, n)."""
     if not isinstance(body, dict):
         raise bad(f"the request body must be a JSON object, got {_type_name(body)}")
-    unknown = sorted(set(body) - KNOWN)
+    unknown = sorted(set(body) - known)
     if unknown:
         raise bad(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0], "unknown_parameter")
     model = body.get("model")
@@ -248,36 +277,61 @@ def parse_completion(body: Any, tokenizer: "Tokenizer", limits: Limits, model_id
         raise ApiError(404, f"The model '{model}' does not exist; this server serves '{model_id}'", param="model",
                        code="model_not_found")
     n = _integer(body, "n", 1, 1, limits.max_n)
-    for name, neutral in NEUTRAL.items():
-        if not neutral(body.get(name), n):
+    for name, is_neutral in neutral.items():
+        if not is_neutral(body.get(name), n):
             raise bad(f"'{name}' is not supported by this server (gptcli serve); leave it out", name, "unsupported_parameter")
-    max_tokens = _integer(body, "max_tokens", DEFAULT_MAX_TOKENS, 0, limits.max_tokens)
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise bad("'user' must be a string", "user", "invalid_type")
+    return model, n
+
+
+def parse_sampling(body: dict, limits: Limits, n: int, max_tokens: int,
+                   stops: tuple[str, ...]) -> tuple[SamplingOptions, ...]:
+    """How each of the ``n`` choices samples (the fields completions and chat share): choice j gets
+    ``seed + j``, and a request without a seed a random one."""
     temperature = _number(body, "temperature", DEFAULT_TEMPERATURE, 0.0, MAX_TEMPERATURE)
     top_p = _number(body, "top_p", None, 0.0, 1.0, low_open=True)
     top_k = _integer(body, "top_k", None, -1, limits.vocab_size)
     if top_k is not None and top_k <= 0:  # vLLM's -1 (and 0): no top-k
         top_k = None
-    logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
+    frequency_penalty = _number(body, "frequency_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY)
+    presence_penalty = _number(body, "presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY)
+    logit_bias = _logit_bias(body, limits.vocab_size)
     seed = _integer(body, "seed", None, 0, MAX_SEED)  # the range gptcli generate --seed takes
     if seed is not None and seed + n - 1 > MAX_SEED:
         raise bad(f"'seed' {seed} with n={n} seeds the last choice {seed + n - 1} (choice i gets seed + i), past the "
                   f"largest seed, 2**64 - 1: use a seed of at most {MAX_SEED - n + 1}", "seed", "invalid_value")
-    echo = _boolean(body, "echo", False)
-    stream = _boolean(body, "stream", False)
     ignore_eos = _boolean(body, "ignore_eos", False)
-    return_token_ids = _boolean(body, "return_token_ids", False)
-    stops = _stops(body)
-    include_usage = _stream_options(body, stream)
-    if body.get("user") is not None and not isinstance(body["user"], str):
-        raise bad("'user' must be a string", "user", "invalid_type")
-    ids, texts = _prompts(body, tokenizer, limits)
-    if len(ids) * n > limits.max_rows:
-        raise bad(f"this request asks for {len(ids) * n} completions ({len(ids)} {plural(len(ids), 'prompt')} x n={n}); "
-                  f"a request may ask for at most {limits.max_rows}", "n", "invalid_value")
     if seed is None:
         seed = secrets.randbelow(MAX_SEED - limits.max_n)
-    options = tuple(SamplingOptions(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    seed=seed + j, stop=stops, ignore_eos=ignore_eos) for j in range(n))
+    return tuple(SamplingOptions(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 seed=seed + j, stop=stops, ignore_eos=ignore_eos,
+                                 frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                                 logit_bias=logit_bias) for j in range(n))
+
+
+def parse_streaming(body: dict) -> tuple[bool, bool, bool]:
+    """(stream, stream_options.include_usage, vLLM's return_token_ids)."""
+    stream = _boolean(body, "stream", False)
+    return stream, _stream_options(body, stream), _boolean(body, "return_token_ids", False)
+
+
+def check_rows(prompts: int, n: int, limits: Limits) -> None:
+    if prompts * n > limits.max_rows:
+        raise bad(f"this request asks for {prompts * n} completions ({prompts} {plural(prompts, 'prompt')} x n={n}); "
+                  f"a request may ask for at most {limits.max_rows}", "n", "invalid_value")
+
+
+def parse_completion(body: Any, tokenizer: "Tokenizer", limits: Limits, model_id: str) -> CompletionRequest:
+    """Check a ``/v1/completions`` body (parsed JSON); ApiError for anything wrong with it."""
+    model, n = check_request(body, KNOWN, NEUTRAL, model_id, limits)
+    max_tokens = _integer(body, "max_tokens", DEFAULT_MAX_TOKENS, 0, limits.max_tokens)
+    logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
+    echo = _boolean(body, "echo", False)
+    stream, include_usage, return_token_ids = parse_streaming(body)
+    options = parse_sampling(body, limits, n, max_tokens, parse_stops(body))
+    ids, texts = _prompts(body, tokenizer, limits)
+    check_rows(len(ids), n, limits)
     return CompletionRequest(model=model, prompts=tuple(tuple(p) for p in ids), prompt_texts=tuple(texts), n=n,
                              options=options, logprobs=logprobs, echo=echo, stream=stream,
                              include_usage=include_usage, return_token_ids=return_token_ids)
@@ -440,3 +494,41 @@ def stream_chunk(request: CompletionRequest, completion_id: str, created: int, i
 def usage_chunk(request: CompletionRequest, choices: Sequence[Choice], completion_id: str, created: int) -> dict:
     return {"id": completion_id, "object": "text_completion", "created": created, "model": request.model,
             "choices": [], "usage": usage(request, choices)}
+
+
+class CompletionFormat:
+    """How ``/v1/completions`` writes a request's choices: the whole response, and the stream's chunks.
+    ``gptcli.serving.chat.ChatFormat`` writes the same choices as ``/v1/chat/completions`` does."""
+
+    def __init__(self, request: CompletionRequest, created: int | None = None, completion_id: str | None = None):
+        self.request = request
+        self.id = completion_id or new_completion_id()
+        self.created = created if created is not None else now()
+
+    def response(self, choices: Sequence[Choice]) -> dict:
+        return completion_response(self.request, choices, self.id, self.created)
+
+    def opening(self, choices: Sequence[Choice]) -> list[dict]:
+        """Chunks before any token: with echo, each choice's prompt (and its log-probabilities)."""
+        req = self.request
+        if not req.echo:
+            return []
+        return [stream_chunk(req, self.id, self.created, c.index, c.text,
+                             c.logprobs_object(c.entries, c.offsets) if req.logprobs is not None else None, None)
+                for c in choices]
+
+    def chunks(self, choice: Choice, event: "RowEvent", before: int) -> list[dict]:
+        """The chunks one engine event makes (``before``: the choice's log-probability entries before it);
+        a chunk per piece of text (per token with logprobs), finish_reason on the choice's last."""
+        req = self.request
+        logprobs = None
+        if req.logprobs is not None and len(choice.entries) > before:
+            logprobs = choice.logprobs_object(choice.entries[before:], choice.offsets[before:])
+        if not (event.text or logprobs is not None or event.finish_reason is not None or req.return_token_ids):
+            return []
+        ids = ([event.token_id] if event.token_id is not None else []) if req.return_token_ids else None
+        finish = choice.finish_reason if event.finish_reason is not None else None
+        return [stream_chunk(req, self.id, self.created, choice.index, event.text, logprobs, finish, ids)]
+
+    def usage_chunk(self, choices: Sequence[Choice]) -> dict:
+        return usage_chunk(self.request, choices, self.id, self.created)

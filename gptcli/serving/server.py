@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import json
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
@@ -22,23 +23,22 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gptcli.serving.chat import ChatFormat, no_template_error, parse_chat
 from gptcli.serving.completions import (
     ApiError,
     Choice,
+    CompletionFormat,
     CompletionRequest,
     Limits,
     bad,
-    completion_response,
-    new_completion_id,
     now,
     parse_completion,
     parse_detokenize,
     parse_tokenize,
-    stream_chunk,
-    usage_chunk,
 )
 from gptcli.serving.engine import Engine, EngineClosed, QueueFull, RowEvent, Ticket
 from gptcli.errors import UserError
+from gptcli.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, MetricsMiddleware, ServerMetrics
 from gptcli.serving.playground import HEADERS as PAGE_HEADERS, playground_html
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ class ServeSettings:
     max_body_bytes: int = MAX_BODY_BYTES
     graceful_shutdown_s: float = 30.0
     created: int = field(default_factory=now)
+    template: str | None = None  # the checkpoint's prompt template: chat is served only with one
 
 
 def default_model_id(runtime: "Runtime") -> str:
@@ -147,7 +148,8 @@ def _sse(obj: Any) -> str:
 
 
 def create_app(engine: Engine, runtime: "Runtime", settings: ServeSettings) -> FastAPI:
-    """The FastAPI app: /health, /v1/models, /v1/completions, /v1/chat/completions (refused), /tokenize, /detokenize."""
+    """The FastAPI app: /health, /metrics, /v1/models, /v1/completions, /v1/chat/completions (for a model with a
+    template; refused otherwise), /tokenize, /detokenize."""
     app = FastAPI(title="gptcli serve", docs_url=None, redoc_url=None, openapi_url=None)
     tokenizer = runtime.tokenizer
     limits = settings.limits
@@ -173,6 +175,10 @@ def create_app(engine: Engine, runtime: "Runtime", settings: ServeSettings) -> F
 
     if settings.api_key is not None:
         app.add_middleware(_KeyCheck, api_key=settings.api_key)
+    metrics = ServerMetrics(engine.load)
+    app.state.metrics = metrics
+    # Added last, so outermost: it counts the key check's 401s too, and times whole streams.
+    app.add_middleware(MetricsMiddleware, metrics=metrics, clock=time.perf_counter)
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def playground() -> HTMLResponse:
@@ -182,9 +188,14 @@ def create_app(engine: Engine, runtime: "Runtime", settings: ServeSettings) -> F
     async def health() -> dict:
         return {"status": "ok", **engine.load()}
 
+    @app.get("/metrics")
+    async def metrics_page() -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
     def model_card() -> dict:
+        # chat_template (gptcli's own field): the prompt template chat applies, null when there is no chat
         return {"id": settings.model_id, "object": "model", "created": settings.created, "owned_by": "gptcli",
-                "max_model_len": limits.context_length}
+                "max_model_len": limits.context_length, "chat_template": settings.template}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -198,10 +209,13 @@ def create_app(engine: Engine, runtime: "Runtime", settings: ServeSettings) -> F
         return model_card()
 
     @app.post("/v1/chat/completions")
-    async def chat(_request: Request) -> Response:
-        raise ApiError(400, "GPT-2 has no chat format, so this server has no chat endpoint: send the text to continue "
-                       "to POST /v1/completions (OpenAI's client: client.completions.create(model=..., prompt=...))",
-                       code="unsupported_endpoint")
+    async def chat(request: Request) -> Response:
+        arrived = time.perf_counter()
+        if settings.template is None:
+            raise no_template_error()
+        req = parse_chat(await read_json(request, settings.max_body_bytes), tokenizer, limits, settings.model_id,
+                         settings.template)
+        return await _answer(request, engine, req, ChatFormat(req), metrics, "/v1/chat/completions", arrived)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
@@ -216,35 +230,67 @@ def create_app(engine: Engine, runtime: "Runtime", settings: ServeSettings) -> F
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        arrived = time.perf_counter()
         req = parse_completion(await read_json(request, settings.max_body_bytes), tokenizer, limits,
                                settings.model_id)
         prompt_entries = await _prompt_logprobs(engine, req) if req.echo and req.logprobs is not None else None
-        ticket, events = _submit(engine, req)
-        choices = [Choice(i, tokenizer.token_bytes) for i in range(len(ticket.rows))]
-        for choice in choices:
-            p = req.prompt_of(choice.index)
-            choice.start(req.prompt_texts[p], req.echo, prompt_entries[p] if prompt_entries is not None else None)
-        completion_id, created = new_completion_id(), now()
-        if req.stream:
-            return StreamingResponse(_stream(req, choices, events, ticket, completion_id, created),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        if not await _collect(request, choices, events, ticket):
-            return Response(status_code=499)  # the client went away; nobody reads this
-        failed = next((c.error for c in choices if c.error), None)
-        if failed:
-            raise ApiError(503 if "shutting down" in failed else 500, failed, type="server_error")
-        return JSONResponse(completion_response(req, choices, completion_id, created))
+        return await _answer(request, engine, req, CompletionFormat(req), metrics, "/v1/completions", arrived,
+                             prompt_entries)
 
     return app
 
 
-def _submit(engine: Engine, req: CompletionRequest) -> tuple[Ticket, "asyncio.Queue[RowEvent]"]:
-    """Queue the request's rows; their events arrive on the returned asyncio queue (503 when full)."""
+async def _answer(request: Request, engine: Engine, req: CompletionRequest, fmt: CompletionFormat,
+                  metrics: ServerMetrics, endpoint: str, arrived: float, prompt_entries: list | None = None) -> Response:
+    """Run a checked request's rows on the engine and answer in ``fmt``'s shapes: streamed (server-sent
+    events) or whole. Completions and chat share it; they differ in what they check and how they write."""
+    ticket, events = _submit(engine, req, _first_token_timer(metrics, endpoint, arrived))
+    choices = [Choice(i, engine.token_bytes) for i in range(len(ticket.rows))]
+    for choice in choices:
+        p = req.prompt_of(choice.index)
+        choice.start(req.prompt_texts[p], req.echo, prompt_entries[p] if prompt_entries is not None else None)
+    if req.stream:
+        return StreamingResponse(_stream(req, fmt, choices, events, ticket,
+                                         on_end=lambda: _count_usage(metrics, req, choices)),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    collected = await _collect(request, choices, events, ticket)
+    _count_usage(metrics, req, choices)
+    if not collected:
+        return Response(status_code=499)  # the client went away; nobody reads this
+    failed = next((c.error for c in choices if c.error), None)
+    if failed:
+        raise ApiError(503 if "shutting down" in failed else 500, failed, type="server_error")
+    return JSONResponse(fmt.response(choices))
+
+
+def _first_token_timer(metrics: ServerMetrics, endpoint: str, arrived: float) -> Callable[[], None]:
+    """A callback for the request's first generated token: observes its time to first token, once."""
+    seen = []
+
+    def first_token() -> None:
+        if not seen:
+            seen.append(True)
+            metrics.ttft.observe(time.perf_counter() - arrived, endpoint=endpoint)
+
+    return first_token
+
+
+def _count_usage(metrics: ServerMetrics, req: CompletionRequest, choices: list[Choice]) -> None:
+    """Add a request's tokens (its usage: the prompts once, every choice's generated ids) to the counters."""
+    metrics.count_usage(sum(len(p) for p in req.prompts), sum(len(c.token_ids) for c in choices))
+
+
+def _submit(engine: Engine, req: CompletionRequest,
+            first_token: Callable[[], None] | None = None) -> tuple[Ticket, "asyncio.Queue[RowEvent]"]:
+    """Queue the request's rows; their events arrive on the returned asyncio queue (503 when full).
+    ``first_token`` is called (in the engine's thread) when any of its rows has produced a token."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[RowEvent] = asyncio.Queue()
 
     def sink(event: RowEvent) -> None:  # called in the engine's thread
+        if first_token is not None and event.token_id is not None:
+            first_token()
         try:
             loop.call_soon_threadsafe(events.put_nowait, event)
         except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
@@ -288,16 +334,14 @@ async def _prompt_logprobs(engine: Engine, req: CompletionRequest) -> list:
     return [await asyncio.wrap_future(f) for f in futures]
 
 
-async def _stream(req: CompletionRequest, choices: list[Choice], events: "asyncio.Queue[RowEvent]", ticket: Ticket,
-                  completion_id: str, created: int) -> AsyncIterator[str]:
-    """Server-sent events: a chunk per piece of text (per token with logprobs), finish_reason on each
-    choice's last, usage with stream_options.include_usage, then ``data: [DONE]``."""
-    with_logprobs = req.logprobs is not None
+async def _stream(req: CompletionRequest, fmt: CompletionFormat, choices: list[Choice],
+                  events: "asyncio.Queue[RowEvent]", ticket: Ticket,
+                  on_end: Callable[[], None] | None = None) -> AsyncIterator[str]:
+    """Server-sent events: ``fmt``'s opening chunks, its chunks for each event as it arrives (finish_reason
+    on each choice's last), usage with stream_options.include_usage, then ``data: [DONE]``."""
     try:
-        if req.echo:
-            for choice in choices:
-                logprobs = choice.logprobs_object(choice.entries, choice.offsets) if with_logprobs else None
-                yield _sse(stream_chunk(req, completion_id, created, choice.index, choice.text, logprobs, None))
+        for chunk in fmt.opening(choices):
+            yield _sse(chunk)
         open_rows = len(choices)
         while open_rows:
             event = await events.get()
@@ -307,21 +351,18 @@ async def _stream(req: CompletionRequest, choices: list[Choice], events: "asynci
             if choice.error:
                 yield _sse(ApiError(500, choice.error, type="server_error").body())
                 break
-            logprobs = None
-            if with_logprobs and len(choice.entries) > before:
-                logprobs = choice.logprobs_object(choice.entries[before:], choice.offsets[before:])
             if event.finish_reason is not None:
                 open_rows -= 1
-            if event.text or logprobs is not None or event.finish_reason is not None or req.return_token_ids:
-                ids = ([event.token_id] if event.token_id is not None else []) if req.return_token_ids else None
-                yield _sse(stream_chunk(req, completion_id, created, choice.index, event.text, logprobs,
-                                        choice.finish_reason if event.finish_reason is not None else None, ids))
+            for chunk in fmt.chunks(choice, event, before):
+                yield _sse(chunk)
         else:
             if req.include_usage:
-                yield _sse(usage_chunk(req, choices, completion_id, created))
+                yield _sse(fmt.usage_chunk(choices))
         yield "data: [DONE]\n\n"
     finally:
         ticket.cancel()  # a client that went away frees its rows at the next step
+        if on_end is not None:
+            on_end()
 
 
 class _Server(uvicorn.Server):
