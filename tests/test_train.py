@@ -451,6 +451,24 @@ def test_recipes_ship_and_load():
     assert sh.decay_steps is None  # cosine reaches min_lr at the last step, however many there are
     assert (sh.tokenizer, sh.max_steps, sh.batch_size, sh.betas, sh.decay, sh.grad_clip) == \
         ("char", 2000, 12, (0.9, 0.99), "2d", 1.0)
+    assert (s.dtype, sh.dtype) == ("float32", "auto")  # the book's run stays exact; nanoGPT's measures
+
+
+def test_dtype_auto_settles_on_a_dtype_says_why_and_records_it(tmp_path, corpus, monkeypatch):
+    from gptcli.kernels import train as train_kernels
+
+    monkeypatch.setattr(train_kernels, "measure_linears",
+                        lambda shapes, rows: {"onednn": 9.0, "torch": 8.0, "bfloat16": 2.0})
+    out = tmp_path / "run"
+    result = train(str(corpus), *TINY, "--out", str(out), "--max-steps", "2", "--batch-size", "2", "--dtype", "auto",
+                   "--eval-every", "1", "--eval-batches", "1", "--sample-every", "0")
+    assert result.exit_code == 0, result.stderr
+    assert "--dtype auto: bfloat16: this model's bfloat16 matmuls measured 4.0x as fast as float32's" in result.stderr
+    start = events(result.stdout)[0]
+    assert start["settings"]["dtype"] == "bfloat16"
+    resumed = train("--resume", str(out), "--max-steps", "3")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert events(resumed.stdout)[0]["settings"]["dtype"] == "bfloat16"  # recorded, not measured again
 
 
 # Each shipped config (shrunk, keeping its head tying and biases) with no --init, and each recipe.

@@ -198,3 +198,51 @@ def test_compiled_training_matches_eager_dropout_masks_included():
         return out
 
     assert losses(True) == pytest.approx(losses(False), abs=1e-5)
+
+
+# --- Chosen per CPU by measuring ------------------------------------------------------------------
+
+
+def _tiny_model() -> GPTModel:
+    from gptcli.config import GPTConfig
+
+    cfg = GPTConfig(vocab_size=65, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0,
+                    qkv_bias=False, bias=False, tie_weights=True, name="tiny")
+    return GPTModel(cfg)
+
+
+@needs_onednn
+def test_the_linear_kernel_is_the_faster_measured_and_measured_once(monkeypatch):
+    model = _tiny_model()
+    chosen = speed.plan(torch.device("cpu"), model, rows=48)
+    assert set(chosen.measured) == {"onednn", "torch", "bfloat16"}
+    assert chosen.linear == min(speed.LINEAR_KERNELS, key=lambda k: chosen.measured[k])
+    assert chosen.to_dict()["measured_ms"] == chosen.measured  # in the start event
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(speed, "_time_linear", no_measuring)
+    assert speed.plan(torch.device("cpu"), model, rows=48).measured == chosen.measured  # from the cache
+    monkeypatch.setenv("GPTCLI_NO_TUNE", "1")
+    off = speed.plan(torch.device("cpu"), model, rows=48)
+    assert off.measured is None and off.linear == "onednn"
+
+
+@pytest.mark.parametrize("bf16_ms, expected", [(10.0, "bfloat16"), (20.0, "float32")])
+def test_dtype_auto_takes_bfloat16_only_when_its_matmuls_measured_well_ahead(monkeypatch, bf16_ms, expected):
+    monkeypatch.setattr(speed, "measure_linears", lambda shapes, rows: {"onednn": 30.0, "torch": 25.0, "bfloat16": bf16_ms})
+    dtype, why = speed.choose_dtype(_tiny_model(), 48)
+    assert dtype == expected and f"{25.0 / bf16_ms:.1f}x" in why
+
+
+def test_short_bfloat16_contexts_attend_in_float32_under_autocast():
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 16, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = speed.attention_kernel(q, k, v, 0.0)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected.to(torch.bfloat16), rtol=0, atol=0)
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
