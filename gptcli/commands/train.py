@@ -14,6 +14,7 @@ import typer
 
 from gptcli.commands.common import THREADS_HELP, ConfigOption, DeviceOption, SizeOption, err, note, user_errors
 from gptcli.errors import UserError
+from gptcli.templates import TEMPLATE_METADATA_KEY
 
 if TYPE_CHECKING:
     from gptcli.training import Run
@@ -41,13 +42,21 @@ def _setting(name: str, *names: str, help: str, metavar: str | None = None):
 @user_errors
 def train(
     data: Annotated[Optional[List[str]], typer.Argument(
-        metavar="DATA...", help="UTF-8 text files, folders of *.txt, or - for stdin. Not needed with --resume, nor with "
-        "--recipe shakespeare-char/book-ch05 (their text is downloaded once and cached).",
+        metavar="DATA...", help="UTF-8 text files, folders of *.txt, or - for stdin; with --task instruct one JSON "
+        "list of {instruction, input, output}. Not needed with --resume, nor with --recipe "
+        "shakespeare-char/book-ch05/book-ch07 (their data is downloaded once and cached).",
         show_default=False)] = None,
     out: Annotated[Optional[Path], _opt("--out", "-o", metavar="DIR", help="The run folder: weights (Hugging Face "
                    "layout + config.json), best/, state.safetensors, train.jsonl, loss.png. Default runs/NAME.")] = None,
     recipe: Annotated[Optional[str], _opt("--recipe", "-r", metavar="NAME|FILE", help="A recipe of settings: "
-                      "book-ch05, shakespeare-char, or your YAML. Flags override it.")] = None,
+                      "book-ch05, book-ch07, shakespeare-char, or your YAML. Flags override it.")] = None,
+    task: Annotated[Optional[str], _setting("task", "--task", metavar="lm|instruct", help="lm: predict every next "
+                    "token of the text; instruct: the book's chapter 7, prompt (Alpaca-style) plus response per "
+                    "JSON entry, padded with <|endoftext|>, the padding left out of the loss.")] = None,
+    mask_prompt: Annotated[bool, typer.Option("--mask-prompt", help="instruct: no loss on the prompt either, only "
+                           "on the response (the book's exercise 7.2).")] = False,
+    max_length: Annotated[Optional[int], _setting("max_length", "--max-length", metavar="N", help="instruct: cut "
+                          "examples to N tokens (a note says how many; none: the context length).")] = None,
     tokenizer: Annotated[Optional[str], _setting("tokenizer", "--tokenizer", metavar="gpt2|char", help="gpt2 (GPT-2's BPE, the "
                          "default) or char (the sorted characters of the training text, as nanoGPT).")] = None,
     size: SizeOption = None,
@@ -129,6 +138,7 @@ def train(
     """Pretrain or fine-tune GPT-2 on your own text.
 
     Recipes: book-ch05 is chapter 5 of the book (124M, context 256, The Verdict; prints the book's figures);
+    book-ch07 is chapter 7 (instruction fine-tuning GPT-2 355M on the book's instruction data);
     shakespeare-char is nanoGPT's CPU recipe (a 0.8M-parameter character model). Flags override a recipe.
     A recipe without DATA trains on its own text, downloaded once (sha256-checked) and cached.
 
@@ -147,11 +157,14 @@ def train(
       gptcli generate --weights runs/shakespeare "ROMEO:" -n 200 -t 0.8 --top-k 50
       gptcli train notes/ --weights gpt2 --epochs 2 --lr 5e-5 --out runs/notes
       gptcli train --resume runs/shakespeare --max-steps 3000
+      gptcli train --recipe book-ch07 --out runs/ch07          # instruction-tune GPT-2 355M
+      gptcli train pairs.json --task instruct --weights gpt2 --epochs 2 --mask-prompt --out runs/pairs
+      gptcli generate --interactive --weights runs/ch07        # chat in the run's template
     """
     from gptcli import training
 
     flags: dict[str, Any] = {
-        "tokenizer": tokenizer, "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
+        "tokenizer": tokenizer, "task": task, "max_length": max_length, "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
         "grad_accum": grad_accum, "lr": lr, "schedule": schedule, "warmup_steps": warmup_steps, "min_lr": min_lr,
         "decay_steps": decay_steps,
         "weight_decay": weight_decay, "decay": decay, "sampling": sampling, "stride": stride,
@@ -167,6 +180,8 @@ def train(
         flags["sample_every"] = _sample_every(sample_every)
     if compile_model:
         flags["compile"] = True
+    if mask_prompt:
+        flags["mask_prompt"] = True
     arch = {k: v for k, v in {"context_length": context_length, "n_layers": n_layers, "n_heads": n_heads,
                                "emb_dim": emb_dim, "drop_rate": drop_rate}.items() if v is not None}
     json_mode = json_output if json_output is not None else not sys.stdout.isatty()
@@ -330,8 +345,7 @@ def _render(trainer, run: "Run", json_mode: bool) -> None:
                     if ev["resumed"]:
                         note(f"resuming {run.out} after step {ev['step'] - 1} on {where}")
                     else:
-                        note(f"{ev['params']:,} parameters, {ev['train_tokens']:,} training and "
-                             f"{ev['val_tokens']:,} validation tokens ({ev['tokenizer']}), {ev['total_steps']} "
+                        note(f"{ev['params']:,} parameters, {_data_summary(ev)}, {ev['total_steps']} "
                              f"step{'s' * (ev['total_steps'] != 1)} on {where}; writing {run.out}")
                 if kind == "step":
                     if progress is not None:
@@ -379,8 +393,20 @@ def _render(trainer, run: "Run", json_mode: bool) -> None:
                      f"{run.out}")
             raise typer.Exit(stopper.exit_code)
         steps = f"{end['step'] + 1} step{'s' * (end['step'] != 0)}"
+        try_it = (f"gptcli generate --interactive --weights {run.out} (a chat in its prompt template)"
+                  if run.metadata.get(TEMPLATE_METADATA_KEY) else f"gptcli generate --weights {run.out} \"...\"")
         note(f"done: {steps} in {end['wall_s']:.1f} s{rate}{final_summary(final)}; weights in {run.out} (best in "
-             f"{run.out / 'best'}); try: gptcli generate --weights {run.out} \"...\"")
+             f"{run.out / 'best'}); try: {try_it}")
+
+
+def _data_summary(start: dict) -> str:
+    """What the run trains on, for the start note: tokens, or an instruction run's examples."""
+    examples = start.get("examples")
+    if examples is None:
+        return f"{start['train_tokens']:,} training and {start['val_tokens']:,} validation tokens ({start['tokenizer']})"
+    masked = ", loss on the responses only" if start.get("mask_prompt") else ""
+    return (f"{examples['train']:,} training, {examples['val']:,} validation and {examples['test']:,} test examples "
+            f"({start['train_tokens']:,} training tokens, at most {start['max_length']} per example{masked})")
 
 
 def _print_above(progress, text: str, label: str | None = None) -> None:

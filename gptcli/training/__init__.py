@@ -5,7 +5,8 @@
   a new one (tokenizer, config, data tokenized and stored, seeded model) or a resumed one;
 - ``loop``: ``Trainer``, the book's ``train_model_simple`` grown nanoGPT's options, yielding events;
 - ``optimizer``: the learning-rate schedule and AdamW; ``state``: the resumable state file;
-- ``run_folder``: what a run folder holds and the checks before writing one; ``distributed``: torchrun.
+- ``run_folder``: what a run folder holds and the checks before writing one; ``distributed``: torchrun;
+- ``instruct``: ``--task instruct``, the book's chapter 7 (instruction data, its batches and masks).
 
 The batches come from ``gptcli.training.data`` (the book's windows or nanoGPT's random ones), the training
 kernels from ``gptcli.kernels.train``.
@@ -65,7 +66,7 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 
-_MODULES = ("distributed", "loop", "optimizer", "run_folder", "settings", "setup", "state")
+_MODULES = ("distributed", "instruct", "loop", "optimizer", "run_folder", "settings", "setup", "state")
 
 
 def __getattr__(name: str) -> Any:

@@ -4,6 +4,12 @@
   ``data/shakespeare_char/prepare.py`` downloads (1,115,394 characters).
 - The Verdict: the book's repository, ``rasbt/LLMs-from-scratch``, the file chapter 2 downloads
   (20,479 characters).
+- The book's instruction data (chapter 7, ``--recipe book-ch07``): 1,100 ``{instruction, input, output}``
+  entries, ``ch07/01_main-chapter-code/instruction-data.json`` in the same repository. This machine could
+  not download it; its sha256 was computed from the file's blob in a snapshot of the repository
+  (``git show HEAD:ch07/01_main-chapter-code/instruction-data.json | sha256sum``; the file has had one
+  version, commit 4ac480c of June 2024), the way The Verdict's pinned sha256 checks out from the same
+  snapshot. Not yet checked against a download from raw.githubusercontent.com.
 
 Each download is checked against its sha256 before it is used, and kept in the cache
 (``$GPTCLI_CACHE_DIR/data``, else ``$XDG_CACHE_HOME/gptcli/data``, default ``~/.cache/gptcli/data``),
@@ -54,6 +60,11 @@ DATASETS: dict[str, Dataset] = {
                 "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/"
                 "the-verdict.txt",
                 "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f", 20_479),
+        Dataset("instruction-data", "the book's instruction data (chapter 7)", "instruction-data.json",
+                "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
+                "instruction-data.json",
+                # From the repository's git blob, not a download (see above): this machine has no network.
+                "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944", 203_524),
     )
 }
 

@@ -44,7 +44,8 @@ def autocast(device: "torch.device", dtype: str):
 
 def batch_loss(model, x: "torch.Tensor", y: "torch.Tensor", *, device: "torch.device", dtype: str,
                plan: "TrainPlan | None" = None, head_weight: "torch.Tensor | None" = None) -> "torch.Tensor":
-    """The book's calc_loss_batch: mean cross-entropy over every position of the batch.
+    """The book's calc_loss_batch: mean cross-entropy over every position of the batch whose target is
+    not -100 (PyTorch's ignore_index: padding and, with --mask-prompt, the prompt of an instruction example).
 
     ``model`` may be wrapped (torch.compile, DDP). When training with a plan whose ``head_loss`` is
     on, the output head (``head_weight``) and the cross-entropy run as one chunked function
@@ -64,7 +65,11 @@ def batch_loss(model, x: "torch.Tensor", y: "torch.Tensor", *, device: "torch.de
 
         with autocast(device, dtype):
             hidden = model(x, head=False, attention=attention)  # (B, T, emb_dim)
-        return head_loss(hidden.flatten(0, 1).float(), head_weight, y.flatten(), dtype=getattr(torch, dtype))
+        hidden, targets = hidden.flatten(0, 1), y.flatten()
+        kept = targets != -100
+        if not bool(kept.all()):  # head_loss has no ignore_index: leave those rows out of the mean
+            hidden, targets = hidden[kept], targets[kept]
+        return head_loss(hidden.float(), head_weight, targets, dtype=getattr(torch, dtype))
     with autocast(device, dtype):
         logits = model(x, attention=attention)  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
@@ -81,15 +86,26 @@ class Trainer:
         self.run, self.settings, self.model = run, run.settings, run.model
         s, cfg = run.settings, run.model.cfg
         self._stop = False
+        self.step_tokens = 0  # the last optimizer step's input tokens
         self.saving = False  # a checkpoint is being written (see save)
-        self.total_steps, self.steps_per_epoch = check_data(run.train_ids, run.val_ids, s, cfg.context_length)
+        if run.task_data is not None:  # a task that makes its own batches (--task instruct)
+            self.total_steps, self.steps_per_epoch = run.task_data.plan_steps(s)
+        else:
+            self.total_steps, self.steps_per_epoch = check_data(run.train_ids, run.val_ids, s, cfg.context_length)
         if run.resume_state is not None and run.resume_state.position.step >= self.total_steps:
             done = run.resume_state.position.step
             raise UserError(f"the run in {run.out} already finished its {done} steps; pass --max-steps (or "
                             f"--epochs) beyond that to continue it")
-        self.batches = make_batches(s.sampling, run.train_ids, run.val_ids, length=cfg.context_length,
-                                    stride=s.stride or cfg.context_length, batch_size=s.batch_size,
-                                    grad_accum=s.grad_accum, seed=s.seed, rank=run.dist.rank, world=run.dist.world)
+        if run.task_data is not None:
+            import torch
+
+            self.batches = run.task_data.batches(s, torch.Generator().manual_seed(s.seed), rank=run.dist.rank,
+                                                 world=run.dist.world)
+        else:
+            self.batches = make_batches(s.sampling, run.train_ids, run.val_ids, length=cfg.context_length,
+                                        stride=s.stride or cfg.context_length, batch_size=s.batch_size,
+                                        grad_accum=s.grad_accum, seed=s.seed, rank=run.dist.rank,
+                                        world=run.dist.world)
         self.plan = plan or train_kernels.plan(run.device)
         train_kernels.prepare(self.model, self.plan)
         self.optimizer = make_optimizer(self.model, s, self.plan)
@@ -120,8 +136,10 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
+        self.step_tokens = 0  # the inputs' tokens, over all processes (the book's tokens_seen)
         for micro in range(s.grad_accum):
             x, y = self.batches.next()
+            self.step_tokens += x.numel() * self.run.dist.world
             sync = micro == s.grad_accum - 1 or self.run.dist.world == 1
             with self.train_model.no_sync() if not sync else contextlib.nullcontext():
                 loss = self.loss(self.train_model, x, y)
@@ -181,7 +199,7 @@ class Trainer:
                             tokenizer=run.tokenizer, position=self.position, batches=self.batches,
                             weights_source=run.weights_source, data_digest=run.data_digest,
                             world_size=run.dist.world)
-                save_pretrained(self.model, run.out, run.tokenizer)
+                save_pretrained(self.model, run.out, run.tokenizer, run.metadata)
         finally:
             self.saving = False
         return run.out
@@ -193,7 +211,7 @@ class Trainer:
         if self.run.dist.main:
             with run_folder.writing(self.run.out, f"the best weights ({BEST_DIR}/)"):
                 save_pretrained(self.model, self.run.out / BEST_DIR, self.run.tokenizer,
-                                {"gptcli.step": str(step), "gptcli.val_loss": repr(val_loss)})
+                                {**self.run.metadata, "gptcli.step": str(step), "gptcli.val_loss": repr(val_loss)})
 
     def _checkpoint(self, step: int) -> Iterator[dict]:
         if self.run.dist.main:
@@ -219,14 +237,21 @@ class Trainer:
                 "config": cfg.to_dict(), "tokenizer": run.tokenizer.name, "vocab_size": run.tokenizer.vocab_size,
                 "weights": run.weights_source, "device": str(run.device), "world_size": run.dist.world,
                 "threads": torch.get_num_threads(), "settings": self.settings.to_dict(), "kernels": self.plan.to_dict(),
-                "resumed": run.resume_state is not None}
+                "resumed": run.resume_state is not None, **self._examples()}
+
+    def _examples(self) -> dict:
+        """A task's example counts, for the start event (--task instruct)."""
+        data = self.run.task_data
+        if data is None:
+            return {}
+        return {"examples": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+                "max_length": data.max_length, "mask_prompt": data.mask_prompt, "truncated": data.truncated}
 
     def events(self) -> Iterator[dict]:
         """The loop: optimizer steps until ``total_steps``, evaluating, sampling and saving on schedule."""
         s, pos, total = self.settings, self.position, self.total_steps
         yield self.start_event()
         start_time, session_tokens, saved_step = time.perf_counter(), 0, pos.step
-        step_tokens = s.batch_size * self.model.cfg.context_length * s.grad_accum  # over all processes
         self.model.train()
         reason = "done"
         while pos.step < total:
@@ -236,8 +261,8 @@ class Trainer:
             lr = learning_rate(pos.step, s, total)
             epoch_of_step = pos.epoch
             loss = self.optimizer_step(lr)
-            pos.tokens_seen += step_tokens
-            session_tokens += step_tokens
+            pos.tokens_seen += self.step_tokens
+            session_tokens += self.step_tokens
             done_step = pos.step  # 0-based index of the step just taken
             pos.step += 1
             epoch_end = self.batches.epoch_done()

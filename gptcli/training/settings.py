@@ -20,6 +20,9 @@ class TrainSettings:
     """Hyperparameters of a run: a recipe's keys, each also a command-line flag."""
 
     tokenizer: str = "gpt2"  # gpt2 | char
+    task: str = "lm"  # lm (next token over the text) | instruct (the book's chapter 7: gptcli.training.instruct)
+    mask_prompt: bool = False  # instruct: no loss on the prompt's tokens either (the book's exercise 7.2)
+    max_length: int | None = None  # instruct: examples cut to this many tokens; None: the context length
     epochs: int | None = None  # passes over the training windows (sampling: windows)
     max_steps: int | None = None  # optimizer steps; with epochs, whichever ends first
     batch_size: int = 2  # rows per micro-batch, summed over processes
@@ -67,7 +70,7 @@ class TrainSettings:
                                 f"got {value!r}")
 
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "epochs", "max_steps", "stride",
-                     "decay_steps"):
+                     "decay_steps", "max_length"):
             positive(name, getattr(self, name))
         for name in ("warmup_steps", "save_every", "sample_tokens", "seed", "sample_seed"):
             positive(name, getattr(self, name), zero_ok=True)
@@ -81,6 +84,7 @@ class TrainSettings:
             raise UserError("say how long to train: --epochs N or --max-steps N")
         if self.tokenizer not in ("gpt2", "char"):
             raise UserError(f"unknown tokenizer {self.tokenizer!r}; choose gpt2 or char")
+        self._validate_task()
         if self.schedule not in ("constant", "cosine"):
             raise UserError(f"unknown schedule {self.schedule!r}; choose constant or cosine")
         if self.decay not in ("all", "2d"):
@@ -113,6 +117,18 @@ class TrainSettings:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         return self
 
+    def _validate_task(self) -> None:
+        if self.task not in TASKS:
+            raise UserError(f"unknown task {self.task!r}; choose {' or '.join(TASKS)}")
+        if self.task == "instruct":
+            if self.tokenizer != "gpt2":
+                raise UserError("--task instruct needs GPT-2's BPE (--tokenizer gpt2): its examples end and pad "
+                                "with <|endoftext|>")
+            if self.sampling != "windows":
+                raise UserError("--task instruct batches whole examples, shuffled each epoch (the book's); "
+                                "--sampling random does not apply")
+        elif self.mask_prompt or self.max_length is not None:
+            raise UserError(f"{'--mask-prompt' if self.mask_prompt else '--max-length'} is for --task instruct")
 
     def sampling_options(self) -> "SamplingOptions":
         """How the progress samples are drawn: the recipe's temperature and top-k, a fixed seed."""
@@ -123,6 +139,7 @@ class TrainSettings:
                                ignore_eos=True)
 
 
+TASKS = ("lm", "instruct")
 SETTING_NAMES = {f.name for f in dataclasses.fields(TrainSettings)}
 # Recipe keys that choose the model rather than how it trains.
 MODEL_KEYS = ("size", "config", "model", "weights")
