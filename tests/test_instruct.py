@@ -390,6 +390,13 @@ def test_recipe_book_ch07_at_a_small_size_with_its_data_served(tmp_path, tiny, m
     assert (s["task"], s["lr"], s["weight_decay"], s["batch_size"], s["seed"], s["epochs"]) == \
         ("instruct", 5e-5, 0.1, 8, 123, 1)
     assert start["examples"] == {"train": 68, "val": 4, "test": 8} and start["config"]["drop_rate"] == 0.0
+    # The book's load_weights_into_gpt gives the head its own copy of the token embedding: it trains apart.
+    assert start["config"]["tie_weights"] is False
+    from safetensors.torch import load_file
+
+    state = load_file(out / "state.safetensors")
+    head, emb = state["model.out_head.weight"], state["model.tok_emb.weight"]
+    assert head.shape == emb.shape and not torch.equal(head, emb)
     assert "downloading the book's instruction data" in result.stderr
 
 
@@ -400,7 +407,7 @@ def test_the_recipe_ships():
     recipe = load_recipe("book-ch07")
     s = TrainSettings(**recipe.settings).validate()
     assert (recipe.size, recipe.weights, recipe.data, recipe.model) == ("355M", "auto", "instruction-data",
-                                                                        {"drop_rate": 0.0})
+                                                                        {"drop_rate": 0.0, "tie_weights": False})
     assert (s.task, s.lr, s.weight_decay, s.epochs, s.batch_size, s.seed, s.mask_prompt) == \
         ("instruct", 5e-5, 0.1, 2, 8, 123, False)
     d = dataset("instruction-data")
@@ -452,3 +459,21 @@ def test_bad_options(tmp_path, pairs, tiny):
                                                    "--max-steps", "1", "--out", out))
     assert "fewer than one step" in one_error_line(train(str(pairs), "--task", "instruct", "--config", str(tiny),
                                                          "--batch-size", "64", "--max-steps", "1", "--out", out))
+
+
+def test_the_memory_check_counts_the_longest_example_not_the_context(tmp_path, pairs, monkeypatch):
+    """Padded batches are as long as their longest example (about 50 tokens here), not the context (1024):
+    with memory between the two estimates, instruction training runs and windows of the context do not."""
+    from gptcli import training
+    from gptcli.config import resolve_config
+    from gptcli.training.setup import estimate_memory
+
+    cfg = resolve_config("124M", None).replace(n_layers=1)
+    short = estimate_memory(cfg.replace(context_length=64), 2, False)["total"]
+    full = estimate_memory(cfg, 2, False)["total"]
+    assert full > 1.5 * short
+    monkeypatch.setattr(training.setup, "available_memory", lambda device: (short + full) // 2)
+    common = [str(pairs), "--size", "124M", "--n-layers", "1", "--max-steps", "1", "--sample-every", "0",
+              "--eval-batches", "1"]
+    assert train(*common, "--task", "instruct", "--out", str(tmp_path / "a")).exit_code == 0
+    assert "needs about" in one_error_line(train(*common, "--out", str(tmp_path / "b")))  # the same text as windows

@@ -255,6 +255,11 @@ class InstructData:
                 world: int = 1) -> InstructBatches:
         return InstructBatches(self, s.batch_size, s.grad_accum, generator, rank=rank, world=world)
 
+    def longest_row(self) -> int:
+        """A bound on a batch's row length (for the memory check): the longest example and its end token,
+        cut to max_length."""
+        return min(self.max_length, max(len(ex.ids) for ex in self.train + self.val) + 1)
+
     def flat(self, split: str) -> "np.ndarray":
         """A split's ids end to end (what data/train.bin and data/val.bin hold)."""
         import numpy as np

@@ -150,6 +150,15 @@ def available_memory(device: "torch.device") -> int | None:
     return proc_kib("/proc/meminfo", "MemAvailable")
 
 
+def untie_head(model: "GPTModel") -> None:
+    """Give a tied model its own output head, a copy of the token embedding that then trains apart from
+    it: what the book's ``load_weights_into_gpt`` makes of GPT-2's weights (book-ch07 fine-tunes so)."""
+    import torch.nn as nn
+
+    model.out_head.weight = nn.Parameter(model.tok_emb.weight.detach().clone())
+    model.cfg = dataclasses.replace(model.cfg, tie_weights=False)
+
+
 def set_dropout(model: "GPTModel", p: float) -> None:
     """Change every dropout rate of a built model (the config's drop_rate)."""
     import torch.nn as nn
@@ -237,11 +246,14 @@ def check_dtype(name: str, device: "torch.device") -> None:
         raise UserError("--dtype float16 trains on GPUs only; on the CPU use bfloat16 or float32")
 
 
-def check_memory(cfg: "GPTConfig", settings: TrainSettings, device: "torch.device", dist: Dist) -> None:
-    """Refuse a run that will not fit: estimate_memory per process against what the device has free."""
+def check_memory(cfg: "GPTConfig", settings: TrainSettings, device: "torch.device", dist: Dist,
+                 length: int | None = None) -> None:
+    """Refuse a run that will not fit: estimate_memory per process against what the device has free.
+    ``length``: the longest row a batch can have when shorter than the context (padded examples)."""
     from gptcli.params import human_bytes
 
-    need = estimate_memory(cfg, max(1, settings.batch_size // dist.world), settings.dtype != "float32")
+    rows = cfg if length is None else dataclasses.replace(cfg, context_length=min(length, cfg.context_length))
+    need = estimate_memory(rows, max(1, settings.batch_size // dist.world), settings.dtype != "float32")
     have = available_memory(device)
     # Processes on one CPU share its memory; each GPU has its own.
     total = need["total"] * (dist.world if device.type == "cpu" else 1)
@@ -359,6 +371,8 @@ def _fine_tuned(request: RunRequest, recipe, weights: str, settings: TrainSettin
     drop_rate = request.arch.get("drop_rate", recipe.model.get("drop_rate") if recipe else None)
     if drop_rate is not None:
         set_dropout(model, drop_rate)
+    if recipe and recipe.model.get("tie_weights") is False and model.cfg.tie_weights:
+        untie_head(model)
     for p in model.parameters():
         p.requires_grad_(True)
     return model, tok, loaded.source
@@ -399,7 +413,7 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
     if weights is not None and set(request.arch) - {"drop_rate"}:
         raise UserError("--weights fine-tunes a model as it is; architecture changes (--context-length, --n-layers, "
                         "--n-heads, --emb-dim) need a new model (--size/--config)")
-    if weights is not None and recipe and set(recipe.model) - {"drop_rate"}:
+    if weights is not None and recipe and set(recipe.model) - {"drop_rate", "tie_weights"}:
         say(f"fine-tuning {weights}: the architecture in recipe {recipe.name!r} does not apply")
     check_dtype(settings.dtype, device)
     tok = _tokenizer(settings, texts)
@@ -413,12 +427,12 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
     else:
         model, tok, source = _fine_tuned(request, recipe, weights, settings, tok, say)
         cfg = model.cfg
-    check_memory(cfg, settings, device, dist)
-
     task_data = None
     if entries is not None:
         task_data, train_ids, val_ids = _instruct_data(entries, tok, settings, cfg.context_length, say)
+        check_memory(cfg, settings, device, dist, length=task_data.longest_row())
     else:
+        check_memory(cfg, settings, device, dist)
         with tokenizing(sum(len(t.text) for t in texts) if dist.main else 0) as progress:
             train_ids, val_ids = encode_data(texts, tok, settings, progress)
         check_data(train_ids, val_ids, settings, cfg.context_length)  # before anything is written
