@@ -91,6 +91,18 @@ def test_turns_are_the_template_over_the_conversation_and_stop_where_the_answer_
     assert "".join(session.turn(FIRST)) == ANSWER1  # a new conversation is turn 1 again
 
 
+def test_an_interrupted_answer_stays_in_the_conversation():
+    """Ctrl-C mid-answer: what was written is the answer the next turn's prompt carries."""
+    session = Session(scripted_runtime(), SamplingOptions(max_new_tokens=30), template=ALPACA)
+    pieces = session.turn(FIRST)
+    written = next(pieces) + next(pieces)
+    session.interrupt()  # the terminal stops reading: the generator is left where it was
+    assert written and ANSWER1.startswith(written) and written != ANSWER1
+    assert session.messages == [user(FIRST), assistant(written)]
+    assert session.prompt(SECOND) == chat_prompt([user(FIRST), assistant(written), user(SECOND)])
+    assert session.stats().finish_reason == "interrupted"
+
+
 def plain_continuation(rt: Runtime, text: str, n: int, stop: tuple[str, ...]) -> str:
     """What `gptcli generate TEXT -n N --stop ...` prints (greedy), with a fresh decoder."""
     g = Generation(Decoder(rt.model, CPU, torch.float32), prompt_ids(text, rt.tokenizer),
