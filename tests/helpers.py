@@ -150,3 +150,35 @@ def hf_tiny_gpt2(folder=None, *, seed: int = 0, jitter: float = 0.0, vocab_size:
     if folder is not None:
         model.save_pretrained(folder)
     return model
+
+
+def scripted_model(by_position, default: int, *, context_length: int = 128, n_layers: int = 1):
+    """A GPT-2-vocabulary GPTModel whose next token depends only on the position: ``by_position[p]`` at
+    position p, ``default`` past the list. Its blocks add nothing (zero output projections), token
+    embeddings are zero and position p's embedding is one-hot, so the final norm leaves a vector that
+    picks column p of the (untied) head: the scripted token's logit is about sqrt(context_length), every
+    other one about 0. For testing what a decoding loop does with known output, such
+    as where it stops."""
+    import torch
+
+    from gptcli.config import GPTConfig
+    from gptcli.model.gpt import GPTModel
+
+    cfg = GPTConfig(vocab_size=50257, context_length=context_length, emb_dim=context_length, n_heads=4,
+                    n_layers=n_layers, drop_rate=0.0, qkv_bias=False, tie_weights=False, name="scripted")
+    torch.manual_seed(0)
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():
+        for block in model.trf_blocks:
+            for layer in (block.att.out_proj, block.ff.layers[2]):
+                layer.weight.zero_()
+                layer.bias.zero_()
+        model.tok_emb.weight.zero_()
+        model.pos_emb.weight.copy_(torch.eye(context_length) * 10)
+        # The norm maps 10 * e_p to sqrt(D-1) at p and -1/sqrt(D-1) elsewhere; the shift zeroes the rest.
+        model.final_norm.shift.fill_(1 / (context_length - 1) ** 0.5)
+        model.out_head.weight.zero_()
+        for p in range(context_length):
+            token = by_position[p] if p < len(by_position) and by_position[p] is not None else default
+            model.out_head.weight[token, p] = 1.0
+    return model

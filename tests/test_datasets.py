@@ -68,6 +68,19 @@ def test_download_verifies_and_caches(serve, name, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == [d.file]  # no partial file left
 
 
+def test_the_instruction_data_is_the_books_file(serve):
+    """The pinned sha256 of the book's instruction-data.json was computed from the repository's git blob,
+    not a download (this project's machines have no network): put the downloaded file in GPTCLI_DATA_DIR
+    and this checks it against the pin, through the same download path."""
+    d = datasets.dataset("instruction-data")
+    local = Path(DATA or "/nonexistent") / d.file
+    if not local.is_file():
+        pytest.skip(f"{d.file} is not in GPTCLI_DATA_DIR; download it from {d.url} to check the pinned sha256")
+    shutil.copy(local, serve / d.file)
+    path = datasets.fetch("instruction-data")
+    assert datasets.sha256_of(path) == d.sha256 and path.stat().st_size == d.size
+
+
 @needs_data
 def test_a_damaged_cache_is_downloaded_again(serve):
     d = datasets.dataset("the-verdict")
@@ -117,7 +130,10 @@ def test_canonical_sources():
         "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt")
     assert datasets.dataset("the-verdict").url == ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
                                                    "ch02/01_main-chapter-code/the-verdict.txt")
-    with pytest.raises(UserError, match="unknown dataset 'x'; the known ones are tinyshakespeare, the-verdict"):
+    assert datasets.dataset("instruction-data").url == (
+        "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json")
+    with pytest.raises(UserError, match="unknown dataset 'x'; the known ones are tinyshakespeare, the-verdict, "
+                       "instruction-data"):
         datasets.dataset("x")
 
 

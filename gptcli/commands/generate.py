@@ -220,7 +220,8 @@ def generate(
     interactive: Annotated[
         bool, typer.Option("--interactive", "-i", help="A session: type text, the model continues it, type again "
                            "(PROMPT, if given, is the first turn). Ctrl-C stops a continuation, Ctrl-D ends; "
-                           "/help lists the commands (/reset, /set temperature 0.8, /tokens).")
+                           "/help lists the commands (/reset, /set temperature 0.8, /tokens). A model trained with "
+                           "--task instruct chats: each line is a message, answered in its prompt template.")
     ] = False,
     draft: Annotated[
         Optional[str], typer.Option("--draft", metavar="SOURCE", help="Speculative decoding: a cheap draft guesses "

@@ -33,13 +33,16 @@ lets the model go on. \\n in what you type is a newline; start a line with // to
   /text                     the running text so far
   /help                     this help
   /quit                     end the session (or Ctrl-D)
-Ctrl-C stops the model's continuation (what it wrote stays) or clears the line you are typing."""
+Ctrl-C stops the model's continuation (what it wrote stays) or clears the line you are typing.
+A model trained with a prompt template (gptcli train --task instruct) chats instead: each line is a
+message, the model answers it in the template, with the conversation so far before it; /text shows the
+whole templated text and /reset starts a new conversation."""
 
 
 def run_session(prompt: str | None, options: "SamplingOptions", inference: "InferenceOptions", *, stats: bool,
                 show_probs: bool, spec: "SpeculativeOptions | None" = None) -> None:
     """Load the model (and a --draft) once, then read lines until Ctrl-D or /quit."""
-    from gptcli.decoding.session import Session
+    from gptcli.decoding.session import Session, checkpoint_template
     from gptcli.decoding.speculative import draft_inference_options
 
     check_tokenizer_early(inference.weights)
@@ -53,11 +56,16 @@ def run_session(prompt: str | None, options: "SamplingOptions", inference: "Infe
             draft = load_for_command(draft_inference_options(spec, inference))
     except KeyboardInterrupt:  # while loading: nothing to keep
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    session = Session(loaded, options, spec=spec, draft=draft)
+    session = Session(loaded, options, spec=spec, draft=draft, template=checkpoint_template(loaded))
     terminal = sys.stdin is not None and sys.stdin.isatty()
     history = _start_readline() if terminal else None
-    note(f"interactive session with {loaded.source} ({loaded.cfg.name}, context {loaded.cfg.context_length}): "
-         "type text and press Enter, the model continues it; Ctrl-C stops it, Ctrl-D ends, /help for more")
+    if session.chat:
+        note(f"chat with {loaded.source} ({loaded.cfg.name}, context {loaded.cfg.context_length}) in its "
+             f"{session.template} prompt template: type a message and press Enter, the model answers; Ctrl-C stops "
+             "it, Ctrl-D ends, /help for more")
+    else:
+        note(f"interactive session with {loaded.source} ({loaded.cfg.name}, context {loaded.cfg.context_length}): "
+             "type text and press Enter, the model continues it; Ctrl-C stops it, Ctrl-D ends, /help for more")
     try:
         if prompt is not None:
             _turn(session, prompt, stats, show_probs)
@@ -77,6 +85,8 @@ def run_session(prompt: str | None, options: "SamplingOptions", inference: "Infe
                     if not _command(session, line):
                         break
                     continue
+                if session.chat and not line.strip():
+                    continue  # a chat answers messages; there is no text to go on with
                 _turn(session, unescape(line.removeprefix("/") if line.startswith("//") else line), stats,
                       show_probs)
             except KeyboardInterrupt:  # between the steps of a turn (a notes line, say): the session goes on
@@ -177,7 +187,7 @@ def _command(session: "Session", line: str) -> bool:
             err(HELP)
         elif name == "reset":
             session.reset()
-            note("the running text is empty again")
+            note("a new conversation" if session.chat else "the running text is empty again")
         elif name == "set":
             setting, _, value = rest.partition(" ")
             if not setting or not value.strip():
@@ -200,7 +210,9 @@ def _command(session: "Session", line: str) -> bool:
 
 def _settings(session: "Session") -> str:
     o = session.options
-    return (f"temperature {o.temperature:g}{' (greedy)' if o.greedy else ''}, top_k {_or_none(o.top_k)}, "
+    chat = f"chat in the {session.template} template (an answer ends at the end-of-text token or at \"\\n\\n### \"), " \
+        if session.chat else ""
+    return (f"{chat}temperature {o.temperature:g}{' (greedy)' if o.greedy else ''}, top_k {_or_none(o.top_k)}, "
             f"top_p {_or_none(o.top_p)}, "
             f"max_new_tokens {o.max_new_tokens}, seed {o.seed}, ignore_eos {'on' if o.ignore_eos else 'off'}"
             + (f", min_p {o.min_p}" if o.min_p is not None else "")

@@ -14,6 +14,7 @@ import typer
 
 from gptcli.commands.common import THREADS_HELP, ConfigOption, DeviceOption, SizeOption, err, note, user_errors
 from gptcli.errors import UserError
+from gptcli.templates import TEMPLATE_METADATA_KEY
 
 if TYPE_CHECKING:
     from gptcli.training import Run
@@ -42,16 +43,18 @@ def _setting(name: str, *names: str, help: str, metavar: str | None = None):
 def train(
     data: Annotated[Optional[List[str]], typer.Argument(
         metavar="DATA...", help="UTF-8 text files, folders of *.txt, or - for stdin (--task classify: one TSV/CSV of "
-        "text and label). Not needed with --resume, nor with --recipe shakespeare-char/book-ch05/book-ch06 (their "
-        "data is downloaded once and cached).",
+        "text and label; --task instruct: one JSON list of {instruction, input, output}). Not needed with --resume, "
+        "nor with --recipe shakespeare-char/book-ch05/book-ch06/book-ch07 (their data is downloaded once and cached).",
         show_default=False)] = None,
     out: Annotated[Optional[Path], _opt("--out", "-o", metavar="DIR", help="The run folder: weights (Hugging Face "
                    "layout + config.json), best/, state.safetensors, train.jsonl, loss.png. Default runs/NAME.")] = None,
     recipe: Annotated[Optional[str], _opt("--recipe", "-r", metavar="NAME|FILE", help="A recipe of settings: "
-                      "book-ch05, book-ch06, shakespeare-char, or your YAML. Flags override it.")] = None,
-    task: Annotated[Optional[str], _setting("task", "--task", metavar="lm|classify", help="lm: language modelling "
-                    "on text (the book's chapter 5). classify: a TSV/CSV of text and label; the output head becomes "
-                    "one row per label, the last token decides (chapter 6).")] = None,
+                      "book-ch05, book-ch06, book-ch07, shakespeare-char, or your YAML. Flags override it.")] = None,
+    task: Annotated[Optional[str], _setting("task", "--task", metavar="lm|classify|instruct", help="lm: language "
+                    "modelling on text (the book's chapter 5). classify: a TSV/CSV of text and label; the output head "
+                    "becomes one row per label, the last token decides (chapter 6). instruct: the book's chapter 7, "
+                    "prompt (Alpaca-style) plus response per JSON entry, padded with <|endoftext|>, the padding left "
+                    "out of the loss.")] = None,
     trainable: Annotated[Optional[str], _opt("--trainable", metavar="last-block|all|head", help="classify: which "
                          "weights train: the last transformer block, the final LayerNorm and the head (the book's, "
                          "the default), all, or only the head.")] = None,
@@ -74,6 +77,10 @@ def train(
                     "loads them on their base.")] = None,
     lora_alpha: Annotated[Optional[float], _setting("lora_alpha", "--lora-alpha", metavar="ALPHA", help="LoRA's "
                           "scale: linear(x) + alpha * (x @ A @ B), as the book (which uses 16).")] = None,
+    mask_prompt: Annotated[bool, typer.Option("--mask-prompt", help="instruct: no loss on the prompt either, only "
+                           "on the response (the book's exercise 7.2).")] = False,
+    max_length: Annotated[Optional[int], _setting("max_length", "--max-length", metavar="N", help="instruct: cut "
+                          "examples to N tokens (a note says how many; none: the context length).")] = None,
     tokenizer: Annotated[Optional[str], _setting("tokenizer", "--tokenizer", metavar="gpt2|char", help="gpt2 (GPT-2's BPE, the "
                          "default) or char (the sorted characters of the training text, as nanoGPT).")] = None,
     size: SizeOption = None,
@@ -158,6 +165,7 @@ def train(
 
     Recipes: book-ch05 is chapter 5 of the book (124M, context 256, The Verdict; prints the book's figures);
     book-ch06 is chapter 6 (GPT-2 124M fine-tuned on the SMS Spam Collection to tell spam from ham);
+    book-ch07 is chapter 7 (instruction fine-tuning GPT-2 355M on the book's instruction data);
     shakespeare-char is nanoGPT's CPU recipe (a 0.8M-parameter character model). Flags override a recipe.
     A recipe without DATA trains on its own data, downloaded once and cached.
 
@@ -185,11 +193,15 @@ def train(
       gptcli train --recipe book-ch06 --out runs/spam      # downloads the SMS Spam Collection once
       gptcli train reviews.csv --task classify --weights gpt2 --epochs 3 --out runs/reviews
       gptcli train notes/ --weights gpt2 --lora 16 --epochs 2 --lr 5e-4 --out runs/notes-lora
+      gptcli train --recipe book-ch07 --out runs/ch07          # instruction-tune GPT-2 355M
+      gptcli train pairs.json --task instruct --weights gpt2 --epochs 2 --mask-prompt --out runs/pairs
+      gptcli generate --interactive --weights runs/ch07        # chat in the run's template
     """
     from gptcli import training
 
     flags: dict[str, Any] = {
-        "tokenizer": tokenizer, "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
+        "tokenizer": tokenizer, "max_length": max_length, "epochs": epochs, "max_steps": max_steps,
+        "batch_size": batch_size,
         "grad_accum": grad_accum, "lr": lr, "schedule": schedule, "warmup_steps": warmup_steps, "min_lr": min_lr,
         "decay_steps": decay_steps,
         "weight_decay": weight_decay, "decay": decay, "sampling": sampling, "stride": stride,
@@ -208,6 +220,8 @@ def train(
         flags["sample_every"] = _sample_every(sample_every)
     if compile_model:
         flags["compile"] = True
+    if mask_prompt:
+        flags["mask_prompt"] = True
     arch = {k: v for k, v in {"context_length": context_length, "n_layers": n_layers, "n_heads": n_heads,
                                "emb_dim": emb_dim, "drop_rate": drop_rate}.items() if v is not None}
     json_mode = json_output if json_output is not None else not sys.stdout.isatty()
@@ -401,8 +415,7 @@ def _render(trainer, run: "Run", json_mode: bool) -> None:
                     else:
                         lora = f" ({ev['trainable_params']:,} trainable: LoRA adapters)" \
                             if ev.get("trainable_params") != ev["params"] else ""
-                        note(f"{ev['params']:,} parameters{lora}, {ev['train_tokens']:,} training and "
-                             f"{ev['val_tokens']:,} validation tokens ({ev['tokenizer']}), {ev['total_steps']} "
+                        note(f"{ev['params']:,} parameters{lora}, {_data_summary(ev)}, {ev['total_steps']} "
                              f"step{'s' * (ev['total_steps'] != 1)} on {where}; writing {run.out}")
                 if kind == "step":
                     if progress is not None:
@@ -457,8 +470,20 @@ def _render(trainer, run: "Run", json_mode: bool) -> None:
                  f"{run.out}; try: gptcli classify --weights {run.out} \"...\"")
             return
         best = "" if run.settings.lora else f" (best in {run.out / 'best'})"
+        try_it = (f"gptcli generate --interactive --weights {run.out} (a chat in its prompt template)"
+                  if run.metadata.get(TEMPLATE_METADATA_KEY) else f"gptcli generate --weights {run.out} \"...\"")
         note(f"done: {steps} in {end['wall_s']:.1f} s{rate}{final_summary(final)}; weights in {run.out}{best}; try: "
-             f"gptcli generate --weights {run.out} \"...\"")
+             f"{try_it}")
+
+
+def _data_summary(start: dict) -> str:
+    """What the run trains on, for the start note: tokens, or an instruction run's examples."""
+    examples = start.get("examples")
+    if examples is None:
+        return f"{start['train_tokens']:,} training and {start['val_tokens']:,} validation tokens ({start['tokenizer']})"
+    masked = ", loss on the responses only" if start.get("mask_prompt") else ""
+    return (f"{examples['train']:,} training, {examples['val']:,} validation and {examples['test']:,} test examples "
+            f"({start['train_tokens']:,} training tokens, at most {start['max_length']} per example{masked})")
 
 
 def _print_above(progress, text: str, label: str | None = None) -> None:

@@ -7,6 +7,12 @@ the last generated token, which was picked but never fed). Tokenizing the whole 
 appending the typed text's own tokens, keeps a turn exactly what ``gptcli generate`` does with the
 concatenated text as its prompt, even where BPE merges across the boundary.
 
+A model whose checkpoint names a prompt template (an instruction-tuned run: ``checkpoint_template``) chats
+instead: each turn is the user's message, the running text is ``templates.chat_prompt`` over the
+conversation so far (the user's messages and the model's answers), and an answer ends at <|endoftext|> or
+``templates.CHAT_STOP`` (the next section's header). The cache works the same way: the transcript of one
+turn is the start of the next one's.
+
 Past the context window the rule of ``gptcli.decoding.generate.Decoder`` holds: the last context_length
 tokens are recomputed each step (cached keys are stale once positions move). A Ctrl-C between two
 steps (or inside one) leaves the cache consistent: ``KVCache.length`` is updated only after a
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from gptcli.errors import UserError
+from gptcli.templates import CHAT_STOP, TEMPLATE_METADATA_KEY, chat_prompt, check_template
 from gptcli.decoding.generate import (FINISH_INTERRUPTED, Decoder, Generation, SamplingOptions, check_seed, crop_prompt,
                              prompt_ids)
 from gptcli.decoding.speculative import SpeculativeOptions, SpeculativeStats, Speculator
@@ -106,6 +113,18 @@ class TurnStats:
         return self.decode_tokens / self.decode_s if self.decode_tokens and self.decode_s > 0 else None
 
 
+def checkpoint_template(runtime: "Runtime") -> str | None:
+    """The prompt template the model's checkpoint names in its metadata (``gptcli train --task instruct``
+    records one); None for random weights or a checkpoint without one. UserError for a name this
+    gptcli does not know."""
+    if runtime.checkpoint is None:
+        return None
+    from gptcli.checkpoint import read_header
+
+    name = read_header(runtime.checkpoint).metadata.get(TEMPLATE_METADATA_KEY)
+    return check_template(name) if name else None
+
+
 # /set NAME VALUE: the SamplingOptions field each name sets, and how its value is read.
 SETTINGS: dict[str, tuple[str, Callable[[str], object]]] = {}
 
@@ -161,12 +180,17 @@ class Session:
     ``spec`` (``--draft``/``--lookup``) makes every turn speculative (gptcli.decoding.speculative), the same
     ids as without it; ``draft`` is the loaded draft model (None for lookup), whose cache is kept
     between turns too.
+
+    ``template`` (``checkpoint_template``): chat in it. ``turn(message)`` then answers the message, and
+    ``messages`` is the conversation (the answer being written is the last one, whole or cut by Ctrl-C).
     """
 
     def __init__(self, runtime: "Runtime", options: SamplingOptions, *, spec: SpeculativeOptions | None = None,
-                 draft: "Runtime | None" = None):
+                 draft: "Runtime | None" = None, template: str | None = None):
         self.runtime = runtime
         self.options = options.validate()
+        self.template = None if template is None else check_template(template)
+        self.messages: list[dict[str, str]] = []  # chat: {"role": "user"|"assistant", "content": ...}
         self.text = ""
         self.decoder = SessionDecoder(runtime.model, runtime.device, runtime.dtype)
         self.speculator: Speculator | None = None
@@ -191,9 +215,14 @@ class Session:
     def cached_tokens(self) -> int:
         return len(self.decoder.cached_ids())
 
+    @property
+    def chat(self) -> bool:
+        return self.template is not None
+
     def reset(self) -> None:
-        """An empty running text (settings stay)."""
+        """An empty running text, and conversation (settings stay)."""
         self.text = ""
+        self.messages = []
         self.decoder.forget()
         if self._draft_decoder is not None:
             self._draft_decoder.forget()
@@ -206,15 +235,40 @@ class Session:
         """Append ``typed`` and continue the running text; yields the new text as it becomes printable.
         A text the tokenizer cannot encode raises UserError (on the first ``next``) and changes nothing.
 
+        In a chat (``template``), ``typed`` is the user's message and the pieces are the model's answer.
+
         ``observe`` is ``Generation``'s hook (gptcli.decoding.logprobs.Recorder). Each turn samples with seed
         ``seed + turn``, so a seeded session repeats and its turns differ.
         """
-        tokenizer = self.runtime.tokenizer
-        ids = prompt_ids(self.text + typed, tokenizer)  # UserError (a character not in the vocabulary): no change
+        if self.chat:
+            yield from self._chat_turn(typed, observe)
+            return
+        ids = prompt_ids(self.text + typed, self.runtime.tokenizer)  # UserError (a character not in the vocabulary)
         self.text += typed
+        yield from self._continue(ids, self.options, observe)
+
+    def prompt(self, message: str) -> str:
+        """Chat: the text the model continues to answer ``message`` after the conversation so far."""
+        return chat_prompt([*self.messages, {"role": "user", "content": message}], self.template or "")
+
+    def _chat_turn(self, message: str, observe: Callable | None) -> Iterator[str]:
+        text = self.prompt(message)
+        ids = prompt_ids(text, self.runtime.tokenizer)  # UserError: nothing changes
+        answer = {"role": "assistant", "content": ""}
+        self.messages += [{"role": "user", "content": message}, answer]
+        self.text = text
+        # An answer ends at <|endoftext|> or where the model starts the next section ("### Instruction:").
+        options = dataclasses.replace(self.options, stop=(*self.options.stop, CHAT_STOP))
+        for piece in self._continue(ids, options, observe):
+            answer["content"] += piece  # as it comes: a Ctrl-C keeps what was written
+            yield piece
+
+    def _continue(self, ids: list[int], options: SamplingOptions, observe: Callable | None) -> Iterator[str]:
+        """Continue ``ids`` (the running text's), adding each printable piece to ``text``."""
+        tokenizer = self.runtime.tokenizer
         self._dropped = crop_prompt(ids, self.context_length)[1]
         self.turns += 1
-        options = dataclasses.replace(self.options, seed=self.options.seed + self.turns - 1)
+        options = dataclasses.replace(options, seed=self.options.seed + self.turns - 1)
         if self.speculator is not None:
             self.generation = self.speculator.generation(ids, options, observe=observe)
         else:

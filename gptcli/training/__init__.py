@@ -8,6 +8,7 @@
 - ``run_folder``: what a run folder holds and the checks before writing one; ``distributed``: torchrun;
 - ``tasks``: which task a run trains (``prepare_run``, ``trainer_for``): ``lm``, or ``classify``
   (``classify``: chapter 6); ``lora``: LoRA adapters for any task (appendix E).
+- ``instruct``: ``--task instruct``, the book's chapter 7 (instruction data, its batches and masks).
 
 The batches come from ``gptcli.training.data`` (the book's windows or nanoGPT's random ones), the training
 kernels from ``gptcli.kernels.train``.
@@ -68,7 +69,8 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 
-_MODULES = ("classify", "distributed", "loop", "lora", "optimizer", "run_folder", "settings", "setup", "state", "tasks")
+_MODULES = ("classify", "distributed", "instruct", "loop", "lora", "optimizer", "run_folder", "settings", "setup", "state",
+            "tasks")
 
 
 def __getattr__(name: str) -> Any:

@@ -46,6 +46,7 @@ from gptcli.training.setup import (
     check_memory,
     choose_init,
     new_model,
+    resolve_dtype,
     resume_threads,
     resumed_base,
     set_dropout,
@@ -432,6 +433,9 @@ def new_classify_run(request: RunRequest, *, note: Note = _ignore) -> Run:
     check_lora(settings, model.cfg, has_base)
     data = build_data(splits, labels, tok, model.cfg.context_length, settings.label_token)
     plan_classify_steps(settings, len(splits["train"]))
+    why = resolve_dtype(settings, model.cfg.replace(context_length=data.info.max_length), device, dist)
+    if why:
+        say(why)
     check_memory(model.cfg.replace(context_length=data.info.max_length), settings, device, dist)
     check_folder_room(out, model.cfg, 0, tok.vocab_size)
     if dist.main:

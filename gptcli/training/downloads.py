@@ -8,6 +8,12 @@
   (label<TAB>text). Its sha256 is NOT pinned: this code was written on a machine without network
   access, so the file's digest could not be taken; the download is used as it comes, and its sha256
   is reported in a note so that it can be pinned here (``Dataset.sha256``) once known.
+- The book's instruction data (chapter 7, ``--recipe book-ch07``): 1,100 ``{instruction, input, output}``
+  entries, ``ch07/01_main-chapter-code/instruction-data.json`` in the same repository. This machine could
+  not download it; its sha256 was computed from the file's blob in a snapshot of the repository
+  (``git show HEAD:ch07/01_main-chapter-code/instruction-data.json | sha256sum``; the file has had one
+  version, commit 4ac480c of June 2024), the way The Verdict's pinned sha256 checks out from the same
+  snapshot. Not yet checked against a download from raw.githubusercontent.com.
 
 Each download with a pinned sha256 is checked against it before it is used, and kept in the cache
 (``$GPTCLI_CACHE_DIR/data``, else ``$XDG_CACHE_HOME/gptcli/data``, default ``~/.cache/gptcli/data``),
@@ -64,6 +70,11 @@ DATASETS: dict[str, Dataset] = {
         Dataset("sms-spam", "the SMS Spam Collection (UCI)", "SMSSpamCollection.tsv",
                 "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip", None, None,
                 archive="sms+spam+collection.zip", member="SMSSpamCollection"),
+        Dataset("instruction-data", "the book's instruction data (chapter 7)", "instruction-data.json",
+                "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
+                "instruction-data.json",
+                # From the repository's git blob, not a download (see above): this machine has no network.
+                "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944", 203_524),
     )
 }
 MAX_UNKNOWN_BYTES = 64 << 20  # a download of unknown size stops here (the SMS zip is about 0.2 MB)

@@ -45,7 +45,8 @@ def autocast(device: "torch.device", dtype: str):
 
 def batch_loss(model, x: "torch.Tensor", y: "torch.Tensor", *, device: "torch.device", dtype: str,
                plan: "TrainPlan | None" = None, head_weight: "torch.Tensor | None" = None) -> "torch.Tensor":
-    """The book's calc_loss_batch: mean cross-entropy over every position of the batch.
+    """The book's calc_loss_batch: mean cross-entropy over every position of the batch whose target is
+    not -100 (PyTorch's ignore_index: padding and, with --mask-prompt, the prompt of an instruction example).
 
     ``model`` may be wrapped (torch.compile, DDP). When training with a plan whose ``head_loss`` is
     on, the output head (``head_weight``) and the cross-entropy run as one chunked function
@@ -65,7 +66,11 @@ def batch_loss(model, x: "torch.Tensor", y: "torch.Tensor", *, device: "torch.de
 
         with autocast(device, dtype):
             hidden = model(x, head=False, attention=attention)  # (B, T, emb_dim)
-        return head_loss(hidden.flatten(0, 1).float(), head_weight, y.flatten(), dtype=getattr(torch, dtype),
+        hidden, targets = hidden.flatten(0, 1), y.flatten()
+        kept = targets != -100
+        if not bool(kept.all()):  # head_loss has no ignore_index: leave those rows out of the mean
+            hidden, targets = hidden[kept], targets[kept]
+        return head_loss(hidden.float(), head_weight, targets, dtype=getattr(torch, dtype),
                          onednn=plan.linear == "onednn" and hidden.device.type == "cpu")
     with autocast(device, dtype):
         logits = model(x, attention=attention)  # (B, T, V)
@@ -82,6 +87,7 @@ class Trainer:
         self.run, self.settings, self.model = run, run.settings, run.model
         s = run.settings
         self._stop = False
+        self.step_tokens = 0  # the last optimizer step's input tokens
         self.saving = False  # a checkpoint is being written (see save)
         self.total_steps, self.steps_per_epoch = self.plan_steps()
         if run.resume_state is not None and run.resume_state.position.step >= self.total_steps:
@@ -110,17 +116,27 @@ class Trainer:
 
     def plan_steps(self) -> tuple[int, int | None]:
         """(total optimizer steps, steps per epoch or None)."""
+        if self.settings.task == "instruct":  # gptcli.training.instruct's data plans its own steps and batches
+            return self.run.task_data.plan_steps(self.settings)
         return check_data(self.run.train_ids, self.run.val_ids, self.settings, self.model.cfg.context_length)
 
     def make_batches(self) -> "Batches":
+        import torch
+
         from gptcli.training.data import make_batches
 
         s, cfg, run = self.settings, self.model.cfg, self.run
+        if s.task == "instruct":
+            return run.task_data.batches(s, torch.Generator().manual_seed(s.seed), rank=run.dist.rank,
+                                         world=run.dist.world)
         return make_batches(s.sampling, run.train_ids, run.val_ids, length=cfg.context_length,
                             stride=s.stride or cfg.context_length, batch_size=s.batch_size, grad_accum=s.grad_accum,
                             seed=s.seed, rank=run.dist.rank, world=run.dist.world)
 
     def tokens_per_row(self) -> int:
+        """A bound on a batch row's length (the rows the training kernels are measured at)."""
+        if self.settings.task == "instruct":
+            return self.run.task_data.longest_row()
         return self.model.cfg.context_length
 
     def epoch_end_events(self, step: int, epoch: int) -> Iterator[dict]:
@@ -138,8 +154,11 @@ class Trainer:
         return {BASE_KEY: json.dumps(self.run.base)} if self.run.base is not None else {}
 
     def save_weights(self, folder: Path, metadata: dict[str, str] | None = None) -> None:
-        """The run's weights: the Hugging Face layout, or the adapters alone for a --lora run."""
+        """The run's weights: the Hugging Face layout, or the adapters alone for a --lora run; with the
+        run's own metadata (an instruct run's template) and ``metadata``."""
         from gptcli.export import save_pretrained
+
+        metadata = {**self.run.metadata, **(metadata or {})}
 
         if self.settings.lora:
             from gptcli.adapters import save_adapters
@@ -167,8 +186,10 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
+        self.step_tokens = 0  # the inputs' tokens, over all processes (the book's tokens_seen)
         for micro in range(s.grad_accum):
             batch = self.batches.next()
+            self.step_tokens += batch[0].numel() * self.run.dist.world
             sync = micro == s.grad_accum - 1 or self.run.dist.world == 1
             with self.train_model.no_sync() if not sync else contextlib.nullcontext():
                 loss = self.loss(self.train_model, *batch)
@@ -264,14 +285,21 @@ class Trainer:
                 "config": cfg.to_dict(), "tokenizer": run.tokenizer.name, "vocab_size": run.tokenizer.vocab_size,
                 "weights": run.weights_source, "device": str(run.device), "world_size": run.dist.world,
                 "threads": torch.get_num_threads(), "settings": self.settings.to_dict(), "kernels": self.plan.to_dict(),
-                "resumed": run.resume_state is not None}
+                "resumed": run.resume_state is not None, **self._examples()}
+
+    def _examples(self) -> dict:
+        """A task's example counts, for the start event (--task instruct)."""
+        data = self.run.task_data
+        if data is None:
+            return {}
+        return {"examples": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+                "max_length": data.max_length, "mask_prompt": data.mask_prompt, "truncated": data.truncated}
 
     def events(self) -> Iterator[dict]:
         """The loop: optimizer steps until ``total_steps``, evaluating, sampling and saving on schedule."""
         s, pos, total = self.settings, self.position, self.total_steps
         yield self.start_event()
         start_time, session_tokens, saved_step = time.perf_counter(), 0, pos.step
-        step_tokens = s.batch_size * self.tokens_per_row() * s.grad_accum  # over all processes
         self.model.train()
         reason = "done"
         while pos.step < total:
@@ -281,8 +309,8 @@ class Trainer:
             lr = learning_rate(pos.step, s, total)
             epoch_of_step = pos.epoch
             loss = self.optimizer_step(lr)
-            pos.tokens_seen += step_tokens
-            session_tokens += step_tokens
+            pos.tokens_seen += self.step_tokens
+            session_tokens += self.step_tokens
             done_step = pos.step  # 0-based index of the step just taken
             pos.step += 1
             epoch_end = self.batches.epoch_done()

@@ -19,8 +19,12 @@ if TYPE_CHECKING:
 class TrainSettings:
     """Hyperparameters of a run: a recipe's keys, each also a command-line flag."""
 
-    task: str = "lm"  # lm (language modelling, the book's ch. 5) | classify (ch. 6: gptcli.training.classify)
+    # lm (language modelling, the book's ch. 5) | classify (ch. 6: gptcli.training.classify) | instruct
+    # (ch. 7: gptcli.training.instruct)
+    task: str = "lm"
     tokenizer: str = "gpt2"  # gpt2 | char
+    mask_prompt: bool = False  # instruct: no loss on the prompt's tokens either (the book's exercise 7.2)
+    max_length: int | None = None  # instruct: examples cut to this many tokens; None: the context length
     epochs: int | None = None  # passes over the training windows (sampling: windows)
     max_steps: int | None = None  # optimizer steps; with epochs, whichever ends first
     batch_size: int = 2  # rows per micro-batch, summed over processes
@@ -80,7 +84,7 @@ class TrainSettings:
                                 f"got {value!r}")
 
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "epochs", "max_steps", "stride",
-                     "decay_steps"):
+                     "decay_steps", "max_length"):
             positive(name, getattr(self, name))
         for name in ("warmup_steps", "save_every", "sample_tokens", "seed", "sample_seed"):
             positive(name, getattr(self, name), zero_ok=True)
@@ -127,10 +131,18 @@ class TrainSettings:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         return self
 
-
     def _validate_task(self) -> None:
-        if self.task not in ("lm", "classify"):
-            raise UserError(f"unknown task {self.task!r}; choose lm or classify")
+        if self.task not in TASKS:
+            raise UserError(f"unknown task {self.task!r}; choose {', '.join(TASKS[:-1])} or {TASKS[-1]}")
+        if self.task == "instruct":
+            if self.tokenizer != "gpt2":
+                raise UserError("--task instruct needs GPT-2's BPE (--tokenizer gpt2): its examples end and pad "
+                                "with <|endoftext|>")
+            if self.sampling != "windows":
+                raise UserError("--task instruct batches whole examples, shuffled each epoch (the book's); "
+                                "--sampling random does not apply")
+        elif self.mask_prompt or self.max_length is not None:
+            raise UserError(f"{'--mask-prompt' if self.mask_prompt else '--max-length'} is for --task instruct")
         if self.trainable is not None and self.trainable not in ("last-block", "all", "head"):
             raise UserError(f"unknown --trainable {self.trainable!r}; choose last-block, all or head")
         if self.trainable is not None and self.task != "classify":
@@ -158,6 +170,7 @@ class TrainSettings:
                                ignore_eos=True)
 
 
+TASKS = ("lm", "classify", "instruct")
 SETTING_NAMES = {f.name for f in dataclasses.fields(TrainSettings)}
 # Recipe keys that choose the model rather than how it trains.
 MODEL_KEYS = ("size", "config", "model", "weights")

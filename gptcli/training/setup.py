@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from gptcli.config import GPTConfig
     from gptcli.training.data import Text
+    from gptcli.training.instruct import Entry, InstructData
     from gptcli.model.gpt import GPTModel
     from gptcli.tokenizer import Tokenizer
 
@@ -82,7 +83,10 @@ class Run:
     dist: Dist = field(default_factory=Dist)
     resume_state: TrainingState | None = None  # the run folder's state when resuming
     base: dict[str, Any] | None = None  # a --lora run's base weights (gptcli.adapters.base_record)
-    task_data: Any = None  # what a task other than lm trains on (gptcli.training.classify.ClassifyData)
+    # What a task other than lm trains on, which makes its own batches: gptcli.training.classify.ClassifyData,
+    # gptcli.training.instruct.InstructData (train_ids/val_ids then hold its tokens end to end, for the figures).
+    task_data: Any = None
+    metadata: dict[str, str] = field(default_factory=dict)  # added to every checkpoint's metadata (the template)
 
 
 def plan_steps(s: TrainSettings, n_train_windows: int | None) -> tuple[int, int | None]:
@@ -147,6 +151,15 @@ def available_memory(device: "torch.device") -> int | None:
     from gptcli.devices import proc_kib
 
     return proc_kib("/proc/meminfo", "MemAvailable")
+
+
+def untie_head(model: "GPTModel") -> None:
+    """Give a tied model its own output head, a copy of the token embedding that then trains apart from
+    it: what the book's ``load_weights_into_gpt`` makes of GPT-2's weights (book-ch07 fine-tunes so)."""
+    import torch.nn as nn
+
+    model.out_head.weight = nn.Parameter(model.tok_emb.weight.detach().clone())
+    model.cfg = dataclasses.replace(model.cfg, tie_weights=False)
 
 
 def set_dropout(model: "GPTModel", p: float) -> None:
@@ -257,11 +270,14 @@ def resolve_dtype(settings: TrainSettings, cfg: "GPTConfig", device: "torch.devi
     return f"--dtype auto: {settings.dtype}: {why}"
 
 
-def check_memory(cfg: "GPTConfig", settings: TrainSettings, device: "torch.device", dist: Dist) -> None:
-    """Refuse a run that will not fit: estimate_memory per process against what the device has free."""
+def check_memory(cfg: "GPTConfig", settings: TrainSettings, device: "torch.device", dist: Dist,
+                 length: int | None = None) -> None:
+    """Refuse a run that will not fit: estimate_memory per process against what the device has free.
+    ``length``: the longest row a batch can have when shorter than the context (padded examples)."""
     from gptcli.params import human_bytes
 
-    need = estimate_memory(cfg, max(1, settings.batch_size // dist.world), settings.dtype != "float32")
+    rows = cfg if length is None else dataclasses.replace(cfg, context_length=min(length, cfg.context_length))
+    need = estimate_memory(rows, max(1, settings.batch_size // dist.world), settings.dtype != "float32")
     have = available_memory(device)
     # Processes on one CPU share its memory; each GPU has its own.
     total = need["total"] * (dist.world if device.type == "cpu" else 1)
@@ -358,14 +374,16 @@ def _new_config(request: RunRequest, recipe, settings: TrainSettings, tok: "Toke
     return cfg
 
 
-def _fine_tuned(request: RunRequest, weights: str, settings: TrainSettings, tok: "Tokenizer",
+def _fine_tuned(request: RunRequest, recipe, weights: str, settings: TrainSettings, tok: "Tokenizer",
                 note: Note) -> tuple["GPTModel", "Tokenizer", str]:
-    """The model to fine-tune (on the CPU, float32, trainable), the tokenizer to keep, and its source."""
+    """The model to fine-tune (on the CPU, float32, trainable), the tokenizer to keep, and its source.
+    A recipe's size (book-ch07: 355M) and drop_rate apply unless --size/--config/--drop-rate say otherwise."""
     import torch
 
     from gptcli.weights import load_model
 
-    loaded = load_model(size=request.size, config=request.config, weights=weights, device=torch.device("cpu"),
+    size = request.size if request.size or request.config or recipe is None else recipe.size
+    loaded = load_model(size=size, config=request.config, weights=weights, device=torch.device("cpu"),
                         dtype=torch.float32, seed=settings.seed, note=note)
     if loaded.tokenizer.name != settings.tokenizer or loaded.tokenizer.vocab_size != tok.vocab_size:
         if settings.tokenizer == "char" and loaded.tokenizer.name == "char":
@@ -374,8 +392,11 @@ def _fine_tuned(request: RunRequest, weights: str, settings: TrainSettings, tok:
             raise UserError(f"{weights} was trained with the {loaded.tokenizer.name} tokenizer, not "
                             f"{settings.tokenizer}; pass --tokenizer {loaded.tokenizer.name}")
     model = loaded.model
-    if "drop_rate" in request.arch:
-        set_dropout(model, request.arch["drop_rate"])
+    drop_rate = request.arch.get("drop_rate", recipe.model.get("drop_rate") if recipe else None)
+    if drop_rate is not None:
+        set_dropout(model, drop_rate)
+    if recipe and recipe.model.get("tie_weights") is False and model.cfg.tie_weights:
+        untie_head(model)
     for p in model.parameters():
         p.requires_grad_(True)
     return model, tok, loaded.source
@@ -419,10 +440,11 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
     if weights is not None and set(request.arch) - {"drop_rate"}:
         raise UserError("--weights fine-tunes a model as it is; architecture changes (--context-length, --n-layers, "
                         "--n-heads, --emb-dim) need a new model (--size/--config)")
-    if weights is not None and recipe and set(recipe.model) - {"drop_rate"}:
+    if weights is not None and recipe and set(recipe.model) - {"drop_rate", "tie_weights"}:
         say(f"fine-tuning {weights}: the architecture in recipe {recipe.name!r} does not apply")
     check_dtype(settings.dtype, device)
     tok = _tokenizer(settings, texts)
+    entries = _instruct_entries(texts, settings, request, recipe) if settings.task == "instruct" else None
     check_sample_prompt(settings, tok, say)
     model = None
     if weights is None:
@@ -430,23 +452,29 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
         settings.init = choose_init(settings.init, cfg)  # the state records the init drawn, not "auto"
         source = f"random ({settings.init} init, seed {settings.seed})"
     else:
-        model, tok, source = _fine_tuned(request, weights, settings, tok, say)
+        model, tok, source = _fine_tuned(request, recipe, weights, settings, tok, say)
         cfg = model.cfg
     why = resolve_dtype(settings, cfg, device, dist)  # the state records the dtype it settled on, not "auto"
     if why:
         say(why)
     check_lora(settings, cfg, has_base=weights is not None)
-    check_memory(cfg, settings, device, dist)
-
-    with tokenizing(sum(len(t.text) for t in texts) if dist.main else 0) as progress:
-        train_ids, val_ids = encode_data(texts, tok, settings, progress)
-    check_data(train_ids, val_ids, settings, cfg.context_length)  # before anything is written
+    task_data = None
+    if entries is not None:
+        task_data, train_ids, val_ids = _instruct_data(entries, tok, settings, cfg.context_length, say)
+        check_memory(cfg, settings, device, dist, length=task_data.longest_row())
+    else:
+        check_memory(cfg, settings, device, dist)
+        with tokenizing(sum(len(t.text) for t in texts) if dist.main else 0) as progress:
+            train_ids, val_ids = encode_data(texts, tok, settings, progress)
+        check_data(train_ids, val_ids, settings, cfg.context_length)  # before anything is written
     check_folder_room(out, cfg, len(train_ids) + len(val_ids), tok.vocab_size)
     if dist.main:
         if replace:
             run_folder.clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
         train_ids, val_ids = run_folder.store_data(train_ids, val_ids, out, tok.vocab_size)
+        if task_data is not None:
+            task_data.save(out / run_folder.DATA_DIR)
     if model is None:
         model = new_model(cfg, settings, device)
     else:
@@ -458,7 +486,44 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
         apply_lora(model, settings)
     model.train()
     return Run(out=out, settings=settings, model=model, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,
-               device=device, weights_source=source, data_digest=digest(texts), dist=dist, base=base)
+               device=device, weights_source=source, data_digest=digest(texts), dist=dist, base=base,
+               task_data=task_data, metadata=task_metadata(settings))
+
+
+def task_metadata(settings: TrainSettings) -> dict[str, str]:
+    """What a task adds to the run's checkpoints: an instruction-tuned run's template."""
+    if settings.task == "instruct":
+        from gptcli.training.instruct import metadata
+
+        return metadata()
+    return {}
+
+
+def _instruct_entries(texts: "list[Text]", settings: TrainSettings, request: RunRequest, recipe) -> "list[Entry]":
+    """--task instruct: the entries of its JSON file (UserError naming a bad one). The progress samples
+    prompt with the first validation entry, as the book, unless a flag or the recipe says otherwise."""
+    from gptcli.training import instruct
+
+    entries = instruct.read_entries(texts)
+    if "sample_prompt" not in request.settings and not (recipe and "sample_prompt" in recipe.settings):
+        settings.sample_prompt = instruct.sample_prompt(instruct.split_entries(entries)[1]) or None
+    return entries
+
+
+def _instruct_data(entries: "list[Entry]", tok: "Tokenizer", settings: TrainSettings, context_length: int,
+                   note: Note) -> tuple["InstructData", "np.ndarray", "np.ndarray"]:
+    """The split, tokenized examples (checked: enough for a step and a validation) and their ids end to end."""
+    from gptcli.training import instruct
+
+    if settings.max_length is None:
+        settings.max_length = context_length  # the state records the length used
+    elif settings.max_length > context_length:
+        raise UserError(f"--max-length {settings.max_length} is longer than the model's context of {context_length} "
+                        "tokens")
+    data = instruct.prepare(entries, tok, max_length=settings.max_length, mask_prompt=settings.mask_prompt,
+                            note=note)
+    data.plan_steps(settings)
+    return data, data.flat("train"), data.flat("val")
 
 
 def _refuse_changes(request: RunRequest) -> None:
@@ -532,7 +597,14 @@ def resume_run(request: RunRequest, *, note: Note = _ignore) -> Run:
         val_ids = load_ids(folder / run_folder.DATA_DIR / "val.bin", tok.vocab_size)
     except OSError:
         raise UserError(f"--resume {folder}: its data/ folder is missing; the run cannot continue") from None
-    old_total, _ = check_data(train_ids, val_ids, settings, state.cfg.context_length)
+    task_data = None
+    if settings.task == "instruct":
+        from gptcli.training import instruct
+
+        task_data = instruct.load(folder / run_folder.DATA_DIR, train_ids, val_ids)
+        old_total, _ = task_data.plan_steps(settings)
+    else:
+        old_total, _ = check_data(train_ids, val_ids, settings, state.cfg.context_length)
     for key in ("epochs", "max_steps", "decay_steps"):
         if key in request.settings:
             setattr(settings, key, request.settings[key])
@@ -550,7 +622,7 @@ def resume_run(request: RunRequest, *, note: Note = _ignore) -> Run:
         run_folder.rewrite_log(folder, state.position.step)
     return Run(out=folder, settings=settings, model=model, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,
                device=device, weights_source=state.weights_source, data_digest=state.data_digest, dist=dist,
-               resume_state=state, base=resumed_base(state))
+               resume_state=state, base=resumed_base(state), task_data=task_data, metadata=task_metadata(settings))
 
 
 def resumed_base(state: TrainingState) -> dict[str, Any] | None:

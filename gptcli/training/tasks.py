@@ -1,6 +1,7 @@
 """Which task a run trains, and the setup and trainer for it: ``lm`` (language modelling, the book's
-chapter 5: ``gptcli.training.setup`` and ``Trainer``) or ``classify`` (chapter 6:
-``gptcli.training.classify``). A new task adds its module and a branch here."""
+chapter 5: ``gptcli.training.setup`` and ``Trainer``), ``instruct`` (chapter 7: the same setup and
+trainer, on ``gptcli.training.instruct``'s examples, ``Run.task_data``) or ``classify`` (chapter 6:
+``gptcli.training.classify``, its own setup and trainer). A new task adds its module and a branch here."""
 
 from __future__ import annotations
 
