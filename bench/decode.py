@@ -319,6 +319,11 @@ class GptcliRunner(VariantRunner):
         if v.compile:
             info["compile_s"] = self.decoder.warm_up()
         self.measure()
+        # Mapped weights pack on a thread after the first forward (gptcli.kernels.decode.apply(lazy=True)):
+        # the rounds time the packed kernels, the warm-up above decoded while packing.
+        from gptcli.kernels.decode import wait_packed
+
+        wait_packed(model)
         return info
 
     def _timings(self, ids: list[int], new_tokens: int) -> "Timings":

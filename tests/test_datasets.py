@@ -133,7 +133,7 @@ def test_canonical_sources():
     assert datasets.dataset("instruction-data").url == (
         "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json")
     with pytest.raises(UserError, match="unknown dataset 'x'; the known ones are tinyshakespeare, the-verdict, "
-                       "instruction-data"):
+                       "sms-spam, instruction-data"):
         datasets.dataset("x")
 
 

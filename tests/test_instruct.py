@@ -450,7 +450,7 @@ def test_bad_data_is_one_line_and_nothing_is_written(tmp_path, tiny, content, me
 def test_bad_options(tmp_path, pairs, tiny):
     out = str(tmp_path / "run")
     assert one_error_line(train(str(pairs), "--task", "chat", "--max-steps", "1", "--out", out)) == \
-        "error: unknown task 'chat'; choose lm or instruct"
+        "error: unknown task 'chat'; choose lm, classify or instruct"
     assert one_error_line(train(str(pairs), "--mask-prompt", "--max-steps", "1", "--out", out)) == \
         "error: --mask-prompt is for --task instruct"
     assert "needs GPT-2's BPE" in one_error_line(train(str(pairs), "--task", "instruct", "--tokenizer", "char",

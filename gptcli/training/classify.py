@@ -38,7 +38,6 @@ from gptcli.training.setup import (
     _fine_tuned,
     _ignore,
     _new_config,
-    _refuse_changes,
     _settings,
     _start_distributed,
     check_dtype,
@@ -46,12 +45,12 @@ from gptcli.training.setup import (
     check_memory,
     choose_init,
     new_model,
+    open_resumed,
     resolve_dtype,
-    resume_threads,
     resumed_base,
     set_dropout,
 )
-from gptcli.training.state import STATE_FILE, model_from_state, read_state
+from gptcli.training.state import model_from_state
 
 if TYPE_CHECKING:
     import torch
@@ -463,11 +462,7 @@ def resume_classify_run(request: RunRequest, *, note: Note = _ignore) -> Run:
 
     from gptcli.devices import check_device_name
 
-    folder = request.resume
-    run_folder.check_out_dir(folder, resume=True, force=False)
-    _refuse_changes(request)
-    state = read_state(folder / STATE_FILE)
-    resume_threads(request.threads, state.threads, note)
+    folder, state = open_resumed(request, note)
     settings, tok = state.settings, state.tokenizer
     if request.data:
         raise UserError(f"--resume {folder}: a classification run keeps its rows in data/; resume without DATA")

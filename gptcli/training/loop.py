@@ -290,7 +290,7 @@ class Trainer:
     def _examples(self) -> dict:
         """A task's example counts, for the start event (--task instruct)."""
         data = self.run.task_data
-        if data is None:
+        if self.settings.task != "instruct":
             return {}
         return {"examples": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
                 "max_length": data.max_length, "mask_prompt": data.mask_prompt, "truncated": data.truncated}

@@ -413,9 +413,9 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
     configure_threads(request.threads)  # first: the automatic count measures the load since startup
     recipe = load_recipe(request.recipe) if request.recipe else None
     settings = _settings(request, dict(recipe.settings) if recipe else {})
-    if settings.task != "lm":
-        raise UserError(f"task {settings.task!r} is not language modelling; gptcli.training.tasks.prepare_run "
-                        "prepares it")
+    if settings.task not in ("lm", "instruct"):
+        raise UserError(f"task {settings.task!r} is neither language modelling nor instruct; "
+                        "gptcli.training.tasks.prepare_run prepares it")
     data = request.data
     if not data and recipe is not None and recipe.data is not None:
         from gptcli.training.downloads import fetch
@@ -575,16 +575,22 @@ def resume_threads(requested: int | None, recorded: int | None, note: Note) -> i
     return threads
 
 
-def resume_run(request: RunRequest, *, note: Note = _ignore) -> Run:
-    """The run in ``request.resume``, from its state file and data/, to continue where it stopped."""
-    from gptcli.training.data import digest, load_ids, read_texts
-    from gptcli.devices import check_device_name
-
+def open_resumed(request: RunRequest, note: Note) -> tuple[Path, TrainingState]:
+    """The folder ``--resume`` names, checked, and its state; the thread count settled (any task)."""
     folder = request.resume
     run_folder.check_out_dir(folder, resume=True, force=False)
     _refuse_changes(request)
     state = read_state(folder / STATE_FILE)
     resume_threads(request.threads, state.threads, note)
+    return folder, state
+
+
+def resume_run(request: RunRequest, *, note: Note = _ignore) -> Run:
+    """The run in ``request.resume``, from its state file and data/, to continue where it stopped."""
+    from gptcli.training.data import digest, load_ids, read_texts
+    from gptcli.devices import check_device_name
+
+    folder, state = open_resumed(request, note)
     settings, tok = state.settings, state.tokenizer
     wanted = request.settings.get("tokenizer")
     if wanted is not None and wanted != tok.name:
