@@ -256,3 +256,23 @@ def test_a_mapped_checkpoint_packs_on_a_thread_after_the_first_forward(tmp_path)
         assert model.packer.packed == model.packer.total and model.packer.seconds is not None
         assert torch.equal(first, model(ids)) and torch.equal(first, eager(ids))
     assert prepared.counts == {"onednn": 9}
+
+
+def test_inspect_and_json_show_what_the_tuner_chose_and_measured(tmp_path):
+    from helpers import save_checkpoint
+
+    path = save_checkpoint(lively_model(18, vocab_size=50257), tmp_path / "m.safetensors")
+    shown = runner.invoke(app, ["inspect", "--weights", str(path), "--kernels"])
+    assert shown.exit_code == 0, shown.stderr
+    assert "Decode kernels (measured now, eager decoding" in shown.stdout
+    for shape in ("192x64", "256x64", "64x256", "64x64", "50257x64"):  # one row each, the head's too
+        assert f"{shape} float32 out,in" in shown.stdout
+    assert "no (rows depend on the batch)" in shown.stdout  # why blas is never taken for eager decoding
+    report = json.loads(runner.invoke(app, ["inspect", "--weights", str(path), "--kernels", "--json"]).stdout)
+    assert report["kernels"]["source"] == "cache" and len(report["kernels"]["explained"]) == 5
+    again = runner.invoke(app, ["generate", "Hello", "--weights", str(path), "-n", "2", "--json"])
+    plan = json.loads(again.stdout)["timings"]["kernel_plan"]
+    assert plan["source"] == "cache" and plan["mode"] == "eager" and len(plan["choices"]) == 5
+    for choice in plan["choices"].values():
+        assert choice["kernel"] in choice["measured"]
+        assert {"one", "batch", "invariant", "same_unpacked"} <= set(choice["measured"]["onednn"])

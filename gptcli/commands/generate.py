@@ -508,12 +508,6 @@ def _stream_one(generation: "Generation", prompt_text: str, ids: list[int], drop
             sys.stdout.flush()
     if stats:
         err(_stats_line(loaded.load_seconds, t, compile_s, loaded, str(generation.finish_reason)))
-        if loaded.kernel_plan is not None:
-            source = {"measured": "measured now", "cache": "from the cache", "default": "defaults, not measured"}
-            err(f"kernels ({source.get(loaded.kernel_plan.source, loaded.kernel_plan.source)}, "
-                f"{loaded.kernel_plan.mode} decoding):")
-            for line in loaded.kernel_plan.explain():
-                err(f"  {line}")
         if isinstance(generation, SpeculativeGeneration):
             err(generation.stats.line(t.decode_tokens, t.decode_s))
     if pipe_closed:

@@ -232,6 +232,36 @@ def predict(
     }
 
 
+def kernel_report(*, size: str | None, config: Any, weights: str | None, device: str, dtype: str, seed: int,
+                  threads: int | None = None) -> dict[str, Any] | None:
+    """The decode kernels generate takes for this model here: per weight shape the kernel chosen, what
+    each candidate measured and whether it may serve eager decoding (gptcli.kernels.decode). None off the CPU."""
+    from gptcli.runtime import InferenceOptions
+
+    loaded = load_for_command(InferenceOptions(size=size, config=config, weights=weights or "auto", device=device,
+                                               dtype=dtype, seed=seed, threads=threads, kernels="eager"))
+    plan = loaded.kernel_plan
+    return None if plan is None else {**plan.to_dict(), "explained": plan.explain()}
+
+
+def render_kernels(report: dict[str, Any] | None) -> None:
+    if report is None:
+        typer.echo("No decode kernels to choose: they are tuned on the CPU only.")
+        return
+    source = {"measured": "measured now", "cache": "read from the cache", "default": "the defaults, not measured"}
+    rows = []
+    for key, choice in sorted(report["choices"].items()):
+        for i, (name, m) in enumerate(choice["measured"].items()):
+            usable = bool(m.get("invariant")) or report["mode"] != "eager"
+            rows.append(["" if i else key, name, "yes" if name == choice["kernel"] else "",
+                         f"{m['one']:.1f}", f"{m['batch']:.1f}", "yes" if usable else "no (rows depend on the batch)",
+                         "yes" if m.get("same_unpacked") else ""])
+    print_table(f"Decode kernels ({source.get(report['source'], report['source'])}, {report['mode']} decoding; "
+                "cost = 1 row + 1/8 of 8 rows, among kernels whose rows cannot depend on the batch)",
+                ["weight shape", "kernel", "chosen", "1 row us", "8 rows us", "for eager decoding", "same bits unpacked"],
+                rows, right_align=[3, 4])
+
+
 @user_errors
 def inspect(
     size: SizeOption = None,
@@ -271,6 +301,11 @@ def inspect(
         bool, typer.Option("--details", help="With --prompt: print the module tree and figures (and a checkpoint's "
                            "report) after the next-token table, which --prompt otherwise prints alone.")
     ] = False,
+    kernels: Annotated[
+        bool, typer.Option("--kernels", help="Load the model as generate does and show the decode kernel chosen for "
+                           "each weight shape on this CPU, what every candidate measured (microseconds a call, one "
+                           "row and eight) and why (measured once, then cached).")
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Look inside a model: its modules, parameters, memory, FLOPs, a checkpoint, its next token.
@@ -288,6 +323,7 @@ def inspect(
       gptcli inspect --weights ./gpt2/model.safetensors  # tensors, layout, verdict
       gptcli inspect --weights ./ckpt --size 124M      # does it fit 124M?
       gptcli inspect --prompt "The capital of France is" --top 5
+      gptcli inspect --weights gpt2 --kernels          # the decode kernels chosen here, and why
       gptcli inspect --size xl --json | jq .kv_cache_bytes.full_context
     """
     if depth is not None and depth < 0:
@@ -322,6 +358,10 @@ def inspect(
     report = config_report(cfg, depth)
     report["checkpoint"] = checkpoint_report(header, cfg) if header is not None else None
     report["prompt"] = report["next_tokens"] = None
+    report["kernels"] = None
+    if kernels:
+        report["kernels"] = kernel_report(size=size, config=config, weights=weights, device=device, dtype=dtype,
+                                          seed=seed, threads=threads)
     if prompt is not None:
         report.update(predict(prompt=prompt, top=top, size=size, config=config, weights=weights, device=device,
                               dtype=dtype, seed=seed, threads=threads))
@@ -329,6 +369,10 @@ def inspect(
     if json_output:
         print_json(report)
         return
+    if kernels:
+        render_kernels(report["kernels"])
+        if report["next_tokens"] is None and not details and depth is None:
+            return
     if report["next_tokens"] is not None:
         # The answer to --prompt first, and alone unless the rest is asked for (--details, or --depth).
         render_next_tokens(report)
