@@ -500,16 +500,15 @@ def checkpoint_facts(header: Header, hf_config: dict | None = None, hf_config_so
     ``qkv_bias`` or ``bias``: they come from gptcli's metadata when the file has it (its Hugging Face
     export carries zero biases), else from the tensors.
     """
-    inferred = infer_architecture(header)
     stored = metadata_facts(header)
     if hf_config is not None:
         facts, where = hf_config_facts(hf_config, hf_config_source), hf_config_source
-        facts["qkv_bias"] = stored.get("qkv_bias", inferred.qkv_bias) if stored else inferred.qkv_bias
+        facts["qkv_bias"] = stored["qkv_bias"] if stored and "qkv_bias" in stored else infer_architecture(header).qkv_bias
         facts["bias"] = stored.get("bias", True) if stored else True
         return facts, where
-    if stored is not None:
+    if stored is not None:  # also a file without the model's tensors (LoRA adapters, a classifier)
         return {"bias": True, **stored}, f"{header.path.name} metadata"
-    facts = inferred.to_dict()
+    facts = infer_architecture(header).to_dict()
     facts["drop_rate"] = 0.1
     return facts, "tensor shapes"
 

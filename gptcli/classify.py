@@ -81,7 +81,16 @@ def _column(spec: str, header: list[str] | None, name: str, flag: str) -> int:
 
 def _columns(rows: list[list[str]], name: str, text_column: str | None,
              label_column: str | None) -> tuple[int, int, bool]:
-    """(text index, label index, has a header row)."""
+    """(text index, label index, has a header row); UserError when they are the same column."""
+    text, label, header = _find_columns(rows, name, text_column, label_column)
+    if text == label:
+        raise UserError(f"{name}: the text and the label are the same column ({text + 1}); give "
+                        "--text-column and --label-column different columns")
+    return text, label, header
+
+
+def _find_columns(rows: list[list[str]], name: str, text_column: str | None,
+                  label_column: str | None) -> tuple[int, int, bool]:
     first = [c.strip().lower() for c in rows[0]]
     header = rows[0] if (any(c in TEXT_NAMES for c in first) and any(c in LABEL_NAMES for c in first)) or (
         (text_column and not text_column.isdigit()) or (label_column and not label_column.isdigit())) else None

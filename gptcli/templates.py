@@ -40,12 +40,27 @@ def check_template(name: str) -> str:
     return name
 
 
+def _text_of(content: object, i: int) -> str:
+    """A message's text: a string, or OpenAI's list of content parts of type "text" (joined)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(isinstance(part, Mapping) for part in content):
+        texts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise UserError(f"messages[{i}]: only text content parts are supported ({{\"type\": \"text\", "
+                                f"\"text\": ...}}), got type {part.get('type')!r}")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise UserError(f"messages[{i}]: 'content' must be a string or a list of text parts")
+
+
 def chat_prompt(messages: Sequence[Mapping[str, object]], template: str = ALPACA) -> str:
     """The prompt a chat's messages make under ``template``, ending where the assistant's answer begins.
 
     A system (or developer) message replaces the preamble; each user turn is an instruction and each
-    assistant turn a response, in order. Raises UserError for an unknown role, content that is not
-    text, or no user turn.
+    assistant turn a response, in order. Content is a string or a list of text parts (joined).
+    Raises UserError for an unknown role, content that is not text, or no user turn.
     """
     check_template(template)
     preamble, turns, users = PREAMBLE, [], 0
@@ -53,8 +68,7 @@ def chat_prompt(messages: Sequence[Mapping[str, object]], template: str = ALPACA
         role, content = message.get("role"), message.get("content")
         if role not in CHAT_ROLES:
             raise UserError(f"messages[{i}]: unknown role {role!r}: use one of {', '.join(CHAT_ROLES)}")
-        if not isinstance(content, str):
-            raise UserError(f"messages[{i}]: 'content' must be a string")
+        content = _text_of(content, i)
         if role in ("system", "developer"):
             preamble = content
         elif role == "user":

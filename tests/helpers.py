@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -182,3 +183,31 @@ def scripted_model(by_position, default: int, *, context_length: int = 128, n_la
             token = by_position[p] if p < len(by_position) and by_position[p] is not None else default
             model.out_head.weight[token, p] = 1.0
     return model
+
+
+class InteractiveTerminal:
+    """``gptcli generate --interactive`` in a real pseudo-terminal (pexpect), on the CPU in float32 with
+    the default kernels; ``args`` adds to the command line. ``start``: what came before the first prompt."""
+
+    ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]")
+
+    def __init__(self, checkpoint, tmp_path, *args: str, env: dict[str, str] | None = None):
+        import pexpect
+
+        (tmp_path / "inputrc").write_text("set enable-bracketed-paste off\n")
+        env = {**os.environ, "TERM": "xterm-256color", "INPUTRC": str(tmp_path / "inputrc"), "OMP_NUM_THREADS": "1",
+               **(env or {})}
+        self.child = pexpect.spawn(sys.executable, ["-m", "gptcli", "generate", "--interactive", "--weights",
+                                                    str(checkpoint), *args, "--device", "cpu", "--dtype", "float32",
+                                                    "--no-tune"],
+                                   env=env, timeout=120, encoding="utf-8", dimensions=(40, 250))
+        self.start = self.prompt()
+
+    def prompt(self) -> str:
+        """Everything up to the next "> " prompt, colours and terminal codes taken out."""
+        self.child.expect_exact("> ")
+        return self.ANSI.sub("", self.child.before).replace("\r\n", "\n").replace("\r", "")
+
+    def send(self, line: str) -> str:
+        self.child.sendline(line)
+        return self.prompt()

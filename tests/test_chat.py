@@ -10,9 +10,6 @@ known in advance, so where they stop is tested exactly."""
 
 from __future__ import annotations
 
-import os
-import re
-import sys
 
 import pexpect
 import pytest
@@ -24,11 +21,9 @@ from gptcli.errors import UserError
 from gptcli.runtime import Runtime
 from gptcli.templates import ALPACA, CHAT_STOP, TEMPLATE_METADATA_KEY, chat_prompt
 from gptcli.tokenizer import EOT_ID, gpt2
-from helpers import save_checkpoint, scripted_model
+from helpers import InteractiveTerminal, save_checkpoint, scripted_model
 
 CPU = torch.device("cpu")
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]")
-FAST = ["--device", "cpu", "--dtype", "float32", "--no-tune"]
 FIRST, SECOND = "Name a colour.", "And another?"
 ANSWER1, ANSWER2 = "Blue, like the sky.", " Red"
 
@@ -154,23 +149,9 @@ def test_a_checkpoint_names_its_template(tmp_path):
 # In a terminal
 
 
-class Terminal:
+class Terminal(InteractiveTerminal):
     def __init__(self, checkpoint, tmp_path):
-        (tmp_path / "inputrc").write_text("set enable-bracketed-paste off\n")
-        env = {**os.environ, "TERM": "xterm-256color", "INPUTRC": str(tmp_path / "inputrc"), "OMP_NUM_THREADS": "1",
-               "GPTCLI_CACHE_DIR": str(tmp_path / "cache")}
-        self.child = pexpect.spawn(sys.executable, ["-m", "gptcli", "generate", "--interactive", "--weights",
-                                                    str(checkpoint), "-n", "30", *FAST],
-                                   env=env, timeout=120, encoding="utf-8", dimensions=(40, 250))
-        self.start = self.prompt()
-
-    def prompt(self) -> str:
-        self.child.expect_exact("> ")
-        return ANSI.sub("", self.child.before).replace("\r\n", "\n").replace("\r", "")
-
-    def send(self, line: str) -> str:
-        self.child.sendline(line)
-        return self.prompt()
+        super().__init__(checkpoint, tmp_path, "-n", "30", env={"GPTCLI_CACHE_DIR": str(tmp_path / "cache")})
 
     def reply(self, line: str) -> str:
         """What followed the typed line, up to the next prompt."""

@@ -238,6 +238,7 @@ def test_the_recipe_offline_is_one_error_line(tmp_path, monkeypatch):
     ("  \n\n", [], "the file is empty"),
     ("text\tlabel\na b\tham\nc d\n", [], "line 3: no label"),
     ("text\tlabel\na b\tham\nc d\t\n", [], "line 3: no label"),
+    ("text\tlabel\na b\tham\nc d\tspam\n", ["--label-column", "text"], "the text and the label are the same column (1)"),
 ])
 def test_bad_data_is_one_error_line(tmp_path, content, args, message):
     data = tmp_path / "bad.tsv"

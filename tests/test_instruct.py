@@ -335,8 +335,9 @@ def test_max_length_cuts_with_a_note(tmp_path, pairs, tiny):
                for e in kept]
     long = sum(n > 40 for n in lengths)
     assert 0 < long < 54
-    assert f"note: {long} of 54 examples are longer than --max-length 40 tokens (the longest: {max(lengths)}); " \
-        "their ends are cut off" in result.stderr
+    verb, ends = ("is", "its end is") if long == 1 else ("are", "their ends are")
+    assert f"note: {long} of 54 training and validation examples {verb} longer than --max-length 40 tokens " \
+        f"(the longest: {max(lengths)}); {ends} cut off" in result.stderr
     assert events(result.stdout)[0]["truncated"] == long
     line = one_error_line(train(str(pairs), "--task", "instruct", "--config", str(tiny), "--out",
                                 str(tmp_path / "r2"), "--max-steps", "1", "--max-length", "97"))
@@ -477,3 +478,19 @@ def test_the_memory_check_counts_the_longest_example_not_the_context(tmp_path, p
               "--eval-batches", "1"]
     assert train(*common, "--task", "instruct", "--out", str(tmp_path / "a")).exit_code == 0
     assert "needs about" in one_error_line(train(*common, "--out", str(tmp_path / "b")))  # the same text as windows
+
+
+def test_export_keeps_the_prompt_template(tmp_path):
+    """An exported instruct run still chats: its template goes into the exported file's metadata."""
+    from gptcli.checkpoint import read_header
+    from gptcli.export import export_weights
+    from gptcli.templates import ALPACA, TEMPLATE_METADATA_KEY
+    from helpers import lively_model, save_checkpoint
+
+    path = save_checkpoint(lively_model(4, vocab_size=50257), tmp_path / "run", metadata={TEMPLATE_METADATA_KEY: ALPACA})
+    written = export_weights(str(path), tmp_path / "out")
+    assert written["template"] == ALPACA
+    assert read_header(tmp_path / "out" / "model.safetensors").metadata[TEMPLATE_METADATA_KEY] == ALPACA
+    plain = save_checkpoint(lively_model(4, vocab_size=50257), tmp_path / "plain")
+    assert export_weights(str(plain), tmp_path / "out2")["template"] is None
+    assert TEMPLATE_METADATA_KEY not in read_header(tmp_path / "out2" / "model.safetensors").metadata

@@ -7,19 +7,16 @@ A character-level checkpoint makes the token counts exact: one character, one to
 from __future__ import annotations
 
 import json
-import os
 import re
-import sys
 
 import pexpect
 import pytest
 from typer.testing import CliRunner
 
 from gptcli.cli import app
-from helpers import lively_char_model
+from helpers import InteractiveTerminal, lively_char_model
 
 CHARS = "".join(sorted(set("abcdefghijklmnopqrstuvwxyz .,")))
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]")
 FAST = ["--device", "cpu", "--dtype", "float32", "--no-tune"]
 
 
@@ -37,23 +34,9 @@ def generated(checkpoint, prompt: str, n: int) -> str:
     return json.loads(result.stdout)["text"]
 
 
-class Session:
+class Session(InteractiveTerminal):
     def __init__(self, checkpoint, tmp_path):
-        (tmp_path / "inputrc").write_text("set enable-bracketed-paste off\n")
-        env = {**os.environ, "TERM": "xterm-256color", "INPUTRC": str(tmp_path / "inputrc"), "OMP_NUM_THREADS": "1"}
-        self.child = pexpect.spawn(sys.executable, ["-m", "gptcli", "generate", "--interactive", "--weights",
-                                                    str(checkpoint), "-n", "8", "--stats", *FAST],
-                                   env=env, timeout=120, encoding="utf-8", dimensions=(40, 250))
-        self.prompt()
-
-    def prompt(self) -> str:
-        """Everything up to the next "> " prompt, colours and terminal codes taken out."""
-        self.child.expect_exact("> ")
-        return ANSI.sub("", self.child.before).replace("\r\n", "\n").replace("\r", "")
-
-    def send(self, line: str) -> str:
-        self.child.sendline(line)
-        return self.prompt()
+        super().__init__(checkpoint, tmp_path, "-n", "8", "--stats")
 
     def text(self) -> str:
         out = self.send("/text")

@@ -112,6 +112,11 @@ def test_greedy_chat_is_generates_text_on_the_templated_prompt(client, checkpoin
         assert answer.usage.completion_tokens == len(run["token_ids"])
     assert answers[0].choices[0].message.content and answers[0].choices[0].finish_reason == "length"
     assert answers[0].choices[0].message.content != answers[1].choices[0].message.content
+    # OpenAI's content parts are the same text as a string
+    parts = [{**m, "content": [{"type": "text", "text": m["content"][:3]}, {"type": "text", "text": m["content"][3:]}]}
+             for m in ASK]
+    in_parts = client.chat.completions.create(model=MODEL, messages=parts, max_tokens=24, temperature=0)
+    assert in_parts.choices[0].message.content == answers[0].choices[0].message.content
 
 
 def chunks_of(client, **fields) -> list:
@@ -280,9 +285,9 @@ TOO_LONG = [{"role": "user", "content": "word " * 200}]
 BAD = [
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages", "messages[0]: unknown role 'robot'"),
     ({"messages": [{"role": "system", "content": "be nice"}]}, "messages", "no user turn"),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, "messages",
-     "messages[0]: 'content' must be a string"),
-    ({"messages": [{"role": "user"}]}, "messages", "'content' must be a string"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages",
+     "messages[0]: only text content parts are supported"),
+    ({"messages": [{"role": "user"}]}, "messages", "'content' must be a string or a list of text parts"),
     ({"messages": "hi"}, "messages", "'messages' must be a non-empty array"),
     ({"messages": []}, "messages", "got an empty array"),
     ({"messages": ["hi"]}, "messages", "messages[0] must be an object"),

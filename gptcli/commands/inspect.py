@@ -348,6 +348,13 @@ def inspect(
     if weights is not None and weights.strip().lower() not in NOT_A_CHECKPOINT:
         located = locate(weights, note=note)
         header = ckpt.read_header(located.path)
+        from gptcli.adapters import ADAPTERS_KIND, file_kind
+
+        kind = file_kind(header.metadata)
+        if kind is not None:
+            what = "LoRA adapters alone" if kind == ADAPTERS_KIND else "a classifier (a head with a row per label)"
+            note(f"{located.path.name} holds {what}, so its tensors are not a whole GPT-2; --prompt and --kernels "
+                 "load it as generate and classify do")
         if size is None and config is None:
             cfg = config_for_checkpoint(header, located.config_json, note=note)
         else:

@@ -336,7 +336,8 @@ def classify_start_line(ev: dict, where: str, out) -> str:
         if cut else ""
     return (f"{ev['params']:,} parameters, {ev['trainable_params']:,} trainable ({what}); labels "
             f"{', '.join(ev['labels'])}; {rows['train']} training, {rows['val']} validation and {rows['test']} test "
-            f"rows, padded to {ev['max_length']} tokens{cuts}; {ev['total_steps']} steps on {where}; writing {out}")
+            f"rows, padded to {ev['max_length']} token{'s' * (ev['max_length'] != 1)}{cuts}; {ev['total_steps']} "
+            f"step{'s' * (ev['total_steps'] != 1)} on {where}; writing {out}")
 
 
 def final_summary(ev: dict | None) -> str:

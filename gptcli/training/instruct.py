@@ -314,8 +314,10 @@ def prepare(entries: Sequence[Entry], tokenizer: "Tokenizer", *, max_length: int
     truncated = sum(len(ex.ids) > max_length for ex in train + val)
     if truncated:
         longest = max(len(ex.ids) for ex in train + val)
-        note(f"{truncated} of {len(train) + len(val)} examples are longer than --max-length {max_length} tokens "
-             f"(the longest: {longest}); their ends are cut off")
+        total = len(train) + len(val)
+        note(f"{truncated} of {total} training and validation example{'s' * (total != 1)} "
+             f"{'is' if truncated == 1 else 'are'} longer than --max-length {max_length} tokens (the longest: "
+             f"{longest}); {'its end is' if truncated == 1 else 'their ends are'} cut off")
     dropped = 0
     if mask_prompt:
         # Every target of such an example is masked: it has nothing to learn from and would make a
@@ -324,8 +326,9 @@ def prepare(entries: Sequence[Entry], tokenizer: "Tokenizer", *, max_length: int
         keep_val = [ex for ex in val if ex.prompt_len <= max_length]
         dropped = len(train) - len(keep_train) + len(val) - len(keep_val)
         if dropped:
-            note(f"{dropped} example(s) left out: with --mask-prompt their prompt alone fills --max-length "
-                 f"{max_length}, so no response token is left to learn from")
+            note(f"{dropped} example{'s' * (dropped != 1)} left out: with --mask-prompt "
+                 f"{'its' if dropped == 1 else 'their'} prompt alone fills --max-length {max_length}, so no "
+                 "response token is left to learn from")
         train, val = keep_train, keep_val
     return InstructData(train, val, test, max_length=max_length, mask_prompt=mask_prompt, truncated=truncated,
                         dropped=dropped)
