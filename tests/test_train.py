@@ -634,3 +634,17 @@ def test_a_run_without_a_checkpoint_is_replaced_not_a_blocker(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="saved no checkpoint .* and other files; pass --force"):
         check_out_dir(tmp_path, resume=False, force=False)
+
+
+def test_weights_random_takes_the_architecture_flags_and_a_checkpoint_refuses_them(tmp_path, corpus):
+    result = train(str(corpus), *TINY, "--weights", "random", "--out", str(tmp_path / "r"), "--max-steps", "1",
+                   "--batch-size", "2", "--sample-every", "0", "--json")
+    assert result.exit_code == 0, result.stderr
+    start = events(result.stdout)[0]
+    assert start["weights"].startswith("random (seed") and start["config"]["emb_dim"] == 32
+    refused = train(str(corpus), "--weights", str(tmp_path / "r"), "--n-layers", "3", "--out", str(tmp_path / "x"),
+                    "--max-steps", "1")
+    assert refused.exit_code == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: --weights fine-tunes a model as it is; architecture changes (--context-length, --n-layers, "
+        "--n-heads, --emb-dim) need --weights random or a new model (--size/--config)")

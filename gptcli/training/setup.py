@@ -437,9 +437,12 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
     texts = read_texts(data, note=say)
 
     weights = request.weights or (recipe.weights if recipe else None)
-    if weights is not None and set(request.arch) - {"drop_rate"}:
+    # --weights random with architecture flags: GPT-2-style random weights of that shape (as classify takes them)
+    random_shaped = (weights is not None and weights.strip().lower() == "random"
+                     and bool(set(request.arch) - {"drop_rate"}))
+    if weights is not None and not random_shaped and set(request.arch) - {"drop_rate"}:
         raise UserError("--weights fine-tunes a model as it is; architecture changes (--context-length, --n-layers, "
-                        "--n-heads, --emb-dim) need a new model (--size/--config)")
+                        "--n-heads, --emb-dim) need --weights random or a new model (--size/--config)")
     if weights is not None and recipe and set(recipe.model) - {"drop_rate", "tie_weights"}:
         say(f"fine-tuning {weights}: the architecture in recipe {recipe.name!r} does not apply")
     check_dtype(settings.dtype, device)
@@ -451,6 +454,11 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
         cfg = _new_config(request, recipe, settings, tok)
         settings.init = choose_init(settings.init, cfg)  # the state records the init drawn, not "auto"
         source = f"random ({settings.init} init, seed {settings.seed})"
+    elif random_shaped:
+        from gptcli.weights import random_model
+
+        cfg = _new_config(request, recipe, settings, tok)
+        model, source = random_model(cfg, settings.seed).train(), f"random (seed {settings.seed})"
     else:
         model, tok, source = _fine_tuned(request, recipe, weights, settings, tok, say)
         cfg = model.cfg
