@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from gptcli.cli import app
-from tests.helpers import hf_tiny_gpt2
+from helpers import hf_tiny_gpt2
 
 runner = CliRunner()
 WORDS = "the a of and to in is was he she it they said time over under house river light dark old new".split()
