@@ -267,7 +267,7 @@ def test_columns_by_name_and_number(tmp_path):
 
 
 def test_classify_refuses_what_is_not_a_classifier(tmp_path, trained):
-    from tests.helpers import hf_tiny_gpt2
+    from helpers import hf_tiny_gpt2
 
     hf_tiny_gpt2(tmp_path / "lm")
     result = invoke("classify", "--weights", str(tmp_path / "lm"), "hello")
