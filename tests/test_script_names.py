@@ -26,3 +26,13 @@ def test_no_bench_or_test_file_shadows_an_importable_module():
     assert {"json", "torch"} <= names, "the search missed the standard library or site-packages"
     clashes = sorted(f"{p.relative_to(REPO)}" for folder in FOLDERS for p in folder.glob("*.py") if p.stem in names)
     assert not clashes, f"named like an importable module, which they would hide when run: {clashes}"
+
+
+def test_tests_import_their_helpers_as_ci_finds_them():
+    """pytest puts tests/ on sys.path, not the repository root: ``from tests.helpers import x`` works only
+    where something else adds the root (a developer's PYTHONPATH), so it turned a fresh clone's CI red."""
+    import re
+
+    rooted = re.compile(r"^\s*(from tests[.\s]|import tests\b)", re.M)
+    offenders = sorted(p.name for p in (REPO / "tests").glob("*.py") if rooted.search(p.read_text(encoding="utf-8")))
+    assert not offenders, f"import tests' helpers as `from helpers import ...`: {offenders}"
