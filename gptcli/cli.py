@@ -23,8 +23,9 @@ def build_app(names: Sequence[str] = COMMANDS) -> typer.Typer:
     """The Typer app with these commands."""
     app = typer.Typer(
         name="gptcli",
-        help="Run and understand GPT-2 from the command line: generate text, count parameters, "
-        "look inside models and checkpoints, score texts.",
+        help="Run, train and understand GPT-2 from the command line: generate text, count parameters, "
+        "look inside models and checkpoints, score texts, pretrain or fine-tune (classify, follow instructions, "
+        "LoRA), and serve OpenAI's API.",
         no_args_is_help=True,
         # --install-completion / --show-completion for bash, zsh and fish; values of --size, --device, --dtype.
         add_completion=True,

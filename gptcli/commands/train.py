@@ -161,7 +161,7 @@ def train(
                            "events on stdout, or the plain lines a terminal shows (the book's evaluation lines and "
                            "the samples). Default: plain on a terminal, JSON in a pipe.")] = None,
 ) -> None:
-    """Pretrain or fine-tune GPT-2 on your own text, or fine-tune it to classify texts (--task classify).
+    """Pretrain or fine-tune GPT-2 on your own text, to classify texts (--task classify) or to follow instructions (--task instruct).
 
     Recipes: book-ch05 is chapter 5 of the book (124M, context 256, The Verdict; prints the book's figures);
     book-ch06 is chapter 6 (GPT-2 124M fine-tuned on the SMS Spam Collection to tell spam from ham);
@@ -470,7 +470,7 @@ def _render(trainer, run: "Run", json_mode: bool) -> None:
             note(f"done: {steps} in {end['wall_s']:.1f} s{final_summary(final)}{accuracy_summary(end)}; weights in "
                  f"{run.out}; try: gptcli classify --weights {run.out} \"...\"")
             return
-        best = "" if run.settings.lora else f" (best in {run.out / 'best'})"
+        best = f" (best in {run.out / 'best'})"  # a --lora run keeps its best adapters there too
         try_it = (f"gptcli generate --interactive --weights {run.out} (a chat in its prompt template)"
                   if run.metadata.get(TEMPLATE_METADATA_KEY) else f"gptcli generate --weights {run.out} \"...\"")
         note(f"done: {steps} in {end['wall_s']:.1f} s{rate}{final_summary(final)}; weights in {run.out}{best}; try: "
