@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -197,10 +198,13 @@ class InteractiveTerminal:
         (tmp_path / "inputrc").write_text("set enable-bracketed-paste off\n")
         env = {**os.environ, "TERM": "xterm-256color", "INPUTRC": str(tmp_path / "inputrc"), "OMP_NUM_THREADS": "1",
                **(env or {})}
+        # Ctrl-C must reach the child even where the tests run with SIGINT ignored (a job started in the
+        # background by a non-interactive shell): an ignored signal stays ignored across exec.
         self.child = pexpect.spawn(sys.executable, ["-m", "gptcli", "generate", "--interactive", "--weights",
                                                     str(checkpoint), *args, "--device", "cpu", "--dtype", "float32",
                                                     "--no-tune"],
-                                   env=env, timeout=120, encoding="utf-8", dimensions=(40, 250))
+                                   env=env, timeout=120, encoding="utf-8", dimensions=(40, 250),
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.start = self.prompt()
 
     def prompt(self) -> str:
