@@ -27,7 +27,6 @@ from gptcli.classify import Labelled, classifier_logits, encode_texts, make_clas
 from gptcli.errors import UserError
 from gptcli.training import run_folder
 from gptcli.training.data import WindowBatches, window_loader
-from gptcli.training.distributed import barrier
 from gptcli.training.loop import Trainer, autocast
 from gptcli.training.lora import apply_lora, check_lora, trainable_for
 from gptcli.training.settings import TrainSettings, load_recipe
@@ -45,6 +44,7 @@ from gptcli.training.setup import (
     check_memory,
     choose_init,
     new_model,
+    open_new_run,
     open_resumed,
     resolve_dtype,
     resumed_base,
@@ -410,14 +410,7 @@ def new_classify_run(request: RunRequest, *, note: Note = _ignore) -> Run:
                         "--tokenizer char")
     settings.sample_prompt = None  # a classifier writes no text
     rows, first = _read_rows(request, recipe, settings, note)
-    out = request.out or Path("runs") / (recipe.name if recipe else Path(first).stem if first != "-" else "stdin")
-    device, dist = _start_distributed(settings)
-    say = note if dist.main else _ignore
-    replace = run_folder.check_out_dir(out, resume=False, force=request.force)
-    if replace and not request.force:
-        say(f"{out} holds a run that saved no checkpoint (nothing to resume); replacing it")
-    run_folder.check_writable(out)
-    barrier(dist)
+    out, device, dist, say, replace = open_new_run(request, recipe, first, settings, note)
     labels = sorted(set(rows.labels))
     digest = rows_digest(rows)
     if settings.balance:

@@ -425,15 +425,7 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
         raise UserError("no training data: pass one or more text files, folders of *.txt, or - for stdin "
                         "(--recipe shakespeare-char or book-ch05 alone downloads its text; --resume DIR "
                         "continues a run)")
-    first = data[0]
-    out = request.out or Path("runs") / (recipe.name if recipe else Path(first).stem if first != "-" else "stdin")
-    device, dist = _start_distributed(settings)
-    say = note if dist.main else _ignore
-    replace = run_folder.check_out_dir(out, resume=False, force=request.force)
-    if replace and not request.force:
-        say(f"{out} holds a run that saved no checkpoint (nothing to resume); replacing it")
-    run_folder.check_writable(out)
-    barrier(dist)  # every process has looked before the first one writes
+    out, device, dist, say, replace = open_new_run(request, recipe, data[0], settings, note)
     texts = read_texts(data, note=say)
 
     weights = request.weights or (recipe.weights if recipe else None)
@@ -581,6 +573,22 @@ def resume_threads(requested: int | None, recorded: int | None, note: Note) -> i
              "will not end bit for bit as an uninterrupted run would (leave --threads out to keep "
              f"{recorded})")
     return threads
+
+
+def open_new_run(request: RunRequest, recipe, first: str, settings: TrainSettings,
+                 note: Note) -> tuple[Path, "torch.device", Dist, Note, bool]:
+    """A new run's folder (``--out``, else runs/ the recipe or the first file's name), checked and writable,
+    its device and processes; ``say`` (the notes of the main process) and whether an unsaved run there
+    is replaced. Every process has looked before the first one writes. Any task."""
+    out = request.out or Path("runs") / (recipe.name if recipe else Path(first).stem if first != "-" else "stdin")
+    device, dist = _start_distributed(settings)
+    say = note if dist.main else _ignore
+    replace = run_folder.check_out_dir(out, resume=False, force=request.force)
+    if replace and not request.force:
+        say(f"{out} holds a run that saved no checkpoint (nothing to resume); replacing it")
+    run_folder.check_writable(out)
+    barrier(dist)
+    return out, device, dist, say, replace
 
 
 def open_resumed(request: RunRequest, note: Note) -> tuple[Path, TrainingState]:
