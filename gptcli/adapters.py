@@ -122,17 +122,14 @@ def file_kind(metadata: dict[str, str]) -> str | None:
 
 def read_weights_file(path: str | Path) -> WeightsFile:
     """An adapters or classifier file; UserError when it is neither or is damaged."""
-    from safetensors import safe_open
-
     from gptcli.checkpoint import METADATA_CONFIG_KEY
     from gptcli.config import validate
+    from gptcli.files import load_safetensors
     from gptcli.tokenizer import from_metadata
 
     path = Path(path)
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta, tensors = load_safetensors(path)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
         raise UserError(f"{path}: corrupt or unreadable safetensors file ({type(exc).__name__})") from None
     kind = file_kind(meta)

@@ -53,5 +53,14 @@ def save_safetensors(tensors: dict[str, "torch.Tensor"], path: Path, metadata: d
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
+def load_safetensors(path: Path) -> tuple[dict[str, str], dict[str, "torch.Tensor"]]:
+    """A whole safetensors file on the CPU: its metadata and its tensors (safetensors' own errors pass
+    through: the caller says what the file was meant to be)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+
+
 def write_json(obj: dict, path: Path) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))

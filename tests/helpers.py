@@ -215,3 +215,28 @@ class InteractiveTerminal:
     def send(self, line: str) -> str:
         self.child.sendline(line)
         return self.prompt()
+
+
+def train_until_first_checkpoint(*args: str):
+    """``gptcli train ARGS`` (in-process) killed right after its first checkpoint: the loop is not consumed
+    past it, as a SIGKILL would leave it."""
+    from typer.testing import CliRunner
+
+    from gptcli import training
+    from gptcli.cli import app
+    from gptcli.commands import train as train_cmd
+
+    original = train_cmd._render
+
+    def render_until_checkpoint(trainer, run, json_mode):
+        log = training.RunLog(run.out, plot=False)
+        for ev in trainer.events():
+            log.record(ev)
+            if ev["event"] == "checkpoint":
+                return
+
+    train_cmd._render = render_until_checkpoint
+    try:
+        return CliRunner().invoke(app, ["train", *args])
+    finally:
+        train_cmd._render = original

@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from gptcli.cli import app
+from helpers import train_until_first_checkpoint
 
 runner = CliRunner()
 
@@ -142,26 +143,6 @@ def test_the_frozen_weights_are_bit_identical_after_training(tmp_path):
         t.numel() for n, t in after.items() if n.startswith(trainable))
 
 
-def _train_until_first_checkpoint(*args: str):
-    from gptcli import training
-    from gptcli.commands import train as train_cmd
-
-    original = train_cmd._render
-
-    def render_until_checkpoint(trainer, run, json_mode):
-        log = training.RunLog(run.out, plot=False)
-        for ev in trainer.events():
-            log.record(ev)
-            if ev["event"] == "checkpoint":
-                return
-
-    train_cmd._render = render_until_checkpoint
-    try:
-        return invoke("train", *args)
-    finally:
-        train_cmd._render = original
-
-
 @pytest.mark.parametrize("extra", [[], ["--lora", "4", "--label-token", "last-real"]], ids=["book", "lora"])
 def test_resume_is_bit_exact(tmp_path, extra):
     from safetensors.torch import load_file
@@ -171,7 +152,7 @@ def test_resume_is_bit_exact(tmp_path, extra):
               "--eval-every", "3", "--eval-batches", "2", "--save-every", "5", "--drop-rate", "0.1", *extra]
     assert invoke("train", *common, "--out", str(tmp_path / "full")).exit_code == 0
     killed = tmp_path / "killed"
-    assert _train_until_first_checkpoint(*common, "--out", str(killed)).exit_code == 0
+    assert train_until_first_checkpoint(*common, "--out", str(killed)).exit_code == 0
     resumed = invoke("train", "--resume", str(killed))
     assert resumed.exit_code == 0, resumed.stderr
     a, b = load_file(tmp_path / "full" / "state.safetensors"), load_file(killed / "state.safetensors")

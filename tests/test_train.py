@@ -17,6 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from gptcli.cli import app
+from helpers import train_until_first_checkpoint
 
 runner = CliRunner()
 
@@ -190,27 +191,6 @@ def _final_state(out: Path) -> dict[str, torch.Tensor]:
 def _eval_losses(out: Path) -> list[tuple[int, float, float]]:
     return [(e["step"], e["train_loss"], e["val_loss"]) for e in events((out / "train.jsonl").read_text())
             if e["event"] == "eval"]
-
-
-def train_until_first_checkpoint(*args: str):
-    """``train`` killed right after its first checkpoint: the loop is not consumed past it, as a SIGKILL would."""
-    from gptcli import training
-    from gptcli.commands import train as train_cmd
-
-    original = train_cmd._render
-
-    def render_until_checkpoint(trainer, run, json_mode):
-        log = training.RunLog(run.out, plot=False)
-        for ev in trainer.events():
-            log.record(ev)
-            if ev["event"] == "checkpoint":
-                return
-
-    train_cmd._render = render_until_checkpoint
-    try:
-        return train(*args)
-    finally:
-        train_cmd._render = original
 
 
 @pytest.mark.parametrize("mode", [

@@ -248,11 +248,13 @@ def render_kernels(report: dict[str, Any] | None) -> None:
     if report is None:
         typer.echo("No decode kernels to choose: they are tuned on the CPU only.")
         return
+    from gptcli.kernels.decode import serves
+
     source = {"measured": "measured now", "cache": "read from the cache", "default": "the defaults, not measured"}
     rows = []
     for key, choice in sorted(report["choices"].items()):
         for i, (name, m) in enumerate(choice["measured"].items()):
-            usable = bool(m.get("invariant")) or report["mode"] != "eager"
+            usable = serves(report["mode"], name, m)
             rows.append(["" if i else key, name, "yes" if name == choice["kernel"] else "",
                          f"{m['one']:.1f}", f"{m['batch']:.1f}", "yes" if usable else "no (rows depend on the batch)",
                          "yes" if m.get("same_unpacked") else ""])

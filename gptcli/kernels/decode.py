@@ -162,10 +162,6 @@ class OneDNN(Kernel):
             self._source = None  # after the packed weight is in place: __call__ reads them in the other order
         return self
 
-    @property
-    def packed(self) -> bool:
-        return self._source is None
-
     @staticmethod
     def available(weight: torch.Tensor) -> bool:
         return onednn.AVAILABLE and weight.device.type == "cpu" and weight.dtype in onednn.DTYPES
@@ -274,7 +270,7 @@ class DecodePlan:
             parts = []
             for name, m in c.measured.items():
                 why = ""
-                if self.mode == EAGER and not (KERNELS[name].row_invariant and m.get("invariant")):
+                if not serves(self.mode, name, m):
                     why = ", rows depend on the batch: not for eager decoding"
                 elif m.get("same_unpacked"):
                     why = ", same bits unpacked: decodes while packing"
@@ -422,11 +418,16 @@ def cost(measured: dict[str, float | bool], mode: str) -> float:
     return one if mode == COMPILED else one + float(measured["batch"]) / BATCH_ROWS
 
 
+def serves(mode: str, name: str, measured: dict[str, float | bool]) -> bool:
+    """Whether kernel ``name`` may serve ``mode``: any kernel a compiled step (one sequence); eager
+    decoding only one whose rows cannot depend on the batch (``Kernel.row_invariant``) and did not here
+    (the measured check)."""
+    return mode == COMPILED or (KERNELS[name].row_invariant and bool(measured.get("invariant")))
+
+
 def choose(measured: dict[str, dict[str, float | bool]], mode: str) -> str:
-    """The cheapest candidate; for eager decoding only among those whose rows cannot depend on the batch
-    (``Kernel.row_invariant``) and did not here (the measured check)."""
-    usable = {n: m for n, m in measured.items()
-              if mode == COMPILED or (KERNELS[n].row_invariant and m.get("invariant"))}
+    """The cheapest candidate among those that may serve ``mode`` (``serves``)."""
+    usable = {n: m for n, m in measured.items() if serves(mode, n, m)}
     if not usable:
         return next(iter(measured))  # the default, first: nothing is invariant here
     return min(usable, key=lambda n: cost(usable[n], mode))
@@ -457,8 +458,18 @@ def _tunable(layers: Sequence[nn.Module]) -> bool:
     return not tuning_disabled() and bool(layers) and layers[0].weight.device.type == "cpu"
 
 
-def _cached_measurements() -> dict:
+def cached_measurements() -> dict:
+    """What this machine (CPU model, torch version, thread count) has measured so far, by key."""
     return _read_cache(cache_path()).get("machines", {}).get(_machine_key(), {})
+
+
+def cache_measurements(entries: dict[str, dict]) -> None:
+    """Add ``entries`` (key -> measurement) to this machine's part of the cache file (the decode
+    kernels' and ``gptcli.kernels.train``'s alike)."""
+    path = cache_path()
+    cache = _read_cache(path) or {"version": CACHE_VERSION, "machines": {}}
+    cache.setdefault("machines", {}).setdefault(_machine_key(), {}).update(entries)
+    _write_cache(path, cache)
 
 
 def _usable(known: object, weight: torch.Tensor) -> bool:
@@ -476,7 +487,7 @@ def will_measure(model: nn.Module) -> bool:
     layers = linear_layers(model)
     if not _tunable(layers):
         return False
-    known = _cached_measurements()
+    known = cached_measurements()
     return any(not _usable(known.get(key), group[0].weight) for key, group in _groups(layers).items())
 
 
@@ -491,8 +502,7 @@ def tune(model: nn.Module, mode: str = EAGER, *, enabled: bool = True, use_cache
         return DecodePlan(mode, {}, source="default")
     groups = _groups(layers)
     start = time.perf_counter()
-    path = cache_path()
-    known = _cached_measurements() if use_cache else {}
+    known = cached_measurements() if use_cache else {}
     measurements: dict[str, dict] = {}
     todo = {}
     for key, group in groups.items():
@@ -506,10 +516,7 @@ def tune(model: nn.Module, mode: str = EAGER, *, enabled: bool = True, use_cache
             for key, group in _sample(todo).items():
                 measurements[key] = {name: measure(group, name, dtype) for name in candidates(group[0].weight)}
         if use_cache:
-            cache = _read_cache(path) or {"version": CACHE_VERSION, "machines": {}}
-            cache.setdefault("machines", {}).setdefault(_machine_key(), {}).update(
-                {key: measurements[key] for key in todo})
-            _write_cache(path, cache)
+            cache_measurements({key: measurements[key] for key in todo})
     choices = {key: Choice(choose(m, mode), m) for key, m in measurements.items()}
     return DecodePlan(mode, choices, tune_s=time.perf_counter() - start, source="measured" if todo else "cache")
 

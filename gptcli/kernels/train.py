@@ -460,8 +460,7 @@ def measure_linears(shapes: dict[tuple[int, int], int], rows: int) -> dict[str, 
 
     if decode.tuning_disabled():
         return None
-    path = decode.cache_path()
-    known = decode._cached_measurements()
+    known = decode.cached_measurements()
     totals = dict.fromkeys((*LINEAR_KERNELS, "bfloat16"), 0.0)
     fresh: dict[str, dict[str, float]] = {}
     for (out_f, in_f), count in shapes.items():
@@ -472,9 +471,7 @@ def measure_linears(shapes: dict[tuple[int, int], int], rows: int) -> dict[str, 
         for k in totals:
             totals[k] += entry[k] * count
     if fresh:
-        cache = decode._read_cache(path) or {"version": decode.CACHE_VERSION, "machines": {}}
-        cache.setdefault("machines", {}).setdefault(decode._machine_key(), {}).update(fresh)
-        decode._write_cache(path, cache)
+        decode.cache_measurements(fresh)
     return {k: round(v, 2) for k, v in totals.items()}
 
 

@@ -38,7 +38,6 @@ from gptcli.training.setup import (
     _ignore,
     _new_config,
     _settings,
-    _start_distributed,
     check_dtype,
     check_folder_room,
     check_memory,
@@ -47,10 +46,10 @@ from gptcli.training.setup import (
     open_new_run,
     open_resumed,
     resolve_dtype,
+    resumed_model,
     resumed_base,
     set_dropout,
 )
-from gptcli.training.state import model_from_state
 
 if TYPE_CHECKING:
     import torch
@@ -471,12 +470,7 @@ def resume_classify_run(request: RunRequest, *, note: Note = _ignore) -> Run:
     settings.device = check_device_name(request.device) if request.device != "auto" else settings.device
     settings.validate()
     run_folder.check_writable(folder, resume=True)
-    device, dist = _start_distributed(settings)
-    model = model_from_state(state, device)
-    trainable_for(model, settings)
-    model.train()
-    if dist.main:
-        run_folder.rewrite_log(folder, state.position.step)
+    model, device, dist = resumed_model(folder, state, settings)
     empty = np.zeros(0, dtype=np.uint16)
     return Run(out=folder, settings=settings, model=model, tokenizer=tok, train_ids=empty, val_ids=empty,
                device=device, weights_source=state.weights_source, data_digest=state.data_digest, dist=dist,

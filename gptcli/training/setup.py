@@ -636,15 +636,22 @@ def resume_run(request: RunRequest, *, note: Note = _ignore) -> Run:
     check_sample_prompt(settings, tok, note)
     run_folder.check_writable(folder, resume=True)
     check_folder_room(folder, state.cfg, len(train_ids) + len(val_ids), tok.vocab_size, resuming=True)
+    model, device, dist = resumed_model(folder, state, settings)
+    return Run(out=folder, settings=settings, model=model, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,
+               device=device, weights_source=state.weights_source, data_digest=state.data_digest, dist=dist,
+               resume_state=state, base=resumed_base(state), task_data=task_data, metadata=task_metadata(settings))
+
+
+def resumed_model(folder: Path, state: TrainingState, settings: TrainSettings) -> tuple["GPTModel", "torch.device", Dist]:
+    """A resumed run's processes and its model from the state, the weights that train marked, in train
+    mode; the log cut back to the state's step. Any task."""
     device, dist = _start_distributed(settings)
     model = model_from_state(state, device)
     trainable_for(model, settings)
     model.train()
     if dist.main:
         run_folder.rewrite_log(folder, state.position.step)
-    return Run(out=folder, settings=settings, model=model, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,
-               device=device, weights_source=state.weights_source, data_digest=state.data_digest, dist=dist,
-               resume_state=state, base=resumed_base(state), task_data=task_data, metadata=task_metadata(settings))
+    return model, device, dist
 
 
 def resumed_base(state: TrainingState) -> dict[str, Any] | None:

@@ -102,17 +102,14 @@ def write_state(path: Path, model: "GPTModel", optimizer: "torch.optim.Optimizer
 
 def read_state(path: Path) -> TrainingState:
     """The state file; UserError if it is missing or unusable."""
-    from safetensors import safe_open
-
     from gptcli.config import validate
+    from gptcli.files import load_safetensors
     from gptcli.tokenizer import from_metadata
 
     if not path.is_file():
         raise UserError(f"{path.parent}: no {STATE_FILE} here, so there is no run to resume")
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta, tensors = load_safetensors(path)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
         raise UserError(f"{path}: corrupt training state ({type(exc).__name__}); it cannot be resumed") from None
     if meta.get("gptcli.kind") != "training-state":
