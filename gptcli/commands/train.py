@@ -451,6 +451,8 @@ def _render(trainer, run: "Run", json_mode: bool) -> None:
     finally:
         if progress is not None:
             progress.stop()
+        if log is not None:
+            log.close()  # an interrupted run's plot shows every evaluation it logged
     if main and stopper.quit_after_save:
         note(f"stopped; saved {run.out}; continue with: gptcli train --resume {run.out}")
         raise typer.Exit(stopper.exit_code)

@@ -17,6 +17,8 @@ their maths. ``plan(device)`` says what the machine supports, ``prepare(model, p
   weights recomputed in backward rather than stored; dropout draws the mask torch's attention would.
 - **Fused AdamW** (``torch.optim.AdamW(fused=True)``, one pass over each tensor) on the CPU as on
   GPUs, where this torch has it.
+- **Freed memory kept for the next step** (``gptcli.kernels.allocator``): glibc's malloc settings
+  that stop each step from faulting its activations' pages in again.
 
 ``prepare`` swaps the model's ``nn.Linear`` layers for ``TrainLinear`` (same parameters), and the
 training loop passes ``training_attention`` to the model (``GPTModel.forward(attention=...)``); both
@@ -360,13 +362,14 @@ class TrainPlan:
     head_loss: bool  # the output head and cross-entropy through head_loss
     fused_adamw: bool
     attention: bool = False  # causal attention through attention_kernel
+    heap: bool = False  # freed memory kept in glibc's heap (gptcli.kernels.allocator)
     # What ``measure_linears`` timed (ms of forward and backward over the model's Linear layers), when
     # the linear kernel was chosen by measuring; None for the default.
     measured: dict | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict:
         out = {"linear": self.linear, "head_loss": self.head_loss, "fused_adamw": self.fused_adamw,
-               "attention": self.attention}
+               "attention": self.attention, "heap": self.heap}
         if self.measured is not None:
             out["measured_ms"] = dict(self.measured)
         return out
@@ -395,8 +398,10 @@ def plan(device: "torch.device", model: "GPTModel | None" = None, rows: int | No
         measured = measure_linears(linear_shapes(model), rows)
         if measured:
             linear = min(LINEAR_KERNELS, key=lambda k: measured[k])
+    from gptcli.kernels import allocator
+
     return TrainPlan(linear=linear, head_loss=cpu, fused_adamw=fused_adamw_available(device), attention=cpu,
-                     measured=measured)
+                     heap=cpu and allocator.available(), measured=measured)
 
 
 # --- Choosing by measuring -----------------------------------------------------------------------
@@ -489,8 +494,13 @@ def choose_dtype(model: "GPTModel", rows: int) -> tuple[str, str]:
 
 def prepare(model: "GPTModel", chosen: TrainPlan) -> None:
     """Swap the model's Linear layers for TrainLinear with the plan's kernel (the model's maths is
-    unchanged); the loop passes ``attention_for(chosen)`` to the model's forward."""
+    unchanged) and, when the plan says so, keep freed memory in the heap (process-wide); the loop passes
+    ``attention_for(chosen)`` to the model's forward."""
+    from gptcli.kernels import allocator
     from gptcli.kernels.onednn import swap_linears
+
+    if chosen.heap:
+        allocator.keep_freed_memory()
 
     train_linear = _functions()["TrainLinear"]  # also defines the custom op now: torch.compile cannot trace that
     for layer in swap_linears(model, train_linear):
