@@ -437,13 +437,13 @@ def test_recipes_ship_and_load():
 def test_dtype_auto_settles_on_a_dtype_says_why_and_records_it(tmp_path, corpus, monkeypatch):
     from gptcli.kernels import train as train_kernels
 
-    monkeypatch.setattr(train_kernels, "measure_linears",
-                        lambda shapes, rows: {"onednn": 9.0, "torch": 8.0, "bfloat16": 2.0})
+    monkeypatch.setattr(train_kernels, "measure_linears", lambda shapes, rows: {"onednn": 9.0, "torch": 8.0})
+    monkeypatch.setattr(train_kernels, "measure_block", lambda cfg, batch, linear: {"float32": 6.0, "bfloat16": 2.0})
     out = tmp_path / "run"
     result = train(str(corpus), *TINY, "--out", str(out), "--max-steps", "2", "--batch-size", "2", "--dtype", "auto",
                    "--eval-every", "1", "--eval-batches", "1", "--sample-every", "0")
     assert result.exit_code == 0, result.stderr
-    assert "--dtype auto: bfloat16: this model's bfloat16 matmuls measured 4.0x as fast as float32's" in result.stderr
+    assert "--dtype auto: bfloat16: a transformer block of this model trained 3.00x as fast in bfloat16" in result.stderr
     start = events(result.stdout)[0]
     assert start["settings"]["dtype"] == "bfloat16"
     resumed = train("--resume", str(out), "--max-steps", "3")

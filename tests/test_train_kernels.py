@@ -215,7 +215,7 @@ def _tiny_model() -> GPTModel:
 def test_the_linear_kernel_is_the_faster_measured_and_measured_once(monkeypatch):
     model = _tiny_model()
     chosen = speed.plan(torch.device("cpu"), model, rows=48)
-    assert set(chosen.measured) == {"onednn", "torch", "bfloat16"}
+    assert set(chosen.measured) == {"onednn", "torch"}
     assert chosen.linear == min(speed.LINEAR_KERNELS, key=lambda k: chosen.measured[k])
     assert chosen.to_dict()["measured_ms"] == chosen.measured  # in the start event
 
@@ -230,10 +230,36 @@ def test_the_linear_kernel_is_the_faster_measured_and_measured_once(monkeypatch)
 
 
 @pytest.mark.parametrize("bf16_ms, expected", [(10.0, "bfloat16"), (20.0, "float32")])
-def test_dtype_auto_takes_bfloat16_only_when_its_matmuls_measured_well_ahead(monkeypatch, bf16_ms, expected):
-    monkeypatch.setattr(speed, "measure_linears", lambda shapes, rows: {"onednn": 30.0, "torch": 25.0, "bfloat16": bf16_ms})
+def test_dtype_auto_takes_bfloat16_only_when_a_block_measured_well_ahead(monkeypatch, bf16_ms, expected):
+    monkeypatch.setattr(speed, "measure_linears", lambda shapes, rows: {"onednn": 30.0, "torch": 25.0})
+    asked = []
+
+    def block(cfg, batch, linear):
+        asked.append((batch, linear))
+        return {"float32": 22.0, "bfloat16": bf16_ms}
+
+    monkeypatch.setattr(speed, "measure_block", block)
     dtype, why = speed.choose_dtype(_tiny_model(), 48)
-    assert dtype == expected and f"{25.0 / bf16_ms:.1f}x" in why
+    assert dtype == expected and f"{22.0 / bf16_ms:.2f}x" in why
+    assert asked == [(3, "torch")]  # 48 rows of context 16; float32 on the faster measured kernel
+
+
+def test_a_block_is_measured_once_without_touching_the_global_random_state(monkeypatch):
+    cfg = _tiny_model().cfg
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    first = speed.measure_block(cfg, 3, "torch")
+    assert set(first) == {"float32", "bfloat16"} and all(v > 0 for v in first.values())
+    assert torch.equal(torch.get_rng_state(), state)  # the run's init draws next, as without measuring
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(speed, "_time_block", no_measuring)
+    assert speed.measure_block(cfg, 3, "torch") == first  # from the cache
+    monkeypatch.setenv("GPTCLI_NO_TUNE", "1")
+    assert speed.measure_block(cfg, 3, "torch") is None
+    assert speed.choose_dtype(_tiny_model(), 48) == ("float32", "not measured (tuning is off)")
 
 
 def test_short_bfloat16_contexts_attend_in_float32_under_autocast():
