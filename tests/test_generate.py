@@ -403,6 +403,7 @@ def test_compiled_decoder_switches_cache_length_safely():
         assert _greedy_ids(compiled, prompt, n, temperature=1.0) == expected
 
 
+@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="the C++ GEMM template serves CPUs with AMX")
 def test_an_int8_compiled_decoder_freezes_its_weights_and_tracks_eager_int8():
     """int8 on the CPU compiles with frozen weights and Inductor's C++ GEMM template (quantize's
     COMPILE_OPTIONS), patched in around its calls only. Its logits follow eager int8's, step by step
@@ -433,3 +434,16 @@ def test_an_int8_compiled_decoder_freezes_its_weights_and_tracks_eager_int8():
             torch.testing.assert_close(got.float(), want.float(), rtol=0.03, atol=0.03)
             want, got = eager.step(token), compiled.step(token)
     assert {k: getattr(inductor_config, k) for k in COMPILE_OPTIONS} == before
+
+
+def test_int8_compiles_with_the_gemm_template_only_on_cpus_with_amx(monkeypatch):
+    from gptcli.kernels import quantize
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    model = quantize.quantize_int8(lively_model(0).to(torch.bfloat16), torch.bfloat16)
+    assert quantize.compile_options(model, CPU) == quantize.COMPILE_OPTIONS
+    assert quantize.compile_options(lively_model(0), CPU) is None  # no int8 layers
+    assert quantize.compile_options(model, torch.device("cuda")) is None
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # the AMD EPYC
+    model = quantize.quantize_int8(lively_model(0).to(torch.bfloat16), torch.bfloat16)
+    assert quantize.compile_options(model, CPU) is None
