@@ -405,6 +405,8 @@ def test_generate_draft_and_lookup_print_the_plain_ids(tiny_config_file, tmp_pat
         assert data["token_ids"] == plain["token_ids"], extra
         spec = data["speculative"]
         assert spec["draft"] == extra[1] if extra[0] == "--draft" else spec["draft"] == "lookup"
+        if extra == ["--draft", "int8"]:
+            assert spec["draft_tokens"] == 12  # a self-draft keeps nearly every guess: it guesses further
         assert spec["model_forwards"] == spec["checks"] + spec["steps"] > 0
         assert spec["tokens_per_model_forward"] == pytest.approx(29 / spec["model_forwards"], abs=1e-3)
         assert 0 <= spec["draft_share"] < 1
@@ -427,7 +429,7 @@ def test_interactive_session_with_a_draft_prints_the_plain_sessions_text(tiny):
     fast = gen(*tiny, "--interactive", "-n", "10", "--ignore-eos", "--draft", "int8", "--stats", input=lines)
     assert plain.exit_code == 0 and fast.exit_code == 0, fast.stderr
     assert fast.stdout == plain.stdout and fast.stdout.count("\n") == 3
-    spec = [x for x in fast.stderr.splitlines() if x.startswith("speculative: draft int8, K 6")]
+    spec = [x for x in fast.stderr.splitlines() if x.startswith("speculative: draft int8, K 12")]
     assert len(spec) == 3  # one per turn, after the turn's stats line
 
 
@@ -435,7 +437,7 @@ def test_stats_report_acceptance_tokens_per_forward_and_the_drafts_share(tiny):
     result = gen("Hello", *tiny, "-n", "12", "--draft", "int8", "--stats")
     assert result.exit_code == 0, result.stderr
     line = [x for x in result.stderr.splitlines() if x.startswith("speculative: ")]
-    assert len(line) == 1 and "draft int8, K 6: acceptance " in line[0]
+    assert len(line) == 1 and "draft int8, K 12: acceptance " in line[0]
     assert "tokens per model forward" in line[0] and "of the decode time" in line[0]
 
 

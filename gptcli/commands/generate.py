@@ -241,7 +241,7 @@ def generate(
     ] = False,
     draft_tokens: Annotated[
         Optional[str], typer.Option("--draft-tokens", metavar="K", help="Tokens the draft guesses per check, 1 to 16 "
-                                    "(default 6 with --draft, 8 with --lookup).", show_default=False)
+                                    "(default 6 with a draft model, 12 with --draft int8/int4, 8 with --lookup).", show_default=False)
     ] = None,
 ) -> None:
     """Continue a prompt with GPT-2, streaming each token as soon as it is decoded.
