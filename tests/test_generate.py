@@ -411,18 +411,10 @@ def test_an_int8_compiled_decoder_freezes_its_weights_and_tracks_eager_int8():
     other's bits: both sum the int8 products in their own order)."""
     import torch._inductor.config as inductor_config
 
-    from gptcli.config import GPTConfig
     from gptcli.decoding.generate import CompiledDecoder, Decoder
     from gptcli.kernels.quantize import COMPILE_OPTIONS, quantize_int8
 
-    cfg = GPTConfig(vocab_size=300, context_length=600, emb_dim=64, n_heads=4, n_layers=1, drop_rate=0.0,
-                    qkv_bias=True, tie_weights=True, name="long")
-    torch.manual_seed(4)
-    model = GPTModel(cfg).eval()
-    with torch.no_grad():
-        model.tok_emb.weight.mul_(0.05)
-        model.pos_emb.weight.mul_(0.05)
-    model = quantize_int8(model.to(torch.bfloat16), torch.bfloat16)
+    model = quantize_int8(lively_model(4, context_length=600).to(torch.bfloat16), torch.bfloat16)
     compiled, eager = CompiledDecoder(model, CPU, torch.bfloat16), Decoder(model, CPU, torch.bfloat16)
     assert compiled._inductor_config == COMPILE_OPTIONS
     before = {k: getattr(inductor_config, k) for k in COMPILE_OPTIONS}
