@@ -722,6 +722,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.rounds < 1 or args.new_tokens < 2:
         p.error("--rounds must be 1 or more and --new-tokens 2 or more")
+    if args.checkpoint is not None and not args.worker and not (args.checkpoint / "config.json").is_file():
+        p.error(f"--checkpoint {args.checkpoint} holds no config.json: give a save_pretrained folder (a run with "
+                "--keep writes one and says where)")
     return args
 
 

@@ -124,3 +124,11 @@ def test_score_bench_without_a_text_says_where_to_find_one(tmp_path: Path) -> No
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip() == ("error: no text to score: pass --text FILE, or set GPTCLI_DATA_DIR to a folder "
                                    "holding the-verdict.txt (e.g. GPTCLI_DATA_DIR=../shared/data)")
+
+
+def test_decode_bench_refuses_a_checkpoint_folder_without_a_config(tmp_path) -> None:
+    """A --checkpoint that is not a save_pretrained folder is one usage error (exit 2), not a traceback."""
+    result = subprocess.run([sys.executable, str(BENCH), "--checkpoint", str(tmp_path / "missing"), "--quick"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "holds no config.json" in result.stderr and "Traceback" not in result.stderr
