@@ -5,9 +5,9 @@ glibc serves a large block (above its mmap threshold, which starts at 128 KiB an
 freed) with a fresh ``mmap`` and gives the heap's free top back to the kernel past its trim threshold.
 A training step allocates and frees hundreds of activation-sized blocks, so each step faulted its
 memory in again, page by page: nanoGPT's shakespeare-char model, bfloat16, 2 threads on the Intel
-Xeon, made about 3,000 page faults a step and ran 21 ms a step; with the settings below 16.5 ms
-(``bench/train.py``). Decoding allocates little and measured the same either way, so only training
-sets them (``gptcli.kernels.train.prepare``).
+Xeon, made 3,500-3,750 page faults a step and ran 21 ms a step; with the settings below about 40
+and 16.5 ms (``bench/train.py``, ``tests/test_allocator.py``). Decoding allocates little and
+measured the same either way, so only training sets them (``gptcli.kernels.train.prepare``).
 
 The settings are process-wide, last for the process, and act only where the C library is glibc.
 """

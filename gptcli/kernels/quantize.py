@@ -68,8 +68,8 @@ class Int8Linear(nn.Module):
 
 
 # torch.compile's options for a model with Int8Linear layers on a CPU with AMX: frozen weights (so
-# Inductor may pack them) and its C++ GEMM template, chosen by measuring. Cold compiles take longer (35 against 27 s
-# for 124M); the on-disk cache keeps them.
+# Inductor may pack them) and its C++ GEMM template, chosen by measuring. Cold compiles take longer
+# (35-45 against 27 s for 124M); the on-disk cache keeps them (~6 s warm).
 COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 

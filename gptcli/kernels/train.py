@@ -570,7 +570,8 @@ def swap_linears_for_training(module: "torch.nn.Module") -> list:
     """Make ``module``'s Linear layers TrainLinear (no kernel set yet); returns them."""
     from gptcli.kernels.onednn import swap_linears
 
-    return swap_linears(module, _functions()["TrainLinear"])  # also defines the custom op: torch.compile cannot trace that
+    # _functions() also defines the custom op now: torch.compile cannot trace its definition
+    return swap_linears(module, _functions()["TrainLinear"])
 
 
 def attention_for(chosen: TrainPlan):

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from gptcli.errors import UserError
 from gptcli.run_layout import (  # noqa: F401 - the run's names, for this package's modules
