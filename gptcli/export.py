@@ -114,13 +114,11 @@ def export_weights(source: str, out: str | Path, *, force: bool = False,
         raise UserError(f"{out}: exists and is not an empty folder; pass --force to write into it")
     loaded = load_model(size=None, config=None, weights=source, device=torch.device("cpu"), dtype=torch.float32,
                         note=note)
-    kept = {}
-    if loaded.checkpoint is not None:  # an instruct run's prompt template goes with it, so chat still works
-        from gptcli.checkpoint import read_header
-        from gptcli.templates import TEMPLATE_METADATA_KEY
+    from gptcli.checkpoint import read_header
+    from gptcli.templates import TEMPLATE_METADATA_KEY
 
-        template = read_header(loaded.checkpoint).metadata.get(TEMPLATE_METADATA_KEY)
-        kept = {TEMPLATE_METADATA_KEY: template} if template else {}
-    save_pretrained(loaded.model, out, loaded.tokenizer, kept or None)
+    # An instruct run's prompt template goes with it, so chat still works.
+    template = read_header(loaded.checkpoint).metadata.get(TEMPLATE_METADATA_KEY) if loaded.checkpoint else None
+    save_pretrained(loaded.model, out, loaded.tokenizer, {TEMPLATE_METADATA_KEY: template} if template else None)
     return {"source": loaded.source, "out": str(out), "config": loaded.cfg.to_dict(),
-            "tokenizer": loaded.tokenizer.name, "files": [MODEL_FILE, CONFIG_FILE], "template": next(iter(kept.values()), None)}
+            "tokenizer": loaded.tokenizer.name, "files": [MODEL_FILE, CONFIG_FILE], "template": template}

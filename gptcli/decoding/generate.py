@@ -322,7 +322,9 @@ class CompiledDecoder(Decoder):
         if self._cache is not None and self._cache is self._guarded_cache:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 return self._compiled(self._token, self._position).clone()
-        with _inductor_patched(self._inductor_config):
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(self._inductor_config):  # nothing to patch: a no-op
             logits = self._compiled(self._token, self._position).clone()
         self._guarded_cache = self._cache
         return logits
@@ -353,17 +355,6 @@ class CompiledDecoder(Decoder):
         self.step(0)
         self.step(0)
         return time.perf_counter() - start
-
-
-def _inductor_patched(settings: dict):
-    """``torch._inductor.config.patch(settings)``, or nothing to patch."""
-    import contextlib
-
-    if not settings:
-        return contextlib.nullcontext()
-    import torch._inductor.config as inductor_config
-
-    return inductor_config.patch(settings)
 
 
 def cache_bucket(length: int, context_length: int, smallest: int = 256) -> int:

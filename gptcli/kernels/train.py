@@ -417,6 +417,7 @@ LINEAR_KERNELS = ("onednn", "torch")  # float32
 BF16_MIN_GAIN = 1.15
 # Rows a block is measured at, at most (fewer sequences of the same length): the ratio is what counts.
 BLOCK_MAX_ROWS = 2048
+BLOCK_DTYPES = ("float32", "bfloat16")
 TRAIN_REPEATS = 3
 
 
@@ -452,6 +453,11 @@ def _time_linear(kernel: str, out_f: int, in_f: int, rows: int) -> float:
     return _best_time(step) * 1e3
 
 
+def _complete(entry: object, keys) -> bool:
+    """Whether a cached entry holds a time for each of ``keys``."""
+    return isinstance(entry, dict) and all(isinstance(entry.get(k), (int, float)) for k in keys)
+
+
 def measure_linears(shapes: dict[tuple[int, int], int], rows: int) -> dict[str, float] | None:
     """Milliseconds of forward and backward over every Linear layer of ``shapes`` at ``rows`` rows, per
     candidate of ``LINEAR_KERNELS``: from the cache, else measured now and cached.
@@ -466,7 +472,7 @@ def measure_linears(shapes: dict[tuple[int, int], int], rows: int) -> dict[str, 
     for (out_f, in_f), count in shapes.items():
         key = f"train {out_f}x{in_f} rows {rows}"
         entry = known.get(key)
-        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), (int, float)) for k in totals)):
+        if not _complete(entry, totals):
             entry = fresh[key] = {k: round(_time_linear(k, out_f, in_f, rows), 3) for k in totals}
         for k in totals:
             totals[k] += entry[k] * count
@@ -511,8 +517,7 @@ def _best_time(step, budget_s: float = 0.25) -> float:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-        measured = times[2:]
-        if len(measured) >= TRAIN_REPEATS and sum(times) >= budget_s:
+        if len(times) - 2 >= TRAIN_REPEATS and sum(times) >= budget_s:
             break
     return min(times[2:])
 
@@ -529,11 +534,11 @@ def measure_block(cfg: "GPTConfig", batch: int, linear: str) -> dict[str, float]
     key = (f"train block emb {cfg.emb_dim} heads {cfg.n_heads} bias {cfg.bias} qkv {cfg.qkv_bias} "
            f"drop {cfg.drop_rate} T {cfg.context_length} batch {batch} {linear}")
     entry = decode.cached_measurements().get(key)
-    if not (isinstance(entry, dict) and all(isinstance(entry.get(k), (int, float)) for k in ("float32", "bfloat16"))):
+    if not _complete(entry, BLOCK_DTYPES):
         from gptcli.kernels import allocator
 
         allocator.keep_freed_memory()  # as the training steps will run (prepare)
-        entry = {k: round(_time_block(cfg, batch, k, linear), 3) for k in ("float32", "bfloat16")}
+        entry = {k: round(_time_block(cfg, batch, k, linear), 3) for k in BLOCK_DTYPES}
         decode.cache_measurements({key: entry})
     return entry
 

@@ -429,10 +429,10 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
     texts = read_texts(data, note=say)
 
     weights = request.weights or (recipe.weights if recipe else None)
+    reshaped = bool(set(request.arch) - {"drop_rate"})
     # --weights random with architecture flags: GPT-2-style random weights of that shape (as classify takes them)
-    random_shaped = (weights is not None and weights.strip().lower() == "random"
-                     and bool(set(request.arch) - {"drop_rate"}))
-    if weights is not None and not random_shaped and set(request.arch) - {"drop_rate"}:
+    random_shaped = reshaped and weights is not None and weights.strip().lower() == "random"
+    if weights is not None and reshaped and not random_shaped:
         raise UserError("--weights fine-tunes a model as it is; architecture changes (--context-length, --n-layers, "
                         "--n-heads, --emb-dim) need --weights random or a new model (--size/--config)")
     if weights is not None and recipe and set(recipe.model) - {"drop_rate", "tie_weights"}:
