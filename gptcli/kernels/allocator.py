@@ -6,8 +6,8 @@ freed) with a fresh ``mmap`` and gives the heap's free top back to the kernel pa
 A training step allocates and frees hundreds of activation-sized blocks, so each step faulted its
 memory in again, page by page: nanoGPT's shakespeare-char model, bfloat16, 2 threads on the Intel
 Xeon, made 3,500-3,750 page faults a step and ran 21 ms a step; with the settings below about 40
-and 16.5 ms (``bench/train.py``, ``tests/test_allocator.py``). Decoding allocates little and
-measured the same either way, so only training sets them (``gptcli.kernels.train.prepare``).
+and 16.5 ms (``bench/train.py``; ``tests/test_allocator.py`` counts the faults). Decoding allocates
+little and measured the same either way, so only training sets them (``gptcli.kernels.train.prepare``).
 
 The settings are process-wide, last for the process, and act only where the C library is glibc.
 """
