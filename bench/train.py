@@ -126,7 +126,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("book-ch05", "book-124M", {"context_length": 256}, batch=2, recipe="book-ch05", steps=2),
     Setting("shakespeare-char", "124M", {"n_layers": 4, "n_heads": 4, "emb_dim": 128, "context_length": 64,
                                           "vocab_size": 65, "drop_rate": 0.0, "qkv_bias": False, "bias": False,
-                                          "tie_weights": True},
+                                          "tie_weights": True, "gelu": "erf"},
             batch=12, recipe="shakespeare-char", steps=40, lr=1e-3, betas=(0.9, 0.99)),
     Setting("124M-1024", "124M", {"context_length": 1024, "drop_rate": 0.0}, batch=4, recipe=None, steps=1,
             lr=6e-4, betas=(0.9, 0.95)),
@@ -239,7 +239,8 @@ class StepRunner:
         hc = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
                                      n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=cfg.drop_rate,
                                      embd_pdrop=cfg.drop_rate, attn_pdrop=cfg.drop_rate,
-                                     tie_word_embeddings=cfg.tie_weights, bos_token_id=0, eos_token_id=0)
+                                     tie_word_embeddings=cfg.tie_weights, bos_token_id=0, eos_token_id=0,
+                                     activation_function="gelu_new" if cfg.gelu == "tanh" else "gelu")
         torch.manual_seed(0)
         model = transformers.GPT2LMHeadModel(hc).train()
         self.model = model

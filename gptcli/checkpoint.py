@@ -421,10 +421,12 @@ HF_CONFIG_FILE = "config.json"
 # gptcli stores the GPTConfig as JSON under this metadata key, so n_heads survives a round trip.
 METADATA_CONFIG_KEY = "gptcli.config"
 # Keys that decide the weights' shapes or the maths; drop_rate does neither at inference.
-ARCH_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights", "bias")
+ARCH_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights", "bias",
+             "gelu")
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
-# transformers' names for the tanh GELU that gptcli's GPT-2 uses.
-_TANH_GELUS = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
+# transformers' activation_function names -> gptcli's ``gelu``: the tanh approximation (GPT-2's), or
+# the exact erf GELU (nanoGPT's nn.GELU()).
+HF_GELUS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "erf", "gelu_python": "erf"}
 
 
 def read_json_file(path: str | Path) -> dict:
@@ -461,8 +463,11 @@ def hf_config_facts(obj: dict, source: str) -> dict:
     except KeyError as exc:
         raise UserError(f"{source}: missing key {exc.args[0]!r}") from None
     problems = []
-    if obj.get("activation_function", "gelu_new") not in _TANH_GELUS:
-        problems.append(f"activation_function {obj['activation_function']!r} (gptcli runs the tanh GELU)")
+    activation = obj.get("activation_function", "gelu_new")
+    facts["gelu"] = HF_GELUS.get(activation) if isinstance(activation, str) else None
+    if facts["gelu"] is None:
+        problems.append(f"activation_function {obj['activation_function']!r} (gptcli runs GELU: "
+                        f"{', '.join(HF_GELUS)})")
     eps = obj.get("layer_norm_epsilon", 1e-5)
     if not isinstance(eps, (int, float)) or abs(eps - 1e-5) > 1e-12:
         problems.append(f"layer_norm_epsilon {eps!r} (gptcli uses 1e-5)")

@@ -1,7 +1,9 @@
 """Model configs: the book's keys, loaded from YAML and validated. No torch here.
 
 A config is the book's dictionary (``GPT_CONFIG_124M``) as a frozen dataclass, plus
-``tie_weights``: whether the output head shares the token-embedding matrix.
+``tie_weights``: whether the output head shares the token-embedding matrix; ``bias``: biases outside
+attention; ``gelu``: the feed-forward's GELU, the book's and GPT-2's tanh approximation or the exact
+(erf) one of nanoGPT's ``nn.GELU()``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class GPTConfig:
     qkv_bias: bool
     tie_weights: bool
     bias: bool = True  # biases in the other Linear layers and LayerNorm shifts (nanoGPT's bias=False turns them off)
+    gelu: str = "tanh"  # "tanh": the book's and GPT-2's approximation; "erf": the exact GELU (nanoGPT's nn.GELU())
     name: str = "custom"  # where the config came from; not a YAML key
 
     @property
@@ -52,10 +55,12 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "qkv_bias": (bool,),
     "tie_weights": (bool,),
     "bias": (bool,),
+    "gelu": (str,),
 }
 # Keys a YAML file may leave out, and their values then. The book's GPT_CONFIG_124M has 7 keys and
 # a separate output head (its GPTModel's out_head), so a config copied from it is untied.
-OPTIONAL: dict[str, Any] = {"bias": True, "tie_weights": False}
+OPTIONAL: dict[str, Any] = {"bias": True, "tie_weights": False, "gelu": "tanh"}
+GELUS = ("tanh", "erf")
 
 # Shipped configs: canonical size -> (file name, aliases). Aliases are matched case-insensitively.
 SIZES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -109,6 +114,8 @@ def validate(raw: Any, source: str, name: str = "custom") -> GPTConfig:
             raise UserError(f"{source}: key {key!r} must be positive, got {raw[key]}")
     if not 0.0 <= raw["drop_rate"] < 1.0:
         raise UserError(f"{source}: key 'drop_rate' must be in [0, 1), got {raw['drop_rate']}")
+    if raw["gelu"] not in GELUS:
+        raise UserError(f"{source}: key 'gelu' must be {' or '.join(GELUS)}, got {raw['gelu']!r}")
     if raw["emb_dim"] % raw["n_heads"]:
         raise UserError(
             f"{source}: key 'emb_dim' ({raw['emb_dim']}) must be divisible by 'n_heads' ({raw['n_heads']})"

@@ -64,7 +64,7 @@ def hf_config(model: "GPTModel", tokenizer: "Tokenizer") -> dict:
         "n_layer": cfg.n_layers,
         "n_head": cfg.n_heads,
         "n_inner": None,
-        "activation_function": "gelu_new",
+        "activation_function": "gelu_new" if cfg.gelu == "tanh" else "gelu",
         "resid_pdrop": cfg.drop_rate,
         "embd_pdrop": cfg.drop_rate,
         "attn_pdrop": cfg.drop_rate,

@@ -25,8 +25,13 @@ def test_book_config_is_gpt_config_124m():
     cfg = shipped_config("book")
     assert cfg.to_dict() == {
         "vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12, "n_layers": 12,
-        "drop_rate": 0.1, "qkv_bias": False, "tie_weights": False, "bias": True,
+        "drop_rate": 0.1, "qkv_bias": False, "tie_weights": False, "bias": True, "gelu": "tanh",
     }
+
+
+def test_gelu_defaults_to_the_books_tanh_and_takes_nanogpts_erf(tiny_config_file):
+    assert load_config_file(tiny_config_file()).gelu == "tanh"
+    assert load_config_file(tiny_config_file(gelu="erf")).gelu == "erf"
 
 
 @pytest.mark.parametrize(
@@ -93,6 +98,8 @@ def test_missing_file(tmp_path):
         ({"emb_dim": 30, "n_heads": 4}, "'emb_dim' \\(30\\) must be divisible by 'n_heads' \\(4\\)"),
         ({"drop_rate": 1.5}, "key 'drop_rate' must be in"),
         ({"n_embd": 5}, "unknown key 'n_embd'"),
+        ({"gelu": "relu"}, "key 'gelu' must be tanh or erf, got 'relu'"),
+        ({"gelu": True}, "key 'gelu' must be str"),
     ],
 )
 def test_bad_values_name_file_and_key(tiny_config_file, overrides, message):

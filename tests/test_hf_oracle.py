@@ -164,3 +164,33 @@ def test_auto_downloads_gpt2_and_matches_transformers(monkeypatch):
     notes.clear()
     again = load_model(size="124M", config=None, weights="auto", device=CPU, dtype=torch.float32, note=notes.append)
     assert again.source == HUB_IDS["124M"] and notes == []
+
+
+def test_exact_gelu_checkpoints_load_and_export_both_ways(tmp_path):
+    """transformers' ``activation_function: gelu`` (the exact erf GELU of nanoGPT's nn.GELU()) loads as
+    ``gelu: erf`` and runs that GELU, not the tanh one; gptcli's export of such a model says ``gelu`` in
+    config.json, so transformers runs it the same."""
+    from gptcli.export import save_pretrained
+    from gptcli.tokenizer import gpt2
+
+    reference = hf_model(tie=True, seed=7)
+    reference.config.activation_function = "gelu"
+    exact = transformers.GPT2LMHeadModel(reference.config).eval()
+    exact.load_state_dict(reference.state_dict())
+    folder = save(exact, tmp_path / "exact", prefixed=True)
+    assert json.loads((folder / "config.json").read_text())["activation_function"] == "gelu"
+
+    loaded = load_model(size=None, config=None, weights=str(folder), device=CPU, dtype=torch.float32)
+    assert loaded.cfg.gelu == "erf"
+    ids = torch.randint(0, 50257, (2, N_POSITIONS), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs, tanh = loaded.model(ids), exact(ids, use_cache=False).logits, reference(ids, use_cache=False).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    assert (theirs - tanh).abs().max() > 1e-3  # the two GELUs differ enough for a mix-up to show
+
+    out = save_pretrained(loaded.model, tmp_path / "export", gpt2())
+    assert json.loads((out / "config.json").read_text())["activation_function"] == "gelu"
+    again = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, use_cache=False).logits, theirs, rtol=0, atol=1e-5)
+    assert load_model(size=None, config=None, weights=str(out), device=CPU, dtype=torch.float32).cfg.gelu == "erf"

@@ -432,6 +432,10 @@ def test_recipes_ship_and_load():
     assert (sh.tokenizer, sh.max_steps, sh.batch_size, sh.betas, sh.decay, sh.grad_clip) == \
         ("char", 2000, 12, (0.9, 0.99), "2d", 1.0)
     assert (s.dtype, sh.dtype) == ("float32", "auto")  # the book's run stays exact; nanoGPT's measures
+    nano = load_recipe("shakespeare-char").model  # nanoGPT's baby GPT: no biases, tied head, nn.GELU()
+    assert {k: nano[k] for k in ("n_layers", "n_heads", "emb_dim", "context_length", "bias", "tie_weights", "gelu")} \
+        == {"n_layers": 4, "n_heads": 4, "emb_dim": 128, "context_length": 64, "bias": False, "tie_weights": True,
+            "gelu": "erf"}
 
 
 def test_dtype_auto_settles_on_a_dtype_says_why_and_records_it(tmp_path, corpus, monkeypatch):
@@ -477,6 +481,8 @@ def test_a_new_model_starts_near_ln_vocab(tmp_path, corpus, request_args):
     expected = math.log(run.tokenizer.vocab_size)
     assert abs(first["loss"] - expected) <= 0.15 * expected, (first["loss"], expected)
     assert run.settings.init == ("gpt2" if run.model.cfg.tie_weights else "book")  # recorded as drawn
+    gelus = {m.approximate for m in run.model.modules() if type(m).__name__ == "GELU"}
+    assert gelus == {"none" if request_args.get("recipe") == "shakespeare-char" else "tanh"}
 
 
 def test_the_books_init_with_a_tied_head_is_refused(tmp_path, corpus):

@@ -17,6 +17,7 @@ import typer
 from gptcli.errors import UserError
 
 if TYPE_CHECKING:
+    from gptcli.config import GPTConfig
     from gptcli.runtime import InferenceOptions, Runtime
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -64,7 +65,8 @@ ConfigOption = Annotated[
         "-c",
         metavar="FILE",
         help="Your own YAML config with the book's keys (vocab_size, context_length, emb_dim, n_heads, "
-        "n_layers, drop_rate, qkv_bias) plus tie_weights (default false: the book's separate output head). "
+        "n_layers, drop_rate, qkv_bias) plus tie_weights (default false: the book's separate output head), "
+        "bias (default true) and gelu (tanh, the default, or erf: nanoGPT's exact GELU). "
         "Not with --size.",
         show_default=False,
     ),
@@ -276,6 +278,13 @@ def silence_stdout() -> None:
         os.close(devnull)
     except (OSError, ValueError, AttributeError):
         pass  # not a real file (tests) or already gone: nothing will be flushed there
+
+
+def describe_config(cfg: "GPTConfig") -> str:
+    """A config in one line, for table titles: ``124M: emb_dim 768, n_layers 12, ...``."""
+    return (f"{cfg.name}: emb_dim {cfg.emb_dim}, n_layers {cfg.n_layers}, n_heads {cfg.n_heads}, "
+            f"context {cfg.context_length}, vocab {cfg.vocab_size}, qkv_bias {cfg.qkv_bias}, "
+            f"tie_weights {cfg.tie_weights}" + (f", gelu {cfg.gelu}" if cfg.gelu != "tanh" else ""))
 
 
 def print_json(obj: Any) -> None:

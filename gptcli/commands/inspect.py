@@ -18,6 +18,7 @@ from gptcli.commands.common import (
     check_tokenizer_early,
     complete_device,
     complete_dtype,
+    describe_config,
     load_for_command,
     note,
     print_json,
@@ -58,12 +59,6 @@ DEFAULT_TOP = 10  # next tokens --prompt shows
 
 def _n(value: int) -> str:
     return f"{value:,}"
-
-
-def _describe_config(cfg: GPTConfig) -> str:
-    return (f"{cfg.name}: emb_dim {cfg.emb_dim}, n_layers {cfg.n_layers}, n_heads {cfg.n_heads}, "
-            f"context {cfg.context_length}, vocab {cfg.vocab_size}, qkv_bias {cfg.qkv_bias}, "
-            f"tie_weights {cfg.tie_weights}")
 
 
 def _label(node: Node) -> tuple[str, str, str, str]:
@@ -387,7 +382,7 @@ def inspect(
         render_next_tokens(report)
         if not details and depth is None:
             return
-    render_tree(module_tree(cfg, depth), f"Modules of {_describe_config(cfg)}")
+    render_tree(module_tree(cfg, depth), f"Modules of {describe_config(cfg)}")
     render_figures(report)
     if report["checkpoint"] is not None:
         render_checkpoint(report["checkpoint"], cfg)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from gptcli.commands.common import ConfigOption, JsonOption, SizeOption, print_json, print_table, user_errors
+from gptcli.commands.common import ConfigOption, describe_config, JsonOption, SizeOption, print_json, print_table, user_errors
 from gptcli.errors import UserError
 from gptcli.config import GPTConfig, resolve_config, shipped_configs
 from gptcli.params import ParamCount, count_params, human_bytes
@@ -18,8 +18,7 @@ def params_report(cfg: GPTConfig) -> dict:
 
 
 def _render_one(cfg: GPTConfig, count: ParamCount) -> None:
-    desc = f"{cfg.name}: emb_dim {cfg.emb_dim}, n_layers {cfg.n_layers}, n_heads {cfg.n_heads}, " \
-        f"context {cfg.context_length}, vocab {cfg.vocab_size}, qkv_bias {cfg.qkv_bias}, tie_weights {cfg.tie_weights}"
+    desc = describe_config(cfg)
     rows = [(label, f"{n:,}") for label, n in count.breakdown()]
     rows.append(("total", f"{count.total:,}"))
     print_table(f"Parameters of {desc}", ["part", "parameters"], rows, right_align=[1], footer_rows=1)

@@ -532,7 +532,7 @@ def measure_block(cfg: "GPTConfig", batch: int, linear: str) -> dict[str, float]
         return None
     batch = max(1, min(batch, BLOCK_MAX_ROWS // cfg.context_length))
     key = (f"train block emb {cfg.emb_dim} heads {cfg.n_heads} bias {cfg.bias} qkv {cfg.qkv_bias} "
-           f"drop {cfg.drop_rate} T {cfg.context_length} batch {batch} {linear}")
+           f"drop {cfg.drop_rate} gelu {cfg.gelu} T {cfg.context_length} batch {batch} {linear}")
     entry = decode.cached_measurements().get(key)
     if not _complete(entry, BLOCK_DTYPES):
         from gptcli.kernels import allocator

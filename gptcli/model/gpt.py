@@ -41,16 +41,22 @@ class LayerNorm(nn.Module):
 
 
 class GELU(nn.Module):
-    """The tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    """The tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); or, with
+    ``approximate="none"``, the exact 0.5 x (1 + erf(x / sqrt(2))) of nanoGPT's ``nn.GELU()``."""
+
+    def __init__(self, approximate: str = "tanh"):
+        super().__init__()
+        self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x, approximate="tanh")
+        return F.gelu(x, approximate=self.approximate)
 
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim, bias=cfg.bias), GELU(),
+        self.layers = nn.Sequential(nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim, bias=cfg.bias),
+                                    GELU("tanh" if cfg.gelu == "tanh" else "none"),
                                     nn.Linear(4 * cfg.emb_dim, cfg.emb_dim, bias=cfg.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

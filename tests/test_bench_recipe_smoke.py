@@ -1,0 +1,65 @@
+"""Smoke test of bench/shakespeare_recipe.py against a stand-in for nanoGPT: its data is prepared from the
+text when missing, both sides run as whole processes, and the table holds both sides' times and final
+validation losses (nanoGPT's read from its log, gptcli's from its JSON). The figures are not checked."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from test_bench_smoke import is_number, markdown_tables
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "shakespeare_recipe.py"
+
+# nanoGPT's train.py as far as the benchmark sees it: flags in, "step N: ... val loss X" lines out.
+FAKE_TRAIN = """
+import sys
+steps = int(next(a for a in sys.argv if a.startswith("--max_iters=")).split("=")[1])
+assert "--device=cpu" in sys.argv and "--n_embd=128" in sys.argv and sys.argv[1] == "config/train_shakespeare_char.py"
+print("step 0: train loss 4.1000, val loss 4.2000")
+print(f"step {steps}: train loss 3.0000, val loss {3 + steps / 1000:.4f}")
+"""
+FAKE_PREPARE = """
+from pathlib import Path
+text = Path("input.txt").read_text()
+Path("train.bin").write_bytes(text[:100].encode())
+Path("val.bin").write_bytes(text[100:200].encode())
+"""
+
+
+def test_recipe_bench_prepares_nanogpt_and_reports_both_sides(tmp_path: Path) -> None:
+    nano = tmp_path / "nanoGPT"
+    (nano / "config").mkdir(parents=True)
+    (nano / "data" / "shakespeare_char").mkdir(parents=True)
+    (nano / "train.py").write_text(FAKE_TRAIN)
+    (nano / "config" / "train_shakespeare_char.py").write_text("")
+    (nano / "data" / "shakespeare_char" / "prepare.py").write_text(FAKE_PREPARE)
+    text = tmp_path / "tiny.txt"
+    text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 300, encoding="utf-8")
+
+    proc = subprocess.run([sys.executable, str(BENCH), "--nanogpt", str(nano), "--text", str(text), "--rounds", "2",
+                           "--max-steps", "3"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (nano / "data" / "shakespeare_char" / "input.txt").read_text() == text.read_text()  # no download
+    assert (nano / "data" / "shakespeare_char" / "train.bin").is_file()
+
+    (table,) = markdown_tables(proc.stdout)
+    assert table[0] == ["round", "nanoGPT s", "gptcli s", "gptcli ÷ nanoGPT", "nanoGPT val loss", "gptcli val loss"]
+    assert [row[0] for row in table[1:]] == ["1 (nanoGPT first)", "2 (gptcli first)", "median"]
+    for row in table[1:]:
+        assert all(is_number(cell) for cell in row[1:]), row
+        assert row[4] == "3.0030"  # nanoGPT's last evaluation, read from its log
+        assert 2.0 < float(row[5]) < 5.0  # gptcli's, from a 3-step char model (ln 65 = 4.17)
+    assert re.search(r"gptcli's whole run takes \d+\.\d\d× nanoGPT's wall time .*\((met|not met): target ≤ 0\.8×",
+                     proc.stdout)
+
+
+def test_recipe_bench_refuses_a_folder_that_is_not_nanogpt(tmp_path: Path) -> None:
+    text = tmp_path / "tiny.txt"
+    text.write_text("abc\n" * 100)
+    proc = subprocess.run([sys.executable, str(BENCH), "--nanogpt", str(tmp_path), "--text", str(text)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1].endswith(f"error: {tmp_path.resolve()} is not a nanoGPT checkout (no train.py)")
