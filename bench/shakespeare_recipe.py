@@ -40,7 +40,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
     sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
 from bench.report import command_line, date_line, load_average, logger, machine_line, markdown_table  # noqa: E402
-from bench.train import find_text  # noqa: E402
+from bench.workers import shared_text  # noqa: E402
 
 log = logger("recipe bench")
 
@@ -152,15 +152,15 @@ def compare(repo: Path, text: Path, rounds: int, threads: int, steps: int, scrat
     return lines
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nanogpt", type=Path, required=True, help="a checkout of karpathy/nanoGPT")
     p.add_argument("--text", type=Path, help="tinyshakespeare.txt (default: $GPTCLI_DATA_DIR or ../shared/data)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS for both (default 2)")
     p.add_argument("--max-steps", type=int, default=2000, help="steps of each run (default 2000, the recipe's)")
     args = p.parse_args(argv)
-    args.text = find_text(args.text)
+    args.text = shared_text("tinyshakespeare.txt", args.text)
     if args.text is None or not args.text.is_file():
         p.error("no tinyshakespeare.txt: pass --text FILE or set GPTCLI_DATA_DIR")
     if args.rounds < 1 or args.threads < 1 or args.max_steps < 1:
@@ -172,15 +172,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> list[str]:
+    """Prepare nanoGPT's data if needed, then ``compare``: the report's lines (``bench/train.py --nanogpt`` too)."""
     prepare_nanogpt(args.nanogpt, args.text)
     scratch = Path(tempfile.mkdtemp(prefix="gptcli-recipe-"))
     try:
-        lines = compare(args.nanogpt, args.text.resolve(), args.rounds, args.threads, args.max_steps, scratch)
-        print("\n".join(lines))
+        return compare(args.nanogpt, args.text.resolve(), args.rounds, args.threads, args.max_steps, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    print("\n".join(run(parse_args(argv))))
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ from typing import Any, Callable, Sequence
 if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
     sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
 from bench.report import fmt, load_average, logger, markdown_table, utc_date  # noqa: E402 - what the benchmarks print
-from bench.workers import cpu_model  # noqa: E402
+from bench.workers import cpu_model, shared_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DRAFT_ARCH = ["--n-layers", "2", "--emb-dim", "256", "--n-heads", "4"]
@@ -78,12 +78,10 @@ log = logger(clock=True)
 
 
 def verdict_path(given: str | None) -> Path:
-    candidates = [given, os.path.join(os.environ.get("GPTCLI_DATA_DIR", ""), "the-verdict.txt"),
-                  str(REPO.parent / "shared" / "data" / "the-verdict.txt")]
-    for c in candidates:
-        if c and Path(c).is_file():
-            return Path(c)
-    raise SystemExit("the-verdict.txt not found: pass --text or set GPTCLI_DATA_DIR")
+    path = shared_text("the-verdict.txt", given)
+    if path is None or not path.is_file():
+        raise SystemExit("the-verdict.txt not found: pass --text or set GPTCLI_DATA_DIR")
+    return path
 
 
 def cache_root(given: str | None) -> Path:

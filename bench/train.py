@@ -90,7 +90,9 @@ from typing import Any, Sequence
 if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
     sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
 from bench.report import command_line, fmt, git_commit, load_average, logger, markdown_table, utc_date, versions  # noqa: E402
-from bench.workers import Outcome, Worker, WorkerFailed, cpu_model, peak_rss_bytes, quiet_transformers, send  # noqa: E402
+from bench.workers import (  # noqa: E402
+    Outcome, Worker, WorkerFailed, cpu_model, peak_rss_bytes, quiet_transformers, send, shared_text,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20
@@ -655,15 +657,6 @@ def report(args: argparse.Namespace, pool: Pool, load_before: str, started: date
 # Command line
 
 
-def find_text(given: Path | None) -> Path | None:
-    if given is not None:
-        return given
-    for folder in (os.environ.get("GPTCLI_DATA_DIR"), REPO.parent / "shared" / "data"):
-        if folder and (Path(folder) / "tinyshakespeare.txt").is_file():
-            return Path(folder) / "tinyshakespeare.txt"
-    return None
-
-
 def tiktoken_cache(scratch: Path) -> None:
     """Point tiktoken at a private copy of ../shared/tiktoken-cache when no cache is set (tiktoken
     deletes a cached file whose hash does not match, so never at the original)."""
@@ -690,6 +683,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-tokenize", action="store_true", help="skip the tokenizing table")
     p.add_argument("--text-repeat", type=int, help=f"times the corpus is repeated (default {TEXT_REPEAT}; --quick 2)")
     p.add_argument("--peak-n", type=int, help=f"size of the peak matmul (default {PEAK_N}; --quick 256)")
+    p.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout: also run its Shakespeare recipe against gptcli "
+                   "train as whole processes (bench/shakespeare_recipe.py, --recipe-rounds rounds, ~1.5 min each; "
+                   "--quick: 20 steps)")
+    p.add_argument("--recipe-rounds", type=int, default=3, help="with --nanogpt: interleaved rounds (default 3)")
     p.add_argument("--output", type=Path, help="also write the report to this file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-setting", help=argparse.SUPPRESS)
@@ -715,9 +712,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.variants_of[name] = names
     if args.rounds < 1:
         p.error("--rounds must be 1 or more")
-    args.text = None if args.no_tokenize else find_text(args.text)
+    args.text = None if args.no_tokenize else shared_text("tinyshakespeare.txt", args.text)
     if args.text is not None and not args.text.is_file():
         p.error(f"--text {args.text}: no such file")
+    if args.nanogpt is not None:
+        from bench import shakespeare_recipe
+
+        args.recipe = shakespeare_recipe.parse_args(
+            ["--nanogpt", str(args.nanogpt), "--rounds", str(args.recipe_rounds), "--threads", str(args.threads),
+             *(["--max-steps", "20"] if args.quick else []), *(["--text", str(args.text)] if args.text else [])],
+            prog=f"{p.prog} --nanogpt")
     return args
 
 
@@ -732,6 +736,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         tiktoken_cache(scratch)
         pool = run_all(args, scratch)
         text = report(args, pool, load_before, started)
+        if args.nanogpt is not None:
+            from bench import shakespeare_recipe
+
+            text += "\n" + "\n".join(shakespeare_recipe.run(args.recipe)) + "\n"
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     sys.stdout.write(text)

@@ -1,18 +1,31 @@
 """What the benchmarks share: a worker process that answers one JSON line per command (``send`` is the
 worker's side), the results of one worker over interleaved rounds (medians and spread), the CPU's name, a
-process's peak memory and a quiet transformers. The scripts import it as ``bench.workers``; what they print
+process's peak memory, a quiet transformers and where the shared texts are. The scripts import it as ``bench.workers``; what they print
 is in ``bench.report``."""
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 from gptcli.devices import cpu_model, proc_kib  # noqa: F401 - the benchmarks import cpu_model from here
+
+
+def shared_text(name: str, given: str | Path | None = None) -> Path | None:
+    """A corpus the benchmarks read: ``given``, else ``name`` in $GPTCLI_DATA_DIR, else in the checkout's
+    ``../shared/data``; None when none of them is a file (``given`` is returned as it is, checked by the caller)."""
+    if given:
+        return Path(given).expanduser()
+    for folder in (os.environ.get("GPTCLI_DATA_DIR"), Path(__file__).resolve().parent.parent.parent / "shared" / "data"):
+        if folder and (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
 
 
 def peak_rss_bytes() -> int:

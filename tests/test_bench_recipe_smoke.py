@@ -29,7 +29,8 @@ Path("val.bin").write_bytes(text[100:200].encode())
 """
 
 
-def test_recipe_bench_prepares_nanogpt_and_reports_both_sides(tmp_path: Path) -> None:
+def fake_nanogpt(tmp_path: Path) -> tuple[Path, Path]:
+    """A stand-in nanoGPT checkout, its data not prepared, and a small text."""
     nano = tmp_path / "nanoGPT"
     (nano / "config").mkdir(parents=True)
     (nano / "data" / "shakespeare_char").mkdir(parents=True)
@@ -38,7 +39,11 @@ def test_recipe_bench_prepares_nanogpt_and_reports_both_sides(tmp_path: Path) ->
     (nano / "data" / "shakespeare_char" / "prepare.py").write_text(FAKE_PREPARE)
     text = tmp_path / "tiny.txt"
     text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 300, encoding="utf-8")
+    return nano, text
 
+
+def test_recipe_bench_prepares_nanogpt_and_reports_both_sides(tmp_path: Path) -> None:
+    nano, text = fake_nanogpt(tmp_path)
     proc = subprocess.run([sys.executable, str(BENCH), "--nanogpt", str(nano), "--text", str(text), "--rounds", "2",
                            "--max-steps", "3"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -54,6 +59,19 @@ def test_recipe_bench_prepares_nanogpt_and_reports_both_sides(tmp_path: Path) ->
         assert 2.0 < float(row[5]) < 5.0  # gptcli's, from a 3-step char model (ln 65 = 4.17)
     assert re.search(r"gptcli's whole run takes \d+\.\d\d× nanoGPT's wall time .*\((met|not met): target ≤ 0\.8×",
                      proc.stdout)
+
+
+def test_train_bench_appends_the_recipe_comparison(tmp_path: Path) -> None:
+    nano, text = fake_nanogpt(tmp_path)
+    proc = subprocess.run([sys.executable, str(BENCH.parent / "train.py"), "--quick", "--threads", "1", "--settings",
+                           "shakespeare-char", "--variants", "gptcli-fp32", "--text", str(text), "--nanogpt", str(nano),
+                           "--recipe-rounds", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps, tokenizing, recipe = markdown_tables(proc.stdout)
+    assert steps[1][:2] == ["shakespeare-char", "gptcli-fp32"]
+    assert [row[0] for row in recipe[1:]] == ["1 (nanoGPT first)", "median"]
+    assert recipe[1][4] == "3.0200"  # --quick: 20 steps each
+    assert "20 steps each" in proc.stdout
 
 
 def test_recipe_bench_refuses_a_folder_that_is_not_nanogpt(tmp_path: Path) -> None:
