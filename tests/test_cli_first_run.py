@@ -259,7 +259,9 @@ Options:
   -c, --config FILE  Your own YAML config with the book's keys (vocab_size,
                      context_length, emb_dim, n_heads, n_layers, drop_rate,
                      qkv_bias) plus tie_weights (default false: the book's
-                     separate output head). Not with --size.
+                     separate output head), bias (default true) and gelu
+                     (tanh, the default, or erf: nanoGPT's exact GELU). Not
+                     with --size.
   --all              One table for every shipped config.
   --json             Print one JSON object on stdout instead of tables.
   -h, --help         Show this message and exit.

@@ -26,8 +26,7 @@ from gptcli.model.kv_cache import KVCache
 
 
 class LayerNorm(nn.Module):
-    """Biased variance and eps 1e-5, as in GPT-2, so its checkpoints load unchanged. ``bias=False``
-    drops the shift, as nanoGPT's ``bias=False`` does."""
+    """Biased variance and eps 1e-5, as GPT-2's (its weights load unchanged); ``bias=False`` drops the shift."""
 
     def __init__(self, emb_dim: int, eps: float = 1e-5, bias: bool = True):
         super().__init__()
@@ -41,22 +40,17 @@ class LayerNorm(nn.Module):
 
 
 class GELU(nn.Module):
-    """The tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); or, with
-    ``approximate="none"``, the exact 0.5 x (1 + erf(x / sqrt(2))) of nanoGPT's ``nn.GELU()``."""
-
-    def __init__(self, approximate: str = "tanh"):
-        super().__init__()
-        self.approximate = approximate
+    """The tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x, approximate=self.approximate)
+        return F.gelu(x, approximate="tanh")
 
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim, bias=cfg.bias),
-                                    GELU("tanh" if cfg.gelu == "tanh" else "none"),
+        gelu = GELU() if cfg.gelu == "tanh" else nn.GELU()  # the book's (GPT-2's) GELU, or nanoGPT's exact one
+        self.layers = nn.Sequential(nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim, bias=cfg.bias), gelu,
                                     nn.Linear(4 * cfg.emb_dim, cfg.emb_dim, bias=cfg.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,17 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from gptcli.errors import UserError
+from gptcli.serving.fields import ApiError, bad, boolean, integer, type_name
 from gptcli.serving.completions import (
     DEFAULT_MAX_TOKENS,
-    ApiError,
     Choice,
     CompletionFormat,
     CompletionRequest,
     Limits,
-    _boolean,
-    _integer,
-    _type_name,
-    bad,
     check_request,
     check_rows,
     encode_text,
@@ -91,10 +87,10 @@ def _messages(body: dict, template: str) -> str:
                   "missing_required_parameter")
     if not isinstance(messages, list) or not messages:
         raise bad(f"'messages' must be a non-empty array of {{role, content}} objects, got "
-                  f"{'an empty array' if messages == [] else _type_name(messages)}", "messages", "invalid_type")
+                  f"{'an empty array' if messages == [] else type_name(messages)}", "messages", "invalid_type")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise bad(f"messages[{i}] must be an object with 'role' and 'content', got {_type_name(message)}",
+            raise bad(f"messages[{i}] must be an object with 'role' and 'content', got {type_name(message)}",
                       "messages", "invalid_type")
     try:
         return chat_prompt(messages, template)
@@ -104,8 +100,8 @@ def _messages(body: dict, template: str) -> str:
 
 def _max_tokens(body: dict, limits: Limits) -> int:
     """``max_completion_tokens`` (OpenAI's current name) or ``max_tokens`` (its older one); both must agree."""
-    newer = _integer(body, "max_completion_tokens", None, 0, limits.max_tokens)
-    older = _integer(body, "max_tokens", None, 0, limits.max_tokens)
+    newer = integer(body, "max_completion_tokens", None, 0, limits.max_tokens)
+    older = integer(body, "max_tokens", None, 0, limits.max_tokens)
     if newer is not None and older is not None and newer != older:
         raise bad(f"'max_tokens' ({older}) and 'max_completion_tokens' ({newer}) disagree: send one of them",
                   "max_completion_tokens", "invalid_value")
@@ -114,8 +110,8 @@ def _max_tokens(body: dict, limits: Limits) -> int:
 
 def _chat_logprobs(body: dict) -> int | None:
     """OpenAI's chat fields: ``logprobs`` (a boolean) and ``top_logprobs`` (0-20, only with logprobs)."""
-    wanted = _boolean(body, "logprobs", False)
-    top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+    wanted = boolean(body, "logprobs", False)
+    top = integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
     if top is not None and not wanted:
         raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
     return (top or 0) if wanted else None

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from gptcli.errors import UserError
+from gptcli.serving.fields import ApiError, bad, boolean, integer, is_number, number, type_name
 from gptcli.decoding.generate import (FINISH_EOS, FINISH_LENGTH, FINISH_STOP, MAX_LOGIT_BIAS, MAX_PENALTY, MAX_SEED,
                                       SamplingOptions, prompt_ids)
 
@@ -44,27 +45,6 @@ KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "seed", "
          "stream_options", "user", "frequency_penalty", "presence_penalty", "logit_bias", *NEUTRAL,
          # vLLM's extra fields, under vLLM's names
          "top_k", "ignore_eos", "return_token_ids"}
-
-
-class ApiError(Exception):
-    """A request the server refuses: its HTTP status and OpenAI's error object."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param, code=code)
 
 
 @dataclass(frozen=True)
@@ -116,50 +96,6 @@ def plural(count: int, noun: str) -> str:
     return noun if count == 1 else noun + "s"
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
-            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
-
-
-def _integer(body: dict, name: str, default: int | None, low: int, high: int) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise bad(f"'{name}' must be an integer, got {_type_name(value)}", name, "invalid_type")
-    if not low <= value <= high:
-        raise bad(f"'{name}' must be between {low} and {high}, got {value}", name, "invalid_value")
-    return value
-
-
-def _number(body: dict, name: str, default: float | None, low: float, high: float, *, low_open: bool = False) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not _is_number(value):
-        raise bad(f"'{name}' must be a number, got {_type_name(value)}", name, "invalid_type")
-    value = float(value)
-    if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise bad(f"'{name}' must be in {interval}, got {value:g}", name, "invalid_value")
-    return value
-
-
-def _boolean(body: dict, name: str, default: bool) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise bad(f"'{name}' must be a boolean, got {_type_name(value)}", name, "invalid_type")
-    return value
-
-
 def parse_stops(body: dict) -> tuple[str, ...]:
     value = body.get("stop")
     if value is None:
@@ -182,7 +118,7 @@ def _logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
     if value is None:
         return ()
     if not isinstance(value, dict):
-        raise bad(f"'logit_bias' must be an object from token ids to numbers, got {_type_name(value)}", "logit_bias",
+        raise bad(f"'logit_bias' must be an object from token ids to numbers, got {type_name(value)}", "logit_bias",
                   "invalid_type")
     pairs = []
     for key, bias in value.items():
@@ -192,8 +128,8 @@ def _logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
         if not 0 <= token_id < vocab_size:
             raise bad(f"'logit_bias': token id {token_id} is not in the vocabulary (0-{vocab_size - 1})", "logit_bias",
                       "invalid_value")
-        if not _is_number(bias):
-            raise bad(f"'logit_bias' values must be numbers, got {_type_name(bias)} for token {token_id}",
+        if not is_number(bias):
+            raise bad(f"'logit_bias' values must be numbers, got {type_name(bias)} for token {token_id}",
                       "logit_bias", "invalid_type")
         if not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
             raise bad(f"'logit_bias' values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias:g} for "
@@ -265,7 +201,7 @@ def check_request(body: Any, known: set[str], neutral: dict[str, Callable[[Any, 
     """What every generating endpoint checks first: a JSON object of known fields, naming the served
     model; fields gptcli has no use for only with a value that changes nothing. Returns (model, n)."""
     if not isinstance(body, dict):
-        raise bad(f"the request body must be a JSON object, got {_type_name(body)}")
+        raise bad(f"the request body must be a JSON object, got {type_name(body)}")
     unknown = sorted(set(body) - known)
     if unknown:
         raise bad(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0], "unknown_parameter")
@@ -276,7 +212,7 @@ def check_request(body: Any, known: set[str], neutral: dict[str, Callable[[Any, 
     if model != model_id:
         raise ApiError(404, f"The model '{model}' does not exist; this server serves '{model_id}'", param="model",
                        code="model_not_found")
-    n = _integer(body, "n", 1, 1, limits.max_n)
+    n = integer(body, "n", 1, 1, limits.max_n)
     for name, is_neutral in neutral.items():
         if not is_neutral(body.get(name), n):
             raise bad(f"'{name}' is not supported by this server (gptcli serve); leave it out", name, "unsupported_parameter")
@@ -289,19 +225,19 @@ def parse_sampling(body: dict, limits: Limits, n: int, max_tokens: int,
                    stops: tuple[str, ...]) -> tuple[SamplingOptions, ...]:
     """How each of the ``n`` choices samples (the fields completions and chat share): choice j gets
     ``seed + j``, and a request without a seed a random one."""
-    temperature = _number(body, "temperature", DEFAULT_TEMPERATURE, 0.0, MAX_TEMPERATURE)
-    top_p = _number(body, "top_p", None, 0.0, 1.0, low_open=True)
-    top_k = _integer(body, "top_k", None, -1, limits.vocab_size)
+    temperature = number(body, "temperature", DEFAULT_TEMPERATURE, 0.0, MAX_TEMPERATURE)
+    top_p = number(body, "top_p", None, 0.0, 1.0, low_open=True)
+    top_k = integer(body, "top_k", None, -1, limits.vocab_size)
     if top_k is not None and top_k <= 0:  # vLLM's -1 (and 0): no top-k
         top_k = None
-    frequency_penalty = _number(body, "frequency_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY)
-    presence_penalty = _number(body, "presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY)
+    frequency_penalty = number(body, "frequency_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY)
+    presence_penalty = number(body, "presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY)
     logit_bias = _logit_bias(body, limits.vocab_size)
-    seed = _integer(body, "seed", None, 0, MAX_SEED)  # the range gptcli generate --seed takes
+    seed = integer(body, "seed", None, 0, MAX_SEED)  # the range gptcli generate --seed takes
     if seed is not None and seed + n - 1 > MAX_SEED:
         raise bad(f"'seed' {seed} with n={n} seeds the last choice {seed + n - 1} (choice i gets seed + i), past the "
                   f"largest seed, 2**64 - 1: use a seed of at most {MAX_SEED - n + 1}", "seed", "invalid_value")
-    ignore_eos = _boolean(body, "ignore_eos", False)
+    ignore_eos = boolean(body, "ignore_eos", False)
     if seed is None:
         seed = secrets.randbelow(MAX_SEED - limits.max_n)
     return tuple(SamplingOptions(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -312,8 +248,8 @@ def parse_sampling(body: dict, limits: Limits, n: int, max_tokens: int,
 
 def parse_streaming(body: dict) -> tuple[bool, bool, bool]:
     """(stream, stream_options.include_usage, vLLM's return_token_ids)."""
-    stream = _boolean(body, "stream", False)
-    return stream, _stream_options(body, stream), _boolean(body, "return_token_ids", False)
+    stream = boolean(body, "stream", False)
+    return stream, _stream_options(body, stream), boolean(body, "return_token_ids", False)
 
 
 def check_rows(prompts: int, n: int, limits: Limits) -> None:
@@ -325,9 +261,9 @@ def check_rows(prompts: int, n: int, limits: Limits) -> None:
 def parse_completion(body: Any, tokenizer: "Tokenizer", limits: Limits, model_id: str) -> CompletionRequest:
     """Check a ``/v1/completions`` body (parsed JSON); ApiError for anything wrong with it."""
     model, n = check_request(body, KNOWN, NEUTRAL, model_id, limits)
-    max_tokens = _integer(body, "max_tokens", DEFAULT_MAX_TOKENS, 0, limits.max_tokens)
-    logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
-    echo = _boolean(body, "echo", False)
+    max_tokens = integer(body, "max_tokens", DEFAULT_MAX_TOKENS, 0, limits.max_tokens)
+    logprobs = integer(body, "logprobs", None, 0, MAX_LOGPROBS)
+    echo = boolean(body, "echo", False)
     stream, include_usage, return_token_ids = parse_streaming(body)
     options = parse_sampling(body, limits, n, max_tokens, parse_stops(body))
     ids, texts = _prompts(body, tokenizer, limits)
@@ -345,13 +281,13 @@ def _stream_options(body: dict, stream: bool) -> bool:
         raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options", "invalid_value")
     if not isinstance(value, dict) or set(value) - {"include_usage"}:
         raise bad("'stream_options' must be an object with 'include_usage'", "stream_options", "invalid_type")
-    return _boolean(value, "include_usage", False)
+    return boolean(value, "include_usage", False)
 
 
 def parse_tokenize(body: Any, tokenizer: "Tokenizer", model_id: str) -> list[int]:
     """``POST /tokenize`` (vLLM's shape): ``{"prompt": "text"}``, ``model`` optional; the text's ids."""
     if not isinstance(body, dict):
-        raise bad(f"the request body must be a JSON object, got {_type_name(body)}")
+        raise bad(f"the request body must be a JSON object, got {type_name(body)}")
     unknown = sorted(set(body) - {"model", "prompt", "add_special_tokens"})
     if unknown:
         raise bad(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0], "unknown_parameter")
@@ -364,7 +300,7 @@ def parse_tokenize(body: Any, tokenizer: "Tokenizer", model_id: str) -> list[int
 def parse_detokenize(body: Any, model_id: str, vocab_size: int) -> list[int]:
     """``POST /detokenize``: ``{"tokens": [ids]}``, ``model`` optional; the ids."""
     if not isinstance(body, dict):
-        raise bad(f"the request body must be a JSON object, got {_type_name(body)}")
+        raise bad(f"the request body must be a JSON object, got {type_name(body)}")
     unknown = sorted(set(body) - {"model", "tokens"})
     if unknown:
         raise bad(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0], "unknown_parameter")

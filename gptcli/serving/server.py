@@ -25,17 +25,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptcli.serving.chat import ChatFormat, no_template_error, parse_chat
 from gptcli.serving.completions import (
-    ApiError,
     Choice,
     CompletionFormat,
     CompletionRequest,
     Limits,
-    bad,
     now,
     parse_completion,
     parse_detokenize,
     parse_tokenize,
 )
+from gptcli.serving.fields import ApiError, bad
 from gptcli.serving.engine import Engine, EngineClosed, QueueFull, RowEvent, Ticket
 from gptcli.errors import UserError
 from gptcli.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, MetricsMiddleware, ServerMetrics
