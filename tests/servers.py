@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -104,6 +105,36 @@ class Server:
             self.proc.kill()
             _, err = self.proc.communicate()
         return self.proc.returncode, "".join(self.stderr_lines) + err
+
+
+def health(server: Server) -> dict:
+    status, body = server.json("GET", "/health")
+    assert status == 200
+    return body
+
+
+def wait_idle(server: Server, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = health(server)
+        if state["running"] == 0 and state["waiting"] == 0:
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"the server did not go idle: {health(server)}")
+
+
+def open_stream(server: Server, body: dict, key: str | None = None) -> socket.socket:
+    """A streamed completion on a raw socket, returned once its first chunks have arrived: a row that
+    keeps a batch under way while other requests join it (close the socket to end it)."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    data = json.dumps(body).encode()
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"{auth}Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    received = b""
+    while received.count(b"data: ") < 3:
+        received += sock.recv(4096)
+    return sock
 
 
 def sse_events(data: bytes) -> list[str]:

@@ -18,7 +18,9 @@ openai = pytest.importorskip("openai")
 
 from helpers import imported_modules  # noqa: E402
 from test_metrics import parse_exposition, value_of  # noqa: E402
-from servers import CONTEXT, Server, server_env, sse_events, write_tiny_checkpoint  # noqa: E402
+from servers import (  # noqa: E402
+    CONTEXT, Server, health, open_stream, server_env, sse_events, wait_idle, write_tiny_checkpoint,
+)
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -45,34 +47,6 @@ def server(checkpoint, env):
 @pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=60)
-
-
-def health(server) -> dict:
-    status, body = server.json("GET", "/health")
-    assert status == 200
-    return body
-
-
-def wait_idle(server, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = health(server)
-        if state["running"] == 0 and state["waiting"] == 0:
-            return state
-        time.sleep(0.05)
-    raise AssertionError(f"the server did not go idle: {health(server)}")
-
-
-def open_stream(server, body: dict) -> socket.socket:
-    """A streamed completion on a raw socket, returned once its first chunks have arrived."""
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    data = json.dumps(body).encode()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
-    received = b""
-    while received.count(b"data: ") < 3:
-        received += sock.recv(4096)
-    return sock
 
 
 def extra(obj, name):
@@ -375,7 +349,7 @@ def test_metrics_count_requests_tokens_and_time_them(server, client):
         assert after[family]["type"] == kind
     assert value_of(after, "gptcli_batch_rows") == value_of(after, "gptcli_queue_rows") == 0
     # While a stream runs, the gauge shows its row.
-    sock = open_stream(server, ok_body(max_tokens=1000, temperature=1.0, stream=True, ignore_eos=True))
+    sock = open_stream(server, ok_body(max_tokens=1000, temperature=1.0, stream=True, ignore_eos=True), KEY)
     try:
         assert value_of(scrape(server), "gptcli_batch_rows") == 1
     finally:
@@ -477,7 +451,7 @@ def test_eight_requests_at_once_get_what_each_gets_alone_and_what_generate_print
     alone = [_complete(server.base_url, spec, logprobs=2) for spec in LOAD]
     before = wait_idle(server)
     # A long stream already running, so that every request joins a batch under way; it leaves at the end.
-    carrier = open_stream(server, ok_body(max_tokens=1000, temperature=1.0, stream=True, ignore_eos=True))
+    carrier = open_stream(server, ok_body(max_tokens=1000, temperature=1.0, stream=True, ignore_eos=True), KEY)
     barrier = threading.Barrier(len(LOAD))
     together: list = [None] * len(LOAD)
 
@@ -629,7 +603,7 @@ def test_health_needs_no_key_and_the_client_reports_401(server):
 def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
     wait_idle(server)
     steps_before = health(server)["steps"]
-    sock = open_stream(server, ok_body(max_tokens=1000, temperature=1.0, stream=True, ignore_eos=True))
+    sock = open_stream(server, ok_body(max_tokens=1000, temperature=1.0, stream=True, ignore_eos=True), KEY)
     assert health(server)["running"] == 1
     sock.close()
     state = wait_idle(server)

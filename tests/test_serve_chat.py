@@ -15,7 +15,9 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from servers import CHAT_CONTEXT, Server, server_env, sse_events, write_chat_checkpoint  # noqa: E402
+from servers import (  # noqa: E402
+    CHAT_CONTEXT, Server, health, open_stream, server_env, sse_events, wait_idle, write_chat_checkpoint,
+)
 
 from gptcli.templates import CHAT_STOP, chat_prompt  # noqa: E402
 
@@ -244,8 +246,13 @@ def _chat(base_url: str, spec: dict, barrier: threading.Barrier | None = None) -
 
 def test_chat_requests_at_once_get_what_each_gets_alone(server):
     """Chat rows run in the same batches as completions: each gets, bit for bit, what it gets alone
-    (text, ids and every log-probability), with a completion stream running beside them."""
+    (text, ids and every log-probability), with completions running beside them. A long stream runs
+    first, so every request joins a batch under way (released together, they could otherwise all
+    start in one step and none join)."""
     alone = [_chat(server.base_url, spec) for spec in LOAD]
+    before = wait_idle(server)
+    carrier = open_stream(server, {"model": MODEL, "prompt": "Hello", "max_tokens": 1000, "temperature": 1.0,
+                                   "stream": True, "ignore_eos": True})
     barrier = threading.Barrier(len(LOAD) + 1)
     together: list = [None] * len(LOAD)
 
@@ -262,16 +269,19 @@ def test_chat_requests_at_once_get_what_each_gets_alone(server):
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(LOAD))]
     threads.append(threading.Thread(target=completion))
-    before = server.json("GET", "/health")[1]
     most_running = 0
     for t in threads:
         t.start()
     while any(t.is_alive() for t in threads):
-        most_running = max(most_running, server.json("GET", "/health")[1]["running"])
+        most_running = max(most_running, health(server)["running"])
     for t in threads:
         t.join(120)
-    after = server.json("GET", "/health")[1]
-    assert most_running >= 3 and after["joined"] > before["joined"], (most_running, before, after)
+    after = health(server)
+    carrier.close()
+    wait_idle(server)
+    # Every chat row (n of each request) and the completion beside them joined the carrier's batch.
+    rows = sum(spec.get("n", 1) for spec in LOAD) + 1
+    assert after["joined"] - before["joined"] == rows and most_running >= 3, (most_running, before, after)
     for spec, one, loaded in zip(LOAD, alone, together):
         assert loaded == one, spec
     assert beside and len({tuple(ids) for choices in alone for _, ids, _, _ in choices}) == len(LOAD) + 1
