@@ -17,7 +17,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from gptcli.config import GPTConfig
 from gptcli.errors import UserError
@@ -518,14 +518,16 @@ def checkpoint_facts(header: Header, hf_config: dict | None = None, hf_config_so
     return facts, "tensor shapes"
 
 
+def differing_keys(wanted: GPTConfig, facts: dict) -> list[tuple[str, Any, Any]]:
+    """(key, config's value, checkpoint's value) for each architecture key on which the two disagree;
+    keys the checkpoint cannot tell are skipped."""
+    return [(key, getattr(wanted, key), facts[key]) for key in ARCH_KEYS
+            if facts.get(key) is not None and facts[key] != getattr(wanted, key)]
+
+
 def config_differences(wanted: GPTConfig, facts: dict) -> list[str]:
     """``key (config X, checkpoint Y)`` for each architecture key on which the two disagree; unknowns are skipped."""
-    out = []
-    for key in ARCH_KEYS:
-        have = facts.get(key)
-        if have is not None and have != getattr(wanted, key):
-            out.append(f"{key} (config {getattr(wanted, key)}, checkpoint {have})")
-    return out
+    return [f"{key} (config {ours}, checkpoint {theirs})" for key, ours, theirs in differing_keys(wanted, facts)]
 
 
 def non_float_tensors(header: Header) -> list[str]:

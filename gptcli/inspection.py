@@ -291,9 +291,13 @@ def config_for_checkpoint(header: ckpt.Header, config_json: Path | None = None, 
     return ckpt.implied_config(header, config_json, note=note)
 
 
-def checkpoint_report(header: ckpt.Header, cfg: GPTConfig) -> dict[str, Any]:
-    """Tensors, layout, tying, inferred architecture and the verdict against ``cfg``."""
+def checkpoint_report(header: ckpt.Header, cfg: GPTConfig, config_json: Path | None = None) -> dict[str, Any]:
+    """Tensors, layout, tying, inferred architecture and the verdict against ``cfg``: its tensors, and the
+    architecture keys (``gelu``, ``bias``, ...) where the checkpoint's config.json or metadata disagree."""
     verdict = ckpt.verify(header, cfg)
+    hf_config = ckpt.read_json_file(config_json) if config_json is not None else None
+    differences = ckpt.differing_keys(cfg, ckpt.checkpoint_facts(header, hf_config)[0])
+    said = [f"{key} (config {ours}, checkpoint {theirs})" for key, ours, theirs in differences]
     names = ckpt.normalized_names(header, verdict.layout)
     expected = ckpt.expected_tensors(cfg, verdict.layout)
     tensors = sorted(header.tensors.values(), key=lambda t: t.offsets)  # file order
@@ -322,14 +326,15 @@ def checkpoint_report(header: ckpt.Header, cfg: GPTConfig) -> dict[str, Any]:
         "n_tensors": len(tensors),
         "tensor_bytes": sum(t.nbytes for t in tensors),
         "tensors": [t.to_dict() for t in tensors],
-        "ok": verdict.ok,
+        "ok": verdict.ok and not differences,
+        "config_differences": [{"key": k, "config": ours, "checkpoint": theirs} for k, ours, theirs in differences],
         "missing": verdict.missing,
         "unexpected": verdict.unexpected,
         "mismatched": verdict.mismatched_names,
         "mismatched_shapes": [
             {"name": n, "checkpoint": list(names[n].shape), "config": list(expected[n])} for n in verdict.mismatched_names
         ],
-        "verdict": verdict.summary(),
+        "verdict": "; ".join(([verdict.summary()] if not verdict.ok else []) + said),
     }
 
 

@@ -221,6 +221,20 @@ def test_checkpoint_against_another_config_lists_mismatches(hf_checkpoint):
     assert "wte.weight" in data["mismatched"] and "h.11.ln_1.weight" in data["missing"] and not data["unexpected"]
 
 
+def test_a_config_whose_shapes_fit_but_whose_maths_differs_is_not_ok(hf_checkpoint, tmp_path):
+    """Same shapes, another GELU (or bias setting): generate would refuse the pair, so the verdict says so."""
+    config = tmp_path / "erf.yaml"
+    config.write_text("vocab_size: 50257\ncontext_length: 16\nemb_dim: 32\nn_heads: 4\nn_layers: 2\n"
+                      "drop_rate: 0.0\nqkv_bias: true\ntie_weights: true\ngelu: erf\n")
+    result = run("--weights", hf_checkpoint, "--config", config)
+    assert result.exit_code == 0, result.stderr
+    assert "ok, every tensor matches" not in result.stdout
+    assert re.search(r"architecture +gelu +checkpoint tanh vs config erf", result.stdout)
+    c = run_json("--weights", hf_checkpoint, "--config", config)["checkpoint"]
+    assert not c["ok"] and c["config_differences"] == [{"key": "gelu", "config": "erf", "checkpoint": "tanh"}]
+    assert c["verdict"] == "gelu (config erf, checkpoint tanh)" and c["missing"] == c["mismatched"] == []
+
+
 def test_sparse_xl_header_reads_fast_and_never_touches_data(sparse_xl, count_reads):
     path, data_offset = sparse_xl
     assert path.stat().st_size > 6 * 10**9  # as big as the real file, but a hole on disk

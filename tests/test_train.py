@@ -638,3 +638,16 @@ def test_weights_random_takes_the_architecture_flags_and_a_checkpoint_refuses_th
     assert refused.stderr.strip().splitlines()[-1] == (
         "error: --weights fine-tunes a model as it is; architecture changes (--context-length, --n-layers, "
         "--n-heads, --emb-dim) need --weights random or a new model (--size/--config)")
+
+
+def test_a_recipes_model_keys_over_a_given_config_are_named(tmp_path, corpus, tiny_config_file):
+    """--config with --recipe: the recipe's model keys still apply (a recipe is a model change plus settings),
+    and a note names each one that changed the given config; a flag wins over the recipe."""
+    config = tiny_config_file(n_layers=2, gelu="tanh", context_length=16)
+    result = train(str(corpus), "--recipe", "shakespeare-char", "--config", str(config), "--n-layers", "1",
+                   "--out", str(tmp_path / "run"), "--max-steps", "1", "--sample-every", "0", "--dtype", "float32")
+    assert result.exit_code == 0, result.stderr
+    line = next(x for x in result.stderr.splitlines() if x.startswith("note: recipe shakespeare-char changes"))
+    assert "gelu erf (was tanh)" in line and "context_length 64 (was 16)" in line and "n_layers" not in line
+    cfg = events(result.stdout)[0]["config"]
+    assert (cfg["gelu"], cfg["context_length"], cfg["n_layers"]) == ("erf", 64, 1)

@@ -171,6 +171,8 @@ def render_checkpoint(c: dict[str, Any], cfg: GPTConfig) -> None:
     problems += [("unexpected", n, "in the file, not in the config") for n in c["unexpected"]]
     problems += [("mismatched", m["name"], f"checkpoint {m['checkpoint']} vs config {m['config']}")
                  for m in c["mismatched_shapes"]]
+    problems += [("architecture", d["key"], f"checkpoint {d['checkpoint']} vs config {d['config']}")
+                 for d in c["config_differences"]]
     title = f"Verdict against {cfg.name}: " + ("ok, every tensor matches" if c["ok"] else c["verdict"])
     if problems:
         print_table(title, ["problem", "tensor", "detail"], problems)
@@ -360,7 +362,7 @@ def inspect(
         cfg = resolve_config(size, config)
 
     report = config_report(cfg, depth)
-    report["checkpoint"] = checkpoint_report(header, cfg) if header is not None else None
+    report["checkpoint"] = checkpoint_report(header, cfg, located.config_json) if header is not None else None
     report["prompt"] = report["next_tokens"] = None
     report["kernels"] = None
     if kernels:

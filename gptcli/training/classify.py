@@ -382,7 +382,7 @@ def _base_model(request: RunRequest, recipe, settings: TrainSettings, tok: "Toke
         if drop is not None and "drop_rate" not in request.arch:
             set_dropout(model, drop)  # the book fine-tunes GPT-2 with drop_rate 0.0
         return model, source, True
-    cfg = _new_config(request, recipe, settings, tok)
+    cfg = _new_config(request, recipe, settings, tok, note)
     if weights is not None:
         return random_model(cfg, settings.seed), f"random (seed {settings.seed})", True
     import torch

@@ -355,8 +355,10 @@ def _tokenizer(settings: TrainSettings, texts: "list[Text]") -> "Tokenizer":
     return tok
 
 
-def _new_config(request: RunRequest, recipe, settings: TrainSettings, tok: "Tokenizer") -> "GPTConfig":
-    """A new model's config: --size/--config or the recipe's, with the recipe's and the flags' changes."""
+def _new_config(request: RunRequest, recipe, settings: TrainSettings, tok: "Tokenizer",
+                note: Note = _ignore) -> "GPTConfig":
+    """A new model's config: --size/--config or the recipe's, with the recipe's and the flags' changes (a
+    note names what the recipe changed in a --size/--config the user gave)."""
     from gptcli.config import resolve_config
     from gptcli.weights import check_vocab
 
@@ -365,6 +367,11 @@ def _new_config(request: RunRequest, recipe, settings: TrainSettings, tok: "Toke
     model_config = config if config is not None else (recipe.config if recipe and size is None else None)
     overrides = {**(recipe.model if recipe else {}), **request.arch}
     cfg = resolve_config(model_size, model_config)
+    changed = [f"{k} {v} (was {getattr(cfg, k)})" for k, v in (recipe.model if recipe else {}).items()
+               if k not in request.arch and getattr(cfg, k, v) != v]
+    if changed and (size or config):
+        note(f"recipe {recipe.name} changes config {cfg.name!r}: {', '.join(changed)}; flags (--n-layers, ...) "
+             "win over the recipe, or write your own recipe")
     if settings.tokenizer == "char":
         overrides["vocab_size"] = tok.vocab_size
     cfg = cfg.replace(**overrides) if overrides else cfg
@@ -443,13 +450,13 @@ def new_run(request: RunRequest, *, note: Note = _ignore, tokenizing: Tokenizing
     check_sample_prompt(settings, tok, say)
     model = None
     if weights is None:
-        cfg = _new_config(request, recipe, settings, tok)
+        cfg = _new_config(request, recipe, settings, tok, say)
         settings.init = choose_init(settings.init, cfg)  # the state records the init drawn, not "auto"
         source = f"random ({settings.init} init, seed {settings.seed})"
     elif random_shaped:
         from gptcli.weights import random_model
 
-        cfg = _new_config(request, recipe, settings, tok)
+        cfg = _new_config(request, recipe, settings, tok, say)
         model, source = random_model(cfg, settings.seed).train(), f"random (seed {settings.seed})"
     else:
         model, tok, source = _fine_tuned(request, recipe, weights, settings, tok, say)
