@@ -718,6 +718,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.nanogpt is not None:
         from bench import shakespeare_recipe
 
+        if args.recipe_rounds < 1:
+            p.error("--recipe-rounds must be 1 or more")
         args.recipe = shakespeare_recipe.parse_args(
             ["--nanogpt", str(args.nanogpt), "--rounds", str(args.recipe_rounds), "--threads", str(args.threads),
              *(["--max-steps", "20"] if args.quick else []), *(["--text", str(args.text)] if args.text else [])],
@@ -739,7 +741,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.nanogpt is not None:
             from bench import shakespeare_recipe
 
-            text += "\n" + "\n".join(shakespeare_recipe.run(args.recipe)) + "\n"
+            text += "\n" + "\n".join(shakespeare_recipe.run(args.recipe, "bench/train.py")) + "\n"
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     sys.stdout.write(text)
