@@ -101,6 +101,8 @@ def validate(raw: Any, source: str, name: str = "custom") -> GPTConfig:
     if unknown:
         raise UserError(f"{source}: unknown key {unknown[0]!r} (allowed: {', '.join(SCHEMA)})")
     raw = {**OPTIONAL, **raw}
+    if raw["gelu"] not in GELUS or not isinstance(raw["gelu"], str):
+        raise UserError(f"{source}: key 'gelu' must be {' or '.join(GELUS)}, got {raw['gelu']!r}")
     for key, types in SCHEMA.items():
         if key not in raw:
             raise UserError(f"{source}: missing key {key!r}")
@@ -114,8 +116,6 @@ def validate(raw: Any, source: str, name: str = "custom") -> GPTConfig:
             raise UserError(f"{source}: key {key!r} must be positive, got {raw[key]}")
     if not 0.0 <= raw["drop_rate"] < 1.0:
         raise UserError(f"{source}: key 'drop_rate' must be in [0, 1), got {raw['drop_rate']}")
-    if raw["gelu"] not in GELUS:
-        raise UserError(f"{source}: key 'gelu' must be {' or '.join(GELUS)}, got {raw['gelu']!r}")
     if raw["emb_dim"] % raw["n_heads"]:
         raise UserError(
             f"{source}: key 'emb_dim' ({raw['emb_dim']}) must be divisible by 'n_heads' ({raw['n_heads']})"

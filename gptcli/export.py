@@ -75,8 +75,8 @@ def hf_config(model: "GPTModel", tokenizer: "Tokenizer") -> dict:
         "use_cache": True,
         "torch_dtype": "float32",
     }
-    if tokenizer.eot_id is not None:
-        out["bos_token_id"] = out["eos_token_id"] = tokenizer.eot_id
+    # A character model has no end-of-text token: null, not transformers' default 50256 (outside its vocabulary).
+    out["bos_token_id"] = out["eos_token_id"] = tokenizer.eot_id
     return out
 
 

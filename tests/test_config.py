@@ -99,7 +99,8 @@ def test_missing_file(tmp_path):
         ({"drop_rate": 1.5}, "key 'drop_rate' must be in"),
         ({"n_embd": 5}, "unknown key 'n_embd'"),
         ({"gelu": "relu"}, "key 'gelu' must be tanh or erf, got 'relu'"),
-        ({"gelu": True}, "key 'gelu' must be str"),
+        ({"gelu": True}, "key 'gelu' must be tanh or erf, got True"),
+        ({"gelu": "[erf]"}, "key 'gelu' must be tanh or erf, got \\['erf'\\]"),
     ],
 )
 def test_bad_values_name_file_and_key(tiny_config_file, overrides, message):

@@ -145,6 +145,8 @@ def test_char_model_is_first_class(tmp_path, corpus):
     assert len(sample["text"]) == 8  # one character per token
     tok = checkpoint_tokenizer(out / "model.safetensors")
     assert tok.name == "char" and tok.chars == "".join(chars)
+    exported = json.loads((out / "config.json").read_text())  # no end-of-text token: not GPT-2's 50256
+    assert exported["bos_token_id"] is None and exported["eos_token_id"] is None
     gen = runner.invoke(app, ["generate", "--weights", str(out), "The", "-n", "12", "--json"])
     assert gen.exit_code == 0, gen.stderr
     record = json.loads(gen.stdout)

@@ -284,7 +284,8 @@ def describe_config(cfg: "GPTConfig") -> str:
     """A config in one line, for table titles: ``124M: emb_dim 768, n_layers 12, ...``."""
     return (f"{cfg.name}: emb_dim {cfg.emb_dim}, n_layers {cfg.n_layers}, n_heads {cfg.n_heads}, "
             f"context {cfg.context_length}, vocab {cfg.vocab_size}, qkv_bias {cfg.qkv_bias}, "
-            f"tie_weights {cfg.tie_weights}" + (f", gelu {cfg.gelu}" if cfg.gelu != "tanh" else ""))
+            f"tie_weights {cfg.tie_weights}" + ("" if cfg.bias else ", bias False")
+            + (f", gelu {cfg.gelu}" if cfg.gelu != "tanh" else ""))
 
 
 def print_json(obj: Any) -> None:
