@@ -282,6 +282,8 @@ def test_char_level_checkpoint_scores_with_its_own_vocabulary(tmp_path):
     assert result.exit_code == 2 and result.stderr == (
         "error: characters not in this model's vocabulary of 12 (a character model reads only the characters it "
         f"was trained on): {tmp_path / 'z.txt'}: 'z'\n")
+    result = run("-", "--weights", str(checkpoint), input="hello zoo")  # standard input is named as such
+    assert result.exit_code == 2 and result.stderr.endswith("was trained on): stdin: 'z'\n")
     # Several files: every file's unknown characters in the one line, not just the first file's first.
     files = [write(tmp_path, "ok.txt", text), write(tmp_path, "z.txt", "hello zoo"), write(tmp_path, "q.txt", "QxQ")]
     result = run(*files, "--weights", str(checkpoint))

@@ -96,7 +96,7 @@ def generate(
         typer.Argument(
             metavar="PROMPT",
             help="The text to continue. Omit it or pass '-' to read all of stdin (one trailing newline is dropped). "
-            "An empty prompt starts from <|endoftext|>.",
+            "An empty prompt starts from <|endoftext|> (a character model: from a newline, as nanoGPT's sample.py).",
             show_default=False,
         ),
     ] = None,
