@@ -98,7 +98,9 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
     sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
 from bench.report import command_line, date_line, fmt, invocation, logger, machine_line, markdown_table  # noqa: E402
-from bench.workers import Outcome, Worker, WorkerFailed, peak_rss_bytes, quiet_transformers, send  # noqa: E402
+from bench.workers import (  # noqa: E402
+    Outcome, Worker, WorkerFailed, gptcli_command, peak_rss_bytes, quiet_transformers, send,
+)
 
 if TYPE_CHECKING:
     from gptcli.decoding.generate import Timings
@@ -489,11 +491,6 @@ class CliRun:
             return None
         last = self.stderr.strip().splitlines()[-1:] or [""]
         return f"exit {self.returncode}: {last[0][:120]}"
-
-
-def gptcli_command() -> list[str]:
-    exe = Path(sys.executable).with_name("gptcli")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "gptcli"]
 
 
 def run_cli(args: Sequence[str], env: dict[str, str]) -> CliRun:

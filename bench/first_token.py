@@ -38,7 +38,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
     sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
 from bench.load_rss import write_checkpoint  # noqa: E402 - a sibling script
-from bench.workers import cpu_model  # noqa: E402
+from bench.workers import cpu_model, gptcli_command  # noqa: E402
 
 PROMPT = "Hello, I am a language model,"
 PROMPT_IDS = [15496, 11, 314, 716, 257, 3303, 2746, 11]
@@ -83,9 +83,7 @@ def measure(argv: list[str], env: dict[str, str]) -> dict:
 
 
 def gptcli_argv(folder: Path) -> list[str]:
-    exe = Path(sys.executable).with_name("gptcli")
-    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "gptcli"]
-    return base + ["generate", "--weights", str(folder), "--dtype", "float32", "--device", "cpu", "-n", "1",
+    return gptcli_command() + ["generate", "--weights", str(folder), "--dtype", "float32", "--device", "cpu", "-n", "1",
                    "--json", PROMPT]
 
 

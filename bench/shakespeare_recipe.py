@@ -20,9 +20,10 @@ The two commands, each in a fresh process with ``OMP_NUM_THREADS`` = ``--threads
 Reported: each process's wall time (interpreter start to exit), the final validation loss of each,
 their medians and gptcli's time as a fraction of nanoGPT's. ``--max-steps`` other than the recipe's
 2000 is for trying the script: the target is not judged then, and nanoGPT is told to evaluate at the
-last step too, so both losses are of that step (100 is refused: nanoGPT divides by zero there). Before the rounds each side runs 20 steps
-unmeasured, so the page cache is warm for both and gptcli's kernel measurements (``--dtype auto``) are
-cached, as on a user's second run (the first run's measuring takes about a second).
+last step too, so both losses are of that step (100 is refused: nanoGPT divides by zero there).
+Before the rounds each side runs 20 steps unmeasured, so the page cache is warm for both and
+gptcli's kernel measurements (``--dtype auto``) are cached, as on a user's second run (the first
+run's measuring takes about a second).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/x.py`: put the repo root in place of bench/, so bench/'s
     sys.path[0] = str(Path(__file__).resolve().parent.parent)  # files import as bench.*, never hiding a package
 from bench.report import command_line, date_line, load_average, logger, machine_line, markdown_table  # noqa: E402
-from bench.workers import shared_text  # noqa: E402
+from bench.workers import gptcli_command, shared_text  # noqa: E402
 
 log = logger("recipe bench")
 
@@ -54,8 +55,6 @@ RECIPE_STEPS = 2000
 TARGET_RATIO = 0.8  # issue 29: gptcli's wall time at most 0.8x nanoGPT's
 TARGET_VAL = 1.95  # with a final validation loss at most this
 NANOGPT_EVAL = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)", re.M)
-
-
 NANOGPT_FILES = ("train.py", "config/train_shakespeare_char.py", "data/shakespeare_char/prepare.py")
 
 
@@ -82,10 +81,8 @@ def nanogpt_argv(steps: int, out: Path) -> list[str]:
 
 
 def gptcli_argv(text: Path, steps: int, out: Path) -> list[str]:
-    exe = Path(sys.executable).with_name("gptcli")
-    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "gptcli"]
-    return base + ["train", str(text), "--recipe", "shakespeare-char", "--out", str(out), "--json",
-                   *(["--max-steps", str(steps)] if steps != 2000 else [])]
+    return gptcli_command() + ["train", str(text), "--recipe", "shakespeare-char", "--out", str(out), "--json",
+                               *(["--max-steps", str(steps)] if steps != RECIPE_STEPS else [])]
 
 
 def run_side(name: str, argv: list[str], cwd: Path | None, env: dict[str, str]) -> dict:
@@ -147,8 +144,8 @@ def compare(repo: Path, text: Path, rounds: int, threads: int, steps: int, scrat
     rows.append(["median", f"{med('nanoGPT', 'wall'):.2f}", f"{med('gptcli', 'wall'):.2f}", f"{ratio:.2f}×",
                  f"{med('nanoGPT', 'val'):.4f}", f"{med('gptcli', 'val'):.4f}"])
     met = ratio <= TARGET_RATIO and val <= TARGET_VAL
-    verdict = (f"{'met' if met else 'not met'}: target ≤ {TARGET_RATIO}× with val ≤ {TARGET_VAL}" if steps == RECIPE_STEPS
-               else f"the target is for the recipe's {RECIPE_STEPS} steps")
+    verdict = (f"{'met' if met else 'not met'}: target ≤ {TARGET_RATIO}× with val ≤ {TARGET_VAL}"
+               if steps == RECIPE_STEPS else f"the target is for the recipe's {RECIPE_STEPS} steps")
     lines = [
         "## nanoGPT's Shakespeare recipe, whole processes: nanoGPT's train.py against gptcli train",
         "",

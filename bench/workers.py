@@ -1,7 +1,7 @@
 """What the benchmarks share: a worker process that answers one JSON line per command (``send`` is the
 worker's side), the results of one worker over interleaved rounds (medians and spread), the CPU's name, a
-process's peak memory, a quiet transformers and where the shared texts are. The scripts import it as ``bench.workers``; what they print
-is in ``bench.report``."""
+process's peak memory, a quiet transformers, how to run gptcli and where the shared texts are. The scripts
+import it as ``bench.workers``; what they print is in ``bench.report``."""
 
 from __future__ import annotations
 
@@ -22,10 +22,17 @@ def shared_text(name: str, given: str | Path | None = None) -> Path | None:
     ``../shared/data``; None when none of them is a file (``given`` is returned as it is, checked by the caller)."""
     if given:
         return Path(given).expanduser()
-    for folder in (os.environ.get("GPTCLI_DATA_DIR"), Path(__file__).resolve().parent.parent.parent / "shared" / "data"):
+    shared = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # beside the checkout
+    for folder in (os.environ.get("GPTCLI_DATA_DIR"), shared):
         if folder and (Path(folder) / name).is_file():
             return Path(folder) / name
     return None
+
+
+def gptcli_command() -> list[str]:
+    """How to run gptcli as a whole process: the venv's ``gptcli`` script, else ``python -m gptcli``."""
+    exe = Path(sys.executable).with_name("gptcli")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "gptcli"]
 
 
 def peak_rss_bytes() -> int:

@@ -101,7 +101,7 @@ def validate(raw: Any, source: str, name: str = "custom") -> GPTConfig:
     if unknown:
         raise UserError(f"{source}: unknown key {unknown[0]!r} (allowed: {', '.join(SCHEMA)})")
     raw = {**OPTIONAL, **raw}
-    if raw["gelu"] not in GELUS or not isinstance(raw["gelu"], str):
+    if raw["gelu"] not in GELUS:
         raise UserError(f"{source}: key 'gelu' must be {' or '.join(GELUS)}, got {raw['gelu']!r}")
     for key, types in SCHEMA.items():
         if key not in raw:

@@ -296,8 +296,8 @@ def checkpoint_report(header: ckpt.Header, cfg: GPTConfig, config_json: Path | N
     architecture keys (``gelu``, ``bias``, ...) where the checkpoint's config.json or metadata disagree."""
     verdict = ckpt.verify(header, cfg)
     hf_config = ckpt.read_json_file(config_json) if config_json is not None else None
-    differences = ckpt.differing_keys(cfg, ckpt.checkpoint_facts(header, hf_config)[0])
-    said = [f"{key} (config {ours}, checkpoint {theirs})" for key, ours, theirs in differences]
+    facts = ckpt.checkpoint_facts(header, hf_config)[0]
+    differences = ckpt.differing_keys(cfg, facts)
     names = ckpt.normalized_names(header, verdict.layout)
     expected = ckpt.expected_tensors(cfg, verdict.layout)
     tensors = sorted(header.tensors.values(), key=lambda t: t.offsets)  # file order
@@ -334,7 +334,7 @@ def checkpoint_report(header: ckpt.Header, cfg: GPTConfig, config_json: Path | N
         "mismatched_shapes": [
             {"name": n, "checkpoint": list(names[n].shape), "config": list(expected[n])} for n in verdict.mismatched_names
         ],
-        "verdict": "; ".join(([verdict.summary()] if not verdict.ok else []) + said),
+        "verdict": "; ".join(([verdict.summary()] if not verdict.ok else []) + ckpt.config_differences(cfg, facts)),
     }
 
 

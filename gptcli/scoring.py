@@ -169,7 +169,7 @@ def encode_texts(tokenizer: "Tokenizer", texts: Sequence[str], *, bos: bool = Fa
     else:
         unknown = getattr(tokenizer, "unknown", None)
         if unknown is not None:
-            missing = [(("stdin" if names[i] == "-" else names[i]) if names is not None else f"text {i + 1}", chars)
+            missing = [(names[i] if names is not None else f"text {i + 1}", chars)
                        for i, text in enumerate(texts) if (chars := unknown(text))]
             if missing:
                 shown = "; ".join(f"{name}: {', '.join(map(repr, chars[:8]))}{', ...' if len(chars) > 8 else ''}"

@@ -155,15 +155,16 @@ def score(
 
     context = loaded.cfg.context_length
     used_stride = check_stride(default_stride(context) if stride_value is None else stride_value, context)
+    labels = ["stdin" if name == STDIN else name for name in names]  # what errors call each text
     try:
         with _ProgressBar(threshold=2 * context) as progress:
             scores = score_texts(loaded.model, loaded.tokenizer, texts, stride=used_stride, bos=bos,
-                                 batch_size=batch, progress=progress, names=names)
+                                 batch_size=batch, progress=progress, names=labels)
         entries = None
         if per_token:
             from gptcli.scoring import score_tokens
 
-            entries = score_tokens(loaded.model, loaded.tokenizer, texts, stride=used_stride, bos=bos, names=names)
+            entries = score_tokens(loaded.model, loaded.tokenizer, texts, stride=used_stride, bos=bos, names=labels)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
 

@@ -365,9 +365,10 @@ def _new_config(request: RunRequest, recipe, settings: TrainSettings, tok: "Toke
     size, config = request.size, request.config
     model_size = size if size is not None or config is not None else (recipe.size if recipe else None)
     model_config = config if config is not None else (recipe.config if recipe and size is None else None)
-    overrides = {**(recipe.model if recipe else {}), **request.arch}
+    recipe_model = recipe.model if recipe else {}
+    overrides = {**recipe_model, **request.arch}
     cfg = resolve_config(model_size, model_config)
-    changed = [f"{k} {v} (was {getattr(cfg, k)})" for k, v in (recipe.model if recipe else {}).items()
+    changed = [f"{k} {v} (was {getattr(cfg, k)})" for k, v in recipe_model.items()
                if k not in request.arch and getattr(cfg, k, v) != v]
     if changed and (size or config):
         note(f"recipe {recipe.name} changes config {cfg.name!r}: {', '.join(changed)}; flags (--n-layers, ...) "
